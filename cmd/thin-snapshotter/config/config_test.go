@@ -1,0 +1,341 @@
+package config
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/containerd/errdefs"
+)
+
+func TestDefaultIsValid(t *testing.T) {
+	if err := Default().Validate(); err != nil {
+		t.Fatalf("default config is invalid: %v", err)
+	}
+}
+
+func TestParse(t *testing.T) {
+	tests := []struct {
+		name string
+		doc  string
+		want func(c *Config) // applied to Default() to get the expected config
+	}{
+		{name: "empty document keeps defaults", doc: "", want: func(*Config) {}},
+		{
+			name: "top-level keys",
+			doc: `root = "/srv/thin"
+address = "/run/x/thin.sock"
+log_level = "debug"
+metrics_address = "127.0.0.1:9101"`,
+			want: func(c *Config) {
+				c.Root, c.Address, c.LogLevel, c.MetricsAddress = "/srv/thin", "/run/x/thin.sock", "debug", "127.0.0.1:9101"
+			},
+		},
+		{
+			name: "existing pool",
+			doc: `[pool]
+name = "vg0-thinpool-tpool"
+allow_adopt = true`,
+			want: func(c *Config) { c.Pool.Name, c.Pool.AllowAdopt = "vg0-thinpool-tpool", true },
+		},
+		{
+			name: "sizes in every form",
+			doc: `[pool]
+data_size = 1099511627776
+metadata_size = "256M"
+block_size = "512KiB"
+[snapshot]
+base_size = "20GB"`,
+			want: func(c *Config) {
+				c.Pool.DataSize, c.Pool.MetadataSize, c.Pool.BlockSize = TiB, 256*MiB, 512*KiB
+				c.Snapshot.BaseSize = 20_000_000_000
+			},
+		},
+		{
+			name: "snapshot section",
+			doc: `[snapshot]
+fs_type = "xfs"
+mkfs_options = ["-m", "reflink=0"]
+mount_options = ["noatime", "nodiscard"]
+async_remove = true
+discard = true`,
+			want: func(c *Config) {
+				c.Snapshot.FSType = "xfs"
+				c.Snapshot.MkfsOptions = []string{"-m", "reflink=0"}
+				c.Snapshot.MountOptions = []string{"noatime", "nodiscard"}
+				c.Snapshot.AsyncRemove, c.Snapshot.Discard = true, true
+			},
+		},
+		{
+			name: "dotted keys",
+			doc:  `pool.name = "p"` + "\n" + `snapshot.discard = true`,
+			want: func(c *Config) { c.Pool.Name, c.Snapshot.Discard = "p", true },
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := Parse([]byte(tt.doc))
+			if err != nil {
+				t.Fatalf("Parse: %v", err)
+			}
+			want := Default()
+			tt.want(want)
+			if !reflect.DeepEqual(got, want) {
+				t.Fatalf("Parse = %+v\nwant    %+v", got, want)
+			}
+		})
+	}
+}
+
+func TestParseErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		doc  string
+		want []string // substrings of the error
+	}{
+		{name: "unknown top-level key", doc: `roots = "/x"`, want: []string{`unknown key "roots"`, "line 1"}},
+		{name: "unknown key in section", doc: "[pool]\n\nnmae = \"x\"", want: []string{`unknown key "pool.nmae"`, "line 3"}},
+		{name: "unknown section", doc: "[snapshots]\nbase_size = 1", want: []string{`unknown key "snapshots`}},
+		{name: "two unknown keys", doc: "a = 1\nb = 2", want: []string{`"a" (line 1)`, `"b" (line 2)`}},
+		{name: "bad size unit", doc: "[pool]\ndata_size = \"10 gigs\"", want: []string{"line 2", "data_size", `unknown unit "gigs"`}},
+		{name: "fractional size", doc: "[snapshot]\nbase_size = \"1.5GiB\"", want: []string{"base_size", "fractions"}},
+		// go-toml reports no position for a float handed to UnmarshalText.
+		{name: "float size", doc: "[snapshot]\nbase_size = 1.5", want: []string{`"1.5"`, "fractions"}},
+		{name: "negative size", doc: "[pool]\nblock_size = -65536", want: []string{"negative"}},
+		{name: "string for bool", doc: "[snapshot]\ndiscard = \"yes\"", want: []string{"line 2", "discard"}},
+		{name: "string for list", doc: "[snapshot]\nmount_options = \"noatime\"", want: []string{"line 2", "mount_options"}},
+		{name: "syntax error", doc: "root = ", want: []string{"line 1"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse([]byte(tt.doc))
+			if err == nil {
+				t.Fatal("Parse succeeded")
+			}
+			if !errdefs.IsInvalidArgument(err) {
+				t.Errorf("error is not InvalidArgument: %v", err)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestValidate(t *testing.T) {
+	tests := []struct {
+		name   string
+		modify func(c *Config)
+		keys   []string // keys named by the errors; nil means valid
+		msg    string   // substring of the error
+	}{
+		{name: "defaults", modify: func(*Config) {}},
+		{name: "relative root", modify: func(c *Config) { c.Root = "var/lib/x" }, keys: []string{"root"}, msg: "absolute"},
+		{name: "empty root", modify: func(c *Config) { c.Root = "" }, keys: []string{"root"}, msg: "empty"},
+		{name: "root is /", modify: func(c *Config) { c.Root = "//" }, keys: []string{"root"}, msg: "must not be /"},
+		{name: "empty address", modify: func(c *Config) { c.Address = "" }, keys: []string{"address"}, msg: "empty"},
+		{name: "relative address", modify: func(c *Config) { c.Address = "thin.sock" }, keys: []string{"address"}, msg: "absolute"},
+		{name: "address is a directory", modify: func(c *Config) { c.Address = "/run/thin/" }, keys: []string{"address"}, msg: "directory"},
+		{name: "address too long", modify: func(c *Config) { c.Address = "/" + strings.Repeat("a", 107) }, keys: []string{"address"}, msg: "limited to 107"},
+		{name: "address at limit", modify: func(c *Config) { c.Address = "/" + strings.Repeat("a", 106) }},
+		{name: "log level", modify: func(c *Config) { c.LogLevel = "verbose" }, keys: []string{"log_level"}, msg: "not one of"},
+		{name: "log level empty", modify: func(c *Config) { c.LogLevel = "" }, keys: []string{"log_level"}},
+		{name: "metrics address ok", modify: func(c *Config) { c.MetricsAddress = ":9101" }},
+		{name: "metrics address ipv6", modify: func(c *Config) { c.MetricsAddress = "[::1]:9101" }},
+		{name: "metrics address without port", modify: func(c *Config) { c.MetricsAddress = "localhost" }, keys: []string{"metrics_address"}, msg: "host:port"},
+		{name: "metrics port not a number", modify: func(c *Config) { c.MetricsAddress = "localhost:http" }, keys: []string{"metrics_address"}, msg: "port"},
+		{name: "metrics port too big", modify: func(c *Config) { c.MetricsAddress = ":70000" }, keys: []string{"metrics_address"}, msg: "port"},
+		{name: "pool name lvm style", modify: func(c *Config) { c.Pool.Name = "vg--data-pool_1-tpool" }},
+		{name: "pool name with slash", modify: func(c *Config) { c.Pool.Name = "../x" }, keys: []string{"pool.name"}, msg: "'/'"},
+		{name: "pool name with space", modify: func(c *Config) { c.Pool.Name = "my pool" }, keys: []string{"pool.name"}},
+		{name: "pool name dot", modify: func(c *Config) { c.Pool.Name = ".." }, keys: []string{"pool.name"}},
+		{name: "pool name too long", modify: func(c *Config) { c.Pool.Name = strings.Repeat("p", 128) }, keys: []string{"pool.name"}, msg: "longer than 127"},
+		{name: "block size min", modify: func(c *Config) { c.Pool.BlockSize = 64 * KiB }},
+		{name: "block size max", modify: func(c *Config) { c.Pool.BlockSize = GiB }},
+		{name: "block size 128KiB", modify: func(c *Config) { c.Pool.BlockSize = 128 * KiB }},
+		{name: "block size zero", modify: func(c *Config) { c.Pool.BlockSize = 0 }, keys: []string{"pool.block_size"}, msg: "multiple of 64KiB"},
+		{name: "block size 32KiB", modify: func(c *Config) { c.Pool.BlockSize = 32 * KiB }, keys: []string{"pool.block_size"}},
+		{name: "block size not multiple", modify: func(c *Config) { c.Pool.BlockSize = 96 * KiB }, keys: []string{"pool.block_size"}},
+		{name: "block size too big", modify: func(c *Config) { c.Pool.BlockSize = 2 * GiB }, keys: []string{"pool.block_size"}},
+		{name: "data size small", modify: func(c *Config) { c.Pool.DataSize = 63 * MiB }, keys: []string{"pool.data_size"}, msg: "at least 64MiB"},
+		{name: "data size not sector multiple", modify: func(c *Config) { c.Pool.DataSize = GiB + 1 }, keys: []string{"pool.data_size"}, msg: "512"},
+		{name: "data size decimal", modify: func(c *Config) { c.Pool.DataSize = 1_000_000_000 }},
+		{name: "metadata size small", modify: func(c *Config) { c.Pool.MetadataSize = MiB }, keys: []string{"pool.metadata_size"}},
+		{name: "metadata size big", modify: func(c *Config) { c.Pool.MetadataSize = 17 * GiB }, keys: []string{"pool.metadata_size"}},
+		{name: "metadata size max", modify: func(c *Config) { c.Pool.MetadataSize = 16 * GiB }},
+		{name: "fs type", modify: func(c *Config) { c.Snapshot.FSType = "btrfs" }, keys: []string{"snapshot.fs_type"}, msg: "not supported"},
+		{name: "xfs", modify: func(c *Config) { c.Snapshot.FSType = "xfs" }},
+		{name: "xfs base too small", modify: func(c *Config) { c.Snapshot.FSType, c.Snapshot.BaseSize = "xfs", 256*MiB }, keys: []string{"snapshot.base_size"}, msg: "300MiB for xfs"},
+		{name: "ext4 small base", modify: func(c *Config) { c.Snapshot.BaseSize = 16 * MiB }},
+		{name: "ext4 base too small", modify: func(c *Config) { c.Snapshot.BaseSize = 8 * MiB }, keys: []string{"snapshot.base_size"}},
+		{name: "base not sector multiple", modify: func(c *Config) { c.Snapshot.BaseSize = GiB + 100 }, keys: []string{"snapshot.base_size"}},
+		{name: "empty mkfs option", modify: func(c *Config) { c.Snapshot.MkfsOptions = []string{"-b", ""} }, keys: []string{"snapshot.mkfs_options[1]"}},
+		{name: "mount option with comma", modify: func(c *Config) { c.Snapshot.MountOptions = []string{"noatime,nodev"} }, keys: []string{"snapshot.mount_options[0]"}, msg: "one option per entry"},
+		{name: "mount option ro", modify: func(c *Config) { c.Snapshot.MountOptions = []string{"noatime", "ro"} }, keys: []string{"snapshot.mount_options[1]"}, msg: "chosen by the snapshotter"},
+		{name: "mount option empty", modify: func(c *Config) { c.Snapshot.MountOptions = []string{""} }, keys: []string{"snapshot.mount_options[0]"}},
+		{
+			name: "all errors reported together",
+			modify: func(c *Config) {
+				c.Root, c.LogLevel, c.Pool.BlockSize, c.Snapshot.FSType = "rel", "loud", 1, "zfs"
+			},
+			keys: []string{"root", "log_level", "pool.block_size", "snapshot.fs_type"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := Default()
+			tt.modify(c)
+			err := c.Validate()
+			if tt.keys == nil {
+				if err != nil {
+					t.Fatalf("Validate: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("Validate succeeded")
+			}
+			if !errors.Is(err, errdefs.ErrInvalidArgument) {
+				t.Errorf("error is not InvalidArgument: %v", err)
+			}
+			var got []string
+			for _, e := range err.(interface{ Unwrap() []error }).Unwrap() {
+				var fe *FieldError
+				if !errors.As(e, &fe) {
+					t.Fatalf("error %v is not a *FieldError", e)
+				}
+				got = append(got, fe.Key)
+			}
+			if !reflect.DeepEqual(got, tt.keys) {
+				t.Errorf("errors name keys %q, want %q (%v)", got, tt.keys, err)
+			}
+			if !strings.Contains(err.Error(), tt.msg) {
+				t.Errorf("error %q does not contain %q", err, tt.msg)
+			}
+		})
+	}
+}
+
+func TestLoadFile(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.toml")
+	if err := os.WriteFile(good, []byte("root = \"/srv/x\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bad := filepath.Join(dir, "bad.toml")
+	if err := os.WriteFile(bad, []byte("[pool]\nsize = 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	cfg, err := LoadFile(good)
+	if err != nil || cfg.Root != "/srv/x" || cfg.Address != DefaultAddress {
+		t.Fatalf("LoadFile(good) = %+v, %v", cfg, err)
+	}
+	_, err = LoadFile(filepath.Join(dir, "missing.toml"))
+	if !errors.Is(err, os.ErrNotExist) || !errdefs.IsNotFound(err) {
+		t.Fatalf("LoadFile(missing) = %v; want ErrNotExist and NotFound", err)
+	}
+	_, err = LoadFile(bad)
+	if err == nil || !strings.Contains(err.Error(), bad) || !strings.Contains(err.Error(), `"pool.size"`) {
+		t.Fatalf("LoadFile(bad) = %v; want an error naming the file and the key", err)
+	}
+}
+
+func TestRenderDefaultRoundTrip(t *testing.T) {
+	var buf bytes.Buffer
+	if err := Render(&buf, Default()); err != nil {
+		t.Fatal(err)
+	}
+	got, err := Parse(buf.Bytes())
+	if err != nil {
+		t.Fatalf("parsing the rendered default: %v\n%s", err, buf.String())
+	}
+	if !reflect.DeepEqual(got, Default()) {
+		t.Fatalf("rendered default parses to %+v, want %+v", got, Default())
+	}
+}
+
+// Every value must come from the Config, not from the template text.
+func TestRenderRoundTripNonDefault(t *testing.T) {
+	c := &Config{
+		Root:           `/srv/thin "quoted" \ dir`,
+		Address:        "/run/t/t.sock",
+		LogLevel:       "trace",
+		MetricsAddress: "127.0.0.1:9999",
+		Pool: PoolConfig{
+			Name:         "vg-pool-tpool",
+			DataSize:     3*TiB + 512,
+			MetadataSize: 15 * GiB,
+			BlockSize:    1 * GiB,
+			AllowAdopt:   true,
+		},
+		Snapshot: SnapshotConfig{
+			BaseSize:     1_000_000_000,
+			FSType:       "xfs",
+			MkfsOptions:  []string{"-m", "crc=1", `we"ird`},
+			MountOptions: []string{"noatime"},
+			AsyncRemove:  true,
+			Discard:      true,
+		},
+	}
+	var buf bytes.Buffer
+	if err := Render(&buf, c); err != nil {
+		t.Fatal(err)
+	}
+	got, err := Parse(buf.Bytes())
+	if err != nil {
+		t.Fatalf("parsing rendered config: %v\n%s", err, buf.String())
+	}
+	if !reflect.DeepEqual(got, c) {
+		t.Fatalf("rendered config parses to %+v, want %+v", got, c)
+	}
+}
+
+// The template must set every key of Config, each in its section.
+func TestRenderHasEveryKey(t *testing.T) {
+	var buf bytes.Buffer
+	if err := Render(&buf, Default()); err != nil {
+		t.Fatal(err)
+	}
+	section := ""
+	seen := map[string]bool{}
+	keyRe := regexp.MustCompile(`^([a-z_]+) = `)
+	for _, line := range strings.Split(buf.String(), "\n") {
+		if m := regexp.MustCompile(`^\[([a-z_]+)\]$`).FindStringSubmatch(line); m != nil {
+			section = m[1] + "."
+			continue
+		}
+		if m := keyRe.FindStringSubmatch(line); m != nil {
+			seen[section+m[1]] = true
+		}
+	}
+	var want []string
+	var walk func(prefix string, t reflect.Type)
+	walk = func(prefix string, typ reflect.Type) {
+		for i := 0; i < typ.NumField(); i++ {
+			f := typ.Field(i)
+			key := prefix + f.Tag.Get("toml")
+			if f.Type.Kind() == reflect.Struct {
+				walk(key+".", f.Type)
+				continue
+			}
+			want = append(want, key)
+		}
+	}
+	walk("", reflect.TypeOf(Config{}))
+	for _, k := range want {
+		if !seen[k] {
+			t.Errorf("rendered config does not set %s", k)
+		}
+	}
+	if len(seen) != len(want) {
+		t.Errorf("rendered config sets %d keys, Config has %d", len(seen), len(want))
+	}
+}

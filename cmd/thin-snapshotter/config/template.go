@@ -1,0 +1,128 @@
+package config
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"text/template"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// fileTemplate is the commented configuration file; every value comes from
+// the Config it is rendered with, so the defaults are stated only in Default.
+const fileTemplate = `# thin-snapshotter configuration
+#
+# The complete default configuration, as printed by
+# "thin-snapshotter config default". Every key is optional: a key left out
+# keeps the value shown here. Unknown keys are an error. The command line
+# flags --root, --address and --log-level override the keys of the same name.
+#
+# Sizes are a whole number of bytes (1048576 or "1048576") or a whole number
+# with a unit: "64KiB", "10GiB", "1TiB" (binary; "64K", "10G", "1T" mean the
+# same) or "500MB", "10GB" (decimal, powers of 1000). No fractions: write
+# "1536MiB", not "1.5GiB".
+
+# Directory for the snapshot database and the embedded pool's files, created
+# with mode 0700. One daemon per root: a second daemon on the same root
+# refuses to start.
+root = {{ value .Root }}
+
+# Unix socket serving containerd's snapshots API; containerd's
+# [proxy_plugins.<name>] address must name it. A missing directory is created
+# with mode 0700; the socket gets mode 0660.
+address = {{ value .Address }}
+
+# One of {{ .LogLevels }}.
+log_level = {{ value .LogLevel }}
+
+# host:port of a Prometheus endpoint serving /metrics (gRPC calls by method
+# and code, their latency, Go runtime). Empty: no endpoint.
+metrics_address = {{ value .MetricsAddress }}
+
+[pool]
+# An existing device-mapper thin pool (for example an LVM thin pool,
+# "vg-pool-tpool" in "dmsetup ls"). Empty: the embedded pool, made of sparse
+# data and metadata files under root on loop devices, created on the first
+# start and reused later, named after root so daemons with different roots
+# run side by side. The embedded pool is meant for development and trials.
+name = {{ value .Pool.Name }}
+
+# Embedded pool only (ignored when name is set): the size of the sparse data
+# file, which is the pool's capacity; at least {{ .MinDataSize }}.
+data_size = {{ value .Pool.DataSize }}
+
+# Embedded pool only: the size of the sparse metadata file, {{ .MinMetadataSize }} to {{ .MaxMetadataSize }}.
+metadata_size = {{ value .Pool.MetadataSize }}
+
+# Embedded pool only: the pool's allocation unit, a multiple of 64KiB from
+# 64KiB to 1GiB. Smaller blocks share more between snapshots and need more
+# metadata.
+block_size = {{ value .Pool.BlockSize }}
+
+# The database records which pool it owns and the pool's transaction id. A
+# pool whose transaction id or thin devices differ from the database (another
+# daemon's pool, or a re-created one) is refused with an error saying what
+# differs, unless this is true.
+allow_adopt = {{ value .Pool.AllowAdopt }}
+
+[snapshot]
+# Virtual size of every snapshot's filesystem. Thin provisioning takes pool
+# space only for blocks written. At least {{ .MinBaseSizeExt4 }} for ext4, {{ .MinBaseSizeXFS }} for xfs.
+base_size = {{ value .Snapshot.BaseSize }}
+
+# Filesystem of the base device that every snapshot starts from: "ext4" or "xfs".
+fs_type = {{ value .Snapshot.FSType }}
+
+# Extra arguments for mkfs.<fs_type> when the base device is made, one
+# argument per entry, e.g. ["-b", "4096"].
+mkfs_options = {{ value .Snapshot.MkfsOptions }}
+
+# Extra mount options for every snapshot, one option per entry, e.g.
+# ["noatime"]. "ro" and "rw" are chosen by the snapshotter.
+mount_options = {{ value .Snapshot.MountOptions }}
+
+# Remove snapshots in the background: Remove returns once the removal is
+# recorded; the thin device is deleted afterwards (and by containerd's Cleanup).
+async_remove = {{ value .Snapshot.AsyncRemove }}
+
+# Pass discards down to the pool's storage so that space freed by removed
+# snapshots goes back to it (sparse loopback files, thin-provisioned disks).
+discard = {{ value .Snapshot.Discard }}
+`
+
+var tmpl = template.Must(template.New("config").Funcs(template.FuncMap{"value": tomlValue}).Parse(fileTemplate))
+
+// Render writes cfg as a complete, commented configuration file.
+func Render(w io.Writer, cfg *Config) error {
+	data := struct {
+		*Config
+		LogLevels                                     string
+		MinDataSize, MinMetadataSize, MaxMetadataSize ByteSize
+		MinBaseSizeExt4, MinBaseSizeXFS               ByteSize
+	}{
+		Config:          cfg,
+		LogLevels:       strings.Join(LogLevels, ", "),
+		MinDataSize:     MinDataSize,
+		MinMetadataSize: MinMetadataSize,
+		MaxMetadataSize: MaxMetadataSize,
+		MinBaseSizeExt4: MinBaseSizeExt4,
+		MinBaseSizeXFS:  MinBaseSizeXFS,
+	}
+	return tmpl.Execute(w, data)
+}
+
+// tomlValue renders one value as TOML by marshalling it under a throwaway
+// key, so quoting and escaping are go-toml's.
+func tomlValue(v any) (string, error) {
+	out, err := toml.Marshal(map[string]any{"v": v})
+	if err != nil {
+		return "", fmt.Errorf("rendering %v: %w", v, err)
+	}
+	s := strings.TrimSuffix(string(out), "\n")
+	val, ok := strings.CutPrefix(s, "v = ")
+	if !ok || strings.Contains(val, "\n") {
+		return "", fmt.Errorf("rendering %v: unexpected TOML %q", v, s)
+	}
+	return val, nil
+}

@@ -1,0 +1,104 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
+)
+
+// metrics serves /metrics: gRPC calls by method and status code, their
+// latency, and the Go runtime.
+type metrics struct {
+	reg      *prometheus.Registry
+	calls    *prometheus.CounterVec
+	duration *prometheus.HistogramVec
+	srv      *http.Server
+	done     chan struct{}
+}
+
+// startMetrics listens on addr before anything is served, so a bad or busy
+// address fails the start.
+func startMetrics(ctx context.Context, addr string) (*metrics, error) {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "thin_snapshotter",
+			Name:      "grpc_calls_total",
+			Help:      "Snapshots API calls handled, by method and gRPC status code.",
+		}, []string{"method", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "thin_snapshotter",
+			Name:      "grpc_call_duration_seconds",
+			Help:      "Time to handle a snapshots API call, by method.",
+			Buckets:   prometheus.ExponentialBuckets(0.0005, 2.5, 12),
+		}, []string{"method"}),
+		done: make(chan struct{}),
+	}
+	m.reg.MustRegister(m.calls, m.duration,
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics_address: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	m.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		defer close(m.done)
+		if err := m.srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.G(ctx).WithError(err).Error("metrics endpoint stopped")
+		}
+	}()
+	log.G(ctx).Infof("serving metrics on http://%s/metrics", l.Addr())
+	return m, nil
+}
+
+// register adds the snapshotter's own metrics when it has any.
+func (m *metrics) register(sn any) error {
+	if c, ok := sn.(prometheus.Collector); ok {
+		if err := m.reg.Register(c); err != nil {
+			return fmt.Errorf("registering snapshotter metrics: %w", err)
+		}
+	}
+	return nil
+}
+
+func (m *metrics) observe(method string, start time.Time, err error) {
+	m.calls.WithLabelValues(method, status.Code(err).String()).Inc()
+	m.duration.WithLabelValues(method).Observe(time.Since(start).Seconds())
+}
+
+func (m *metrics) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	start := time.Now()
+	resp, err := handler(ctx, req)
+	m.observe(info.FullMethod, start, err)
+	return resp, err
+}
+
+func (m *metrics) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	start := time.Now()
+	err := handler(srv, ss)
+	m.observe(info.FullMethod, start, err)
+	return err
+}
+
+func (m *metrics) shutdown(ctx context.Context) {
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := m.srv.Shutdown(sctx); err != nil {
+		log.G(ctx).WithError(err).Warn("stopping metrics endpoint")
+	}
+	<-m.done
+}

@@ -1,0 +1,271 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+	"github.com/coreos/go-systemd/v22/daemon"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+
+	"github.com/thin-snapshotter/thin-snapshotter/cmd/thin-snapshotter/config"
+)
+
+// SnapshotterFactory opens the snapshotter that the daemon serves. The
+// daemon closes it on shutdown.
+type SnapshotterFactory func(ctx context.Context, cfg *config.Config) (snapshots.Snapshotter, error)
+
+// serveOptions are the knobs tests turn; defaultServeOptions is production.
+type serveOptions struct {
+	// notify sends a state to the service manager (sd_notify).
+	notify func(state string) error
+	// shutdownTimeout bounds how long in-flight calls may run after a stop
+	// signal before the remaining connections are closed.
+	shutdownTimeout time.Duration
+}
+
+func defaultServeOptions() serveOptions {
+	return serveOptions{
+		notify: func(state string) error {
+			_, err := daemon.SdNotify(false, state)
+			return err
+		},
+		// Below systemd's default TimeoutStopSec (90s), so we close the
+		// database ourselves instead of being killed.
+		shutdownTimeout: 30 * time.Second,
+	}
+}
+
+const (
+	lockFileName = "thin-snapshotter.lock"
+	rootDirMode  = 0o700
+	sockDirMode  = 0o700
+	sockMode     = 0o660
+	dialTimeout  = time.Second
+)
+
+// serve runs the daemon until ctx is cancelled: it takes the root, listens
+// on the socket, opens the snapshotter and serves containerd's snapshots API.
+// On cancellation it stops accepting, lets in-flight calls finish (bounded by
+// opts.shutdownTimeout) and closes the snapshotter. Devices are left as they
+// are: the next start reuses them.
+func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opts serveOptions) (retErr error) {
+	if err := log.SetLevel(cfg.LogLevel); err != nil {
+		return fmt.Errorf("log_level: %w: %w", errdefs.ErrInvalidArgument, err)
+	}
+	logger := log.G(ctx).WithField("root", cfg.Root).WithField("address", cfg.Address)
+	ctx = log.WithLogger(ctx, logger)
+
+	if err := os.MkdirAll(cfg.Root, rootDirMode); err != nil {
+		return fmt.Errorf("creating root: %w", err)
+	}
+	unlock, err := lockRoot(cfg.Root)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+
+	l, err := listenUnix(ctx, cfg.Address)
+	if err != nil {
+		return err
+	}
+	// Closed by the gRPC server once serving; until then, by us. Closing a
+	// unix listener also removes the socket file.
+	listenerOwned := true
+	defer func() {
+		if listenerOwned {
+			l.Close()
+		}
+	}()
+
+	var m *metrics
+	if cfg.MetricsAddress != "" {
+		if m, err = startMetrics(ctx, cfg.MetricsAddress); err != nil {
+			return err
+		}
+		defer m.shutdown(ctx)
+	}
+
+	if cfg.Pool.Name == "" {
+		logger.Warn("no [pool] name configured: using the embedded loopback pool under root; loopback pools are for development and trials, use an existing thin pool (e.g. LVM) in production")
+	} else {
+		logger.WithField("pool", cfg.Pool.Name).Info("using existing thin pool")
+	}
+	sn, err := open(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("opening snapshotter: %w", err)
+	}
+	skipClose := false
+	defer func() {
+		if skipClose {
+			return
+		}
+		if err := sn.Close(); err != nil {
+			log.G(ctx).WithError(err).Error("closing snapshotter")
+			retErr = errors.Join(retErr, fmt.Errorf("closing snapshotter: %w", err))
+			return
+		}
+		log.G(ctx).Info("snapshotter closed")
+	}()
+
+	var grpcOpts []grpc.ServerOption
+	if m != nil {
+		if err := m.register(sn); err != nil {
+			return err
+		}
+		grpcOpts = append(grpcOpts, grpc.ChainUnaryInterceptor(m.unary), grpc.ChainStreamInterceptor(m.stream))
+	}
+	srv := grpc.NewServer(grpcOpts...)
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+
+	serveErr := make(chan error, 1)
+	listenerOwned = false
+	go func() { serveErr <- srv.Serve(l) }()
+
+	logger.Info("serving containerd snapshots API")
+	if err := opts.notify(daemon.SdNotifyReady); err != nil {
+		logger.WithError(err).Warn("sd_notify READY failed")
+	}
+
+	select {
+	case <-ctx.Done():
+		logger.Info("stopping: waiting for in-flight calls")
+	case err := <-serveErr:
+		// Serve only returns on its own when accepting fails.
+		srv.Stop()
+		return fmt.Errorf("serving on %s: %w", cfg.Address, err)
+	}
+	if err := opts.notify(daemon.SdNotifyStopping); err != nil {
+		logger.WithError(err).Warn("sd_notify STOPPING failed")
+	}
+	drained := stopGracefully(ctx, srv, opts.shutdownTimeout)
+	<-serveErr
+	if !drained {
+		// A call stuck in the snapshotter may hold the database; closing it
+		// would hang. Committed transactions are on disk already, so exiting
+		// without Close loses nothing.
+		skipClose = true
+		return fmt.Errorf("calls still running %s after the stop signal; exiting without closing the snapshotter: %w",
+			2*opts.shutdownTimeout, context.DeadlineExceeded)
+	}
+	return nil
+}
+
+// stopGracefully stops accepting and waits up to timeout for in-flight
+// calls. Then it closes the connections and cancels the calls' contexts,
+// and waits up to timeout again for the handlers to return. It reports
+// whether every handler returned.
+func stopGracefully(ctx context.Context, srv *grpc.Server, timeout time.Duration) bool {
+	done := make(chan struct{})
+	go func() {
+		// Returns once every handler has returned, even after Stop.
+		srv.GracefulStop()
+		close(done)
+	}()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+	}
+	log.G(ctx).Warnf("in-flight calls still running after %s: closing connections and cancelling them", timeout)
+	srv.Stop()
+	t.Reset(timeout)
+	select {
+	case <-done:
+		return true
+	case <-t.C:
+		log.G(ctx).Errorf("calls still running %s after cancellation", timeout)
+		return false
+	}
+}
+
+// lockRoot takes an exclusive lock on the root so a second daemon on the
+// same root fails at once with a clear error instead of waiting on the
+// database. The lock dies with the process; the file stays.
+func lockRoot(root string) (unlock func(), err error) {
+	path := filepath.Join(root, lockFileName)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("opening lock file: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		defer f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			owner := "another process"
+			if b, rerr := os.ReadFile(path); rerr == nil {
+				if pid, perr := strconv.Atoi(strings.TrimSpace(string(b))); perr == nil {
+					owner = fmt.Sprintf("process %d", pid)
+				}
+			}
+			return nil, fmt.Errorf("root %s is in use by another thin-snapshotter (%s holds %s): %w",
+				root, owner, path, errdefs.ErrUnavailable)
+		}
+		return nil, fmt.Errorf("locking %s: %w", path, err)
+	}
+	// The pid is only informational, for the error above.
+	if err := f.Truncate(0); err == nil {
+		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	}
+	return func() { f.Close() }, nil
+}
+
+// listenUnix listens on the socket path: it creates a missing directory
+// with mode 0700, removes a stale socket nobody listens on, refuses a live
+// one or a non-socket file, and sets mode 0660 on the socket.
+func listenUnix(ctx context.Context, path string) (net.Listener, error) {
+	dir := filepath.Dir(path)
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		if err := os.MkdirAll(dir, sockDirMode); err != nil {
+			return nil, fmt.Errorf("creating socket directory: %w", err)
+		}
+	} else if err != nil {
+		return nil, fmt.Errorf("socket directory: %w", err)
+	}
+
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("address %s exists and is not a socket (%s); refusing to remove it: %w",
+				path, fi.Mode().Type(), errdefs.ErrAlreadyExists)
+		}
+		conn, err := net.DialTimeout("unix", path, dialTimeout)
+		switch {
+		case err == nil:
+			conn.Close()
+			return nil, fmt.Errorf("address %s is in use: another process is listening on it: %w", path, errdefs.ErrAlreadyExists)
+		case errors.Is(err, syscall.ECONNREFUSED):
+			log.G(ctx).Infof("removing stale socket %s", path)
+			if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("removing stale socket: %w", err)
+			}
+		default:
+			return nil, fmt.Errorf("checking existing socket %s: %w", path, err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("checking address: %w", err)
+	}
+
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, sockMode); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("setting socket mode: %w", err)
+	}
+	return l, nil
+}

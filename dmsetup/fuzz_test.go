@@ -1,0 +1,130 @@
+package dmsetup
+
+import (
+	"errors"
+	"reflect"
+	"testing"
+)
+
+func FuzzParsePoolStatus(f *testing.F) {
+	for _, s := range []string{
+		"0 141/4096 0/4096 - rw discard_passdown queue_if_no_space - 1024",
+		"5 4000/4096 81920/81920 4095 out_of_data_space no_discard_passdown error_if_no_space needs_check 1024",
+		"1 10/4161600 0/1638400 - ro ignore_discard queue_if_no_space -",
+		"0 9/4096 0/40960 -", "Fail", "Error", "", "0 1/2 3/4 - rw x",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		st, err := ParsePoolStatus(s)
+		if err != nil {
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("%q: error %v is not ErrMalformed", s, err)
+			}
+			return
+		}
+		again, err := ParsePoolStatus(st.String())
+		if err != nil || again != st {
+			t.Fatalf("%q parsed as %+v, its String %q parses as %+v, %v", s, st, st.String(), again, err)
+		}
+	})
+}
+
+func FuzzParseThinStatus(f *testing.F) {
+	for _, s := range []string{"0 -", "2048 4095", "Fail", "", "-", "1 2 3"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		st, err := ParseThinStatus(s)
+		if err != nil {
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("%q: error %v is not ErrMalformed", s, err)
+			}
+			return
+		}
+		again, err := ParseThinStatus(st.String())
+		if err != nil || again != st {
+			t.Fatalf("%q parsed as %+v, its String %q parses as %+v, %v", s, st, st.String(), again, err)
+		}
+	})
+}
+
+func FuzzParsePoolParams(f *testing.F) {
+	for _, s := range []string{"7:0 7:1 128 0 0", "7:0 7:1 128 32768 1 skip_block_zeroing", "253:0 253:1 1024 0", "a b c d e"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		p, err := ParsePoolParams(s)
+		if err != nil {
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("%q: error %v is not ErrMalformed", s, err)
+			}
+			return
+		}
+		tg, err := PoolTable(uint64(p.BlockSizeSectors)+1, p)
+		if err != nil {
+			return // parsed but not something we would build, e.g. a bad block size
+		}
+		again, err := ParsePoolParams(tg.Params)
+		if err != nil || again != p {
+			t.Fatalf("%q parsed as %+v, rebuilt %q parses as %+v, %v", s, p, tg.Params, again, err)
+		}
+	})
+}
+
+func FuzzParseThinParams(f *testing.F) {
+	for _, s := range []string{"253:0 7", "/dev/mapper/pool 16777215 253:5", "x", "a 1 b c"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		p, err := ParseThinParams(s)
+		if err != nil {
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("%q: error %v is not ErrMalformed", s, err)
+			}
+			return
+		}
+		tg, err := ThinTable(8, p.PoolDev, p.ID, p.ExternalOrigin)
+		if err != nil {
+			t.Fatalf("%q parsed as %+v but does not build: %v", s, p, err)
+		}
+		again, err := ParseThinParams(tg.Params)
+		if err != nil || again != p {
+			t.Fatalf("%q parsed as %+v, rebuilt %q parses as %+v, %v", s, p, tg.Params, again, err)
+		}
+	})
+}
+
+// FuzzDecodeReplies feeds arbitrary kernel reply data to every decoder.
+func FuzzDecodeReplies(f *testing.F) {
+	f.Add(statusReply([]Target{{0, 8, "linear", "7:0 0"}, {8, 8, "thin", "253:0 1"}}), uint32(2))
+	f.Add(nameListReply([]nameRec{{kernelDev(253, 0), "pool", 1, "u", true}, {kernelDev(253, 1), "t", 2, "", false}}, 2), uint32(0))
+	f.Add(targetVersionsReply([]TargetVersion{{"thin", Version{1, 2, 3}}, {"linear", Version{1, 4, 0}}}), uint32(1))
+	f.Add([]byte{}, uint32(1))
+	f.Fuzz(func(t *testing.T, data []byte, count uint32) {
+		if ts, err := decodeTargets(data, count); err == nil {
+			if len(ts) != int(count) {
+				t.Fatalf("decoded %d targets, count %d", len(ts), count)
+			}
+			// Well-formed targets re-encode to a reply that decodes the same.
+			ok := true
+			for _, tg := range ts {
+				ok = ok && tg.validate() == nil
+			}
+			if ok {
+				back, err := decodeTargets(statusReply(ts), count)
+				if err != nil || !reflect.DeepEqual(back, ts) {
+					t.Fatalf("re-encoded targets decode as %+v, %v; want %+v", back, err, ts)
+				}
+			}
+		} else if !errors.Is(err, ErrMalformed) {
+			t.Fatalf("decodeTargets: %v", err)
+		}
+		if _, err := decodeNameList(data); err != nil && !errors.Is(err, ErrMalformed) {
+			t.Fatalf("decodeNameList: %v", err)
+		}
+		if _, err := decodeTargetVersions(data); err != nil && !errors.Is(err, ErrMalformed) {
+			t.Fatalf("decodeTargetVersions: %v", err)
+		}
+	})
+}

@@ -1,0 +1,491 @@
+package dmsetup
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Limits of dm-thin (Documentation/admin-guide/device-mapper/thin-provisioning.rst).
+const (
+	MinBlockSizeSectors  = 128     // 64KiB
+	MaxBlockSizeSectors  = 2097152 // 1GiB
+	BlockSizeMultiple    = 128
+	MaxThinID            = 1<<24 - 1
+	MetadataBlockSectors = 8 // metadata blocks are 4KiB
+	sectorSize           = 512
+)
+
+// PoolParams are the parameters of a thin-pool table line.
+type PoolParams struct {
+	MetadataDev      string // path or major:minor
+	DataDev          string
+	BlockSizeSectors uint32
+	LowWaterMark     uint64 // in data blocks
+	// Feature arguments.
+	SkipBlockZeroing  bool
+	IgnoreDiscard     bool
+	NoDiscardPassdown bool
+	ReadOnly          bool
+	ErrorIfNoSpace    bool
+}
+
+var poolFeatures = []struct {
+	name string
+	get  func(*PoolParams) *bool
+}{
+	{"skip_block_zeroing", func(p *PoolParams) *bool { return &p.SkipBlockZeroing }},
+	{"ignore_discard", func(p *PoolParams) *bool { return &p.IgnoreDiscard }},
+	{"no_discard_passdown", func(p *PoolParams) *bool { return &p.NoDiscardPassdown }},
+	{"read_only", func(p *PoolParams) *bool { return &p.ReadOnly }},
+	{"error_if_no_space", func(p *PoolParams) *bool { return &p.ErrorIfNoSpace }},
+}
+
+// ValidateBlockSize checks a pool data block size in sectors.
+func ValidateBlockSize(sectors uint32) error {
+	if sectors < MinBlockSizeSectors || sectors > MaxBlockSizeSectors || sectors%BlockSizeMultiple != 0 {
+		return fmt.Errorf("thin-pool block size %d sectors: must be a multiple of %d between %d and %d: %w",
+			sectors, BlockSizeMultiple, MinBlockSizeSectors, MaxBlockSizeSectors, unix.EINVAL)
+	}
+	return nil
+}
+
+func checkDevArg(what, dev string) error {
+	if dev == "" || strings.ContainsAny(dev, " \t\n\x00") {
+		return fmt.Errorf("invalid %s device %q: %w", what, dev, unix.EINVAL)
+	}
+	return nil
+}
+
+// PoolTable builds the thin-pool target covering lengthSectors.
+func PoolTable(lengthSectors uint64, p PoolParams) (Target, error) {
+	if err := checkDevArg("metadata", p.MetadataDev); err != nil {
+		return Target{}, err
+	}
+	if err := checkDevArg("data", p.DataDev); err != nil {
+		return Target{}, err
+	}
+	if err := ValidateBlockSize(p.BlockSizeSectors); err != nil {
+		return Target{}, err
+	}
+	if lengthSectors < uint64(p.BlockSizeSectors) {
+		return Target{}, fmt.Errorf("thin-pool length %d sectors is smaller than one block: %w", lengthSectors, unix.EINVAL)
+	}
+	var feats []string
+	for _, f := range poolFeatures {
+		if *f.get(&p) {
+			feats = append(feats, f.name)
+		}
+	}
+	params := fmt.Sprintf("%s %s %d %d %d", p.MetadataDev, p.DataDev, p.BlockSizeSectors, p.LowWaterMark, len(feats))
+	if len(feats) > 0 {
+		params += " " + strings.Join(feats, " ")
+	}
+	return Target{Start: 0, Length: lengthSectors, Type: "thin-pool", Params: params}, nil
+}
+
+// ParsePoolParams parses the parameters of a thin-pool table line as the
+// kernel reports them (devices as major:minor).
+func ParsePoolParams(params string) (PoolParams, error) {
+	f := strings.Fields(params)
+	bad := func(why string) (PoolParams, error) {
+		return PoolParams{}, fmt.Errorf("thin-pool table %q: %s: %w", params, why, ErrMalformed)
+	}
+	if strings.ContainsRune(params, 0) {
+		return bad("NUL byte")
+	}
+	if len(f) < 4 {
+		return bad("fewer than 4 fields")
+	}
+	p := PoolParams{MetadataDev: f[0], DataDev: f[1]}
+	bs, err := strconv.ParseUint(f[2], 10, 32)
+	if err != nil {
+		return bad("block size")
+	}
+	p.BlockSizeSectors = uint32(bs)
+	if p.LowWaterMark, err = strconv.ParseUint(f[3], 10, 64); err != nil {
+		return bad("low water mark")
+	}
+	if len(f) == 4 {
+		return p, nil
+	}
+	n, err := strconv.ParseUint(f[4], 10, 32)
+	if err != nil || int(n) != len(f)-5 {
+		return bad("feature count")
+	}
+	for _, arg := range f[5:] {
+		known := false
+		for _, pf := range poolFeatures {
+			if arg == pf.name {
+				*pf.get(&p) = true
+				known = true
+			}
+		}
+		if !known {
+			return bad("unknown feature " + strconv.Quote(arg))
+		}
+	}
+	return p, nil
+}
+
+// ThinParams are the parameters of a thin table line.
+type ThinParams struct {
+	PoolDev        string
+	ID             uint32
+	ExternalOrigin string
+}
+
+// ThinTable builds a thin target of lengthSectors for device id in poolDev,
+// optionally on top of a read-only external origin device.
+func ThinTable(lengthSectors uint64, poolDev string, id uint32, externalOrigin string) (Target, error) {
+	if err := checkDevArg("pool", poolDev); err != nil {
+		return Target{}, err
+	}
+	if id > MaxThinID {
+		return Target{}, fmt.Errorf("thin device id %d exceeds %d: %w", id, MaxThinID, unix.EINVAL)
+	}
+	if lengthSectors == 0 {
+		return Target{}, fmt.Errorf("thin device length is zero: %w", unix.EINVAL)
+	}
+	params := poolDev + " " + strconv.FormatUint(uint64(id), 10)
+	if externalOrigin != "" {
+		if err := checkDevArg("external origin", externalOrigin); err != nil {
+			return Target{}, err
+		}
+		params += " " + externalOrigin
+	}
+	return Target{Start: 0, Length: lengthSectors, Type: "thin", Params: params}, nil
+}
+
+// ParseThinParams parses the parameters of a thin table line.
+func ParseThinParams(params string) (ThinParams, error) {
+	f := strings.Fields(params)
+	if len(f) < 2 || len(f) > 3 || strings.ContainsRune(params, 0) {
+		return ThinParams{}, fmt.Errorf("thin table %q: want 2 or 3 fields: %w", params, ErrMalformed)
+	}
+	id, err := strconv.ParseUint(f[1], 10, 32)
+	if err != nil || id > MaxThinID {
+		return ThinParams{}, fmt.Errorf("thin table %q: bad device id: %w", params, ErrMalformed)
+	}
+	p := ThinParams{PoolDev: f[0], ID: uint32(id)}
+	if len(f) == 3 {
+		p.ExternalOrigin = f[2]
+	}
+	return p, nil
+}
+
+// Pool modes, discard modes and no-space policies as the kernel prints them.
+const (
+	PoolModeRW             = "rw"
+	PoolModeRO             = "ro"
+	PoolModeOutOfDataSpace = "out_of_data_space"
+
+	DiscardPassdown   = "discard_passdown"
+	NoDiscardPassdown = "no_discard_passdown"
+	IgnoreDiscard     = "ignore_discard"
+
+	QueueIfNoSpace = "queue_if_no_space"
+	ErrorIfNoSpace = "error_if_no_space"
+)
+
+// PoolStatus is the parsed status of a thin-pool target. Fields after
+// HeldMetadataRoot are absent on older kernels and then left at their zero
+// value (empty strings, Has* false).
+type PoolStatus struct {
+	// Fail is the bare "Fail" status of a failed pool; Error the bare
+	// "Error" printed when the kernel could not read its metadata. All
+	// other fields are zero when either is set.
+	Fail  bool
+	Error bool
+
+	TransactionID    uint64
+	UsedMetaBlocks   uint64 // 4KiB metadata blocks
+	TotalMetaBlocks  uint64
+	UsedDataBlocks   uint64 // pool data blocks
+	TotalDataBlocks  uint64
+	HeldMetadataRoot uint64
+	HasHeldRoot      bool // false when the kernel printed "-"
+
+	Mode          string // PoolModeRW, PoolModeRO, PoolModeOutOfDataSpace
+	DiscardMode   string // DiscardPassdown, NoDiscardPassdown, IgnoreDiscard
+	NoSpacePolicy string // QueueIfNoSpace, ErrorIfNoSpace
+	NeedsCheck    bool
+
+	MetadataLowWatermark    uint64 // in metadata blocks, kernels >= 4.19
+	HasMetadataLowWatermark bool
+}
+
+func parseRatio(s string) (uint64, uint64, bool) {
+	a, b, ok := strings.Cut(s, "/")
+	if !ok {
+		return 0, 0, false
+	}
+	x, err1 := strconv.ParseUint(a, 10, 64)
+	y, err2 := strconv.ParseUint(b, 10, 64)
+	return x, y, err1 == nil && err2 == nil
+}
+
+// ParsePoolStatus parses the status line of a thin-pool target:
+//
+//	<transaction id> <used meta>/<total meta> <used data>/<total data> <held root>|-
+//	ro|rw|out_of_data_space ignore_discard|discard_passdown|no_discard_passdown
+//	error_if_no_space|queue_if_no_space needs_check|- <metadata low watermark>
+//
+// or the bare "Fail" / "Error". Trailing fields unknown to this parser, from
+// newer kernels, are ignored.
+func ParsePoolStatus(s string) (PoolStatus, error) {
+	f := strings.Fields(s)
+	bad := func(why string) (PoolStatus, error) {
+		return PoolStatus{}, fmt.Errorf("thin-pool status %q: %s: %w", s, why, ErrMalformed)
+	}
+	if len(f) == 1 {
+		switch f[0] {
+		case "Fail":
+			return PoolStatus{Fail: true}, nil
+		case "Error":
+			return PoolStatus{Error: true}, nil
+		}
+	}
+	if len(f) < 4 {
+		return bad("fewer than 4 fields")
+	}
+	var st PoolStatus
+	var err error
+	var ok bool
+	if st.TransactionID, err = strconv.ParseUint(f[0], 10, 64); err != nil {
+		return bad("transaction id")
+	}
+	if st.UsedMetaBlocks, st.TotalMetaBlocks, ok = parseRatio(f[1]); !ok {
+		return bad("metadata blocks")
+	}
+	if st.UsedDataBlocks, st.TotalDataBlocks, ok = parseRatio(f[2]); !ok {
+		return bad("data blocks")
+	}
+	if f[3] != "-" {
+		if st.HeldMetadataRoot, err = strconv.ParseUint(f[3], 10, 64); err != nil {
+			return bad("held metadata root")
+		}
+		st.HasHeldRoot = true
+	}
+	rest := f[4:]
+	next := func() (string, bool) {
+		if len(rest) == 0 {
+			return "", false
+		}
+		v := rest[0]
+		rest = rest[1:]
+		return v, true
+	}
+	if v, ok := next(); ok {
+		switch v {
+		case PoolModeRW, PoolModeRO, PoolModeOutOfDataSpace:
+			st.Mode = v
+		default:
+			return bad("mode " + strconv.Quote(v))
+		}
+	}
+	if v, ok := next(); ok {
+		switch v {
+		case DiscardPassdown, NoDiscardPassdown, IgnoreDiscard:
+			st.DiscardMode = v
+		default:
+			return bad("discard mode " + strconv.Quote(v))
+		}
+	}
+	if v, ok := next(); ok {
+		switch v {
+		case QueueIfNoSpace, ErrorIfNoSpace:
+			st.NoSpacePolicy = v
+		default:
+			return bad("no-space policy " + strconv.Quote(v))
+		}
+	}
+	if v, ok := next(); ok {
+		switch v {
+		case "needs_check":
+			st.NeedsCheck = true
+		case "-":
+		default:
+			return bad("needs_check field " + strconv.Quote(v))
+		}
+	}
+	if v, ok := next(); ok {
+		if st.MetadataLowWatermark, err = strconv.ParseUint(v, 10, 64); err != nil {
+			return bad("metadata low watermark")
+		}
+		st.HasMetadataLowWatermark = true
+	}
+	return st, nil
+}
+
+// ThinStatus is the parsed status of a thin target.
+type ThinStatus struct {
+	Fail          bool
+	MappedSectors uint64
+	HighestMapped uint64 // last mapped sector, valid if HasHighest
+	HasHighest    bool   // false when nothing is mapped ("-")
+}
+
+// ParseThinStatus parses "<mapped sectors> <highest mapped sector>|-" or
+// "Fail". Trailing fields of newer kernels are ignored.
+func ParseThinStatus(s string) (ThinStatus, error) {
+	f := strings.Fields(s)
+	if len(f) == 1 && f[0] == "Fail" {
+		return ThinStatus{Fail: true}, nil
+	}
+	if len(f) < 2 {
+		return ThinStatus{}, fmt.Errorf("thin status %q: want 2 fields: %w", s, ErrMalformed)
+	}
+	var st ThinStatus
+	var err error
+	if st.MappedSectors, err = strconv.ParseUint(f[0], 10, 64); err != nil {
+		return ThinStatus{}, fmt.Errorf("thin status %q: mapped sectors: %w", s, ErrMalformed)
+	}
+	if f[1] != "-" {
+		if st.HighestMapped, err = strconv.ParseUint(f[1], 10, 64); err != nil {
+			return ThinStatus{}, fmt.Errorf("thin status %q: highest mapped sector: %w", s, ErrMalformed)
+		}
+		st.HasHighest = true
+	}
+	return st, nil
+}
+
+// singleTargetStatus returns the status of a device whose table is exactly
+// one target of type typ.
+func (c *Client) singleTargetStatus(name, typ string) (string, error) {
+	sts, err := c.Status(name)
+	if err != nil {
+		return "", err
+	}
+	if len(sts) != 1 || sts[0].Type != typ {
+		types := make([]string, len(sts))
+		for i, s := range sts {
+			types[i] = s.Type
+		}
+		return "", opError("status", name, fmt.Errorf("want a single %s target, table has %v: %w", typ, types, unix.EINVAL))
+	}
+	return sts[0].Status, nil
+}
+
+// PoolStatus returns the parsed status of thin-pool device pool. The kernel
+// commits pending metadata before answering.
+func (c *Client) PoolStatus(pool string) (PoolStatus, error) {
+	s, err := c.singleTargetStatus(pool, "thin-pool")
+	if err != nil {
+		return PoolStatus{}, err
+	}
+	st, err := ParsePoolStatus(s)
+	return st, opError("status", pool, err)
+}
+
+// ThinStatus returns the parsed status of thin device name.
+func (c *Client) ThinStatus(name string) (ThinStatus, error) {
+	s, err := c.singleTargetStatus(name, "thin")
+	if err != nil {
+		return ThinStatus{}, err
+	}
+	st, err := ParseThinStatus(s)
+	return st, opError("status", name, err)
+}
+
+func (c *Client) poolMessage(pool, msg string) error {
+	_, err := c.Message(pool, 0, msg)
+	return err
+}
+
+func checkID(id uint32) error {
+	if id > MaxThinID {
+		return fmt.Errorf("thin device id %d exceeds %d: %w", id, MaxThinID, unix.EINVAL)
+	}
+	return nil
+}
+
+// CreateThin creates thin device id in pool; EEXIST if the id is taken.
+func (c *Client) CreateThin(pool string, id uint32) error {
+	if err := checkID(id); err != nil {
+		return opError("create_thin", pool, err)
+	}
+	return c.poolMessage(pool, "create_thin "+strconv.FormatUint(uint64(id), 10))
+}
+
+// CreateSnap creates thin device id as a snapshot of origin. An active
+// origin must be suspended around the call.
+func (c *Client) CreateSnap(pool string, id, origin uint32) error {
+	if err := checkID(id); err != nil {
+		return opError("create_snap", pool, err)
+	}
+	if err := checkID(origin); err != nil {
+		return opError("create_snap", pool, err)
+	}
+	return c.poolMessage(pool, fmt.Sprintf("create_snap %d %d", id, origin))
+}
+
+// DeleteThin deletes thin device id from pool; ENODATA if it does not exist.
+// The device must not be active.
+func (c *Client) DeleteThin(pool string, id uint32) error {
+	if err := checkID(id); err != nil {
+		return opError("delete", pool, err)
+	}
+	return c.poolMessage(pool, "delete "+strconv.FormatUint(uint64(id), 10))
+}
+
+// SetTransactionID replaces the pool's transaction id old with new; EINVAL
+// if old is not the current id.
+func (c *Client) SetTransactionID(pool string, old, new uint64) error {
+	return c.poolMessage(pool, fmt.Sprintf("set_transaction_id %d %d", old, new))
+}
+
+// ReserveMetadataSnap takes a metadata snapshot for userspace tools.
+func (c *Client) ReserveMetadataSnap(pool string) error {
+	return c.poolMessage(pool, "reserve_metadata_snap")
+}
+
+// ReleaseMetadataSnap releases the metadata snapshot.
+func (c *Client) ReleaseMetadataSnap(pool string) error {
+	return c.poolMessage(pool, "release_metadata_snap")
+}
+
+// String formats s the way the kernel prints it, stopping at the first
+// absent optional field.
+func (s PoolStatus) String() string {
+	switch {
+	case s.Fail:
+		return "Fail"
+	case s.Error:
+		return "Error"
+	}
+	held := "-"
+	if s.HasHeldRoot {
+		held = strconv.FormatUint(s.HeldMetadataRoot, 10)
+	}
+	out := fmt.Sprintf("%d %d/%d %d/%d %s", s.TransactionID, s.UsedMetaBlocks, s.TotalMetaBlocks,
+		s.UsedDataBlocks, s.TotalDataBlocks, held)
+	for _, v := range []string{s.Mode, s.DiscardMode, s.NoSpacePolicy} {
+		if v == "" {
+			return out
+		}
+		out += " " + v
+	}
+	if s.NeedsCheck {
+		out += " needs_check"
+	} else {
+		out += " -"
+	}
+	if s.HasMetadataLowWatermark {
+		out += " " + strconv.FormatUint(s.MetadataLowWatermark, 10)
+	}
+	return out
+}
+
+// String formats s the way the kernel prints it.
+func (s ThinStatus) String() string {
+	if s.Fail {
+		return "Fail"
+	}
+	if !s.HasHighest {
+		return strconv.FormatUint(s.MappedSectors, 10) + " -"
+	}
+	return fmt.Sprintf("%d %d", s.MappedSectors, s.HighestMapped)
+}

@@ -1,0 +1,122 @@
+package dmsetup
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Version is a three-part version of the dm ioctl interface or of a target.
+type Version struct {
+	Major, Minor, Patch uint32
+}
+
+func (v Version) String() string { return fmt.Sprintf("%d.%d.%d", v.Major, v.Minor, v.Patch) }
+
+// AtLeast reports whether v >= o.
+func (v Version) AtLeast(o Version) bool {
+	if v.Major != o.Major {
+		return v.Major > o.Major
+	}
+	if v.Minor != o.Minor {
+		return v.Minor > o.Minor
+	}
+	return v.Patch >= o.Patch
+}
+
+// Device is one entry of List.
+type Device struct {
+	Name         string
+	Major, Minor uint32
+	// EventNr and UUID are reported by newer kernels only (4.14 and 5.13);
+	// they are zero and empty otherwise.
+	EventNr uint32
+	UUID    string
+}
+
+// Info is the state of one device (DM_DEV_STATUS).
+type Info struct {
+	Name, UUID     string
+	Major, Minor   uint32
+	OpenCount      int32
+	EventNr        uint32
+	TargetCount    uint32 // targets in the live table
+	Suspended      bool
+	ReadOnly       bool
+	LiveTable      bool
+	InactiveTable  bool
+	DeferredRemove bool
+}
+
+// Target is one line of a device table: Length sectors starting at Start
+// mapped by target Type with parameters Params.
+type Target struct {
+	Start, Length uint64
+	Type          string
+	Params        string
+}
+
+// String formats t as a dmsetup table line.
+func (t Target) String() string {
+	return fmt.Sprintf("%d %d %s %s", t.Start, t.Length, t.Type, t.Params)
+}
+
+func (t Target) validate() error {
+	if t.Type == "" || len(t.Type) >= maxTypeNameLen || strings.ContainsAny(t.Type, " \t\n\x00") {
+		return fmt.Errorf("invalid target type %q: %w", t.Type, unix.EINVAL)
+	}
+	if t.Length == 0 {
+		return fmt.Errorf("target %s has zero length: %w", t.Type, unix.EINVAL)
+	}
+	if strings.ContainsRune(t.Params, 0) {
+		return fmt.Errorf("target %s parameters contain NUL: %w", t.Type, unix.EINVAL)
+	}
+	return nil
+}
+
+// TargetStatus is the status line of one target of the live table.
+type TargetStatus struct {
+	Start, Length uint64
+	Type          string
+	Status        string
+}
+
+// TargetVersion is a target type registered in the kernel.
+type TargetVersion struct {
+	Name    string
+	Version Version
+}
+
+// CreateOptions are the options of Client.Create.
+type CreateOptions struct {
+	UUID     string
+	ReadOnly bool
+}
+
+// SuspendOptions are the options of Client.Suspend.
+type SuspendOptions struct {
+	// NoFlush leaves in-flight I/O queued instead of flushing it.
+	NoFlush bool
+	// SkipLockfs does not freeze a filesystem mounted on the device.
+	SkipLockfs bool
+}
+
+// RemoveOptions are the options of Client.Remove.
+type RemoveOptions struct {
+	// Deferred asks the kernel to remove an open device on its last close
+	// instead of failing with EBUSY.
+	Deferred bool
+	// Retries is how many times EBUSY is retried: 0 means
+	// DefaultRemoveRetries, negative means no retry.
+	Retries int
+	// Delay between retries; 0 means DefaultRemoveDelay.
+	Delay time.Duration
+}
+
+// Defaults of RemoveOptions.
+const (
+	DefaultRemoveRetries = 10
+	DefaultRemoveDelay   = 50 * time.Millisecond
+)

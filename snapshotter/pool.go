@@ -1,0 +1,105 @@
+package snapshotter
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
+)
+
+// Pool is what the snapshotter needs from the kernel: thin-pool messages on
+// one pool and the dm devices of its thin volumes. The real one is dmPool;
+// tests use a fake to inject failures and crashes.
+type Pool interface {
+	// Name is the dm name of the thin pool.
+	Name() string
+	Status() (dmsetup.PoolStatus, error)
+	CreateThin(id uint32) error
+	CreateSnap(id, origin uint32) error
+	DeleteThin(id uint32) error
+	SetTransactionID(old, new uint64) error
+
+	// Activate creates dm device name mapping thin id of the pool with the
+	// given length; an existing device with the same mapping is kept.
+	Activate(name string, id uint32, sectors uint64, readOnly bool) error
+	// Deactivate removes dm device name; a missing device is not an error.
+	Deactivate(ctx context.Context, name string) error
+	Suspend(name string) error
+	Resume(name string) error
+	Info(name string) (dmsetup.Info, error)
+	ThinStatus(name string) (dmsetup.ThinStatus, error)
+	List() ([]dmsetup.Device, error)
+	DevicePath(name string) string
+}
+
+// dmPool implements Pool with the pure-Go dm client.
+type dmPool struct {
+	c    *dmsetup.Client
+	name string
+	dev  string // major:minor of the pool device, stable without udev
+}
+
+func newDMPool(c *dmsetup.Client, name string) (*dmPool, error) {
+	info, err := c.Info(name)
+	if err != nil {
+		return nil, fmt.Errorf("thin pool %s: %w", name, err)
+	}
+	st, err := c.Status(name)
+	if err != nil {
+		return nil, fmt.Errorf("thin pool %s: %w", name, err)
+	}
+	if len(st) != 1 || st[0].Type != "thin-pool" {
+		return nil, fmt.Errorf("device %s is not a thin pool (table %v)", name, st)
+	}
+	return &dmPool{c: c, name: name, dev: fmt.Sprintf("%d:%d", info.Major, info.Minor)}, nil
+}
+
+func (p *dmPool) Name() string                          { return p.name }
+func (p *dmPool) Status() (dmsetup.PoolStatus, error)   { return p.c.PoolStatus(p.name) }
+func (p *dmPool) CreateThin(id uint32) error            { return p.c.CreateThin(p.name, id) }
+func (p *dmPool) CreateSnap(id, origin uint32) error    { return p.c.CreateSnap(p.name, id, origin) }
+func (p *dmPool) DeleteThin(id uint32) error            { return p.c.DeleteThin(p.name, id) }
+func (p *dmPool) SetTransactionID(old, new uint64) error {
+	return p.c.SetTransactionID(p.name, old, new)
+}
+func (p *dmPool) Suspend(name string) error {
+	return p.c.Suspend(name, dmsetup.SuspendOptions{})
+}
+func (p *dmPool) Resume(name string) error                  { return p.c.Resume(name) }
+func (p *dmPool) Info(name string) (dmsetup.Info, error)    { return p.c.Info(name) }
+func (p *dmPool) List() ([]dmsetup.Device, error)           { return p.c.List() }
+func (p *dmPool) DevicePath(name string) string             { return p.c.DevicePath(name) }
+func (p *dmPool) ThinStatus(name string) (dmsetup.ThinStatus, error) {
+	return p.c.ThinStatus(name)
+}
+
+func (p *dmPool) Activate(name string, id uint32, sectors uint64, readOnly bool) error {
+	t, err := dmsetup.ThinTable(sectors, p.dev, id, "")
+	if err != nil {
+		return err
+	}
+	err = p.c.Create(name, []dmsetup.Target{t}, dmsetup.CreateOptions{ReadOnly: readOnly})
+	if err == nil || !dmsetup.IsExist(err) {
+		return err
+	}
+	// Left from before a crash or restart: keep it if it maps the same
+	// thin id, otherwise it is not ours to reuse.
+	table, terr := p.c.Table(name)
+	if terr != nil {
+		return fmt.Errorf("%w (and reading its table: %v)", err, terr)
+	}
+	if len(table) == 1 && table[0].Type == "thin" {
+		if tp, perr := dmsetup.ParseThinParams(table[0].Params); perr == nil && tp.ID == id {
+			return nil
+		}
+	}
+	return fmt.Errorf("device %s exists with another table %v: %w", name, table, err)
+}
+
+func (p *dmPool) Deactivate(ctx context.Context, name string) error {
+	err := p.c.Remove(ctx, name, dmsetup.RemoveOptions{})
+	if dmsetup.IsNotFound(err) {
+		return nil
+	}
+	return err
+}

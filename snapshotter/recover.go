@@ -1,0 +1,155 @@
+package snapshotter
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
+	"github.com/thin-snapshotter/thin-snapshotter/storage"
+)
+
+// checkOwnership makes sure the pool is the one this database manages: the
+// pool's transaction id must be the recorded one, or ahead of it by no more
+// than the pending journal entries explain.
+func (s *Snapshotter) checkOwnership(ctx context.Context) error {
+	name := s.pool.Name()
+	st, err := s.pool.Status()
+	if err != nil {
+		return fmt.Errorf("status of pool %s: %w", name, err)
+	}
+	if st.Fail || st.Error {
+		return fmt.Errorf("pool %s has failed (status Fail/Error): run thin_check on its metadata: %w", name, errdefs.ErrFailedPrecondition)
+	}
+	var (
+		pi      storage.PoolInfo
+		dbTx    uint64
+		pending int
+	)
+	if err := s.db.View(ctx, func(tx *storage.Tx) (err error) {
+		if pi, err = tx.PoolInfo(); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+		if dbTx, err = tx.TransactionID(); err != nil {
+			return err
+		}
+		entries, err := tx.Journal()
+		pending = len(entries)
+		return err
+	}); err != nil {
+		return err
+	}
+
+	var mismatch string
+	switch {
+	case pi.Name == "" && st.TransactionID != 0:
+		mismatch = fmt.Sprintf("the database is new but the pool's transaction id is %d (the pool was used before, by another database or daemon)", st.TransactionID)
+	case pi.Name != "" && pi.Name != name:
+		mismatch = fmt.Sprintf("the database belongs to pool %s", pi.Name)
+	case pi.Name != "" && (st.TransactionID < dbTx || st.TransactionID > dbTx+uint64(pending)):
+		mismatch = fmt.Sprintf("the pool's transaction id is %d but the database recorded %d with %d operations pending (a re-created pool, or someone else's)", st.TransactionID, dbTx, pending)
+	}
+	if mismatch != "" && !s.cfg.AllowAdopt {
+		return fmt.Errorf("pool %s: %s; refusing to use it (set allow_adopt = true under [pool] to take it over): %w", name, mismatch, errdefs.ErrFailedPrecondition)
+	}
+	if mismatch != "" {
+		log.G(ctx).WithField("pool", name).Warnf("adopting pool: %s", mismatch)
+	}
+	if pi.Name == "" || mismatch != "" {
+		if pi.Name == "" {
+			pi.Created = time.Now().UTC()
+		}
+		pi.Name = name
+		if err := s.db.Update(ctx, func(tx *storage.Tx) error {
+			if err := tx.SetPoolInfo(pi); err != nil {
+				return err
+			}
+			return tx.SetTransactionID(st.TransactionID)
+		}); err != nil {
+			return err
+		}
+	}
+	s.txid = st.TransactionID
+	return nil
+}
+
+// recover finishes or rolls back every operation a crash interrupted, then
+// activates the devices of active snapshots and views that are gone (after a
+// reboot).
+func (s *Snapshotter) recover(ctx context.Context) error {
+	var entries []storage.Entry
+	if err := s.db.View(ctx, func(tx *storage.Tx) (err error) {
+		entries, err = tx.Journal()
+		return err
+	}); err != nil {
+		return err
+	}
+	for _, e := range entries {
+		l := log.G(ctx).WithField("op", e.Op.String()).WithField("id", e.DeviceID).WithField("key", e.Key)
+		switch e.Op {
+		case storage.OpCreateSnap, storage.OpCreateThin:
+			// The caller never heard of success: undo it.
+			if err := s.pool.Deactivate(ctx, s.deviceName(e.DeviceID)); err != nil {
+				return err
+			}
+			s.poolMu.Lock()
+			err := ignoreNoData(s.pool.DeleteThin(e.DeviceID))
+			s.poolMu.Unlock()
+			if err != nil {
+				return err
+			}
+			if err := s.rollbackCreate(ctx, e, false); err != nil {
+				return err
+			}
+			l.Info("recovery: rolled back an interrupted create")
+		case storage.OpDelete:
+			if err := s.finishDelete(ctx, e); err != nil {
+				if dmsetup.IsBusy(err) {
+					l.WithError(err).Warn("recovery: device still open, removal stays pending")
+					continue
+				}
+				return err
+			}
+			l.Info("recovery: finished an interrupted removal")
+		default:
+			// An interrupted commit left the snapshot active: its
+			// caller saw a failure and may commit again.
+			if err := s.db.Update(ctx, func(tx *storage.Tx) error { return tx.FinishJournal(e.Seq) }); err != nil {
+				return err
+			}
+			l.Info("recovery: dropped an interrupted operation; the snapshot keeps its previous state")
+		}
+	}
+	if err := s.db.Update(ctx, func(tx *storage.Tx) error { return tx.SetTransactionID(s.txid) }); err != nil {
+		return err
+	}
+
+	var missing []storage.Snapshot
+	if err := s.db.View(ctx, func(tx *storage.Tx) error {
+		return tx.WalkSnapshots(func(snap storage.Snapshot) error {
+			if snap.State == storage.StateReady && snap.Kind != snapshots.KindCommitted {
+				missing = append(missing, snap)
+			}
+			return nil
+		})
+	}); err != nil {
+		return err
+	}
+	for _, snap := range missing {
+		name := s.deviceName(snap.DeviceID)
+		if _, err := s.pool.Info(name); err == nil {
+			continue
+		} else if !dmsetup.IsNotFound(err) {
+			return err
+		}
+		if err := s.pool.Activate(name, snap.DeviceID, snap.Size/512, snap.Kind == snapshots.KindView); err != nil {
+			return fmt.Errorf("reactivate %q: %w", snap.Key, err)
+		}
+		log.G(ctx).WithField("key", snap.Key).WithField("id", snap.DeviceID).Info("recovery: reactivated device")
+	}
+	return nil
+}

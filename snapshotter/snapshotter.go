@@ -1,0 +1,677 @@
+// Package snapshotter implements containerd's snapshots.Snapshotter on thin
+// devices of a device-mapper thin pool, with all state in one bbolt database
+// (package storage) and the kernel reached through package dmsetup.
+//
+// Every pool mutation follows one protocol: a write transaction records the
+// intent in the journal (and reserves ids and keys), the kernel work runs
+// with no transaction open, and a second transaction records the outcome and
+// clears the entry. Recovery at startup finishes or rolls back what a crash
+// interrupted.
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
+	"github.com/thin-snapshotter/thin-snapshotter/storage"
+)
+
+const (
+	dbFile  = "metadata.db"
+	poolDir = "pool"
+	// How often the worker retries removals that could not finish.
+	retryInterval = 10 * time.Second
+)
+
+// Snapshotter stores snapshots as thin devices.
+type Snapshotter struct {
+	cfg  Config
+	db   *storage.DB
+	pool Pool
+
+	// poolMu serializes pool metadata messages with the transaction id
+	// that follows each of them; txid is the pool's current one.
+	poolMu sync.Mutex
+	txid   uint64
+
+	keys keyLocks
+
+	// format makes the base filesystem; replaced in unit tests.
+	format func(ctx context.Context, dev string) error
+
+	// Removals in flight by journal sequence, so the worker and Remove
+	// never finish the same entry twice.
+	delMu    sync.Mutex
+	deleting map[uint64]bool
+
+	wake      chan struct{}
+	stop      context.CancelFunc
+	done      chan struct{}
+	closeOnce sync.Once
+	closeErr  error
+	closers   []func() error
+}
+
+var _ snapshots.Snapshotter = (*Snapshotter)(nil)
+var _ snapshots.Cleaner = (*Snapshotter)(nil)
+
+// New opens (or creates) the snapshotter state under cfg.Root, sets up or
+// checks the pool, recovers from an earlier crash and makes sure the base
+// device exists.
+func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
+		return nil, err
+	}
+	client, err := dmsetup.Open()
+	if err != nil {
+		return nil, fmt.Errorf("device-mapper: %w", err)
+	}
+	closers := []func() error{client.Close}
+	fail := func(err error) (*Snapshotter, error) {
+		for i := len(closers) - 1; i >= 0; i-- {
+			_ = closers[i]()
+		}
+		return nil, err
+	}
+
+	// The database first: it refuses a second daemon on the same root
+	// before that daemon touches the pool.
+	db, err := storage.Open(ctx, filepath.Join(cfg.Root, dbFile))
+	if err != nil {
+		return fail(err)
+	}
+	closers = append(closers, db.Close)
+
+	name := cfg.PoolName
+	if name == "" {
+		if name, err = LoopPoolName(cfg.Root); err != nil {
+			return fail(err)
+		}
+		lp, err := dmsetup.CreateLoopPool(ctx, client, dmsetup.LoopPoolConfig{
+			Dir:              filepath.Join(cfg.Root, poolDir),
+			Name:             name,
+			DataSize:         cfg.DataSize,
+			MetadataSize:     cfg.MetadataSize,
+			BlockSizeSectors: uint32(cfg.BlockSize / 512),
+		})
+		if err != nil {
+			return fail(fmt.Errorf("embedded pool: %w", err))
+		}
+		log.G(ctx).WithField("pool", name).WithField("reused", lp.Reused).Info("embedded pool ready")
+	}
+	pool, err := newDMPool(client, name)
+	if err != nil {
+		return fail(err)
+	}
+	s, err := newWithPool(ctx, cfg, db, pool, nil)
+	if err != nil {
+		return fail(err)
+	}
+	s.closers = closers
+	return s, nil
+}
+
+// newWithPool is New after the kernel side is open; unit tests call it with
+// a fake pool and a format function that needs no kernel (nil is mkfs).
+func newWithPool(ctx context.Context, cfg Config, db *storage.DB, pool Pool, format func(context.Context, string) error) (*Snapshotter, error) {
+	cfg.setDefaults()
+	s := &Snapshotter{
+		cfg:      cfg,
+		db:       db,
+		pool:     pool,
+		deleting: map[uint64]bool{},
+		wake:     make(chan struct{}, 1),
+		done:     make(chan struct{}),
+	}
+	s.format = format
+	if format == nil {
+		s.format = s.mkfs
+	}
+	if err := s.checkOwnership(ctx); err != nil {
+		return nil, err
+	}
+	if err := s.recover(ctx); err != nil {
+		return nil, fmt.Errorf("recovery: %w", err)
+	}
+	if err := s.ensureBase(ctx); err != nil {
+		return nil, fmt.Errorf("base device: %w", err)
+	}
+	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	s.stop = cancel
+	go s.worker(wctx)
+	return s, nil
+}
+
+// deviceName is the dm name of thin id: built from the pool and the id,
+// never from a snapshot key.
+func (s *Snapshotter) deviceName(id uint32) string {
+	return s.pool.Name() + "-snap-" + strconv.FormatUint(uint64(id), 10)
+}
+
+// Stat returns the info of a snapshot.
+func (s *Snapshotter) Stat(ctx context.Context, key string) (info snapshots.Info, err error) {
+	err = s.db.View(ctx, func(tx *storage.Tx) error {
+		info, err = tx.Stat(key)
+		return err
+	})
+	return info, err
+}
+
+// Update changes the labels of a snapshot.
+func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (out snapshots.Info, err error) {
+	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		out, err = tx.UpdateInfo(info, fieldpaths...)
+		return err
+	})
+	return out, err
+}
+
+// Walk calls fn for every snapshot matching one of the filters.
+func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, fs ...string) error {
+	// Collect first: fn may be slow (a gRPC stream) and must not hold a
+	// transaction open.
+	var infos []snapshots.Info
+	if err := s.db.View(ctx, func(tx *storage.Tx) error {
+		return tx.Walk(func(info snapshots.Info) error {
+			infos = append(infos, info)
+			return nil
+		}, fs...)
+	}); err != nil {
+		return err
+	}
+	for _, info := range infos {
+		if err := fn(ctx, info); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ready returns the record of key if clients may see it.
+func (s *Snapshotter) ready(ctx context.Context, key string) (snap storage.Snapshot, err error) {
+	err = s.db.View(ctx, func(tx *storage.Tx) error {
+		snap, err = tx.GetSnapshot(key)
+		return err
+	})
+	if err != nil {
+		return snap, err
+	}
+	if snap.State != storage.StateReady {
+		return snap, fmt.Errorf("snapshot %q is %s: %w", key, snap.State, errdefs.ErrNotFound)
+	}
+	return snap, nil
+}
+
+// Usage of an active snapshot is what its device maps now; of a committed
+// one, what was recorded at commit.
+func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, error) {
+	snap, err := s.ready(ctx, key)
+	if err != nil {
+		return snapshots.Usage{}, err
+	}
+	if snap.Kind == snapshots.KindCommitted {
+		return snap.Usage, nil
+	}
+	st, err := s.pool.ThinStatus(s.deviceName(snap.DeviceID))
+	if err != nil {
+		return snapshots.Usage{}, fmt.Errorf("usage of %q: %w", key, err)
+	}
+	return snapshots.Usage{Size: int64(st.MappedSectors * 512)}, nil
+}
+
+// Mounts returns the mount of an active snapshot or a view.
+func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
+	snap, err := s.ready(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	if snap.Kind == snapshots.KindCommitted {
+		return nil, fmt.Errorf("snapshot %q is committed and has no mounts: %w", key, errdefs.ErrFailedPrecondition)
+	}
+	return s.mounts(snap), nil
+}
+
+func (s *Snapshotter) mounts(snap storage.Snapshot) []mount.Mount {
+	var opts []string
+	if snap.Kind == snapshots.KindView {
+		opts = append(opts, "ro")
+	}
+	if snap.FSType == "xfs" {
+		// Every device is a snapshot of one base filesystem: same UUID.
+		opts = append(opts, "nouuid")
+	}
+	if s.cfg.Discard && snap.Kind != snapshots.KindView {
+		opts = append(opts, "discard")
+	}
+	opts = append(opts, s.cfg.MountOptions...)
+	return []mount.Mount{{
+		Type:    snap.FSType,
+		Source:  s.pool.DevicePath(s.deviceName(snap.DeviceID)),
+		Options: opts,
+	}}
+}
+
+// Prepare creates an active snapshot of parent (or of the empty base).
+func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return s.create(ctx, snapshots.KindActive, key, parent, opts)
+}
+
+// View creates a read-only snapshot of parent.
+func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return s.create(ctx, snapshots.KindView, key, parent, opts)
+}
+
+func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) ([]mount.Mount, error) {
+	var base snapshots.Info
+	for _, o := range opts {
+		if err := o(&base); err != nil {
+			return nil, err
+		}
+	}
+	unlock := s.keys.lock(key)
+	defer unlock()
+
+	var (
+		snap  storage.Snapshot
+		entry storage.Entry
+	)
+	s.poolMu.Lock()
+	next := s.txid + 1
+	err := s.db.Update(ctx, func(tx *storage.Tx) error {
+		pi, err := tx.PoolInfo()
+		if err != nil {
+			return err
+		}
+		origin, size, fsType := pi.BaseDeviceID, pi.BaseSize, pi.BaseFSType
+		if parent != "" {
+			p, err := tx.GetSnapshot(parent)
+			if err != nil {
+				return fmt.Errorf("parent %q: %w", parent, err)
+			}
+			origin, size, fsType = p.DeviceID, p.Size, p.FSType
+		}
+		id, err := tx.AllocateID()
+		if err != nil {
+			return err
+		}
+		snap, err = tx.CreateSnapshot(storage.Snapshot{
+			Key: key, Kind: kind, Parent: parent, Labels: base.Labels,
+			State: storage.StateCreating, DeviceID: id, Size: size, FSType: fsType,
+		})
+		if err != nil {
+			return err
+		}
+		entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key, TxID: next}
+		entry.Seq, err = tx.AddJournal(entry)
+		return err
+	})
+	if err != nil {
+		s.poolMu.Unlock()
+		return nil, err
+	}
+	err = s.snapLocked(entry.DeviceID, entry.OriginID)
+	txSet := false
+	if err == nil {
+		if err = s.pool.SetTransactionID(s.txid, next); err == nil {
+			s.txid, txSet = next, true
+		} else {
+			// The device exists but the step is not recorded in the pool:
+			// take it out again so pool and journal agree.
+			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
+		}
+	}
+	s.poolMu.Unlock()
+
+	if err == nil {
+		err = s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, snap.Size/512, kind == snapshots.KindView)
+		if err != nil {
+			s.poolMu.Lock()
+			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
+			s.poolMu.Unlock()
+		}
+	}
+	if err != nil {
+		if rerr := s.rollbackCreate(ctx, entry, txSet); rerr != nil {
+			// The journal keeps the entry; recovery finishes it.
+			log.G(ctx).WithError(rerr).WithField("key", key).Error("rolling back a failed prepare")
+		}
+		return nil, fmt.Errorf("create thin device for %q: %w", key, err)
+	}
+	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		if _, err := tx.SetState(key, storage.StateReady); err != nil {
+			return err
+		}
+		if err := s.raiseTxID(tx, next); err != nil {
+			return err
+		}
+		return tx.FinishJournal(entry.Seq)
+	})
+	if err != nil {
+		return nil, err
+	}
+	snap.State = storage.StateReady
+	return s.mounts(snap), nil
+}
+
+// snapLocked snapshots origin into id; an active origin is suspended around
+// it so its in-flight writes land in the snapshot. Called with poolMu held.
+func (s *Snapshotter) snapLocked(id, origin uint32) error {
+	name := s.deviceName(origin)
+	info, err := s.pool.Info(name)
+	active := err == nil && info.LiveTable && !info.Suspended
+	if active {
+		if err := s.pool.Suspend(name); err != nil {
+			return err
+		}
+	}
+	err = s.pool.CreateSnap(id, origin)
+	if active {
+		err = errors.Join(err, s.pool.Resume(name))
+	}
+	return err
+}
+
+// rollbackCreate undoes the records of a failed create after its device was
+// deleted (or never made).
+func (s *Snapshotter) rollbackCreate(ctx context.Context, e storage.Entry, txSet bool) error {
+	return s.db.Update(ctx, func(tx *storage.Tx) error {
+		if e.Key != "" { // the base device has no record
+			if snap, err := tx.GetSnapshot(e.Key); err == nil && snap.DeviceID == e.DeviceID && snap.State == storage.StateCreating {
+				if _, err := tx.RemoveSnapshot(e.Key); err != nil {
+					return err
+				}
+			} else if err != nil && !errdefs.IsNotFound(err) {
+				return err
+			}
+		}
+		if err := tx.ReleaseID(e.DeviceID); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+		if txSet {
+			if err := s.raiseTxID(tx, e.TxID); err != nil {
+				return err
+			}
+		}
+		return tx.FinishJournal(e.Seq)
+	})
+}
+
+// raiseTxID records the pool's transaction id; operations finish out of
+// order, so it only moves forward.
+func (s *Snapshotter) raiseTxID(tx *storage.Tx, id uint64) error {
+	cur, err := tx.TransactionID()
+	if err != nil || cur >= id {
+		return err
+	}
+	return tx.SetTransactionID(id)
+}
+
+// Commit turns active snapshot key into committed snapshot name: its device
+// is deactivated and kept as the layer.
+func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	unlock := s.keys.lock(key)
+	defer unlock()
+
+	var (
+		snap storage.Snapshot
+		seq  uint64
+	)
+	err := s.db.Update(ctx, func(tx *storage.Tx) error {
+		var err error
+		if snap, err = tx.GetSnapshot(key); err != nil {
+			return err
+		}
+		if snap.State != storage.StateReady {
+			return fmt.Errorf("snapshot %q is %s: %w", key, snap.State, errdefs.ErrNotFound)
+		}
+		if snap.Kind != snapshots.KindActive {
+			return fmt.Errorf("snapshot %q is %s, only active snapshots can be committed: %w", key, snap.Kind, errdefs.ErrFailedPrecondition)
+		}
+		if _, err := tx.GetSnapshot(name); err == nil {
+			return fmt.Errorf("snapshot %q: %w", name, errdefs.ErrAlreadyExists)
+		} else if !errdefs.IsNotFound(err) {
+			return err
+		}
+		seq, err = tx.AddJournal(storage.Entry{Op: storage.OpCommit, DeviceID: snap.DeviceID, Key: key, Name: name})
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	dev := s.deviceName(snap.DeviceID)
+	var usage snapshots.Usage
+	st, err := s.pool.ThinStatus(dev)
+	if err == nil {
+		usage.Size = int64(st.MappedSectors * 512)
+		err = s.pool.Deactivate(ctx, dev)
+	}
+	if err != nil {
+		if dmsetup.IsBusy(err) {
+			err = fmt.Errorf("device of %q is still open (mounted?): %w: %w", key, err, errdefs.ErrFailedPrecondition)
+		}
+		// Nothing changed: the snapshot stays active.
+		return errors.Join(err, s.db.Update(ctx, func(tx *storage.Tx) error { return tx.FinishJournal(seq) }))
+	}
+	return s.db.Update(ctx, func(tx *storage.Tx) error {
+		if _, err := tx.CommitActive(key, name, usage, opts...); err != nil {
+			return err
+		}
+		return tx.FinishJournal(seq)
+	})
+}
+
+// Remove deletes a snapshot. The record goes at once; the device is deleted
+// now, or by the worker and Cleanup when async_remove is set or the device
+// is briefly busy.
+func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	unlock := s.keys.lock(key)
+	defer unlock()
+
+	snap, err := s.ready(ctx, key)
+	if err != nil {
+		return err
+	}
+	if snap.Kind != snapshots.KindCommitted {
+		// A mounted snapshot is containerd's to unmount first; refusing
+		// now keeps the record instead of leaving a busy device behind.
+		if info, err := s.pool.Info(s.deviceName(snap.DeviceID)); err == nil && info.OpenCount > 0 {
+			return fmt.Errorf("snapshot %q: device %s is open (mounted?): %w", key, s.deviceName(snap.DeviceID), errdefs.ErrFailedPrecondition)
+		}
+	}
+	var entry storage.Entry
+	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		removed, err := tx.RemoveSnapshot(key)
+		if err != nil {
+			return err
+		}
+		entry = storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: key}
+		entry.Seq, err = tx.AddJournal(entry)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if s.cfg.AsyncRemove {
+		s.kick()
+		return nil
+	}
+	if err := s.finishDelete(ctx, entry); err != nil {
+		// The removal is journaled: the worker retries it.
+		log.G(ctx).WithError(err).WithField("key", key).Warn("device deletion deferred")
+		s.kick()
+	}
+	return nil
+}
+
+// finishDelete deactivates and deletes the device of a journaled removal and
+// frees its id.
+func (s *Snapshotter) finishDelete(ctx context.Context, e storage.Entry) error {
+	s.delMu.Lock()
+	if s.deleting[e.Seq] {
+		s.delMu.Unlock()
+		return fmt.Errorf("removal of device %d already in progress: %w", e.DeviceID, errdefs.ErrUnavailable)
+	}
+	s.deleting[e.Seq] = true
+	s.delMu.Unlock()
+	defer func() {
+		s.delMu.Lock()
+		delete(s.deleting, e.Seq)
+		s.delMu.Unlock()
+	}()
+
+	if err := s.pool.Deactivate(ctx, s.deviceName(e.DeviceID)); err != nil {
+		return err
+	}
+	s.poolMu.Lock()
+	next := s.txid + 1
+	err := ignoreNoData(s.pool.DeleteThin(e.DeviceID))
+	if err == nil {
+		if err = s.pool.SetTransactionID(s.txid, next); err == nil {
+			s.txid = next
+		}
+	}
+	s.poolMu.Unlock()
+	if err != nil {
+		return err
+	}
+	return s.db.Update(ctx, func(tx *storage.Tx) error {
+		if err := tx.ReleaseID(e.DeviceID); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+		if err := s.raiseTxID(tx, next); err != nil {
+			return err
+		}
+		return tx.FinishJournal(e.Seq)
+	})
+}
+
+// Cleanup finishes every pending removal now.
+func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	return s.finishRemovals(ctx)
+}
+
+func (s *Snapshotter) finishRemovals(ctx context.Context) error {
+	var pending []storage.Entry
+	if err := s.db.View(ctx, func(tx *storage.Tx) error {
+		entries, err := tx.Journal()
+		for _, e := range entries {
+			if e.Op == storage.OpDelete {
+				pending = append(pending, e)
+			}
+		}
+		return err
+	}); err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range pending {
+		if err := s.finishDelete(ctx, e); err != nil && !errdefs.IsUnavailable(err) {
+			errs = append(errs, fmt.Errorf("device %d of removed %q: %w", e.DeviceID, e.Key, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Snapshotter) kick() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// worker finishes removals in the background: at once when kicked, and
+// periodically for those that failed (a device still open).
+func (s *Snapshotter) worker(ctx context.Context) {
+	defer close(s.done)
+	t := time.NewTicker(retryInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.wake:
+		case <-t.C:
+		}
+		if err := s.finishRemovals(ctx); err != nil && ctx.Err() == nil {
+			log.G(ctx).WithError(err).Warn("pending removals not finished; will retry")
+		}
+	}
+}
+
+// Close stops the worker and closes the database; devices stay as they are.
+func (s *Snapshotter) Close() error {
+	s.closeOnce.Do(func() {
+		if s.stop != nil {
+			s.stop()
+			<-s.done
+		}
+		var errs []error
+		if s.closers == nil {
+			errs = append(errs, s.db.Close())
+		}
+		for i := len(s.closers) - 1; i >= 0; i-- {
+			errs = append(errs, s.closers[i]())
+		}
+		s.closeErr = errors.Join(errs...)
+	})
+	return s.closeErr
+}
+
+// ignoreNoData treats deleting a thin id the pool does not have as done.
+func ignoreNoData(err error) error {
+	if err != nil && dmsetup.IsNotFound(err) {
+		return nil
+	}
+	return err
+}
+
+// keyLocks serializes calls on one key while calls on other keys run in
+// parallel.
+type keyLocks struct {
+	mu    sync.Mutex
+	locks map[string]*keyLock
+}
+
+type keyLock struct {
+	mu   sync.Mutex
+	refs int
+}
+
+func (k *keyLocks) lock(key string) func() {
+	k.mu.Lock()
+	if k.locks == nil {
+		k.locks = map[string]*keyLock{}
+	}
+	l := k.locks[key]
+	if l == nil {
+		l = &keyLock{}
+		k.locks[key] = l
+	}
+	l.refs++
+	k.mu.Unlock()
+	l.mu.Lock()
+	return func() {
+		l.mu.Unlock()
+		k.mu.Lock()
+		if l.refs--; l.refs == 0 {
+			delete(k.locks, key)
+		}
+		k.mu.Unlock()
+	}
+}

@@ -1,0 +1,535 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+
+	"github.com/thin-snapshotter/thin-snapshotter/storage"
+)
+
+// newFake opens a snapshotter on a fake pool; reopen with the same root and
+// pool to test restarts.
+func newFake(t *testing.T, root string, pool *fakePool, mod ...func(*Config)) (*Snapshotter, error) {
+	t.Helper()
+	ctx := context.Background()
+	cfg := Config{Root: root, BaseSize: 64 << 20}
+	for _, m := range mod {
+		m(&cfg)
+	}
+	db, err := storage.Open(ctx, filepath.Join(root, dbFile), storage.WithNoSync())
+	if err != nil {
+		return nil, err
+	}
+	s, err := newWithPool(ctx, cfg, db, pool, func(context.Context, string) error { return nil })
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func mustNew(t *testing.T, root string, pool *fakePool, mod ...func(*Config)) *Snapshotter {
+	t.Helper()
+	s, err := newFake(t, root, pool, mod...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// checkConsistent asserts the invariants that must hold whenever no call is
+// in flight: the journal is empty, the pool holds exactly the base and the
+// recorded devices, non-committed snapshots are active (views read-only),
+// committed ones are not, and the recorded transaction id is the pool's.
+func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
+	t.Helper()
+	ctx := context.Background()
+	var (
+		want    = map[uint32]bool{}
+		active  = map[uint32]bool{}
+		entries []storage.Entry
+		dbTx    uint64
+	)
+	err := s.db.View(ctx, func(tx *storage.Tx) error {
+		pi, err := tx.PoolInfo()
+		if err != nil {
+			return err
+		}
+		want[pi.BaseDeviceID] = true
+		if entries, err = tx.Journal(); err != nil {
+			return err
+		}
+		if dbTx, err = tx.TransactionID(); err != nil {
+			return err
+		}
+		return tx.WalkSnapshots(func(sn storage.Snapshot) error {
+			if sn.State != storage.StateReady {
+				return fmt.Errorf("record %q left in state %s", sn.Key, sn.State)
+			}
+			if want[sn.DeviceID] {
+				return fmt.Errorf("device %d recorded twice", sn.DeviceID)
+			}
+			want[sn.DeviceID] = true
+			if sn.Kind != snapshots.KindCommitted {
+				active[sn.DeviceID] = sn.Kind == snapshots.KindView
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 0 {
+		t.Errorf("journal not empty: %v", entries)
+	}
+	var wantIDs []uint32
+	for id := range want {
+		wantIDs = append(wantIDs, id)
+	}
+	sort.Slice(wantIDs, func(i, j int) bool { return wantIDs[i] < wantIDs[j] })
+	if got := pool.ids(); !slices.Equal(got, wantIDs) {
+		t.Errorf("pool thin ids %v, records (and base) %v", got, wantIDs)
+	}
+	if got := pool.active(); fmt.Sprint(got) != fmt.Sprint(active) {
+		t.Errorf("active devices %v, want %v", got, active)
+	}
+	if dbTx != pool.txid {
+		t.Errorf("database transaction id %d, pool %d", dbTx, pool.txid)
+	}
+}
+
+func TestLifecycle(t *testing.T) {
+	for _, fs := range []string{"ext4", "xfs"} {
+		t.Run(fs, func(t *testing.T) {
+			ctx := context.Background()
+			pool := newFakePool("tp")
+			s := mustNew(t, t.TempDir(), pool, func(c *Config) {
+				c.FSType = fs
+				c.MountOptions = []string{"noatime"}
+			})
+			checkConsistent(t, s, pool)
+
+			m, err := s.Prepare(ctx, "a", "", snapshots.WithLabels(map[string]string{"l": "1"}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(m) != 1 || m[0].Type != fs || !strings.HasPrefix(m[0].Source, "/dev/mapper/tp-snap-") {
+				t.Fatalf("mounts %+v", m)
+			}
+			wantOpts := []string{"noatime"}
+			if fs == "xfs" {
+				wantOpts = []string{"nouuid", "noatime"}
+			}
+			if !slices.Equal(m[0].Options, wantOpts) {
+				t.Errorf("options %v, want %v", m[0].Options, wantOpts)
+			}
+			if strings.Contains(m[0].Source, "a") && !strings.HasPrefix(m[0].Source, "/dev/mapper/tp-snap-") {
+				t.Errorf("device name built from the key: %s", m[0].Source)
+			}
+			pool.write(strings.TrimPrefix(m[0].Source, "/dev/mapper/"), 16)
+			u, err := s.Usage(ctx, "a")
+			if err != nil || u.Size != 16*512 {
+				t.Fatalf("usage of active = %+v, %v", u, err)
+			}
+			checkConsistent(t, s, pool)
+
+			if err := s.Commit(ctx, "c", "a"); err != nil {
+				t.Fatal(err)
+			}
+			if u, err := s.Usage(ctx, "c"); err != nil || u.Size != 16*512 {
+				t.Fatalf("usage of committed = %+v, %v", u, err)
+			}
+			if _, err := s.Mounts(ctx, "c"); !errdefs.IsFailedPrecondition(err) {
+				t.Errorf("Mounts(committed) = %v, want FailedPrecondition", err)
+			}
+			if _, err := s.Mounts(ctx, "a"); !errdefs.IsNotFound(err) {
+				t.Errorf("Mounts(committed-away key) = %v, want NotFound", err)
+			}
+			if _, err := s.Mounts(ctx, "nope"); !errdefs.IsNotFound(err) {
+				t.Errorf("Mounts(unknown) = %v, want NotFound", err)
+			}
+			checkConsistent(t, s, pool)
+
+			v, err := s.View(ctx, "v", "c")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if v[0].Options[0] != "ro" {
+				t.Errorf("view options %v lack ro", v[0].Options)
+			}
+			if _, err := s.Prepare(ctx, "b", "c"); err != nil {
+				t.Fatal(err)
+			}
+			checkConsistent(t, s, pool)
+
+			if err := s.Remove(ctx, "c"); !errdefs.IsFailedPrecondition(err) {
+				t.Errorf("Remove(parent) = %v, want FailedPrecondition", err)
+			}
+			for _, k := range []string{"v", "b", "c"} {
+				if err := s.Remove(ctx, k); err != nil {
+					t.Fatalf("Remove(%s): %v", k, err)
+				}
+			}
+			checkConsistent(t, s, pool)
+			if got := len(pool.ids()); got != 1 {
+				t.Errorf("pool holds %d devices after removing everything, want the base only", got)
+			}
+		})
+	}
+}
+
+func TestErrors(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.View(ctx, "v", ""); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		call func() error
+		is   func(error) bool
+	}{
+		{"prepare existing", func() error { _, err := s.Prepare(ctx, "a", ""); return err }, errdefs.IsAlreadyExists},
+		{"prepare missing parent", func() error { _, err := s.Prepare(ctx, "x", "nope"); return err }, errdefs.IsNotFound},
+		{"prepare on active parent", func() error { _, err := s.Prepare(ctx, "x", "a"); return err }, errdefs.IsInvalidArgument},
+		{"commit view", func() error { return s.Commit(ctx, "c", "v") }, errdefs.IsFailedPrecondition},
+		{"commit unknown", func() error { return s.Commit(ctx, "c", "nope") }, errdefs.IsNotFound},
+		{"commit onto existing name", func() error { return s.Commit(ctx, "v", "a") }, errdefs.IsAlreadyExists},
+		{"remove unknown", func() error { return s.Remove(ctx, "nope") }, errdefs.IsNotFound},
+		{"stat unknown", func() error { _, err := s.Stat(ctx, "nope"); return err }, errdefs.IsNotFound},
+		{"usage unknown", func() error { _, err := s.Usage(ctx, "nope"); return err }, errdefs.IsNotFound},
+		{"update kind", func() error {
+			_, err := s.Update(ctx, snapshots.Info{Name: "a", Kind: snapshots.KindView}, "kind")
+			return err
+		}, errdefs.IsInvalidArgument},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := tc.call(); !tc.is(err) {
+				t.Errorf("got %v", err)
+			}
+		})
+	}
+	checkConsistent(t, s, pool)
+}
+
+func TestRemoveBusy(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	m, err := s.Prepare(ctx, "a", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := strings.TrimPrefix(m[0].Source, "/dev/mapper/")
+	pool.setOpen(dev, 1)
+	if err := s.Remove(ctx, "a"); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("Remove(mounted) = %v, want FailedPrecondition", err)
+	}
+	if err := s.Commit(ctx, "c", "a"); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("Commit(mounted) = %v, want FailedPrecondition", err)
+	}
+	if _, err := s.Stat(ctx, "a"); err != nil {
+		t.Fatalf("record lost after refused remove: %v", err)
+	}
+	checkConsistent(t, s, pool)
+	pool.setOpen(dev, 0)
+	if err := s.Remove(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	checkConsistent(t, s, pool)
+}
+
+func TestAsyncRemove(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool, func(c *Config) { c.AsyncRemove = true })
+	// Stop the worker so only Cleanup can finish the removal.
+	s.stop()
+	<-s.done
+	s.stop = nil
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Stat(ctx, "a"); !errdefs.IsNotFound(err) {
+		t.Fatalf("Stat after async remove = %v", err)
+	}
+	if n := len(pool.ids()); n != 2 {
+		t.Fatalf("pool holds %d devices before Cleanup, want 2", n)
+	}
+	// The key is free at once.
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	checkConsistent(t, s, pool)
+}
+
+// TestInjectedFailures fails every pool step of every call once and checks
+// that the call reports an error and leaves records and pool consistent.
+func TestInjectedFailures(t *testing.T) {
+	ctx := context.Background()
+	calls := []struct {
+		name string
+		run  func(s *Snapshotter) error
+	}{
+		{"prepare", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", "c"); return err }},
+		{"view", func(s *Snapshotter) error { _, err := s.View(ctx, "new", "c"); return err }},
+		{"commit", func(s *Snapshotter) error { return s.Commit(ctx, "new", "a") }},
+	}
+	injected := 0
+	for _, call := range calls {
+		for step := 0; ; step++ {
+			pool := newFakePool("tp")
+			s := mustNew(t, t.TempDir(), pool)
+			if _, err := s.Prepare(ctx, "p", ""); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Commit(ctx, "c", "p"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.Prepare(ctx, "a", "c"); err != nil {
+				t.Fatal(err)
+			}
+			n := 0
+			boom := errors.New("injected")
+			pool.hook = func(op string) error {
+				n++
+				if n == step+1 {
+					return boom
+				}
+				return nil
+			}
+			err := call.run(s)
+			pool.hook = nil
+			if n <= step {
+				break // every step has failed once
+			}
+			injected++
+			if err == nil {
+				t.Errorf("%s with step %d failing: no error", call.name, step)
+			}
+			checkConsistent(t, s, pool)
+			s.Close()
+		}
+	}
+	if injected < 6 {
+		t.Fatalf("only %d failure points exercised", injected)
+	}
+	t.Logf("%d injected failures", injected)
+}
+
+// crash is what a fake pool step panics with to stop a call where it is.
+type crash struct{}
+
+// TestCrashRecovery stops every call after each of its pool steps, as a
+// kill -9 would, reopens, and checks that recovery restores the invariants.
+func TestCrashRecovery(t *testing.T) {
+	ctx := context.Background()
+	calls := []struct {
+		name string
+		run  func(s *Snapshotter) error
+	}{
+		{"prepare", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", "c"); return err }},
+		{"prepare-base", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", ""); return err }},
+		{"view", func(s *Snapshotter) error { _, err := s.View(ctx, "new", "c"); return err }},
+		{"commit", func(s *Snapshotter) error { return s.Commit(ctx, "new", "a") }},
+		{"remove", func(s *Snapshotter) error { return s.Remove(ctx, "a") }},
+		{"remove-committed", func(s *Snapshotter) error {
+			if err := s.Remove(ctx, "a"); err != nil {
+				return err
+			}
+			return s.Remove(ctx, "c")
+		}},
+	}
+	points := 0
+	for _, call := range calls {
+		for step := 0; ; step++ {
+			root := t.TempDir()
+			pool := newFakePool("tp")
+			s, err := newFake(t, root, pool)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.stop() // no background removals racing the crash
+			<-s.done
+			s.stop = nil
+			if _, err := s.Prepare(ctx, "p", ""); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Commit(ctx, "c", "p"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.Prepare(ctx, "a", "c"); err != nil {
+				t.Fatal(err)
+			}
+			n := 0
+			pool.hook = func(op string) error {
+				n++
+				if n == step+1 {
+					panic(crash{})
+				}
+				return nil
+			}
+			crashed := func() (crashed bool) {
+				defer func() {
+					if r := recover(); r != nil {
+						if _, ok := r.(crash); !ok {
+							panic(r)
+						}
+						crashed = true
+					}
+				}()
+				_ = call.run(s)
+				return false
+			}()
+			pool.hook = nil
+			// Abandon the process state: only the database file and the
+			// pool survive.
+			s.db.Close()
+			if !crashed {
+				break
+			}
+			points++
+			s2, err := newFake(t, root, pool)
+			if err != nil {
+				t.Fatalf("%s crash after step %d: reopen: %v", call.name, step, err)
+			}
+			checkConsistent(t, s2, pool)
+			// And it still works.
+			if _, err := s2.Prepare(ctx, "after", ""); err != nil {
+				t.Fatalf("%s crash after step %d: prepare after recovery: %v", call.name, step, err)
+			}
+			checkConsistent(t, s2, pool)
+			s2.Close()
+		}
+	}
+	if points < 10 {
+		t.Fatalf("only %d crash points exercised", points)
+	}
+	t.Logf("%d crash points recovered", points)
+}
+
+// TestReactivateAfterReboot removes every dm device behind the
+// snapshotter's back, as a reboot does, and expects them back on restart.
+func TestReactivateAfterReboot(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	pool := newFakePool("tp")
+	s, err := newFake(t, root, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Prepare(ctx, "p", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(ctx, "c", "p"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Prepare(ctx, "a", "c"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.View(ctx, "v", "c"); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	pool.devices = map[string]*fakeDev{}
+	s2 := mustNew(t, root, pool)
+	checkConsistent(t, s2, pool)
+}
+
+func TestOwnership(t *testing.T) {
+	root := t.TempDir()
+	pool := newFakePool("tp")
+	pool.txid = 7 // used before, by someone else
+	if _, err := newFake(t, root, pool); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "transaction id is 7") {
+		t.Fatalf("foreign pool accepted: %v", err)
+	}
+	s, err := newFake(t, root, pool, func(c *Config) { c.AllowAdopt = true })
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkConsistent(t, s, pool)
+	s.Close()
+
+	// A re-created pool (transaction id back to 0) is refused too.
+	fresh := newFakePool("tp")
+	if _, err := newFake(t, root, fresh); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("re-created pool accepted: %v", err)
+	}
+	// Another pool name.
+	other := newFakePool("other")
+	other.txid = pool.txid
+	if _, err := newFake(t, root, other); !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "belongs to pool tp") {
+		t.Fatalf("other pool accepted: %v", err)
+	}
+	// The right one reopens.
+	s = mustNew(t, root, pool)
+	checkConsistent(t, s, pool)
+}
+
+func TestParallel(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	if _, err := s.Prepare(ctx, "p", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(ctx, "c", "p"); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 64)
+	for i := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			k := fmt.Sprintf("k%d", i)
+			for j := range 10 {
+				if _, err := s.Prepare(ctx, k, "c"); err != nil {
+					errs <- err
+					return
+				}
+				name := fmt.Sprintf("%s-%d", k, j)
+				if err := s.Commit(ctx, name, k); err != nil {
+					errs <- err
+					return
+				}
+				if j%2 == 0 {
+					if err := s.Remove(ctx, name); err != nil {
+						errs <- err
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	checkConsistent(t, s, pool)
+}

@@ -1,0 +1,128 @@
+package storage
+
+import (
+	"encoding/binary"
+	"fmt"
+	"time"
+
+	"github.com/containerd/errdefs"
+)
+
+// Op names a pool operation recorded in the journal. Values are stored as
+// one byte; unknown values read back unchanged so newer ops survive an
+// older reader.
+type Op uint8
+
+const (
+	OpCreateThin Op = iota + 1 // create thin device DeviceID of Size bytes
+	OpCreateSnap               // snapshot OriginID into DeviceID
+	OpDelete                   // delete thin device DeviceID
+	OpActivate                 // activate DeviceID (create its dm device)
+	OpDeactivate               // remove DeviceID's dm device
+	OpCommit                   // commit active Key as Name on DeviceID
+	OpMkfs                     // make a filesystem on DeviceID
+)
+
+var opNames = map[Op]string{
+	OpCreateThin: "create_thin",
+	OpCreateSnap: "create_snap",
+	OpDelete:     "delete",
+	OpActivate:   "activate",
+	OpDeactivate: "deactivate",
+	OpCommit:     "commit",
+	OpMkfs:       "mkfs",
+}
+
+func (o Op) String() string {
+	if n, ok := opNames[o]; ok {
+		return n
+	}
+	return fmt.Sprintf("op(%d)", uint8(o))
+}
+
+// Entry is one intent in the pool journal: written before the pool is
+// touched, in the same transaction as the record changes, and removed by
+// FinishJournal when the operation has finished or been rolled back.
+type Entry struct {
+	Seq      uint64 // assigned by AddJournal, increasing
+	Op       Op
+	DeviceID uint32
+	OriginID uint32 // source device of OpCreateSnap
+	Key      string // snapshot key concerned
+	Name     string // second key, e.g. the committed name of OpCommit
+	TxID     uint64 // pool transaction id the operation will set
+	Size     uint64 // bytes, e.g. of OpCreateThin
+	Created  time.Time
+	Data     []byte // free for the snapshotter
+}
+
+func (e Entry) String() string {
+	return fmt.Sprintf("#%d %s id=%d origin=%d key=%q name=%q txid=%d", e.Seq, e.Op, e.DeviceID, e.OriginID, e.Key, e.Name, e.TxID)
+}
+
+// AddJournal appends e (Seq is ignored, Created defaults to now) and
+// returns its sequence number.
+func (tx *Tx) AddJournal(e Entry) (uint64, error) {
+	if err := tx.checkWritable(); err != nil {
+		return 0, err
+	}
+	if e.Op == 0 {
+		return 0, fmt.Errorf("journal entry without op: %w", errdefs.ErrInvalidArgument)
+	}
+	if e.DeviceID > MaxDeviceID || e.OriginID > MaxDeviceID {
+		return 0, fmt.Errorf("journal entry device id out of range: %w", errdefs.ErrInvalidArgument)
+	}
+	seq, err := tx.journal.NextSequence()
+	if err != nil {
+		return 0, fmt.Errorf("journal sequence: %w", err)
+	}
+	e.Seq = seq
+	if e.Created.IsZero() {
+		e.Created = tx.now().UTC()
+	}
+	if err := tx.journal.Put(u64Key(seq), encodeEntry(&e)); err != nil {
+		return 0, fmt.Errorf("write journal entry %d: %w", seq, err)
+	}
+	return seq, nil
+}
+
+// Journal returns the pending entries, oldest first.
+func (tx *Tx) Journal() ([]Entry, error) {
+	var out []Entry
+	c := tx.journal.Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		if len(k) != 8 {
+			return nil, fmt.Errorf("%w: journal key has %d bytes: %w", errCorrupt, len(k), errdefs.ErrDataLoss)
+		}
+		e, err := decodeEntry(binary.BigEndian.Uint64(k), v)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, e)
+	}
+	return out, nil
+}
+
+// GetJournal returns the pending entry seq, or NotFound.
+func (tx *Tx) GetJournal(seq uint64) (Entry, error) {
+	v := tx.journal.Get(u64Key(seq))
+	if v == nil {
+		return Entry{}, fmt.Errorf("journal entry %d: %w", seq, errdefs.ErrNotFound)
+	}
+	return decodeEntry(seq, v)
+}
+
+// FinishJournal removes the entry seq; NotFound if it is not pending.
+func (tx *Tx) FinishJournal(seq uint64) error {
+	if err := tx.checkWritable(); err != nil {
+		return err
+	}
+	k := u64Key(seq)
+	if tx.journal.Get(k) == nil {
+		return fmt.Errorf("journal entry %d: %w", seq, errdefs.ErrNotFound)
+	}
+	if err := tx.journal.Delete(k); err != nil {
+		return fmt.Errorf("finish journal entry %d: %w", seq, err)
+	}
+	return nil
+}

@@ -1,0 +1,203 @@
+package storage
+
+import (
+	"bytes"
+	"context"
+	"slices"
+	"testing"
+	"time"
+)
+
+func journalSeqs(t *testing.T, db *DB) []uint64 {
+	t.Helper()
+	var seqs []uint64
+	view(t, db, func(tx *Tx) error {
+		entries, err := tx.Journal()
+		for _, e := range entries {
+			seqs = append(seqs, e.Seq)
+		}
+		return err
+	})
+	return seqs
+}
+
+func TestJournal(t *testing.T) {
+	clock := newTestClock()
+	db, path := openTestDB(t, withClock(clock.now))
+	given := time.Date(2020, 5, 6, 7, 8, 9, 10, time.UTC)
+	in := []Entry{
+		{Op: OpCreateSnap, DeviceID: 5, OriginID: 2, Key: "k", TxID: 11, Size: 1 << 30},
+		{Op: OpCommit, DeviceID: 5, Key: "k", Name: "n", TxID: 12, Created: given},
+		{Op: OpDelete, DeviceID: MaxDeviceID, Data: []byte{0, 1, 2}},
+	}
+	var seqs []uint64
+	update(t, db, func(tx *Tx) error {
+		for _, e := range in {
+			e.Seq = 999 // ignored
+			seq, err := tx.AddJournal(e)
+			if err != nil {
+				return err
+			}
+			seqs = append(seqs, seq)
+		}
+		return nil
+	})
+	if !slices.IsSorted(seqs) || seqs[0] == 0 || seqs[0] == seqs[1] {
+		t.Fatalf("seqs %v", seqs)
+	}
+	view(t, db, func(tx *Tx) error {
+		got, err := tx.Journal()
+		if err != nil {
+			return err
+		}
+		if len(got) != len(in) {
+			t.Fatalf("journal %v", got)
+		}
+		for i, e := range got {
+			want := in[i]
+			if e.Seq != seqs[i] || e.Op != want.Op || e.DeviceID != want.DeviceID || e.OriginID != want.OriginID ||
+				e.Key != want.Key || e.Name != want.Name || e.TxID != want.TxID || e.Size != want.Size || !bytes.Equal(e.Data, want.Data) {
+				t.Errorf("entry %d = %v, want %v", i, e, want)
+			}
+			if e.Created.IsZero() || (!want.Created.IsZero() && !e.Created.Equal(want.Created)) {
+				t.Errorf("entry %d created %v", i, e.Created)
+			}
+		}
+		one, err := tx.GetJournal(seqs[1])
+		if err != nil || one.Name != "n" {
+			t.Errorf("GetJournal = %v, %v", one, err)
+		}
+		if _, err := tx.GetJournal(12345); errKind(err) != "notfound" {
+			t.Errorf("GetJournal(missing) = %v", err)
+		}
+		return nil
+	})
+	update(t, db, func(tx *Tx) error { return tx.FinishJournal(seqs[1]) })
+	if got := journalSeqs(t, db); !slices.Equal(got, []uint64{seqs[0], seqs[2]}) {
+		t.Errorf("after finish: %v", got)
+	}
+	err := db.Update(context.Background(), func(tx *Tx) error { return tx.FinishJournal(seqs[1]) })
+	if errKind(err) != "notfound" {
+		t.Errorf("finish twice: %v", err)
+	}
+	// Sequence numbers keep growing across reopen and emptying.
+	db.Close()
+	db, err = Open(context.Background(), path, WithNoSync())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if got := journalSeqs(t, db); !slices.Equal(got, []uint64{seqs[0], seqs[2]}) {
+		t.Errorf("after reopen: %v", got)
+	}
+	update(t, db, func(tx *Tx) error {
+		if err := tx.FinishJournal(seqs[0]); err != nil {
+			return err
+		}
+		if err := tx.FinishJournal(seqs[2]); err != nil {
+			return err
+		}
+		seq, err := tx.AddJournal(Entry{Op: OpActivate, DeviceID: 1})
+		if seq <= seqs[2] {
+			t.Errorf("new seq %d after %v", seq, seqs)
+		}
+		return err
+	})
+}
+
+func TestJournalInvalid(t *testing.T) {
+	db, _ := openTestDB(t)
+	for _, e := range []Entry{
+		{},
+		{Op: OpDelete, DeviceID: MaxDeviceID + 1},
+		{Op: OpCreateSnap, DeviceID: 1, OriginID: MaxDeviceID + 1},
+	} {
+		err := db.Update(context.Background(), func(tx *Tx) error { _, err := tx.AddJournal(e); return err })
+		if errKind(err) != "invalid" {
+			t.Errorf("AddJournal(%v) = %v", e, err)
+		}
+	}
+	if got := journalSeqs(t, db); len(got) != 0 {
+		t.Errorf("journal %v", got)
+	}
+}
+
+func TestOpString(t *testing.T) {
+	for op, want := range map[Op]string{
+		OpCreateThin: "create_thin", OpCreateSnap: "create_snap", OpDelete: "delete", OpActivate: "activate",
+		OpDeactivate: "deactivate", OpCommit: "commit", OpMkfs: "mkfs", 200: "op(200)",
+	} {
+		if got := op.String(); got != want {
+			t.Errorf("%d: %q, want %q", op, got, want)
+		}
+	}
+}
+
+func TestMetaValues(t *testing.T) {
+	db, path := openTestDB(t)
+	pool := PoolInfo{Name: "thin-pool", DataDevice: "/dev/loop0", MetadataDevice: "/dev/loop1", BlockSectors: 128,
+		Created: time.Date(2026, 11, 27, 1, 2, 3, 4, time.UTC), BaseDeviceID: 1, BaseSize: 10 << 30, BaseFSType: "ext4"}
+	view(t, db, func(tx *Tx) error {
+		if v, err := tx.TransactionID(); err != nil || v != 0 {
+			t.Errorf("initial txid %d %v", v, err)
+		}
+		if _, err := tx.PoolInfo(); errKind(err) != "notfound" {
+			t.Errorf("initial pool info: %v", err)
+		}
+		if _, err := tx.Meta("base"); errKind(err) != "notfound" {
+			t.Errorf("missing meta: %v", err)
+		}
+		if _, err := tx.Meta(""); errKind(err) != "invalid" {
+			t.Errorf("empty meta key: %v", err)
+		}
+		return nil
+	})
+	update(t, db, func(tx *Tx) error {
+		if err := tx.SetTransactionID(1<<40 + 3); err != nil {
+			return err
+		}
+		if err := tx.SetPoolInfo(pool); err != nil {
+			return err
+		}
+		if err := tx.SetMeta("empty", nil); err != nil {
+			return err
+		}
+		if err := tx.SetMeta("gone", []byte("x")); err != nil {
+			return err
+		}
+		if err := tx.DeleteMeta("gone"); err != nil {
+			return err
+		}
+		if err := tx.DeleteMeta("never-there"); err != nil {
+			return err
+		}
+		if err := tx.SetMeta("", nil); errKind(err) != "invalid" {
+			t.Errorf("SetMeta empty key: %v", err)
+		}
+		return tx.SetMeta("base", []byte{0, 1, 2, 0})
+	})
+	db.Close()
+	db, err := Open(context.Background(), path, WithNoSync())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	view(t, db, func(tx *Tx) error {
+		if v, err := tx.TransactionID(); err != nil || v != 1<<40+3 {
+			t.Errorf("txid %d %v", v, err)
+		}
+		if got, err := tx.PoolInfo(); err != nil || got != pool {
+			t.Errorf("pool info %+v %v", got, err)
+		}
+		if v, err := tx.Meta("base"); err != nil || !bytes.Equal(v, []byte{0, 1, 2, 0}) {
+			t.Errorf("meta base %v %v", v, err)
+		}
+		if v, err := tx.Meta("empty"); err != nil || len(v) != 0 {
+			t.Errorf("meta empty %v %v", v, err)
+		}
+		if _, err := tx.Meta("gone"); errKind(err) != "notfound" {
+			t.Errorf("deleted meta: %v", err)
+		}
+		return nil
+	})
+}
