@@ -39,9 +39,11 @@
 // Every failing kernel call returns *Error{Op, Device, Err} whose Unwrap
 // yields the syscall.Errno, so errors.Is(err, unix.EEXIST) (ENODATA, EBUSY,
 // ENXIO, EINVAL, ...) works. *Error also matches the containerd errdefs kinds:
-// ENXIO and ENODATA are errdefs.ErrNotFound, EEXIST is
+// ENXIO and ENODATA are errdefs.ErrNotFound, EEXIST (and the EBUSY the
+// kernel returns when Create meets a taken name or uuid) is
 // errdefs.ErrAlreadyExists, EINVAL is errdefs.ErrInvalidArgument.
-// IsNotFound, IsExist and IsBusy are shorthands.
+// IsNotFound, IsExist and IsBusy are shorthands. Parse failures of kernel
+// replies, status and table lines match ErrMalformed.
 //
 // # Device nodes
 //
@@ -70,6 +72,15 @@
 //
 // Snapshotting an active origin requires suspending it around CreateSnap
 // (Suspend, CreateSnap, Resume) so that its in-flight writes are flushed.
+// Pool messages are not idempotent, so Message never retries; a reply too
+// large for its buffer is reported as ENOBUFS.
+//
+// # Tests
+//
+// Unit tests run anywhere. TestIntegration* and BenchmarkIntegration* need
+// root and dm-thin: they skip without them, or fail when
+// THIN_TEST_REQUIRE_DM=1 (set by test/vm). THIN_TEST_DISK names a scratch
+// block device for the pool-on-disk test.
 //
 // # Loopback pool (loop.go)
 //

@@ -878,3 +878,40 @@ func TestIntegrationConcurrent(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestIntegrationUdevModeNodes forces udev mode on a machine without udev:
+// the client then makes the symlink udev would make and never waits.
+func TestIntegrationUdevModeNodes(t *testing.T) {
+	requireDM(t)
+	c, err := Open(WithUdev(UdevOn), WithDevDir(t.TempDir()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if !c.UdevRunning() {
+		t.Fatal("UdevOn not honoured")
+	}
+	name := devName("udev")
+	if err := c.Create(name, []Target{{Length: 8, Type: "error"}}, CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { removeIfExists(t, c, name) })
+	info, err := c.Info(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	link, err := os.Readlink(c.DevicePath(name))
+	if err != nil || link != "/dev/dm-"+strconv.FormatUint(uint64(info.Minor), 10) {
+		t.Fatalf("node %s: link %q, %v", c.DevicePath(name), link, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(c.DevicePath(name), &st); err != nil || st.Rdev != unix.Mkdev(info.Major, info.Minor) {
+		t.Errorf("symlink target: %v rdev %d:%d want %d:%d", err, unix.Major(st.Rdev), unix.Minor(st.Rdev), info.Major, info.Minor)
+	}
+	if err := c.Remove(context.Background(), name, RemoveOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(c.DevicePath(name)); !os.IsNotExist(err) {
+		t.Errorf("symlink left: %v", err)
+	}
+}

@@ -38,6 +38,12 @@ type Config struct {
 	// Discard adds the discard mount option so freed blocks go back to the
 	// pool.
 	Discard bool
+
+	// MinFreeData and MinFreeMetadata are the percentages of the pool's
+	// data and metadata space that must stay free for Prepare and View to
+	// make new devices; below them they fail with ResourceExhausted, so
+	// running containers keep the room that is left. Negative disables.
+	MinFreeData, MinFreeMetadata float64
 }
 
 // Defaults for the fields a zero Config leaves empty.
@@ -46,6 +52,10 @@ const (
 	DefaultBlockSize = 64 << 10
 	DefaultBaseSize  = 10 << 30
 	DefaultFSType    = "ext4"
+	// Metadata exhaustion corrupts nothing but fails every write: keep
+	// more headroom there.
+	DefaultMinFreeData     = 5
+	DefaultMinFreeMetadata = 10
 )
 
 func (c *Config) setDefaults() {
@@ -61,6 +71,12 @@ func (c *Config) setDefaults() {
 	if c.FSType == "" {
 		c.FSType = DefaultFSType
 	}
+	if c.MinFreeData == 0 {
+		c.MinFreeData = DefaultMinFreeData
+	}
+	if c.MinFreeMetadata == 0 {
+		c.MinFreeMetadata = DefaultMinFreeMetadata
+	}
 }
 
 func (c *Config) validate() error {
@@ -75,6 +91,9 @@ func (c *Config) validate() error {
 	}
 	if c.BlockSize%(64<<10) != 0 || c.BlockSize > 1<<30 {
 		return fmt.Errorf("block_size %d: want a multiple of 64KiB up to 1GiB: %w", c.BlockSize, errdefs.ErrInvalidArgument)
+	}
+	if c.MinFreeData >= 100 || c.MinFreeMetadata >= 100 {
+		return fmt.Errorf("free space thresholds must be below 100%%: %w", errdefs.ErrInvalidArgument)
 	}
 	return nil
 }

@@ -54,21 +54,21 @@ func newDMPool(c *dmsetup.Client, name string) (*dmPool, error) {
 	return &dmPool{c: c, name: name, dev: fmt.Sprintf("%d:%d", info.Major, info.Minor)}, nil
 }
 
-func (p *dmPool) Name() string                          { return p.name }
-func (p *dmPool) Status() (dmsetup.PoolStatus, error)   { return p.c.PoolStatus(p.name) }
-func (p *dmPool) CreateThin(id uint32) error            { return p.c.CreateThin(p.name, id) }
-func (p *dmPool) CreateSnap(id, origin uint32) error    { return p.c.CreateSnap(p.name, id, origin) }
-func (p *dmPool) DeleteThin(id uint32) error            { return p.c.DeleteThin(p.name, id) }
+func (p *dmPool) Name() string                        { return p.name }
+func (p *dmPool) Status() (dmsetup.PoolStatus, error) { return p.c.PoolStatus(p.name) }
+func (p *dmPool) CreateThin(id uint32) error          { return p.c.CreateThin(p.name, id) }
+func (p *dmPool) CreateSnap(id, origin uint32) error  { return p.c.CreateSnap(p.name, id, origin) }
+func (p *dmPool) DeleteThin(id uint32) error          { return p.c.DeleteThin(p.name, id) }
 func (p *dmPool) SetTransactionID(old, new uint64) error {
 	return p.c.SetTransactionID(p.name, old, new)
 }
 func (p *dmPool) Suspend(name string) error {
 	return p.c.Suspend(name, dmsetup.SuspendOptions{})
 }
-func (p *dmPool) Resume(name string) error                  { return p.c.Resume(name) }
-func (p *dmPool) Info(name string) (dmsetup.Info, error)    { return p.c.Info(name) }
-func (p *dmPool) List() ([]dmsetup.Device, error)           { return p.c.List() }
-func (p *dmPool) DevicePath(name string) string             { return p.c.DevicePath(name) }
+func (p *dmPool) Resume(name string) error               { return p.c.Resume(name) }
+func (p *dmPool) Info(name string) (dmsetup.Info, error) { return p.c.Info(name) }
+func (p *dmPool) List() ([]dmsetup.Device, error)        { return p.c.List() }
+func (p *dmPool) DevicePath(name string) string          { return p.c.DevicePath(name) }
 func (p *dmPool) ThinStatus(name string) (dmsetup.ThinStatus, error) {
 	return p.c.ThinStatus(name)
 }

@@ -286,6 +286,9 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	}
 	unlock := s.keys.lock(key)
 	defer unlock()
+	if err := s.checkPoolHealth(); err != nil {
+		return nil, err
+	}
 
 	var (
 		snap  storage.Snapshot

@@ -1,0 +1,50 @@
+package snapshotter
+
+import (
+	"fmt"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
+)
+
+// checkPoolHealth refuses new devices when the pool cannot take them: failed,
+// read-only, needing a check, out of data space, or below the configured
+// free-space thresholds. Existing snapshots stay usable.
+func (s *Snapshotter) checkPoolHealth() error {
+	st, err := s.pool.Status()
+	if err != nil {
+		return fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
+	}
+	return poolHealth(s.pool.Name(), st, s.cfg.MinFreeData, s.cfg.MinFreeMetadata)
+}
+
+func poolHealth(name string, st dmsetup.PoolStatus, minData, minMeta float64) error {
+	switch {
+	case st.Fail || st.Error:
+		return fmt.Errorf("pool %s has failed: %w", name, errdefs.ErrFailedPrecondition)
+	case st.NeedsCheck:
+		return fmt.Errorf("pool %s needs a metadata check (thin_check): %w", name, errdefs.ErrFailedPrecondition)
+	case st.Mode == dmsetup.PoolModeOutOfDataSpace:
+		return fmt.Errorf("pool %s is out of data space (%d of %d blocks used): %w",
+			name, st.UsedDataBlocks, st.TotalDataBlocks, errdefs.ErrResourceExhausted)
+	case st.Mode == dmsetup.PoolModeRO:
+		return fmt.Errorf("pool %s is read-only (metadata full or an error): %w", name, errdefs.ErrFailedPrecondition)
+	}
+	if free, ok := freePercent(st.UsedDataBlocks, st.TotalDataBlocks); ok && minData > 0 && free < minData {
+		return fmt.Errorf("pool %s: %.1f%% of data space free (%d of %d blocks used), below the %.1f%% threshold: %w",
+			name, free, st.UsedDataBlocks, st.TotalDataBlocks, minData, errdefs.ErrResourceExhausted)
+	}
+	if free, ok := freePercent(st.UsedMetaBlocks, st.TotalMetaBlocks); ok && minMeta > 0 && free < minMeta {
+		return fmt.Errorf("pool %s: %.1f%% of metadata space free (%d of %d blocks used), below the %.1f%% threshold: %w",
+			name, free, st.UsedMetaBlocks, st.TotalMetaBlocks, minMeta, errdefs.ErrResourceExhausted)
+	}
+	return nil
+}
+
+func freePercent(used, total uint64) (float64, bool) {
+	if total == 0 {
+		return 0, false
+	}
+	return 100 * float64(total-min(used, total)) / float64(total), true
+}

@@ -1,0 +1,63 @@
+package snapshotter
+
+import (
+	"context"
+	"testing"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
+)
+
+func TestPoolHealth(t *testing.T) {
+	ok := dmsetup.PoolStatus{Mode: dmsetup.PoolModeRW, UsedDataBlocks: 10, TotalDataBlocks: 100, UsedMetaBlocks: 10, TotalMetaBlocks: 100}
+	with := func(f func(*dmsetup.PoolStatus)) dmsetup.PoolStatus { st := ok; f(&st); return st }
+	for _, tc := range []struct {
+		name string
+		st   dmsetup.PoolStatus
+		is   func(error) bool
+	}{
+		{"healthy", ok, nil},
+		{"fail", dmsetup.PoolStatus{Fail: true}, errdefs.IsFailedPrecondition},
+		{"error", dmsetup.PoolStatus{Error: true}, errdefs.IsFailedPrecondition},
+		{"needs check", with(func(s *dmsetup.PoolStatus) { s.NeedsCheck = true }), errdefs.IsFailedPrecondition},
+		{"read-only", with(func(s *dmsetup.PoolStatus) { s.Mode = dmsetup.PoolModeRO }), errdefs.IsFailedPrecondition},
+		{"out of data space", with(func(s *dmsetup.PoolStatus) { s.Mode = dmsetup.PoolModeOutOfDataSpace }), errdefs.IsResourceExhausted},
+		{"data below threshold", with(func(s *dmsetup.PoolStatus) { s.UsedDataBlocks = 96 }), errdefs.IsResourceExhausted},
+		{"data at threshold", with(func(s *dmsetup.PoolStatus) { s.UsedDataBlocks = 95 }), nil},
+		{"metadata below threshold", with(func(s *dmsetup.PoolStatus) { s.UsedMetaBlocks = 91 }), errdefs.IsResourceExhausted},
+		{"no totals", dmsetup.PoolStatus{Mode: dmsetup.PoolModeRW}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := poolHealth("tp", tc.st, 5, 10)
+			if tc.is == nil && err != nil || tc.is != nil && !tc.is(err) {
+				t.Errorf("poolHealth = %v", err)
+			}
+		})
+	}
+}
+
+// TestFullPoolRefusesNewDevices: below the threshold Prepare fails with
+// ResourceExhausted, changes nothing, and existing snapshots keep working.
+func TestFullPoolRefusesNewDevices(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	pool.status = dmsetup.PoolStatus{Mode: dmsetup.PoolModeRW, UsedDataBlocks: 99, TotalDataBlocks: 100, UsedMetaBlocks: 1, TotalMetaBlocks: 100}
+	if _, err := s.Prepare(ctx, "b", ""); !errdefs.IsResourceExhausted(err) {
+		t.Fatalf("Prepare on a full pool = %v, want ResourceExhausted", err)
+	}
+	if _, err := s.Mounts(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(ctx, "c", "a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove(ctx, "c"); err != nil {
+		t.Fatal(err)
+	}
+	checkConsistent(t, s, pool)
+}
