@@ -66,5 +66,28 @@ fuzz:
 	@for f in $$($(GO) test -list '^Fuzz' ./dmsetup | grep ^Fuzz); do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime 20s ./dmsetup || exit 1; done
 	@for f in $$($(GO) test -list '^Fuzz' ./storage | grep ^Fuzz); do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime 20s ./storage || exit 1; done
 
+# End-to-end: thin-snapshotter + containerd $(CONTAINERD_VERSION) + runc on a real
+# dm-thin kernel (test/e2e). containerd is go-installed on the host once.
+CONTAINERD_VERSION ?= v2.4.2
+CONTAINERD_DIR     ?= $(BENCHDIR)/containerd-$(CONTAINERD_VERSION)
+.PHONY: test-e2e
+test-e2e: build
+	CONTAINERD_VERSION=$(CONTAINERD_VERSION) test/e2e/ensure-containerd $(CONTAINERD_DIR)
+	@mkdir -p $(BENCHDIR)
+	$(GO) test -c -o $(BENCHDIR)/e2e.test ./test/e2e
+	@if test/vm/have-dm; then \
+		THIN_TEST_REQUIRE_DM=1 THIN_E2E_CONTAINERD_DIR=$(abspath $(CONTAINERD_DIR)) $(BENCHDIR)/e2e.test -test.v -test.count=1 -test.timeout 30m; \
+	else \
+		test/vm/run --mem 4096 --timeout 2400 $(VMFLAGS) --env THIN_E2E_CONTAINERD_DIR=$(abspath $(CONTAINERD_DIR)) -- \
+			$(BENCHDIR)/e2e.test -test.v -test.count=1 -test.timeout 30m; \
+	fi
+
+# The demo: the whole stack in the VM, narrated (test/demo/run).
+demo: build
+	CONTAINERD_VERSION=$(CONTAINERD_VERSION) test/e2e/ensure-containerd $(CONTAINERD_DIR)
+	@mkdir -p $(BENCHDIR)
+	$(GO) build -o $(BENCHDIR)/mkimage ./test/demo/mkimage
+	test/vm/run --mem 3072 --timeout 1200 $(VMFLAGS) -- test/demo/run $(abspath $(BIN)) $(abspath $(CONTAINERD_DIR)) $(abspath $(BENCHDIR))/mkimage
+
 clean:
 	rm -rf $(BIN) $(BENCHDIR)

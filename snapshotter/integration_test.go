@@ -11,6 +11,7 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/testsuite"
+	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 
 	"github.com/thin-snapshotter/thin-snapshotter/internal/dmtest"
@@ -162,5 +163,108 @@ func TestIntegrationBaseAndRestart(t *testing.T) {
 	out, err := exec.Command("dmsetup", "ls").CombinedOutput()
 	if err == nil && strings.Contains(string(out), name+"-snap-") {
 		t.Errorf("snapshot devices left after removing all: %s", out)
+	}
+}
+
+// TestIntegrationFullPool fills a tiny pool from a container's mount until
+// it runs out: new snapshots are refused with ResourceExhausted naming the
+// pool, the existing ones stay usable, removing one gives the space back,
+// and the database stays consistent throughout.
+func TestIntegrationFullPool(t *testing.T) {
+	dmtest.Require(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	cfg := testConfig(root)
+	cfg.DataSize = 96 << 20
+	cfg.BaseSize = 256 << 20 // larger than the pool: the pool fills, not the filesystem
+	s, err := New(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		s.Close()
+		if err := destroy(root); err != nil {
+			t.Error(err)
+		}
+	})
+	if _, err := s.Prepare(ctx, "p", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(ctx, "image", "p"); err != nil {
+		t.Fatal(err)
+	}
+	m, err := s.Prepare(ctx, "container", "image")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mnt := t.TempDir()
+	if err := mount.All(m, mnt); err != nil {
+		t.Fatal(err)
+	}
+	mounted := true
+	defer func() {
+		if mounted {
+			unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+	}()
+	// Fill: random-looking data, synced, until the pool refuses.
+	f, err := os.Create(filepath.Join(mnt, "fill"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 1<<20)
+	for i := range buf {
+		buf[i] = byte(i*7 + i>>8)
+	}
+	written := 0
+	var werr error
+	for written < 200 && werr == nil {
+		buf[0]++
+		if _, werr = f.Write(buf); werr == nil {
+			werr = f.Sync()
+		}
+		written++
+	}
+	f.Close()
+	if werr == nil {
+		t.Fatalf("wrote %d MiB into a 96MiB pool without an error", written)
+	}
+	t.Logf("pool full after %d MiB: %v", written, werr)
+	st, err := s.pool.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("pool status: %s", st)
+
+	_, err = s.Prepare(ctx, "another", "image")
+	if !errdefs.IsResourceExhausted(err) || !strings.Contains(err.Error(), s.pool.Name()) {
+		t.Fatalf("Prepare on a full pool = %v, want ResourceExhausted naming the pool", err)
+	}
+	t.Logf("Prepare refused: %v", err)
+	if _, err := s.View(ctx, "view", "image"); !errdefs.IsResourceExhausted(err) {
+		t.Fatalf("View on a full pool = %v, want ResourceExhausted", err)
+	}
+	// Existing snapshots stay usable: the container's files read back.
+	if _, err := os.ReadDir(mnt); err != nil {
+		t.Errorf("reading the full container's mount: %v", err)
+	}
+	if err := unix.Unmount(mnt, 0); err != nil {
+		t.Fatal(err)
+	}
+	mounted = false
+	if _, err := s.Usage(ctx, "container"); err != nil {
+		t.Error(err)
+	}
+	if _, err := s.Stat(ctx, "image"); err != nil {
+		t.Error(err)
+	}
+	// Removing the container gives the space back.
+	if err := s.Remove(ctx, "container"); err != nil {
+		t.Fatal(err)
+	}
+	st, _ = s.pool.Status()
+	t.Logf("after remove: %s", st)
+	if _, err := s.Prepare(ctx, "again", "image"); err != nil {
+		t.Fatalf("Prepare after freeing space: %v", err)
 	}
 }

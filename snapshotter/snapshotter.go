@@ -109,6 +109,9 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 			DataSize:         cfg.DataSize,
 			MetadataSize:     cfg.MetadataSize,
 			BlockSizeSectors: uint32(cfg.BlockSize / 512),
+			// A full pool fails writes at once instead of queueing them
+			// for a minute: containers see ENOSPC/EIO, not a hang.
+			ErrorIfNoSpace: true,
 		})
 		if err != nil {
 			return fail(fmt.Errorf("embedded pool: %w", err))

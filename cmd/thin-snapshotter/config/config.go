@@ -79,6 +79,10 @@ type PoolConfig struct {
 	// AllowAdopt accepts a pool whose transaction id or devices do not
 	// match the database.
 	AllowAdopt bool `toml:"allow_adopt"`
+	// MinFreeData and MinFreeMetadata are percentages of the pool that
+	// must stay free for new snapshots; 0 disables the check.
+	MinFreeData     float64 `toml:"min_free_data"`
+	MinFreeMetadata float64 `toml:"min_free_metadata"`
 }
 
 // SnapshotConfig shapes the snapshots' devices and filesystems.
@@ -101,6 +105,10 @@ func Default() *Config {
 			DataSize:     DefaultDataSize,
 			MetadataSize: DefaultMetadataSize,
 			BlockSize:    DefaultBlockSize,
+			// Room for running containers to finish their writes, and
+			// for an administrator to grow a pool, before it is full.
+			MinFreeData:     5,
+			MinFreeMetadata: 10,
 		},
 		Snapshot: SnapshotConfig{
 			BaseSize: DefaultBaseSize,
@@ -229,6 +237,12 @@ func (c *Config) Validate() error {
 	}
 	if ms := c.Pool.MetadataSize; ms < MinMetadataSize || ms > MaxMetadataSize || ms%sectorSize != 0 {
 		bad("pool.metadata_size", "%s (%d bytes) must be between %s and %s and a multiple of 512 bytes", ms, uint64(ms), MinMetadataSize, MaxMetadataSize)
+	}
+
+	for key, v := range map[string]float64{"pool.min_free_data": c.Pool.MinFreeData, "pool.min_free_metadata": c.Pool.MinFreeMetadata} {
+		if v < 0 || v >= 100 {
+			bad(key, "%v must be a percentage from 0 to below 100", v)
+		}
 	}
 
 	minBase := MinBaseSizeExt4

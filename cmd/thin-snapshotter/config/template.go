@@ -66,6 +66,14 @@ block_size = {{ value .Pool.BlockSize }}
 # differs, unless this is true.
 allow_adopt = {{ value .Pool.AllowAdopt }}
 
+# Percentages of the pool's data and metadata space that must stay free for
+# new snapshots. Below them (or with the pool out of data space, read-only or
+# needing a check) Prepare and View fail with ResourceExhausted or
+# FailedPrecondition naming the pool and the numbers, while existing
+# snapshots keep working. 0 disables a check.
+min_free_data = {{ value .Pool.MinFreeData }}
+min_free_metadata = {{ value .Pool.MinFreeMetadata }}
+
 [snapshot]
 # Virtual size of every snapshot's filesystem. Thin provisioning takes pool
 # space only for blocks written. At least {{ .MinBaseSizeExt4 }} for ext4, {{ .MinBaseSizeXFS }} for xfs.

@@ -93,6 +93,7 @@ func Write(w io.Writer, tmpDir string, img Image) (Result, error) {
 		if err != nil {
 			return res, err
 		}
+		defer os.Remove(f.Name())
 		desc, diffID, err := writeLayer(f, l)
 		if cerr := f.Close(); err == nil {
 			err = cerr
@@ -137,7 +138,7 @@ func Write(w io.Writer, tmpDir string, img Image) (Result, error) {
 	// Both annotations carry the full reference: containerd takes a full
 	// reference as the image name and would prefix a bare tag.
 	res.Manifest.Annotations = map[string]string{
-		ocispec.AnnotationRefName: img.Ref,
+		ocispec.AnnotationRefName:  img.Ref,
 		"io.containerd.image.name": img.Ref,
 	}
 	idx := ocispec.Index{
