@@ -50,6 +50,7 @@ func TestIntegrationSuite(t *testing.T) {
 	dmtest.Require(t)
 	for _, fs := range []string{"ext4", "xfs"} {
 		t.Run(fs, func(t *testing.T) {
+			t.Parallel() // each case has its own pool: both filesystems at once
 			testsuite.SnapshotterSuite(t, "thin-"+fs, func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
 				cfg := testConfig(root)
 				cfg.FSType = fs
