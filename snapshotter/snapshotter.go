@@ -474,12 +474,19 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		// Nothing changed: the snapshot stays active.
 		return errors.Join(err, s.db.Update(ctx, func(tx *storage.Tx) error { return tx.FinishJournal(seq) }))
 	}
-	return s.db.Update(ctx, func(tx *storage.Tx) error {
+	err = s.db.Update(ctx, func(tx *storage.Tx) error {
 		if _, err := tx.CommitActive(key, name, usage, opts...); err != nil {
 			return err
 		}
 		return tx.FinishJournal(seq)
 	})
+	if err != nil {
+		// Still active in the records (a name taken meanwhile, say):
+		// give it its device back.
+		err = errors.Join(err, s.pool.Activate(dev, snap.DeviceID, snap.Size/512, false))
+		err = errors.Join(err, s.db.Update(ctx, func(tx *storage.Tx) error { return tx.FinishJournal(seq) }))
+	}
+	return err
 }
 
 // Remove deletes a snapshot. The record goes at once; the device is deleted
@@ -540,6 +547,17 @@ func (s *Snapshotter) finishDelete(ctx context.Context, e storage.Entry) error {
 		delete(s.deleting, e.Seq)
 		s.delMu.Unlock()
 	}()
+	// Someone may have finished this entry since it was read; then its id
+	// may already belong to a new snapshot and must not be deleted.
+	if err := s.db.View(ctx, func(tx *storage.Tx) error {
+		_, err := tx.GetJournal(e.Seq)
+		return err
+	}); err != nil {
+		if errdefs.IsNotFound(err) {
+			return nil
+		}
+		return err
+	}
 
 	if err := s.pool.Deactivate(ctx, s.deviceName(e.DeviceID)); err != nil {
 		return err

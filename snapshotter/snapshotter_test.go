@@ -533,3 +533,41 @@ func TestParallel(t *testing.T) {
 	}
 	checkConsistent(t, s, pool)
 }
+
+// TestStaleRemovalEntry: a removal finished by one caller and then handed to
+// another (the worker read the journal before it was cleared) must not
+// delete the device that reused the freed id.
+func TestStaleRemovalEntry(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	var e storage.Entry
+	err := s.db.Update(ctx, func(tx *storage.Tx) error {
+		removed, err := tx.RemoveSnapshot("a")
+		if err != nil {
+			return err
+		}
+		e = storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: "a"}
+		e.Seq, err = tx.AddJournal(e)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.finishDelete(ctx, e); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Prepare(ctx, "b", ""); err != nil {
+		t.Fatal(err)
+	}
+	if info, _ := s.ready(ctx, "b"); info.DeviceID != e.DeviceID {
+		t.Fatalf("freed id %d not reused (got %d): the test proves nothing", e.DeviceID, info.DeviceID)
+	}
+	if err := s.finishDelete(ctx, e); err != nil {
+		t.Fatal(err)
+	}
+	checkConsistent(t, s, pool)
+}
