@@ -299,7 +299,7 @@ func (s *Snapshotter) Check(ctx context.Context, opts CheckOptions) (*Report, er
 		PoolTransactionID: st.poolTx,
 		DBTransactionID:   st.dbTx,
 		BaseDeviceID:      st.pi.BaseDeviceID,
-		PoolDevices:       st.ids(),
+		PoolDevices:       st.poolIDs(),
 		Records:           len(st.records),
 		Findings:          s.compare(st),
 	}
@@ -314,7 +314,7 @@ func (s *Snapshotter) Check(ctx context.Context, opts CheckOptions) (*Report, er
 		return r, fmt.Errorf("checking again after repair: %w", err)
 	}
 	r.PoolTransactionID, r.DBTransactionID = st.poolTx, st.dbTx
-	r.BaseDeviceID, r.PoolDevices, r.Records = st.pi.BaseDeviceID, st.ids(), len(st.records)
+	r.BaseDeviceID, r.PoolDevices, r.Records = st.pi.BaseDeviceID, st.poolIDs(), len(st.records)
 	r.Remaining = s.compare(st)
 	r.Clean = len(r.Remaining) == 0
 	return r, nil
@@ -341,7 +341,7 @@ type devState struct {
 	err     error // reading the table
 }
 
-func (st *checkState) ids() []uint32 {
+func (st *checkState) poolIDs() []uint32 {
 	out := make([]uint32, 0, len(st.inPool))
 	for id := range st.inPool {
 		out = append(out, id)
@@ -473,6 +473,7 @@ func (s *Snapshotter) compare(st *checkState) []Finding {
 	owned := map[uint32]string{} // id → key of its record
 	// want: dm devices that must exist, by name.
 	want := map[string]storage.Snapshot{}
+	settled := map[string]bool{} // devices another finding's repair removes
 	for _, sn := range st.records {
 		name := s.deviceName(sn.DeviceID)
 		if prev, dup := owned[sn.DeviceID]; dup {
@@ -492,6 +493,7 @@ func (s *Snapshotter) compare(st *checkState) []Finding {
 			continue
 		}
 		if sn.State != storage.StateReady {
+			settled[name] = true // its removal takes the device too
 			add(Finding{Kind: FindingNotReady, DeviceID: sn.DeviceID, Key: sn.Key, Device: name, Repairable: true,
 				Message: fmt.Sprintf("record %q is %s with no operation pending", sn.Key, sn.State)})
 			continue
@@ -506,8 +508,14 @@ func (s *Snapshotter) compare(st *checkState) []Finding {
 		}
 	}
 
-	for _, id := range st.ids() {
+	for _, id := range st.poolIDs() {
 		if _, ok := owned[id]; ok || id == base || journaled[id] {
+			continue
+		}
+		if owner := st.ids[id]; owner != "" {
+			// Deleting it would leave an id no release can free.
+			add(Finding{Kind: FindingIDConflict, DeviceID: id, Key: owner,
+				Message: fmt.Sprintf("thin device %d is in the pool and allocated to %q, which has no record", id, owner)})
 			continue
 		}
 		add(Finding{Kind: FindingOrphan, DeviceID: id, Device: s.deviceName(id), Repairable: true,
@@ -530,7 +538,7 @@ func (s *Snapshotter) compare(st *checkState) []Finding {
 	for _, name := range sortedKeys(st.devices) {
 		d := st.devices[name]
 		id, numbered := s.idOfName(name)
-		if numbered && journaled[id] {
+		if (numbered && journaled[id]) || settled[name] {
 			continue
 		}
 		sn, needed := want[name]
@@ -606,7 +614,7 @@ func (s *Snapshotter) poolIsOurs(st *checkState) (bool, string) {
 // idOfName is the thin id in a device name <pool>-snap-<id>.
 func (s *Snapshotter) idOfName(name string) (uint32, bool) {
 	n, err := strconv.ParseUint(strings.TrimPrefix(name, s.pool.Name()+"-snap-"), 10, 32)
-	if err != nil || n == 0 || n > storage.MaxDeviceID || s.deviceName(uint32(n)) != name {
+	if err != nil || n == 0 || n > uint64(storage.MaxDeviceID) || s.deviceName(uint32(n)) != name {
 		return 0, false
 	}
 	return uint32(n), true

@@ -3,6 +3,7 @@
 //
 //	thin-snapshotter [--config FILE] [--root DIR] [--address SOCKET] [--log-level LEVEL]
 //	thin-snapshotter config default
+//	thin-snapshotter check [--repair [--remove-ghosts]] [--json]
 package main
 
 import (
@@ -40,6 +41,14 @@ func run(args []string, open SnapshotterFactory, stdout, stderr io.Writer) int {
 		return serve(ctx, cfg, open, defaultServeOptions())
 	}, stdout, stderr)
 	if err := app.Run(ctx, args); err != nil {
+		// A subcommand with its own exit statuses (check).
+		var es *exitStatus
+		if errors.As(err, &es) {
+			if es.err != nil {
+				fmt.Fprintf(stderr, "thin-snapshotter: %v\n", es.err)
+			}
+			return es.code
+		}
 		fmt.Fprintf(stderr, "thin-snapshotter: %v\n", err)
 		return 1
 	}
@@ -78,7 +87,7 @@ func newApp(run func(context.Context, *config.Config) error, stdout, stderr io.W
 			}
 			return run(ctx, cfg)
 		},
-		Commands: []*cli.Command{configCommand()},
+		Commands: []*cli.Command{configCommand(), checkCommand(openChecker)},
 	}
 }
 
