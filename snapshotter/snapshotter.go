@@ -235,7 +235,18 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 	if err != nil {
 		return snapshots.Usage{}, fmt.Errorf("usage of %q: %w", key, err)
 	}
-	return snapshots.Usage{Size: int64(st.MappedSectors * 512)}, nil
+	return ownUsage(st.MappedSectors, snap.Shared), nil
+}
+
+// ownUsage is what a device maps beyond what it shared with its origin when
+// it was made: containerd's Usage excludes the parents. Shared blocks the
+// snapshot rewrote are not counted; telling them apart needs the pool's
+// metadata (thin_ls), too slow for a call CRI makes every 10 s.
+func ownUsage(mapped, shared uint64) snapshots.Usage {
+	if mapped < shared {
+		return snapshots.Usage{}
+	}
+	return snapshots.Usage{Size: int64((mapped - shared) * 512)}
 }
 
 // Mounts returns the mount of an active snapshot or a view.
@@ -359,8 +370,16 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		}
 		return nil, fmt.Errorf("create thin device for %q: %w", key, err)
 	}
+	// What the new device maps now is all shared with its origin.
+	var shared uint64
+	if st, err := s.pool.ThinStatus(s.deviceName(snap.DeviceID)); err == nil {
+		shared = st.MappedSectors
+	}
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
 		if _, err := tx.SetState(key, storage.StateReady); err != nil {
+			return err
+		}
+		if _, err := tx.SetShared(key, shared); err != nil {
 			return err
 		}
 		if err := s.raiseTxID(tx, next); err != nil {
@@ -464,7 +483,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	var usage snapshots.Usage
 	st, err := s.pool.ThinStatus(dev)
 	if err == nil {
-		usage.Size = int64(st.MappedSectors * 512)
+		usage = ownUsage(st.MappedSectors, snap.Shared)
 		err = s.pool.Deactivate(ctx, dev)
 	}
 	if err != nil {

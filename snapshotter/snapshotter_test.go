@@ -168,8 +168,17 @@ func TestLifecycle(t *testing.T) {
 			if v[0].Options[0] != "ro" {
 				t.Errorf("view options %v lack ro", v[0].Options)
 			}
-			if _, err := s.Prepare(ctx, "b", "c"); err != nil {
+			mb, err := s.Prepare(ctx, "b", "c")
+			if err != nil {
 				t.Fatal(err)
+			}
+			// A child's usage excludes what it shares with its parent.
+			if u, err := s.Usage(ctx, "b"); err != nil || u.Size != 0 {
+				t.Errorf("usage of a fresh child = %+v, %v; want 0", u, err)
+			}
+			pool.write(strings.TrimPrefix(mb[0].Source, "/dev/mapper/"), 8)
+			if u, err := s.Usage(ctx, "b"); err != nil || u.Size != 8*512 {
+				t.Errorf("usage of a child after writing 8 sectors = %+v, %v", u, err)
 			}
 			checkConsistent(t, s, pool)
 

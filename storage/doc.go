@@ -34,6 +34,7 @@
 //	CommitActive(key, name string, usage snapshots.Usage, opts ...snapshots.Opt) (Snapshot, error)
 //	RemoveSnapshot(key string) (Snapshot, error)
 //	SetState(key string, State) (Snapshot, error)
+//	SetShared(key string, shared uint64) (Snapshot, error)
 //	Children(key string) ([]string, error)
 //
 // Walk filters use containerd's syntax (pkg/filters): name, kind

@@ -167,6 +167,7 @@ func encodeSnapshot(s *Snapshot) []byte {
 		e.string(k)
 		e.string(v)
 	}
+	e.uvarint(s.Shared)
 	return e.b
 }
 
@@ -206,6 +207,7 @@ func decodeSnapshot(key string, b []byte) (Snapshot, error) {
 			s.Labels[k] = d.string("label value")
 		}
 	}
+	s.Shared = d.uvarint("shared")
 	if d.err == nil && !validKind(s.Kind) {
 		d.err = fmt.Errorf("%w: invalid kind %d", errCorrupt, s.Kind)
 	}

@@ -14,7 +14,7 @@ var sampleSnapshots = []Snapshot{
 	{Key: "default/12/sha256:abc", Kind: committed, State: StateReady, Parent: "default/11/sha256:def",
 		Labels:  map[string]string{"containerd.io/snapshot.ref": "sha256:abc", "": "empty key", "e": ""},
 		Created: time.Date(2026, 11, 27, 1, 2, 3, 999999999, time.UTC), Updated: time.Date(2027, 1, 1, 0, 0, 0, 1, time.UTC),
-		DeviceID: MaxDeviceID, Size: 1<<64 - 1, FSType: "ext4", Usage: snapshots.Usage{Size: -1, Inodes: 1 << 62}},
+		DeviceID: MaxDeviceID, Size: 1<<64 - 1, FSType: "ext4", Usage: snapshots.Usage{Size: -1, Inodes: 1 << 62}, Shared: 1<<64 - 1},
 	{Key: "v", Kind: kview, State: StateRemoving, Created: time.Unix(-5, 3).UTC()},
 }
 
@@ -80,11 +80,11 @@ func TestSnapshotDecodeInvalid(t *testing.T) {
 	e.byte(snapshotFormatV1)
 	e.byte(byte(active))
 	e.byte(byte(StateReady))
-	for range 9 {
+	for range 8 { // device id, size, created, updated, usage
 		e.uvarint(0)
 	}
-	e.string("")
-	e.string("")
+	e.string("") // parent
+	e.string("") // fs type
 	e.uvarint(1 << 60)
 	if _, err := decodeSnapshot("k", e.b); err == nil {
 		t.Error("huge label count accepted")

@@ -62,6 +62,10 @@ type Snapshot struct {
 	Size     uint64          // virtual size of the device in bytes
 	FSType   string          // filesystem on the device
 	Usage    snapshots.Usage // recorded by CommitActive
+	// Shared is what the device had mapped when it was made, all of it
+	// shared with its origin: the snapshotter subtracts it so a layer's
+	// usage excludes its parents'. Units are the snapshotter's.
+	Shared uint64
 }
 
 // Info converts the record to containerd's snapshot info.
@@ -438,6 +442,20 @@ func (tx *Tx) RemoveSnapshot(key string) (Snapshot, error) {
 		}
 	}
 	return s, nil
+}
+
+// SetShared records what the device of key shared with its origin when it
+// was made (see Snapshot.Shared).
+func (tx *Tx) SetShared(key string, shared uint64) (Snapshot, error) {
+	if err := tx.checkWritable(); err != nil {
+		return Snapshot{}, err
+	}
+	s, err := tx.mustGet(key)
+	if err != nil {
+		return Snapshot{}, err
+	}
+	s.Shared = shared
+	return s, tx.put(&s)
 }
 
 // SetState changes the lifecycle state of the record for key and returns
