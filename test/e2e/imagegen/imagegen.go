@@ -214,16 +214,18 @@ func copyBlob(tw *tar.Writer, desc ocispec.Descriptor, file string) error {
 func writeLayer(w io.Writer, l Layer) (ocispec.Descriptor, digest.Digest, error) {
 	blobHash := sha256.New()
 	counter := &countingWriter{w: io.MultiWriter(w, blobHash)}
-	diffHash := sha256.New()
+	// Uncompressed, the blob is the diff: one hash serves both.
+	diffHash := blobHash
 	var out io.Writer = counter
 	var gz *gzip.Writer
 	mediaType := ocispec.MediaTypeImageLayer
 	if l.Gzip {
+		diffHash = sha256.New()
 		gz = gzip.NewWriter(counter)
-		out = gz
+		out = io.MultiWriter(gz, diffHash)
 		mediaType = ocispec.MediaTypeImageLayerGzip
 	}
-	tw := tar.NewWriter(io.MultiWriter(out, diffHash))
+	tw := tar.NewWriter(out)
 	for _, e := range l.Entries {
 		if err := writeEntry(tw, e); err != nil {
 			return ocispec.Descriptor{}, "", fmt.Errorf("%s: %w", e.Path, err)
