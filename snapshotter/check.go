@@ -240,6 +240,7 @@ func OpenForCheck(ctx context.Context, cfg Config) (*Snapshotter, error) {
 			DataSize:         cfg.DataSize,
 			MetadataSize:     cfg.MetadataSize,
 			BlockSizeSectors: uint32(cfg.BlockSize / 512),
+			ErrorIfNoSpace:   true, // as New sets the pool up after a reboot
 		}); err != nil {
 			return fail(fmt.Errorf("embedded pool: %w", err))
 		}
