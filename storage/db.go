@@ -2,7 +2,6 @@ package storage
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -12,9 +11,6 @@ import (
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
 )
-
-// SchemaVersion is the database layout this package reads and writes.
-const SchemaVersion uint32 = 1
 
 // DefaultOpenTimeout bounds how long Open waits for the file lock.
 const DefaultOpenTimeout = time.Second
@@ -26,29 +22,20 @@ var ErrInUse = errors.New("database is already in use by another process")
 
 // Top-level buckets.
 var (
-	bucketMeta      = []byte("meta")      // schema, txid, hwm, pool info
-	bucketKV        = []byte("kv")        // SetMeta / Meta
+	bucketMeta      = []byte("meta")      // schema, txid, next-id, pool
 	bucketSnapshots = []byte("snapshots") // key -> encoded Snapshot
 	bucketChildren  = []byte("children")  // childKey(parent, child) -> nil
 	bucketIDsUsed   = []byte("ids-used")  // idKey -> owner snapshot key ("" if none)
 	bucketIDsFree   = []byte("ids-free")  // idKey -> nil, released ids for reuse
 	bucketJournal   = []byte("journal")   // u64Key(seq) -> encoded Entry
 
-	allBuckets = [][]byte{bucketMeta, bucketKV, bucketSnapshots, bucketChildren, bucketIDsUsed, bucketIDsFree, bucketJournal}
+	allBuckets = [][]byte{bucketMeta, bucketSnapshots, bucketChildren, bucketIDsUsed, bucketIDsFree, bucketJournal}
 
-	metaSchema = []byte("schema")
-	metaTxID   = []byte("txid")
-	metaNextID = []byte("next-id") // lowest id never handed out by AllocateID
-	metaPool   = []byte("pool")
+	metaSchema = []byte("schema")  // u32: schemaVersion
+	metaTxID   = []byte("txid")    // u64: pool transaction id
+	metaNextID = []byte("next-id") // u32: lowest id never handed out by AllocateID
+	metaPool   = []byte("pool")    // encoded PoolInfo
 )
-
-// Migration upgrades a database from schema version N to N+1 inside one
-// write transaction.
-type Migration func(tx *bolt.Tx) error
-
-// migrations[n] upgrades version n+1 to n+2; empty while only version 1
-// exists.
-var migrations []Migration
 
 // DB is one open database file. It is safe for concurrent use.
 type DB struct {
@@ -64,7 +51,7 @@ type options struct {
 	timeout    time.Duration
 	noSync     bool
 	schema     uint32
-	migrations []Migration
+	migrations []migration
 	now        func() time.Time
 }
 
@@ -84,18 +71,20 @@ func WithTimeout(d time.Duration) Opt {
 func WithNoSync() Opt { return func(o *options) { o.noSync = true } }
 
 // withSchema lets tests exercise the migration machinery.
-func withSchema(version uint32, m []Migration) Opt {
+func withSchema(version uint32, m []migration) Opt {
 	return func(o *options) { o.schema, o.migrations = version, m }
 }
 
 func withClock(now func() time.Time) Opt { return func(o *options) { o.now = now } }
 
-// Open opens or creates the database at path, creating its buckets and
-// running schema migrations as needed.
+// Open opens or creates the database at path, creating its buckets or
+// migrating an older schema as needed. A database of a newer schema, or a
+// file that is not one of ours, is FailedPrecondition; a damaged one is
+// DataLoss; one held by another handle is ErrInUse.
 func Open(ctx context.Context, path string, opts ...Opt) (*DB, error) {
 	o := options{
 		timeout:    DefaultOpenTimeout,
-		schema:     SchemaVersion,
+		schema:     schemaVersion,
 		migrations: migrations,
 		now:        time.Now,
 	}
@@ -127,58 +116,6 @@ func Open(ctx context.Context, path string, opts ...Opt) (*DB, error) {
 	return d, nil
 }
 
-func initSchema(tx *bolt.Tx, want uint32, migs []Migration) error {
-	meta := tx.Bucket(bucketMeta)
-	if meta == nil {
-		// A fresh file; a non-empty file without our meta bucket is
-		// someone else's database and must not be adopted.
-		empty := true
-		_ = tx.ForEach(func([]byte, *bolt.Bucket) error { empty = false; return nil })
-		if !empty {
-			return fmt.Errorf("not a thin-snapshotter database (no meta bucket): %w", errdefs.ErrFailedPrecondition)
-		}
-		for _, name := range allBuckets {
-			if _, err := tx.CreateBucket(name); err != nil {
-				return fmt.Errorf("create bucket %s: %w", name, err)
-			}
-		}
-		return putSchema(tx, want)
-	}
-	raw := meta.Get(metaSchema)
-	if len(raw) != 4 {
-		return fmt.Errorf("%w: schema version missing: %w", errCorrupt, errdefs.ErrDataLoss)
-	}
-	have := binary.BigEndian.Uint32(raw)
-	if have > want {
-		return fmt.Errorf("database schema version %d is newer than supported version %d: %w", have, want, errdefs.ErrFailedPrecondition)
-	}
-	for v := have; v < want; v++ {
-		if int(v) > len(migs) || v == 0 || migs[v-1] == nil {
-			return fmt.Errorf("no migration from schema version %d to %d: %w", v, v+1, errdefs.ErrFailedPrecondition)
-		}
-		if err := migs[v-1](tx); err != nil {
-			return fmt.Errorf("migrate schema %d to %d: %w", v, v+1, err)
-		}
-	}
-	// Later versions' buckets are created by their migrations, so any gap
-	// here is damage, not something to paper over.
-	for _, name := range allBuckets {
-		if tx.Bucket(name) == nil {
-			return fmt.Errorf("%w: bucket %s missing: %w", errCorrupt, name, errdefs.ErrDataLoss)
-		}
-	}
-	if have != want {
-		return putSchema(tx, want)
-	}
-	return nil
-}
-
-func putSchema(tx *bolt.Tx, v uint32) error {
-	var b [4]byte
-	binary.BigEndian.PutUint32(b[:], v)
-	return tx.Bucket(bucketMeta).Put(metaSchema, b[:])
-}
-
 // Close releases the database and its lock.
 func (d *DB) Close() error { return d.db.Close() }
 
@@ -192,20 +129,6 @@ func (d *DB) Size() (int64, error) {
 		return 0, err
 	}
 	return fi.Size(), nil
-}
-
-// SchemaVersion returns the schema version recorded in the database.
-func (d *DB) SchemaVersion(ctx context.Context) (uint32, error) {
-	var v uint32
-	err := d.View(ctx, func(tx *Tx) error {
-		raw := tx.tx.Bucket(bucketMeta).Get(metaSchema)
-		if len(raw) != 4 {
-			return fmt.Errorf("%w: schema version missing: %w", errCorrupt, errdefs.ErrDataLoss)
-		}
-		v = binary.BigEndian.Uint32(raw)
-		return nil
-	})
-	return v, err
 }
 
 // View runs fn in a read-only transaction. Write methods of tx fail.
@@ -236,7 +159,6 @@ func (d *DB) newTx(btx *bolt.Tx) *Tx {
 		free:      btx.Bucket(bucketIDsFree),
 		journal:   btx.Bucket(bucketJournal),
 		meta:      btx.Bucket(bucketMeta),
-		kv:        btx.Bucket(bucketKV),
 	}
 }
 
@@ -251,11 +173,7 @@ type Tx struct {
 	free      *bolt.Bucket
 	journal   *bolt.Bucket
 	meta      *bolt.Bucket
-	kv        *bolt.Bucket
 }
-
-// Writable reports whether tx came from Update.
-func (tx *Tx) Writable() bool { return tx.tx.Writable() }
 
 func (tx *Tx) checkWritable() error {
 	if !tx.tx.Writable() {

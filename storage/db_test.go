@@ -49,94 +49,6 @@ func TestOpenInUse(t *testing.T) {
 	again.Close()
 }
 
-func TestOpenSchema(t *testing.T) {
-	ctx := context.Background()
-	var calls []string
-	mark := func(name string) Migration {
-		return func(tx *bolt.Tx) error {
-			calls = append(calls, name)
-			return tx.Bucket(bucketKV).Put([]byte(name), []byte{idMarker})
-		}
-	}
-	failing := func(tx *bolt.Tx) error {
-		if err := tx.Bucket(bucketKV).Put([]byte("partial"), []byte{idMarker}); err != nil {
-			return err
-		}
-		return errors.New("migration broke")
-	}
-	version := func(t *testing.T, path string, schema uint32, migs []Migration) uint32 {
-		t.Helper()
-		db, err := Open(ctx, path, withSchema(schema, migs))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer db.Close()
-		v, err := db.SchemaVersion(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return v
-	}
-
-	t.Run("fresh", func(t *testing.T) {
-		path := filepath.Join(t.TempDir(), "db")
-		if v := version(t, path, SchemaVersion, nil); v != SchemaVersion {
-			t.Errorf("version %d", v)
-		}
-	})
-	t.Run("newer than known", func(t *testing.T) {
-		path := filepath.Join(t.TempDir(), "db")
-		version(t, path, SchemaVersion+1, nil)
-		_, err := Open(ctx, path)
-		if !errdefs.IsFailedPrecondition(err) {
-			t.Errorf("open newer schema: %v", err)
-		}
-	})
-	t.Run("migrate in order", func(t *testing.T) {
-		calls = nil
-		path := filepath.Join(t.TempDir(), "db")
-		version(t, path, 1, nil)
-		if v := version(t, path, 3, []Migration{mark("1to2"), mark("2to3")}); v != 3 {
-			t.Errorf("version %d after migration", v)
-		}
-		if len(calls) != 2 || calls[0] != "1to2" || calls[1] != "2to3" {
-			t.Errorf("migrations ran %v", calls)
-		}
-		// Already current: nothing runs again.
-		if v := version(t, path, 3, []Migration{mark("again"), mark("again")}); v != 3 || len(calls) != 2 {
-			t.Errorf("version %d, calls %v", v, calls)
-		}
-	})
-	t.Run("missing migration", func(t *testing.T) {
-		path := filepath.Join(t.TempDir(), "db")
-		version(t, path, 1, nil)
-		if _, err := Open(ctx, path, withSchema(3, []Migration{mark("1to2")})); !errdefs.IsFailedPrecondition(err) {
-			t.Errorf("open without migration: %v", err)
-		}
-		if v := version(t, path, 1, nil); v != 1 {
-			t.Errorf("version changed to %d", v)
-		}
-	})
-	t.Run("failed migration rolls back", func(t *testing.T) {
-		path := filepath.Join(t.TempDir(), "db")
-		version(t, path, 1, nil)
-		if _, err := Open(ctx, path, withSchema(2, []Migration{failing})); err == nil {
-			t.Fatal("open with failing migration succeeded")
-		}
-		db, err := Open(ctx, path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer db.Close()
-		view(t, db, func(tx *Tx) error {
-			if tx.kv.Get([]byte("partial")) != nil {
-				t.Error("failed migration left a write behind")
-			}
-			return nil
-		})
-	})
-}
-
 func TestOpenForeignFiles(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
@@ -185,7 +97,7 @@ func TestTransactions(t *testing.T) {
 		}
 		return errAbort
 	})
-	if err != errAbort {
+	if !errors.Is(err, errAbort) {
 		t.Fatalf("update returned %v", err)
 	}
 	view(t, db, func(tx *Tx) error {

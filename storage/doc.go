@@ -1,94 +1,56 @@
 // Package storage keeps all of thin-snapshotter's state in one bbolt
-// database, so every state change (snapshot records, the parent → children
-// index, thin device id allocation, the pool journal, the pool transaction
-// id) is one atomic transaction. It knows nothing about the kernel.
+// database, so that every change the snapshotter makes (snapshot records,
+// the parent → children index, thin device id allocation, the pool journal,
+// the pool transaction id) is one atomic transaction. It knows nothing about
+// the kernel; bbolt stays inside it.
 //
-// # Opening
+// # Transactions
 //
-//	Open(ctx, path string, opts ...Opt) (*DB, error)
-//	    opts: WithTimeout(time.Duration) (default DefaultOpenTimeout = 1s),
-//	          WithNoSync() (tests and benchmarks only)
-//	    A database held by another process (or another handle) fails after
-//	    the timeout with an error matching both ErrInUse and
-//	    errdefs.ErrUnavailable. A schema newer than SchemaVersion is
-//	    FailedPrecondition; older ones are migrated in place.
-//	(*DB).Close() error
-//	(*DB).View(ctx, func(tx *Tx) error) error    // read-only transaction
-//	(*DB).Update(ctx, func(tx *Tx) error) error  // write transaction, serialized
-//	    fn's error rolls the whole transaction back. fn must not call View
-//	    or Update (bbolt would deadlock), must not keep tx, and should be
-//	    short: no kernel work inside a transaction. A Tx method refusing
-//	    its arguments (NotFound, AlreadyExists, InvalidArgument,
-//	    FailedPrecondition...) writes nothing, so fn may go on after it.
-//	(*DB).Path() string; (*DB).Size() (int64, error)
-//	(*DB).SchemaVersion(ctx) (uint32, error)
+// Open takes the file's lock; a second opener waits for the timeout and
+// then fails with ErrInUse (also errdefs.ErrUnavailable). Everything else
+// happens inside DB.View or DB.Update callbacks, which receive a Tx. A
+// callback's error rolls the whole transaction back, and a Tx method that
+// refuses its arguments writes nothing, so a callback may try something and
+// carry on. Write transactions are serialized: callbacks must be short and
+// never do kernel work, which is why the snapshotter splits every pool
+// operation into "decide" and "record the outcome" transactions around it.
 //
-// # Snapshot records (Tx methods)
+// # Snapshot records
 //
-//	CreateSnapshot(Snapshot) (Snapshot, error)
-//	GetSnapshot(key string) (Snapshot, error)          // any state
-//	Stat(key string) (snapshots.Info, error)           // StateReady only
-//	UpdateInfo(snapshots.Info, fieldpaths ...string) (snapshots.Info, error)
-//	Walk(fn func(snapshots.Info) error, filters ...string) error // StateReady only
-//	WalkSnapshots(fn func(Snapshot) error) error       // any state
-//	CommitActive(key, name string, usage snapshots.Usage, opts ...snapshots.Opt) (Snapshot, error)
-//	RemoveSnapshot(key string) (Snapshot, error)
-//	SetState(key string, State) (Snapshot, error)
-//	SetShared(key string, shared uint64) (Snapshot, error)
-//	Children(key string) ([]string, error)
+// A record is containerd's snapshot (kind, parent, labels, times) plus what
+// the pool needs: its thin device id, size, filesystem, and lifecycle State.
+// Records are created StateCreating, become StateReady once their device
+// exists, and StateRemoving while removal is under way. Only ready records
+// are visible to clients (Stat, Walk, UpdateInfo), can be parents or can be
+// committed; recovery and checks see every record through GetSnapshot and
+// WalkSnapshots. Walk takes containerd's filter syntax. Errors carry
+// containerd's errdefs kinds, with the meanings containerd's own metadata
+// store gives them.
 //
-// Walk filters use containerd's syntax (pkg/filters): name, kind
-// (view|active|committed), parent, labels.<k> with ==, !=, ~=; fields are
-// ANDed within one filter string (comma) and filter strings are ORed. As in
-// containerd, an invalid regular expression matches nothing.
+// # Thin device ids
 //
-// Errors use containerd's errdefs kinds as containerd's own
-// core/snapshots/storage does: NotFound, AlreadyExists, InvalidArgument
-// (bad kind, parent not committed, bad field path, rebasing a parented
-// active), FailedPrecondition (committing something that is not a ready
-// active snapshot, removing a snapshot with children).
+// Ids are 1..MaxDeviceID, the pool's 24 bits. AllocateID hands out the
+// lowest released id or else the next never-used one; ReserveID takes a
+// specific one. A record with a device id owns it; removing the record
+// leaves the id allocated but unowned until ReleaseID, which the
+// snapshotter calls only once the pool has deleted the device, so an id is
+// never handed out while a device might still carry it.
 //
-// A record's State is StateCreating, StateReady or StateRemoving. Only ready
-// records exist for Stat, Walk and UpdateInfo, can be parents, or can be
-// committed; the snapshotter creates records as StateCreating, does the
-// pool work outside any transaction, then sets StateReady (or removes the
-// record) in a second transaction.
+// # The journal
 //
-// # Thin device ids (Tx methods)
+// Every pool mutation is written down as an Entry in the same transaction
+// that changes the records, before the pool is touched, and removed by
+// FinishJournal in the transaction that records its outcome. After a crash
+// the pending entries are exactly the operations whose outcome is unknown;
+// the snapshotter finishes or undoes each on start. The database also keeps
+// the pool transaction id the snapshotter last set and PoolInfo, which ties
+// the database to its pool and names the base device.
 //
-//	AllocateID() (uint32, error)     // lowest released id, else next new one; ResourceExhausted when full
-//	ReserveID(id uint32) error       // a specific id, e.g. the base device's; AlreadyExists if taken
-//	ReleaseID(id uint32) error       // after the pool confirmed deletion; FailedPrecondition while a record owns it
-//	IDInUse(id uint32) (bool, error)
-//	IDOwner(id uint32) (owner string, inUse bool, err error)
-//	WalkIDs(fn func(id uint32, owner string) error) error
+// # On disk
 //
-// Ids are 1..MaxDeviceID (24 bits). A record with a non-zero DeviceID owns
-// that id: CreateSnapshot requires it allocated and unowned, CommitActive
-// moves ownership to the committed name, RemoveSnapshot leaves the id
-// allocated but unowned until ReleaseID.
-//
-// # Pool journal and identity (Tx methods)
-//
-//	AddJournal(Entry) (seq uint64, error)
-//	Journal() ([]Entry, error)          // pending entries, oldest first
-//	GetJournal(seq uint64) (Entry, error)
-//	FinishJournal(seq uint64) error
-//	TransactionID() (uint64, error); SetTransactionID(uint64) error
-//	PoolInfo() (PoolInfo, error); SetPoolInfo(PoolInfo) error
-//	Meta(key string) ([]byte, error); SetMeta(key string, value []byte) error; DeleteMeta(key string) error
-//
-// A typical create:
-//
-//	Update: AllocateID, CreateSnapshot{State: StateCreating, DeviceID: id},
-//	        AddJournal{Op: OpCreateSnap, DeviceID: id, OriginID: parentID, TxID: n+1}
-//	(pool work, no transaction open)
-//	Update: SetState(key, StateReady), SetTransactionID(n+1), FinishJournal(seq)
-//	  or, on failure: RemoveSnapshot(key), ReleaseID(id), FinishJournal(seq)
-//
-// A typical remove:
-//
-//	Update: RemoveSnapshot(key), AddJournal{Op: OpDelete, DeviceID: id}
-//	(pool work)
-//	Update: ReleaseID(id), FinishJournal(seq)
+// Records are a compact hand-written binary encoding. The database carries
+// one schema version for its whole layout; Open migrates an older database
+// in the transaction that opens it and refuses a newer one with
+// errdefs.ErrFailedPrecondition. A record that does not decode is reported
+// as errdefs.ErrDataLoss, never skipped.
 package storage

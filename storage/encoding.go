@@ -11,15 +11,11 @@ import (
 	"github.com/containerd/errdefs"
 )
 
-// Values are stored in a small hand-written binary format: a leading format
-// version byte, then fixed-order fields as varints and length-prefixed byte
-// strings. It is a few times smaller than JSON and cheaper to decode, and the
-// version byte lets a later schema migration recognise old records.
-const (
-	snapshotFormatV1 = 1
-	journalFormatV1  = 1
-	poolFormatV1     = 1
-)
+// Values are stored in a small hand-written binary format: fixed-order
+// fields as varints and length-prefixed strings, a few times smaller than
+// JSON and cheaper to decode. Records carry no version of their own: the
+// database's schema version (schema.go) says how all of them are encoded,
+// and a migration rewrites them when it changes.
 
 // errCorrupt is wrapped by every decoding error so callers can tell a broken
 // database from a missing record.
@@ -30,7 +26,6 @@ type encoder struct{ b []byte }
 func (e *encoder) byte(v byte)             { e.b = append(e.b, v) }
 func (e *encoder) uvarint(v uint64)        { e.b = binary.AppendUvarint(e.b, v) }
 func (e *encoder) varint(v int64)          { e.b = binary.AppendVarint(e.b, v) }
-func (e *encoder) bytes(v []byte)          { e.uvarint(uint64(len(v))); e.b = append(e.b, v...) }
 func (e *encoder) string(v string)         { e.uvarint(uint64(len(v))); e.b = append(e.b, v...) }
 func (e *encoder) time(t time.Time)        { e.varint(t.Unix()); e.uvarint(uint64(t.Nanosecond())) }
 func (e *encoder) usage(u snapshots.Usage) { e.varint(u.Size); e.varint(u.Inodes) }
@@ -110,16 +105,9 @@ func (d *decoder) raw(what string) []byte {
 	return v
 }
 
+// string copies, as it must: bbolt memory is only valid inside the
+// transaction.
 func (d *decoder) string(what string) string { return string(d.raw(what)) }
-
-func (d *decoder) bytes(what string) []byte {
-	v := d.raw(what)
-	if len(v) == 0 {
-		return nil
-	}
-	// Copy: bbolt memory is only valid inside the transaction.
-	return append([]byte(nil), v...)
-}
 
 func (d *decoder) time(what string) time.Time {
 	sec := d.varint(what)
@@ -151,7 +139,6 @@ func (d *decoder) finish(what string) error {
 // encodeSnapshot encodes everything but the key, which is the bbolt key.
 func encodeSnapshot(s *Snapshot) []byte {
 	e := encoder{b: make([]byte, 0, 48+len(s.Parent)+len(s.FSType)+labelsSize(s.Labels))}
-	e.byte(snapshotFormatV1)
 	e.byte(byte(s.Kind))
 	e.byte(byte(s.State))
 	e.uvarint(uint64(s.DeviceID))
@@ -181,9 +168,6 @@ func labelsSize(l map[string]string) int {
 
 func decodeSnapshot(key string, b []byte) (Snapshot, error) {
 	d := decoder{b: b}
-	if v := d.byte("format"); d.err == nil && v != snapshotFormatV1 {
-		return Snapshot{}, fmt.Errorf("%w: snapshot %q: unknown format %d: %w", errCorrupt, key, v, errdefs.ErrDataLoss)
-	}
 	s := Snapshot{Key: key}
 	s.Kind = snapshots.Kind(d.byte("kind"))
 	s.State = State(d.byte("state"))
@@ -232,8 +216,7 @@ func validKind(k snapshots.Kind) bool {
 }
 
 func encodeEntry(en *Entry) []byte {
-	e := encoder{b: make([]byte, 0, 40+len(en.Key)+len(en.Name)+len(en.Data))}
-	e.byte(journalFormatV1)
+	e := encoder{b: make([]byte, 0, 40+len(en.Key)+len(en.Name))}
 	e.byte(byte(en.Op))
 	e.uvarint(uint64(en.DeviceID))
 	e.uvarint(uint64(en.OriginID))
@@ -242,15 +225,11 @@ func encodeEntry(en *Entry) []byte {
 	e.time(en.Created)
 	e.string(en.Key)
 	e.string(en.Name)
-	e.bytes(en.Data)
 	return e.b
 }
 
 func decodeEntry(seq uint64, b []byte) (Entry, error) {
 	d := decoder{b: b}
-	if v := d.byte("format"); d.err == nil && v != journalFormatV1 {
-		return Entry{}, fmt.Errorf("%w: journal entry %d: unknown format %d: %w", errCorrupt, seq, v, errdefs.ErrDataLoss)
-	}
 	en := Entry{Seq: seq}
 	en.Op = Op(d.byte("op"))
 	en.DeviceID = d.uint32("device id")
@@ -260,7 +239,9 @@ func decodeEntry(seq uint64, b []byte) (Entry, error) {
 	en.Created = d.time("created")
 	en.Key = d.string("key")
 	en.Name = d.string("name")
-	en.Data = d.bytes("data")
+	if d.err == nil && !en.Op.valid() {
+		d.err = fmt.Errorf("%w: unknown %s", errCorrupt, en.Op)
+	}
 	if err := d.finish(fmt.Sprintf("journal entry %d", seq)); err != nil {
 		return Entry{}, err
 	}
@@ -269,11 +250,7 @@ func decodeEntry(seq uint64, b []byte) (Entry, error) {
 
 func encodePoolInfo(p *PoolInfo) []byte {
 	e := encoder{}
-	e.byte(poolFormatV1)
 	e.string(p.Name)
-	e.string(p.DataDevice)
-	e.string(p.MetadataDevice)
-	e.uvarint(uint64(p.BlockSectors))
 	e.time(p.Created)
 	e.uvarint(uint64(p.BaseDeviceID))
 	e.uvarint(p.BaseSize)
@@ -283,14 +260,8 @@ func encodePoolInfo(p *PoolInfo) []byte {
 
 func decodePoolInfo(b []byte) (PoolInfo, error) {
 	d := decoder{b: b}
-	if v := d.byte("format"); d.err == nil && v != poolFormatV1 {
-		return PoolInfo{}, fmt.Errorf("%w: pool info: unknown format %d: %w", errCorrupt, v, errdefs.ErrDataLoss)
-	}
 	var p PoolInfo
 	p.Name = d.string("name")
-	p.DataDevice = d.string("data device")
-	p.MetadataDevice = d.string("metadata device")
-	p.BlockSectors = d.uint32("block size")
 	p.Created = d.time("created")
 	p.BaseDeviceID = d.uint32("base device id")
 	p.BaseSize = d.uvarint("base size")

@@ -9,29 +9,26 @@ import (
 )
 
 // Op names a pool operation recorded in the journal. Values are stored as
-// one byte; unknown values read back unchanged so newer ops survive an
-// older reader.
+// one byte and are never reused: 4, 5 and 7 belonged to operations schema 1
+// named but nothing ever journaled.
 type Op uint8
 
+// The operations the snapshotter journals.
 const (
-	OpCreateThin Op = iota + 1 // create thin device DeviceID of Size bytes
-	OpCreateSnap               // snapshot OriginID into DeviceID
-	OpDelete                   // delete thin device DeviceID
-	OpActivate                 // activate DeviceID (create its dm device)
-	OpDeactivate               // remove DeviceID's dm device
-	OpCommit                   // commit active Key as Name on DeviceID
-	OpMkfs                     // make a filesystem on DeviceID
+	OpCreateThin Op = 1 // create thin device DeviceID of Size bytes
+	OpCreateSnap Op = 2 // snapshot OriginID into DeviceID
+	OpDelete     Op = 3 // delete thin device DeviceID
+	OpCommit     Op = 6 // commit active Key as Name on DeviceID
 )
 
 var opNames = map[Op]string{
 	OpCreateThin: "create_thin",
 	OpCreateSnap: "create_snap",
 	OpDelete:     "delete",
-	OpActivate:   "activate",
-	OpDeactivate: "deactivate",
 	OpCommit:     "commit",
-	OpMkfs:       "mkfs",
 }
+
+func (o Op) valid() bool { _, ok := opNames[o]; return ok }
 
 func (o Op) String() string {
 	if n, ok := opNames[o]; ok {
@@ -53,7 +50,6 @@ type Entry struct {
 	TxID     uint64 // pool transaction id the operation will set
 	Size     uint64 // bytes, e.g. of OpCreateThin
 	Created  time.Time
-	Data     []byte // free for the snapshotter
 }
 
 func (e Entry) String() string {
@@ -66,8 +62,8 @@ func (tx *Tx) AddJournal(e Entry) (uint64, error) {
 	if err := tx.checkWritable(); err != nil {
 		return 0, err
 	}
-	if e.Op == 0 {
-		return 0, fmt.Errorf("journal entry without op: %w", errdefs.ErrInvalidArgument)
+	if !e.Op.valid() {
+		return 0, fmt.Errorf("journal entry with unknown %s: %w", e.Op, errdefs.ErrInvalidArgument)
 	}
 	if e.DeviceID > MaxDeviceID || e.OriginID > MaxDeviceID {
 		return 0, fmt.Errorf("journal entry device id out of range: %w", errdefs.ErrInvalidArgument)

@@ -1,7 +1,6 @@
 package storage
 
 import (
-	"bytes"
 	"context"
 	"slices"
 	"testing"
@@ -28,7 +27,7 @@ func TestJournal(t *testing.T) {
 	in := []Entry{
 		{Op: OpCreateSnap, DeviceID: 5, OriginID: 2, Key: "k", TxID: 11, Size: 1 << 30},
 		{Op: OpCommit, DeviceID: 5, Key: "k", Name: "n", TxID: 12, Created: given},
-		{Op: OpDelete, DeviceID: MaxDeviceID, Data: []byte{0, 1, 2}},
+		{Op: OpDelete, DeviceID: MaxDeviceID},
 	}
 	var seqs []uint64
 	update(t, db, func(tx *Tx) error {
@@ -56,7 +55,7 @@ func TestJournal(t *testing.T) {
 		for i, e := range got {
 			want := in[i]
 			if e.Seq != seqs[i] || e.Op != want.Op || e.DeviceID != want.DeviceID || e.OriginID != want.OriginID ||
-				e.Key != want.Key || e.Name != want.Name || e.TxID != want.TxID || e.Size != want.Size || !bytes.Equal(e.Data, want.Data) {
+				e.Key != want.Key || e.Name != want.Name || e.TxID != want.TxID || e.Size != want.Size {
 				t.Errorf("entry %d = %v, want %v", i, e, want)
 			}
 			if e.Created.IsZero() || (!want.Created.IsZero() && !e.Created.Equal(want.Created)) {
@@ -97,7 +96,7 @@ func TestJournal(t *testing.T) {
 		if err := tx.FinishJournal(seqs[2]); err != nil {
 			return err
 		}
-		seq, err := tx.AddJournal(Entry{Op: OpActivate, DeviceID: 1})
+		seq, err := tx.AddJournal(Entry{Op: OpCreateThin, DeviceID: 1})
 		if seq <= seqs[2] {
 			t.Errorf("new seq %d after %v", seq, seqs)
 		}
@@ -109,6 +108,8 @@ func TestJournalInvalid(t *testing.T) {
 	db, _ := openTestDB(t)
 	for _, e := range []Entry{
 		{},
+		{Op: 4, DeviceID: 1},
+		{Op: 200, DeviceID: 1},
 		{Op: OpDelete, DeviceID: MaxDeviceID + 1},
 		{Op: OpCreateSnap, DeviceID: 1, OriginID: MaxDeviceID + 1},
 	} {
@@ -124,8 +125,8 @@ func TestJournalInvalid(t *testing.T) {
 
 func TestOpString(t *testing.T) {
 	for op, want := range map[Op]string{
-		OpCreateThin: "create_thin", OpCreateSnap: "create_snap", OpDelete: "delete", OpActivate: "activate",
-		OpDeactivate: "deactivate", OpCommit: "commit", OpMkfs: "mkfs", 200: "op(200)",
+		OpCreateThin: "create_thin", OpCreateSnap: "create_snap", OpDelete: "delete", OpCommit: "commit",
+		4: "op(4)", 200: "op(200)",
 	} {
 		if got := op.String(); got != want {
 			t.Errorf("%d: %q, want %q", op, got, want)
@@ -133,10 +134,10 @@ func TestOpString(t *testing.T) {
 	}
 }
 
-func TestMetaValues(t *testing.T) {
+func TestPoolValues(t *testing.T) {
 	db, path := openTestDB(t)
-	pool := PoolInfo{Name: "thin-pool", DataDevice: "/dev/loop0", MetadataDevice: "/dev/loop1", BlockSectors: 128,
-		Created: time.Date(2026, 11, 27, 1, 2, 3, 4, time.UTC), BaseDeviceID: 1, BaseSize: 10 << 30, BaseFSType: "ext4"}
+	pool := PoolInfo{Name: "thin-pool", Created: time.Date(2026, 11, 27, 1, 2, 3, 4, time.UTC),
+		BaseDeviceID: 1, BaseSize: 10 << 30, BaseFSType: "ext4"}
 	view(t, db, func(tx *Tx) error {
 		if v, err := tx.TransactionID(); err != nil || v != 0 {
 			t.Errorf("initial txid %d %v", v, err)
@@ -144,37 +145,13 @@ func TestMetaValues(t *testing.T) {
 		if _, err := tx.PoolInfo(); errKind(err) != "notfound" {
 			t.Errorf("initial pool info: %v", err)
 		}
-		if _, err := tx.Meta("base"); errKind(err) != "notfound" {
-			t.Errorf("missing meta: %v", err)
-		}
-		if _, err := tx.Meta(""); errKind(err) != "invalid" {
-			t.Errorf("empty meta key: %v", err)
-		}
 		return nil
 	})
 	update(t, db, func(tx *Tx) error {
 		if err := tx.SetTransactionID(1<<40 + 3); err != nil {
 			return err
 		}
-		if err := tx.SetPoolInfo(pool); err != nil {
-			return err
-		}
-		if err := tx.SetMeta("empty", nil); err != nil {
-			return err
-		}
-		if err := tx.SetMeta("gone", []byte("x")); err != nil {
-			return err
-		}
-		if err := tx.DeleteMeta("gone"); err != nil {
-			return err
-		}
-		if err := tx.DeleteMeta("never-there"); err != nil {
-			return err
-		}
-		if err := tx.SetMeta("", nil); errKind(err) != "invalid" {
-			t.Errorf("SetMeta empty key: %v", err)
-		}
-		return tx.SetMeta("base", []byte{0, 1, 2, 0})
+		return tx.SetPoolInfo(pool)
 	})
 	db.Close()
 	db, err := Open(context.Background(), path, WithNoSync())
@@ -188,15 +165,6 @@ func TestMetaValues(t *testing.T) {
 		}
 		if got, err := tx.PoolInfo(); err != nil || got != pool {
 			t.Errorf("pool info %+v %v", got, err)
-		}
-		if v, err := tx.Meta("base"); err != nil || !bytes.Equal(v, []byte{0, 1, 2, 0}) {
-			t.Errorf("meta base %v %v", v, err)
-		}
-		if v, err := tx.Meta("empty"); err != nil || len(v) != 0 {
-			t.Errorf("meta empty %v %v", v, err)
-		}
-		if _, err := tx.Meta("gone"); errKind(err) != "notfound" {
-			t.Errorf("deleted meta: %v", err)
 		}
 		return nil
 	})

@@ -3,6 +3,7 @@ package storage
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"flag"
 	"fmt"
 	"maps"
@@ -460,7 +461,9 @@ func (r *modelRun) step(tx *Tx) {
 		e := Entry{Op: Op(r.rng.IntN(9)), DeviceID: r.id(), OriginID: uint32(r.rng.IntN(50)), Key: r.key(), TxID: r.rng.Uint64()}
 		seq, err := tx.AddJournal(e)
 		want := ""
-		if e.Op == 0 || e.DeviceID > MaxDeviceID {
+		switch {
+		case e.Op != OpCreateThin && e.Op != OpCreateSnap && e.Op != OpDelete && e.Op != OpCommit,
+			e.DeviceID > MaxDeviceID:
 			want = "invalid"
 		}
 		r.check(fmt.Sprintf("journal %v", e), err, want)
@@ -655,7 +658,7 @@ func runModel(t *testing.T, seed uint64, ops int) {
 			return nil
 		})
 		if abort {
-			if err != errAbort {
+			if !errors.Is(err, errAbort) {
 				r.failf("aborted update returned %v", err)
 			}
 			r.m = saved

@@ -21,13 +21,14 @@ const MaxKeyLen = 4096
 type State uint8
 
 const (
-	// StateCreating: the record and its device id are reserved, the pool
-	// work (thin create / snapshot, mkfs) is not known to have finished.
+	// StateCreating means the record and its device id are reserved and
+	// the pool work (thin create / snapshot, mkfs) is not known to have
+	// finished.
 	StateCreating State = 1
-	// StateReady: visible through Stat, Walk and UpdateInfo; usable as a
-	// parent; an active one can be committed.
+	// StateReady records are visible through Stat, Walk and UpdateInfo,
+	// usable as parents, and an active one can be committed.
 	StateReady State = 2
-	// StateRemoving: removal has started; hidden like StateCreating.
+	// StateRemoving means removal has started; hidden like StateCreating.
 	StateRemoving State = 3
 )
 

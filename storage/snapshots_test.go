@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -302,7 +303,7 @@ func TestWalkFilters(t *testing.T) {
 	err := db.View(t.Context(), func(tx *Tx) error {
 		return tx.Walk(func(snapshots.Info) error { n++; return stop })
 	})
-	if err != stop || n != 1 {
+	if !errors.Is(err, stop) || n != 1 {
 		t.Errorf("walk stop: %v after %d", err, n)
 	}
 }
@@ -409,7 +410,7 @@ func TestCommitActiveErrors(t *testing.T) {
 				}
 				return errAbort // keep the fixture for the next case
 			})
-			if err != errAbort {
+			if !errors.Is(err, errAbort) {
 				t.Fatal(err)
 			}
 		})
@@ -517,7 +518,7 @@ func TestUpdateInfo(t *testing.T) {
 				}
 				return errAbort
 			})
-			if err != errAbort {
+			if !errors.Is(err, errAbort) {
 				t.Fatal(err)
 			}
 		})
@@ -593,12 +594,10 @@ func TestReadOnlyTx(t *testing.T) {
 		"FinishJournal":    func(tx *Tx) error { return tx.FinishJournal(1) },
 		"SetTransactionID": func(tx *Tx) error { return tx.SetTransactionID(1) },
 		"SetPoolInfo":      func(tx *Tx) error { return tx.SetPoolInfo(PoolInfo{}) },
-		"SetMeta":          func(tx *Tx) error { return tx.SetMeta("k", nil) },
-		"DeleteMeta":       func(tx *Tx) error { return tx.DeleteMeta("k") },
 	} {
 		t.Run(name, func(t *testing.T) {
 			err := db.View(t.Context(), func(tx *Tx) error {
-				if tx.Writable() {
+				if tx.tx.Writable() {
 					t.Error("view tx is writable")
 				}
 				return fn(tx)

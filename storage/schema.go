@@ -1,0 +1,221 @@
+package storage
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+
+	"github.com/containerd/errdefs"
+	bolt "go.etcd.io/bbolt"
+)
+
+// The layout of the database is versioned as a whole: meta/schema holds the
+// version that wrote it. Open brings an older database up to date in the
+// same write transaction that checks it, one migration per version, so a
+// failed migration leaves the file as it was; a newer database is refused
+// (FailedPrecondition) rather than guessed at.
+//
+// Version 1 is the layout of commit 75866ef and before: every record led by
+// a format byte of 1, journal entries with a trailing Data field, pool info
+// with data device, metadata device and block size, and a "kv" bucket for
+// SetMeta. Version 2 drops what nothing ever set or read: records have no
+// format byte (the schema version alone says how they are encoded), entries
+// no Data, pool info only the fields the snapshotter sets, and there is no
+// kv bucket.
+const schemaVersion uint32 = 2
+
+// migration upgrades a database from one schema version to the next inside
+// Open's write transaction.
+type migration func(tx *bolt.Tx) error
+
+// migrations[v-1] upgrades version v to v+1.
+var migrations = []migration{migrateSchema1}
+
+func initSchema(tx *bolt.Tx, want uint32, migs []migration) error {
+	meta := tx.Bucket(bucketMeta)
+	if meta == nil {
+		// A fresh file; a non-empty file without our meta bucket is
+		// someone else's database and must not be adopted.
+		empty := true
+		_ = tx.ForEach(func([]byte, *bolt.Bucket) error { empty = false; return nil })
+		if !empty {
+			return fmt.Errorf("not a thin-snapshotter database (no meta bucket): %w", errdefs.ErrFailedPrecondition)
+		}
+		for _, name := range allBuckets {
+			if _, err := tx.CreateBucket(name); err != nil {
+				return fmt.Errorf("create bucket %s: %w", name, err)
+			}
+		}
+		return putSchema(tx, want)
+	}
+	raw := meta.Get(metaSchema)
+	if len(raw) != 4 {
+		return fmt.Errorf("%w: schema version missing: %w", errCorrupt, errdefs.ErrDataLoss)
+	}
+	have := binary.BigEndian.Uint32(raw)
+	if have > want {
+		return fmt.Errorf("database schema version %d is newer than version %d, the newest this program knows; use a newer thin-snapshotter: %w",
+			have, want, errdefs.ErrFailedPrecondition)
+	}
+	for v := have; v < want; v++ {
+		if v == 0 || int(v) > len(migs) || migs[v-1] == nil {
+			return fmt.Errorf("no migration from schema version %d to %d: %w", v, v+1, errdefs.ErrFailedPrecondition)
+		}
+		if err := migs[v-1](tx); err != nil {
+			return fmt.Errorf("migrate schema %d to %d: %w", v, v+1, err)
+		}
+	}
+	// Buckets a version adds are created by its migration, so any gap
+	// here is damage, not something to paper over.
+	for _, name := range allBuckets {
+		if tx.Bucket(name) == nil {
+			return fmt.Errorf("%w: bucket %s missing: %w", errCorrupt, name, errdefs.ErrDataLoss)
+		}
+	}
+	if have != want {
+		return putSchema(tx, want)
+	}
+	return nil
+}
+
+func putSchema(tx *bolt.Tx, v uint32) error {
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], v)
+	return tx.Bucket(bucketMeta).Put(metaSchema, b[:])
+}
+
+// migrateSchema1 rewrites a version 1 database as version 2. It reads the
+// old records with the decoder's primitives rather than today's record
+// decoders, so it stays right when a later version changes those. What
+// version 2 drops must be empty: nothing ever wrote it, so a value there
+// came from a writer this code does not know, and refusing keeps it for the
+// version that does.
+func migrateSchema1(tx *bolt.Tx) error {
+	kvName := []byte("kv")
+	if kv := tx.Bucket(kvName); kv != nil {
+		if k, _ := kv.Cursor().First(); k != nil {
+			return fmt.Errorf("schema 1 kv bucket holds key %q, which schema 2 has no place for: %w", k, errdefs.ErrFailedPrecondition)
+		}
+		if err := tx.DeleteBucket(kvName); err != nil {
+			return fmt.Errorf("delete kv bucket: %w", err)
+		}
+	}
+	if err := rewriteBucket(tx, bucketSnapshots, snapshotFromV1); err != nil {
+		return err
+	}
+	if err := rewriteBucket(tx, bucketJournal, entryFromV1); err != nil {
+		return err
+	}
+	meta := tx.Bucket(bucketMeta)
+	if v := meta.Get(metaPool); v != nil {
+		p, err := poolInfoFromV1(v)
+		if err != nil {
+			return err
+		}
+		if err := meta.Put(metaPool, p); err != nil {
+			return fmt.Errorf("write pool info: %w", err)
+		}
+	}
+	return nil
+}
+
+// rewriteBucket replaces every value of bucket name by fn's result. Values
+// are collected first because bbolt forbids writes during ForEach, and
+// copied because a write may move the pages they point into.
+func rewriteBucket(tx *bolt.Tx, name []byte, fn func(k, v []byte) ([]byte, error)) error {
+	b := tx.Bucket(name)
+	if b == nil {
+		return fmt.Errorf("%w: bucket %s missing: %w", errCorrupt, name, errdefs.ErrDataLoss)
+	}
+	type kv struct{ k, v []byte }
+	var out []kv
+	if err := b.ForEach(func(k, v []byte) error {
+		nv, err := fn(k, v)
+		if err != nil {
+			return err
+		}
+		out = append(out, kv{bytes.Clone(k), bytes.Clone(nv)})
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, r := range out {
+		if err := b.Put(r.k, r.v); err != nil {
+			return fmt.Errorf("rewrite %s %q: %w", name, r.k, err)
+		}
+	}
+	return nil
+}
+
+const formatV1 = 1 // the byte every schema 1 record starts with
+
+// snapshotFromV1: a version 2 snapshot is the version 1 one without its
+// format byte.
+func snapshotFromV1(k, v []byte) ([]byte, error) {
+	if len(v) == 0 || v[0] != formatV1 {
+		return nil, fmt.Errorf("%w: schema 1 snapshot %q has no format byte: %w", errCorrupt, k, errdefs.ErrDataLoss)
+	}
+	return v[1:], nil
+}
+
+// entryFromV1 drops the format byte and the trailing Data of a journal
+// entry, which must be empty, and refuses the ops schema 1 named but never
+// journaled (4 activate, 5 deactivate, 7 mkfs) or never named.
+func entryFromV1(k, v []byte) ([]byte, error) {
+	if len(k) != 8 {
+		return nil, fmt.Errorf("%w: journal key has %d bytes: %w", errCorrupt, len(k), errdefs.ErrDataLoss)
+	}
+	seq := binary.BigEndian.Uint64(k)
+	d := decoder{b: v}
+	format := d.byte("format")
+	op := d.byte("op")
+	d.uint32("device id")
+	d.uint32("origin id")
+	d.uvarint("transaction id")
+	d.uvarint("size")
+	d.time("created")
+	d.raw("key")
+	d.raw("name")
+	end := len(v) - len(d.b)
+	data := d.raw("data")
+	if err := d.finish(fmt.Sprintf("schema 1 journal entry %d", seq)); err != nil {
+		return nil, err
+	}
+	switch {
+	case format != formatV1:
+		return nil, fmt.Errorf("%w: schema 1 journal entry %d has format %d: %w", errCorrupt, seq, format, errdefs.ErrDataLoss)
+	case op != 1 && op != 2 && op != 3 && op != 6:
+		return nil, fmt.Errorf("schema 1 journal entry %d has op %d, which schema 2 does not know: %w", seq, op, errdefs.ErrFailedPrecondition)
+	case len(data) != 0:
+		return nil, fmt.Errorf("schema 1 journal entry %d carries %d bytes of data, which schema 2 has no place for: %w", seq, len(data), errdefs.ErrFailedPrecondition)
+	}
+	return v[1:end], nil
+}
+
+// poolInfoFromV1 drops the format byte and the data device, metadata
+// device and block size fields, which must be empty.
+func poolInfoFromV1(v []byte) ([]byte, error) {
+	d := decoder{b: v}
+	format := d.byte("format")
+	d.raw("name")
+	nameEnd := len(v) - len(d.b)
+	dataDev := d.raw("data device")
+	metaDev := d.raw("metadata device")
+	block := d.uint32("block size")
+	restStart := len(v) - len(d.b)
+	d.time("created")
+	d.uint32("base device id")
+	d.uvarint("base size")
+	d.raw("base fs type")
+	if err := d.finish("schema 1 pool info"); err != nil {
+		return nil, err
+	}
+	if format != formatV1 {
+		return nil, fmt.Errorf("%w: schema 1 pool info has format %d: %w", errCorrupt, format, errdefs.ErrDataLoss)
+	}
+	if len(dataDev) != 0 || len(metaDev) != 0 || block != 0 {
+		return nil, fmt.Errorf("schema 1 pool info records data device %q, metadata device %q, block size %d, which schema 2 has no place for: %w",
+			dataDev, metaDev, block, errdefs.ErrFailedPrecondition)
+	}
+	return append(bytes.Clone(v[1:nameEnd]), v[restStart:]...), nil
+}
