@@ -1,6 +1,6 @@
 # thin-snapshotter: build, test, bench, demo.
 #
-#   make test   — everything: gofmt, vet, unit tests (race), then on a real
+#   make test   — everything: lint (below), unit tests (race), then on a real
 #                 dm-thin kernel (directly on a host that has it as root,
 #                 otherwise in a throwaway qemu VM: test/vm/run) the integration
 #                 tests, containerd end to end, and the kill -9 soak.
@@ -68,7 +68,7 @@ lint-shell:
 test-unit:
 	$(GO) test -race -count=1 $(PKGS)
 
-# --- on the real kernel -----------------------------------------------------------
+# --- on the real kernel --------------------------------------------------------
 # $(call on-kernel,PKGS,TEST_FLAGS,VM_FLAGS,ENV)
 # Builds the test binaries of PKGS into $(BENCHDIR) (dmsetup.test,
 # cmd_thin-snapshotter.test, ...) and runs them with test/run-integration on a
