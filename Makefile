@@ -68,7 +68,7 @@ lint-shell:
 test-unit:
 	$(GO) test -race -count=1 $(PKGS)
 
-# --- on the real kernel --------------------------------------------------------
+# --- on the real kernel -------------------------------------------------------
 # $(call on-kernel,PKGS,TEST_FLAGS,VM_FLAGS,ENV)
 # Builds the test binaries of PKGS into $(BENCHDIR) (dmsetup.test,
 # cmd_thin-snapshotter.test, ...) and runs them with test/run-integration on a
