@@ -21,7 +21,7 @@ func TestIntegrationSuiteGRPC(t *testing.T) {
 	testsuite.SnapshotterSuite(t, "grpc-thin", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
 		var daemonRoot string
 		factory := func(ctx context.Context, cfg *config.Config) (snapshots.Snapshotter, error) {
-			sc := snapshotterConfig(cfg)
+			sc := cfg.Snapshotter()
 			// Small pool and filesystems: the VM is slow.
 			sc.DataSize, sc.MetadataSize, sc.BaseSize = 1<<30, 16<<20, 64<<20
 			daemonRoot = cfg.Root
