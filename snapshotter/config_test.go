@@ -85,7 +85,7 @@ func TestConfigValidate(t *testing.T) {
 		{name: "threshold NaN", modify: func(c *Config) { c.MinFreeData = math.NaN() }, fields: []string{"MinFreeData"}},
 		{name: "threshold +Inf", modify: func(c *Config) { c.MinFreeMetadata = math.Inf(1) }, fields: []string{"MinFreeMetadata"}},
 		{name: "xfs", modify: func(c *Config) { c.FSType, c.BaseSize = FSTypeXFS, MinBaseSizeXFS }},
-		{name: "xfs small", modify: func(c *Config) { c.FSType, c.BaseSize = FSTypeXFS, MinBaseSizeXFS - 4096 }, fields: []string{"BaseSize"}, msg: "300MiB for xfs"},
+		{name: "xfs small", modify: func(c *Config) { c.FSType, c.BaseSize = FSTypeXFS, MinBaseSizeXFS-4096 }, fields: []string{"BaseSize"}, msg: "300MiB for xfs"},
 		{name: "btrfs", modify: func(c *Config) { c.FSType = "btrfs" }, fields: []string{"FSType"}, msg: "not supported"},
 		{name: "base min", modify: func(c *Config) { c.BaseSize = MinBaseSizeExt4 }},
 		{name: "base small", modify: func(c *Config) { c.BaseSize = MinBaseSizeExt4 - 4096 }, fields: []string{"BaseSize"}, msg: "16MiB for ext4"},
