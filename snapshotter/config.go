@@ -3,16 +3,22 @@ package snapshotter
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"path/filepath"
+	"strings"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 )
 
 // Config is what the snapshotter needs to run; the daemon fills it from its
-// TOML configuration.
+// TOML configuration. A zero size or FSType means its default (no size can
+// be zero); a zero MinFree threshold means that check is off.
 type Config struct {
-	// Root holds the database and, for the embedded pool, its files.
+	// Root holds the database and, for the embedded pool, its files; an
+	// absolute path.
 	Root string
 	// PoolName is the dm name of an existing thin pool. Empty means the
 	// embedded loopback pool under Root, named after Root.
@@ -26,7 +32,7 @@ type Config struct {
 
 	// BaseSize is the virtual size of every thin device, in bytes.
 	BaseSize uint64
-	// FSType is ext4 or xfs.
+	// FSType is FSTypeExt4 or FSTypeXFS.
 	FSType string
 	// MkfsOptions are passed to mkfs before the device argument.
 	MkfsOptions []string
@@ -42,25 +48,84 @@ type Config struct {
 	// MinFreeData and MinFreeMetadata are the percentages of the pool's
 	// data and metadata space that must stay free for Prepare and View to
 	// make new devices; below them they fail with ResourceExhausted, so
-	// running containers keep the room that is left. Negative disables.
+	// running containers keep the room that is left. 0 turns a check off;
+	// DefaultMinFreeData and DefaultMinFreeMetadata are the recommended
+	// values.
 	MinFreeData, MinFreeMetadata float64
 }
 
-// Defaults for the fields a zero Config leaves empty.
+// Filesystems a base device can be formatted with.
 const (
-	DefaultDataSize  = 100 << 30
-	DefaultBlockSize = 64 << 10
-	DefaultBaseSize  = 10 << 30
-	DefaultFSType    = "ext4"
-	// Metadata exhaustion corrupts nothing but fails every write: keep
-	// more headroom there.
+	FSTypeExt4 = "ext4"
+	FSTypeXFS  = "xfs"
+)
+
+// Defaults: the sizes and FSType are what a zero field means; the MinFree
+// thresholds are only recommended, as zero turns them off.
+const (
+	DefaultDataSize     = 100 << 30
+	DefaultMetadataSize = 1 << 30
+	DefaultBlockSize    = MinBlockSize
+	DefaultBaseSize     = 10 << 30
+	DefaultFSType       = FSTypeExt4
+	// Room for running containers to finish their writes, and for an
+	// administrator to grow the pool, before it is full. Metadata
+	// exhaustion corrupts nothing but fails every write: more headroom.
 	DefaultMinFreeData     = 5
 	DefaultMinFreeMetadata = 10
 )
 
+// Limits checked by Validate, in bytes.
+const (
+	// dm-thin's data block size (checked by dmsetup.ValidateBlockSize).
+	MinBlockSize    = dmsetup.MinBlockSizeSectors * sectorBytes
+	MaxBlockSize    = dmsetup.MaxBlockSizeSectors * sectorBytes
+	MinDataSize     = 64 << 20
+	MinMetadataSize = 2 << 20
+	// dm-thin uses at most about 15.9GiB of its metadata device.
+	MaxMetadataSize = 16 << 30
+	MinBaseSizeExt4 = 16 << 20
+	// mkfs.xfs refuses smaller filesystems.
+	MinBaseSizeXFS = 300 << 20
+	// BaseSizeAlign keeps the base device a whole number of filesystem
+	// blocks.
+	BaseSizeAlign = 4096
+	// MaxPoolNameLen is DM_NAME_LEN without the NUL.
+	MaxPoolNameLen = 127
+)
+
+// sectorBytes is the unit of device-mapper lengths.
+// TODO(issue 8): use dmsetup's exported sector size once it has one.
+const sectorBytes = 512
+
+// FieldError is one invalid Config field; it matches
+// errdefs.ErrInvalidArgument. The daemon maps Field to its configuration key.
+type FieldError struct {
+	// Field is the Config field's name, with the entry's index for a list:
+	// "BaseSize", "MountOptions[1]".
+	Field string
+	Msg   string
+}
+
+func (e *FieldError) Error() string { return e.Field + ": " + e.Msg }
+
+// Unwrap makes errors.Is(err, errdefs.ErrInvalidArgument) hold.
+func (e *FieldError) Unwrap() error { return errdefs.ErrInvalidArgument }
+
+// Validate reports whether New would accept c: it applies the defaults to a
+// copy and returns every invalid field at once, each as a *FieldError,
+// joined.
+func (c Config) Validate() error {
+	c.setDefaults()
+	return c.validate()
+}
+
 func (c *Config) setDefaults() {
 	if c.DataSize == 0 {
 		c.DataSize = DefaultDataSize
+	}
+	if c.MetadataSize == 0 {
+		c.MetadataSize = DefaultMetadataSize
 	}
 	if c.BlockSize == 0 {
 		c.BlockSize = DefaultBlockSize
@@ -71,31 +136,111 @@ func (c *Config) setDefaults() {
 	if c.FSType == "" {
 		c.FSType = DefaultFSType
 	}
-	if c.MinFreeData == 0 {
-		c.MinFreeData = DefaultMinFreeData
-	}
-	if c.MinFreeMetadata == 0 {
-		c.MinFreeMetadata = DefaultMinFreeMetadata
-	}
 }
 
+// validate checks c after setDefaults.
 func (c *Config) validate() error {
-	if c.Root == "" {
-		return fmt.Errorf("root directory is required: %w", errdefs.ErrInvalidArgument)
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, &FieldError{Field: field, Msg: fmt.Sprintf(format, args...)})
 	}
-	if c.FSType != "ext4" && c.FSType != "xfs" {
-		return fmt.Errorf("fs_type %q: want ext4 or xfs: %w", c.FSType, errdefs.ErrInvalidArgument)
+
+	switch {
+	case c.Root == "":
+		bad("Root", "must not be empty")
+	case !filepath.IsAbs(c.Root):
+		bad("Root", "%q must be an absolute path", c.Root)
+	case filepath.Clean(c.Root) == "/":
+		bad("Root", "must not be /")
 	}
-	if c.BaseSize%4096 != 0 || c.BaseSize < 16<<20 {
-		return fmt.Errorf("base_size %d: want a multiple of 4096 of at least 16MiB: %w", c.BaseSize, errdefs.ErrInvalidArgument)
+	if c.PoolName != "" {
+		if msg := checkPoolName(c.PoolName); msg != "" {
+			bad("PoolName", "%q %s", c.PoolName, msg)
+		}
 	}
-	if c.BlockSize%(64<<10) != 0 || c.BlockSize > 1<<30 {
-		return fmt.Errorf("block_size %d: want a multiple of 64KiB up to 1GiB: %w", c.BlockSize, errdefs.ErrInvalidArgument)
+
+	bs := c.BlockSize
+	blockOK := bs%sectorBytes == 0 && bs <= MaxBlockSize && dmsetup.ValidateBlockSize(uint32(bs/sectorBytes)) == nil
+	if !blockOK {
+		bad("BlockSize", "%d bytes: must be a multiple of %s from %s to %s",
+			bs, humanSize(dmsetup.BlockSizeMultiple*sectorBytes), humanSize(MinBlockSize), humanSize(MaxBlockSize))
 	}
-	if c.MinFreeData >= 100 || c.MinFreeMetadata >= 100 {
-		return fmt.Errorf("free space thresholds must be below 100%%: %w", errdefs.ErrInvalidArgument)
+	switch ds := c.DataSize; {
+	case ds < MinDataSize || ds%sectorBytes != 0:
+		bad("DataSize", "%d bytes: must be at least %s and a multiple of %d bytes", ds, humanSize(MinDataSize), sectorBytes)
+	case blockOK && ds < bs:
+		bad("DataSize", "%d bytes: smaller than one %d-byte block of the pool", ds, bs)
 	}
-	return nil
+	if ms := c.MetadataSize; ms < MinMetadataSize || ms > MaxMetadataSize || ms%sectorBytes != 0 {
+		bad("MetadataSize", "%d bytes: must be from %s to %s and a multiple of %d bytes", ms, humanSize(MinMetadataSize), humanSize(MaxMetadataSize), sectorBytes)
+	}
+	for _, f := range []struct {
+		field string
+		v     float64
+	}{{"MinFreeData", c.MinFreeData}, {"MinFreeMetadata", c.MinFreeMetadata}} {
+		// Written so that NaN fails too.
+		if !(f.v >= 0 && f.v < 100) {
+			bad(f.field, "%v must be a percentage from 0 (off) to below 100", f.v)
+		}
+	}
+
+	minBase := uint64(MinBaseSizeExt4)
+	switch c.FSType {
+	case FSTypeExt4:
+	case FSTypeXFS:
+		minBase = MinBaseSizeXFS
+	default:
+		bad("FSType", "%q is not supported; use %q or %q", c.FSType, FSTypeExt4, FSTypeXFS)
+	}
+	if b := c.BaseSize; b < minBase || b%BaseSizeAlign != 0 {
+		bad("BaseSize", "%d bytes: must be at least %s for %s and a multiple of %d bytes", b, humanSize(minBase), c.FSType, BaseSizeAlign)
+	}
+	for i, o := range c.MkfsOptions {
+		if o == "" || strings.ContainsRune(o, 0) {
+			bad(fmt.Sprintf("MkfsOptions[%d]", i), "%q must be a non-empty argument without NUL bytes", o)
+		}
+	}
+	for i, o := range c.MountOptions {
+		field := fmt.Sprintf("MountOptions[%d]", i)
+		switch {
+		case o == "" || strings.ContainsRune(o, 0):
+			bad(field, "%q must be a non-empty option without NUL bytes", o)
+		case strings.Contains(o, ","):
+			bad(field, "%q: give one option per entry instead of a comma-separated list", o)
+		case o == "ro" || o == "rw":
+			bad(field, "%q is chosen by the snapshotter (views are read-only, active snapshots writable)", o)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// humanSize writes a limit for a message.
+func humanSize(n uint64) string {
+	switch {
+	case n >= 1<<30 && n%(1<<30) == 0:
+		return fmt.Sprintf("%dGiB", n>>30)
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%dMiB", n>>20)
+	case n >= 1<<10 && n%(1<<10) == 0:
+		return fmt.Sprintf("%dKiB", n>>10)
+	}
+	return fmt.Sprintf("%d bytes", n)
+}
+
+// checkPoolName returns why name cannot name an existing pool, or "".
+func checkPoolName(name string) string {
+	switch {
+	case len(name) > MaxPoolNameLen:
+		return fmt.Sprintf("is longer than %d bytes", MaxPoolNameLen)
+	case name == "." || name == "..":
+		return "is not a device name"
+	}
+	for _, r := range name {
+		if r == '/' || r <= ' ' || r > '~' {
+			return "must be printable ASCII without spaces or '/'"
+		}
+	}
+	return ""
 }
 
 // LoopPoolName is the dm name of the embedded pool of root: derived from the

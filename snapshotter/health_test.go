@@ -42,7 +42,7 @@ func TestPoolHealth(t *testing.T) {
 func TestFullPoolRefusesNewDevices(t *testing.T) {
 	ctx := context.Background()
 	pool := newFakePool("tp")
-	s := mustNew(t, t.TempDir(), pool)
+	s := mustNew(t, t.TempDir(), pool, func(c *Config) { c.MinFreeData = DefaultMinFreeData })
 	if _, err := s.Prepare(ctx, "a", ""); err != nil {
 		t.Fatal(err)
 	}

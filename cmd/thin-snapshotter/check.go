@@ -123,7 +123,7 @@ func runCheck(ctx context.Context, cfg *config.Config, open checkOpener, opts sn
 		return checkError, fmt.Errorf("the daemon is running: stop it first (%w)", err)
 	}
 	defer unlock()
-	s, err := open(ctx, snapshotterConfig(cfg))
+	s, err := open(ctx, cfg.Snapshotter())
 	if err != nil {
 		return checkError, err
 	}

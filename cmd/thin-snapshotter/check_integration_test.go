@@ -23,7 +23,7 @@ func TestIntegrationCheckCommand(t *testing.T) {
 	root := t.TempDir()
 	cfg := config.Default()
 	cfg.Root = root
-	sc := snapshotterConfig(cfg)
+	sc := cfg.Snapshotter()
 	sc.DataSize, sc.MetadataSize, sc.BaseSize = 1<<30, 16<<20, 64<<20
 	s, err := snapshotter.New(ctx, sc)
 	if err != nil {

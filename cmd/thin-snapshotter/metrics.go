@@ -65,16 +65,6 @@ func startMetrics(ctx context.Context, addr string) (*metrics, error) {
 	return m, nil
 }
 
-// register adds the snapshotter's own metrics when it has any.
-func (m *metrics) register(sn any) error {
-	if c, ok := sn.(prometheus.Collector); ok {
-		if err := m.reg.Register(c); err != nil {
-			return fmt.Errorf("registering snapshotter metrics: %w", err)
-		}
-	}
-	return nil
-}
-
 func (m *metrics) observe(method string, start time.Time, err error) {
 	m.calls.WithLabelValues(method, status.Code(err).String()).Inc()
 	m.duration.WithLabelValues(method).Observe(time.Since(start).Seconds())

@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/contrib/snapshotservice"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/log"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"golang.org/x/sys/unix"
@@ -121,16 +122,7 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 		log.G(ctx).Info("snapshotter closed")
 	}()
 
-	var grpcOpts []grpc.ServerOption
-	if m != nil {
-		if err := m.register(sn); err != nil {
-			return err
-		}
-		grpcOpts = append(grpcOpts, grpc.ChainUnaryInterceptor(m.unary), grpc.ChainStreamInterceptor(m.stream))
-	}
-	srv := grpc.NewServer(grpcOpts...)
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
-
+	srv := newServer(sn, m)
 	serveErr := make(chan error, 1)
 	listenerOwned = false
 	go func() { serveErr <- srv.Serve(l) }()
@@ -162,6 +154,34 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 			2*opts.shutdownTimeout, context.DeadlineExceeded)
 	}
 	return nil
+}
+
+// newServer serves sn's snapshots API; m, when not nil, counts the calls.
+func newServer(sn snapshots.Snapshotter, m *metrics) *grpc.Server {
+	var unary []grpc.UnaryServerInterceptor
+	var stream []grpc.StreamServerInterceptor
+	if m != nil {
+		unary, stream = append(unary, m.unary), append(stream, m.stream)
+	}
+	// Innermost, so the metrics count the converted codes.
+	unary, stream = append(unary, unaryErrors), append(stream, streamErrors)
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...))
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	return srv
+}
+
+// unaryErrors and streamErrors give every error leaving a handler the gRPC
+// code of its errdefs kind, so the client sees the kind the snapshotter
+// returned. containerd's snapshot service converts most errors itself but
+// not all: List returns Walk's as it is, which would arrive as Unknown.
+// Errors already converted pass through unchanged.
+func unaryErrors(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	resp, err := handler(ctx, req)
+	return resp, errgrpc.ToGRPC(err)
+}
+
+func streamErrors(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	return errgrpc.ToGRPC(handler(srv, ss))
 }
 
 // stopGracefully stops accepting and waits up to timeout for in-flight

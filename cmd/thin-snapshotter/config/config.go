@@ -15,41 +15,21 @@ import (
 
 	"github.com/containerd/errdefs"
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
 )
 
-// Defaults.
+// Defaults of the daemon's own keys; the snapshotter's are
+// snapshotter.Default*.
 const (
-	DefaultPath         = "/etc/thin-snapshotter/config.toml"
-	DefaultRoot         = "/var/lib/thin-snapshotter"
-	DefaultAddress      = "/run/thin-snapshotter/thin-snapshotter.sock"
-	DefaultLogLevel     = "info"
-	DefaultDataSize     = 100 * GiB
-	DefaultMetadataSize = 1 * GiB
-	DefaultBlockSize    = 64 * KiB
-	DefaultBaseSize     = 10 * GiB
-	DefaultFSType       = FSTypeExt4
+	DefaultPath     = "/etc/thin-snapshotter/config.toml"
+	DefaultRoot     = "/var/lib/thin-snapshotter"
+	DefaultAddress  = "/run/thin-snapshotter/thin-snapshotter.sock"
+	DefaultLogLevel = "info"
 )
 
-// Filesystems a base device can be formatted with.
-const (
-	FSTypeExt4 = "ext4"
-	FSTypeXFS  = "xfs"
-)
-
-// Limits enforced by Validate.
-const (
-	// dm-thin's data block size: a multiple of 128 sectors, up to 2^21 sectors.
-	MinBlockSize      = 64 * KiB
-	MaxBlockSize      = 1 * GiB
-	MinDataSize       = 64 * MiB
-	MinMetadataSize   = 2 * MiB
-	MaxMetadataSize   = 16 * GiB // dm-thin uses at most about 15.9GiB of it
-	MinBaseSizeExt4   = 16 * MiB
-	MinBaseSizeXFS    = 300 * MiB // mkfs.xfs refuses smaller filesystems
-	sectorSize        = 512
-	maxDMNameLen      = 127 // DM_NAME_LEN minus the NUL
-	maxUnixSocketPath = 107 // sun_path minus the NUL
-)
+// maxUnixSocketPath is sun_path without the NUL.
+const maxUnixSocketPath = 107
 
 // LogLevels are the accepted log_level values.
 var LogLevels = []string{"trace", "debug", "info", "warn", "error", "fatal", "panic"}
@@ -102,22 +82,59 @@ func Default() *Config {
 		Address:  DefaultAddress,
 		LogLevel: DefaultLogLevel,
 		Pool: PoolConfig{
-			DataSize:     DefaultDataSize,
-			MetadataSize: DefaultMetadataSize,
-			BlockSize:    DefaultBlockSize,
-			// Room for running containers to finish their writes, and
-			// for an administrator to grow a pool, before it is full.
-			MinFreeData:     5,
-			MinFreeMetadata: 10,
+			DataSize:        snapshotter.DefaultDataSize,
+			MetadataSize:    snapshotter.DefaultMetadataSize,
+			BlockSize:       snapshotter.DefaultBlockSize,
+			MinFreeData:     snapshotter.DefaultMinFreeData,
+			MinFreeMetadata: snapshotter.DefaultMinFreeMetadata,
 		},
 		Snapshot: SnapshotConfig{
-			BaseSize: DefaultBaseSize,
-			FSType:   DefaultFSType,
+			BaseSize: snapshotter.DefaultBaseSize,
+			FSType:   snapshotter.DefaultFSType,
 			// Empty rather than nil: a parsed `[]` compares equal.
 			MkfsOptions:  []string{},
 			MountOptions: []string{},
 		},
 	}
+}
+
+// Snapshotter maps the configuration to the snapshotter's; nothing else.
+func (c *Config) Snapshotter() snapshotter.Config {
+	return snapshotter.Config{
+		Root:            c.Root,
+		PoolName:        c.Pool.Name,
+		DataSize:        uint64(c.Pool.DataSize),
+		MetadataSize:    uint64(c.Pool.MetadataSize),
+		BlockSize:       uint64(c.Pool.BlockSize),
+		AllowAdopt:      c.Pool.AllowAdopt,
+		MinFreeData:     c.Pool.MinFreeData,
+		MinFreeMetadata: c.Pool.MinFreeMetadata,
+		BaseSize:        uint64(c.Snapshot.BaseSize),
+		FSType:          c.Snapshot.FSType,
+		MkfsOptions:     c.Snapshot.MkfsOptions,
+		MountOptions:    c.Snapshot.MountOptions,
+		AsyncRemove:     c.Snapshot.AsyncRemove,
+		Discard:         c.Snapshot.Discard,
+	}
+}
+
+// snapshotterKeys names the key that Snapshotter maps to each field of
+// snapshotter.Config, for its validation errors.
+var snapshotterKeys = map[string]string{
+	"Root":            "root",
+	"PoolName":        "pool.name",
+	"DataSize":        "pool.data_size",
+	"MetadataSize":    "pool.metadata_size",
+	"BlockSize":       "pool.block_size",
+	"AllowAdopt":      "pool.allow_adopt",
+	"MinFreeData":     "pool.min_free_data",
+	"MinFreeMetadata": "pool.min_free_metadata",
+	"BaseSize":        "snapshot.base_size",
+	"FSType":          "snapshot.fs_type",
+	"MkfsOptions":     "snapshot.mkfs_options",
+	"MountOptions":    "snapshot.mount_options",
+	"AsyncRemove":     "snapshot.async_remove",
+	"Discard":         "snapshot.discard",
 }
 
 // Parse reads a TOML document over the defaults: keys it leaves out keep
@@ -186,20 +203,17 @@ func (e *FieldError) Error() string { return e.Key + ": " + e.Msg }
 func (e *FieldError) Unwrap() error { return errdefs.ErrInvalidArgument }
 
 // Validate checks every value and reports all invalid ones at once, each as
-// a *FieldError naming its key.
+// a *FieldError naming its key. The snapshotter's values are checked by
+// the snapshotter's own Validate, so the daemon accepts exactly what it
+// can start with.
 func (c *Config) Validate() error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
 		errs = append(errs, &FieldError{Key: key, Msg: fmt.Sprintf(format, args...)})
 	}
 
-	switch {
-	case c.Root == "":
-		bad("root", "must not be empty")
-	case !filepath.IsAbs(c.Root):
-		bad("root", "%q must be an absolute path", c.Root)
-	case filepath.Clean(c.Root) == "/":
-		bad("root", "must not be /")
+	if err := c.Snapshotter().Validate(); err != nil {
+		errs = append(errs, fieldErrors(err)...)
 	}
 
 	switch {
@@ -222,57 +236,35 @@ func (c *Config) Validate() error {
 			bad("metrics_address", "%q: %v", c.MetricsAddress, err)
 		}
 	}
-
-	if c.Pool.Name != "" {
-		if msg := checkPoolName(c.Pool.Name); msg != "" {
-			bad("pool.name", "%q %s", c.Pool.Name, msg)
-		}
-	}
-	bs := c.Pool.BlockSize
-	if bs < MinBlockSize || bs > MaxBlockSize || bs%MinBlockSize != 0 {
-		bad("pool.block_size", "%s (%d bytes) must be a multiple of 64KiB between 64KiB and 1GiB", bs, uint64(bs))
-	}
-	if ds := c.Pool.DataSize; ds < MinDataSize || ds%sectorSize != 0 {
-		bad("pool.data_size", "%s (%d bytes) must be at least %s and a multiple of 512 bytes", ds, uint64(ds), MinDataSize)
-	}
-	if ms := c.Pool.MetadataSize; ms < MinMetadataSize || ms > MaxMetadataSize || ms%sectorSize != 0 {
-		bad("pool.metadata_size", "%s (%d bytes) must be between %s and %s and a multiple of 512 bytes", ms, uint64(ms), MinMetadataSize, MaxMetadataSize)
-	}
-
-	for key, v := range map[string]float64{"pool.min_free_data": c.Pool.MinFreeData, "pool.min_free_metadata": c.Pool.MinFreeMetadata} {
-		if v < 0 || v >= 100 {
-			bad(key, "%v must be a percentage from 0 to below 100", v)
-		}
-	}
-
-	minBase := MinBaseSizeExt4
-	switch c.Snapshot.FSType {
-	case FSTypeExt4:
-	case FSTypeXFS:
-		minBase = MinBaseSizeXFS
-	default:
-		bad("snapshot.fs_type", "%q is not supported; use %q or %q", c.Snapshot.FSType, FSTypeExt4, FSTypeXFS)
-	}
-	if b := c.Snapshot.BaseSize; b < minBase || b%sectorSize != 0 {
-		bad("snapshot.base_size", "%s (%d bytes) must be at least %s for %s and a multiple of 512 bytes", b, uint64(b), minBase, c.Snapshot.FSType)
-	}
-	for i, o := range c.Snapshot.MkfsOptions {
-		if o == "" || strings.ContainsRune(o, 0) {
-			bad(fmt.Sprintf("snapshot.mkfs_options[%d]", i), "%q must be a non-empty argument without NUL bytes", o)
-		}
-	}
-	for i, o := range c.Snapshot.MountOptions {
-		key := fmt.Sprintf("snapshot.mount_options[%d]", i)
-		switch {
-		case o == "" || strings.ContainsRune(o, 0):
-			bad(key, "%q must be a non-empty option without NUL bytes", o)
-		case strings.Contains(o, ","):
-			bad(key, "%q: give one option per entry instead of a comma-separated list", o)
-		case o == "ro" || o == "rw":
-			bad(key, "%q is chosen by the snapshotter (views are read-only, active snapshots writable)", o)
-		}
-	}
 	return errors.Join(errs...)
+}
+
+// fieldErrors renames the snapshotter's field errors after their keys.
+func fieldErrors(err error) []error {
+	var errs []error
+	for _, e := range unjoin(err) {
+		var fe *snapshotter.FieldError
+		if !errors.As(e, &fe) {
+			errs = append(errs, e)
+			continue
+		}
+		field, index, isList := strings.Cut(fe.Field, "[")
+		key, ok := snapshotterKeys[field]
+		if !ok {
+			key = fe.Field // a field added to the snapshotter but not mapped here
+		} else if isList {
+			key += "[" + index
+		}
+		errs = append(errs, &FieldError{Key: key, Msg: fe.Msg})
+	}
+	return errs
+}
+
+func unjoin(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
 }
 
 func isLogLevel(s string) bool {
@@ -293,20 +285,4 @@ func checkHostPort(addr string) error {
 		return fmt.Errorf("port %q must be a number from 0 to 65535", port)
 	}
 	return nil
-}
-
-// checkPoolName returns why name cannot be a device-mapper device name, or "".
-func checkPoolName(name string) string {
-	switch {
-	case len(name) > maxDMNameLen:
-		return fmt.Sprintf("is longer than %d bytes", maxDMNameLen)
-	case name == "." || name == "..":
-		return "is not a device name"
-	}
-	for _, r := range name {
-		if r == '/' || r <= ' ' || r > '~' {
-			return "must be printable ASCII without spaces or '/'"
-		}
-	}
-	return ""
 }

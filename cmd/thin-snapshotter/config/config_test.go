@@ -3,6 +3,7 @@ package config
 import (
 	"bytes"
 	"errors"
+	"math"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -160,13 +161,15 @@ func TestValidate(t *testing.T) {
 		{name: "block size min", modify: func(c *Config) { c.Pool.BlockSize = 64 * KiB }},
 		{name: "block size max", modify: func(c *Config) { c.Pool.BlockSize = GiB }},
 		{name: "block size 128KiB", modify: func(c *Config) { c.Pool.BlockSize = 128 * KiB }},
-		{name: "block size zero", modify: func(c *Config) { c.Pool.BlockSize = 0 }, keys: []string{"pool.block_size"}, msg: "multiple of 64KiB"},
+		{name: "block size zero is the default", modify: func(c *Config) { c.Pool.BlockSize = 0 }},
+		{name: "block size 1", modify: func(c *Config) { c.Pool.BlockSize = 1 }, keys: []string{"pool.block_size"}, msg: "multiple of 64KiB"},
 		{name: "block size 32KiB", modify: func(c *Config) { c.Pool.BlockSize = 32 * KiB }, keys: []string{"pool.block_size"}},
 		{name: "block size not multiple", modify: func(c *Config) { c.Pool.BlockSize = 96 * KiB }, keys: []string{"pool.block_size"}},
 		{name: "block size too big", modify: func(c *Config) { c.Pool.BlockSize = 2 * GiB }, keys: []string{"pool.block_size"}},
 		{name: "data size small", modify: func(c *Config) { c.Pool.DataSize = 63 * MiB }, keys: []string{"pool.data_size"}, msg: "at least 64MiB"},
 		{name: "data size not sector multiple", modify: func(c *Config) { c.Pool.DataSize = GiB + 1 }, keys: []string{"pool.data_size"}, msg: "512"},
 		{name: "data size decimal", modify: func(c *Config) { c.Pool.DataSize = 1_000_000_000 }},
+		{name: "data size below a block", modify: func(c *Config) { c.Pool.DataSize, c.Pool.BlockSize = 512*MiB, GiB }, keys: []string{"pool.data_size"}, msg: "block"},
 		{name: "metadata size small", modify: func(c *Config) { c.Pool.MetadataSize = MiB }, keys: []string{"pool.metadata_size"}},
 		{name: "metadata size big", modify: func(c *Config) { c.Pool.MetadataSize = 17 * GiB }, keys: []string{"pool.metadata_size"}},
 		{name: "metadata size max", modify: func(c *Config) { c.Pool.MetadataSize = 16 * GiB }},
@@ -176,6 +179,12 @@ func TestValidate(t *testing.T) {
 		{name: "ext4 small base", modify: func(c *Config) { c.Snapshot.BaseSize = 16 * MiB }},
 		{name: "ext4 base too small", modify: func(c *Config) { c.Snapshot.BaseSize = 8 * MiB }, keys: []string{"snapshot.base_size"}},
 		{name: "base not sector multiple", modify: func(c *Config) { c.Snapshot.BaseSize = GiB + 100 }, keys: []string{"snapshot.base_size"}},
+		// Accepted here once and then refused by the snapshotter at start.
+		{name: "base sector but not 4KiB multiple", modify: func(c *Config) { c.Snapshot.BaseSize = GiB + 512 }, keys: []string{"snapshot.base_size"}, msg: "4096"},
+		{name: "min free 0 disables", modify: func(c *Config) { c.Pool.MinFreeData, c.Pool.MinFreeMetadata = 0, 0 }},
+		{name: "min free negative", modify: func(c *Config) { c.Pool.MinFreeData = -1 }, keys: []string{"pool.min_free_data"}, msg: "percentage"},
+		{name: "min free 100", modify: func(c *Config) { c.Pool.MinFreeMetadata = 100 }, keys: []string{"pool.min_free_metadata"}},
+		{name: "min free NaN", modify: func(c *Config) { c.Pool.MinFreeData = math.NaN() }, keys: []string{"pool.min_free_data"}},
 		{name: "empty mkfs option", modify: func(c *Config) { c.Snapshot.MkfsOptions = []string{"-b", ""} }, keys: []string{"snapshot.mkfs_options[1]"}},
 		{name: "mount option with comma", modify: func(c *Config) { c.Snapshot.MountOptions = []string{"noatime,nodev"} }, keys: []string{"snapshot.mount_options[0]"}, msg: "one option per entry"},
 		{name: "mount option ro", modify: func(c *Config) { c.Snapshot.MountOptions = []string{"noatime", "ro"} }, keys: []string{"snapshot.mount_options[1]"}, msg: "chosen by the snapshotter"},
@@ -185,7 +194,8 @@ func TestValidate(t *testing.T) {
 			modify: func(c *Config) {
 				c.Root, c.LogLevel, c.Pool.BlockSize, c.Snapshot.FSType = "rel", "loud", 1, "zfs"
 			},
-			keys: []string{"root", "log_level", "pool.block_size", "snapshot.fs_type"},
+			// The snapshotter's keys first, in its order.
+			keys: []string{"root", "pool.block_size", "snapshot.fs_type", "log_level"},
 		},
 	}
 	for _, tt := range tests {

@@ -7,6 +7,8 @@ import (
 	"text/template"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
 )
 
 // fileTemplate is the commented configuration file; every value comes from
@@ -21,7 +23,7 @@ const fileTemplate = `# thin-snapshotter configuration
 # Sizes are a whole number of bytes (1048576 or "1048576") or a whole number
 # with a unit: "64KiB", "10GiB", "1TiB" (binary; "64K", "10G", "1T" mean the
 # same) or "500MB", "10GB" (decimal, powers of 1000). No fractions: write
-# "1536MiB", not "1.5GiB".
+# "1536MiB", not "1.5GiB". A size of 0 means its default.
 
 # Directory for the snapshot database and the embedded pool's files, created
 # with mode 0700. One daemon per root: a second daemon on the same root
@@ -55,8 +57,8 @@ data_size = {{ value .Pool.DataSize }}
 # Embedded pool only: the size of the sparse metadata file, {{ .MinMetadataSize }} to {{ .MaxMetadataSize }}.
 metadata_size = {{ value .Pool.MetadataSize }}
 
-# Embedded pool only: the pool's allocation unit, a multiple of 64KiB from
-# 64KiB to 1GiB. Smaller blocks share more between snapshots and need more
+# Embedded pool only: the pool's allocation unit, a multiple of {{ .MinBlockSize }} from
+# {{ .MinBlockSize }} to {{ .MaxBlockSize }}. Smaller blocks share more between snapshots and need more
 # metadata.
 block_size = {{ value .Pool.BlockSize }}
 
@@ -75,8 +77,9 @@ min_free_data = {{ value .Pool.MinFreeData }}
 min_free_metadata = {{ value .Pool.MinFreeMetadata }}
 
 [snapshot]
-# Virtual size of every snapshot's filesystem. Thin provisioning takes pool
-# space only for blocks written. At least {{ .MinBaseSizeExt4 }} for ext4, {{ .MinBaseSizeXFS }} for xfs.
+# Virtual size of every snapshot's filesystem, a multiple of {{ .BaseSizeAlign }} bytes. Thin
+# provisioning takes pool space only for blocks written. At least {{ .MinBaseSizeExt4 }} for
+# ext4, {{ .MinBaseSizeXFS }} for xfs.
 base_size = {{ value .Snapshot.BaseSize }}
 
 # Filesystem of the base device that every snapshot starts from: "ext4" or "xfs".
@@ -103,19 +106,25 @@ var tmpl = template.Must(template.New("config").Funcs(template.FuncMap{"value": 
 
 // Render writes cfg as a complete, commented configuration file.
 func Render(w io.Writer, cfg *Config) error {
+	// The limits are the snapshotter's, which checks them.
 	data := struct {
 		*Config
 		LogLevels                                     string
 		MinDataSize, MinMetadataSize, MaxMetadataSize ByteSize
+		MinBlockSize, MaxBlockSize                    ByteSize
 		MinBaseSizeExt4, MinBaseSizeXFS               ByteSize
+		BaseSizeAlign                                 int
 	}{
 		Config:          cfg,
 		LogLevels:       strings.Join(LogLevels, ", "),
-		MinDataSize:     MinDataSize,
-		MinMetadataSize: MinMetadataSize,
-		MaxMetadataSize: MaxMetadataSize,
-		MinBaseSizeExt4: MinBaseSizeExt4,
-		MinBaseSizeXFS:  MinBaseSizeXFS,
+		MinDataSize:     snapshotter.MinDataSize,
+		MinMetadataSize: snapshotter.MinMetadataSize,
+		MaxMetadataSize: snapshotter.MaxMetadataSize,
+		MinBlockSize:    snapshotter.MinBlockSize,
+		MaxBlockSize:    snapshotter.MaxBlockSize,
+		MinBaseSizeExt4: snapshotter.MinBaseSizeExt4,
+		MinBaseSizeXFS:  snapshotter.MinBaseSizeXFS,
+		BaseSizeAlign:   snapshotter.BaseSizeAlign,
 	}
 	return tmpl.Execute(w, data)
 }
