@@ -197,3 +197,15 @@ func FuzzUeventDevName(f *testing.F) {
 		}
 	})
 }
+
+func FuzzParseDeviceName(f *testing.F) {
+	for _, s := range [][2]string{{"tp", "tp-snap-7"}, {"tp", "tp-snap-07"}, {"tp", "tp-snap-16777216"}, {"tp-snap-1", "tp-snap-1-snap-2"}, {"", "-snap-0"}} {
+		f.Add(s[0], s[1])
+	}
+	f.Fuzz(func(t *testing.T, pool, name string) {
+		id, ok := ParseDeviceName(pool, name)
+		if ok != (id <= MaxThinID && DeviceName(pool, id) == name) {
+			t.Fatalf("ParseDeviceName(%q, %q) = %d, %v; DeviceName gives %q", pool, name, id, ok, DeviceName(pool, id))
+		}
+	})
+}

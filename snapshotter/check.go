@@ -19,10 +19,10 @@ import (
 type poolInspector interface {
 	// MetadataThinIDs lists the thin ids in the pool metadata.
 	MetadataThinIDs(ctx context.Context) ([]uint32, error)
-	// ThinTable returns the thin target parameters and length in sectors
+	// ThinTarget returns the thin target parameters and length in sectors
 	// of dm device name; ErrMalformed-wrapped when it is not one thin
 	// target.
-	ThinTable(name string) (dmsetup.ThinParams, dmsetup.Sectors, error)
+	ThinTarget(name string) (dmsetup.ThinParams, dmsetup.Sectors, error)
 	// PoolDevice is the pool as thin tables name it (major:minor).
 	PoolDevice() string
 }
@@ -38,9 +38,11 @@ type poolInspector interface {
 // the id table, the journal and the two transaction ids.
 //
 // Repair refuses to touch the pool when the pool may not be this database's
-// (poolOwnership, the rule the daemon applies at startup, says so) or when
-// the pool is failed, read-only or needs thin_check: then every finding stays
-// for a person. Otherwise, in this order:
+// by the rule the daemon applies at startup (the transaction ids differ by
+// more than the pending journal entries explain, the recorded pool name
+// differs, or none is recorded) or when the pool is failed, read-only or
+// needs thin_check: then every finding stays for a person. Otherwise, in
+// this order:
 //   - pending journal entries: the startup recovery finishes or rolls back
 //     each one, which also aligns the database's transaction id;
 //   - stale and wrong dm devices are removed unless open (a wrong one is
@@ -188,7 +190,7 @@ func (s *Snapshotter) gather(ctx context.Context) (*checkState, error) {
 			}
 			return nil, fmt.Errorf("dm device %s: %w", d.Name, err)
 		}
-		ds.params, ds.sectors, ds.err = in.ThinTable(d.Name)
+		ds.params, ds.sectors, ds.err = in.ThinTarget(d.Name)
 		st.devices[d.Name] = ds
 	}
 	return st, nil

@@ -24,7 +24,7 @@ const fakePoolDev = "253:0"
 
 func (p *fakePool) MetadataThinIDs(context.Context) ([]uint32, error) { return p.ids(), nil }
 
-func (p *fakePool) ThinTable(name string) (dmsetup.ThinParams, dmsetup.Sectors, error) {
+func (p *fakePool) ThinTarget(name string) (dmsetup.ThinParams, dmsetup.Sectors, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	d, ok := p.devices[name]

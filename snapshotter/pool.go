@@ -110,8 +110,8 @@ func (p *dmPool) MetadataThinIDs(ctx context.Context) ([]uint32, error) {
 	return p.c.MetadataThinIDs(ctx, p.name)
 }
 
-// ThinTable reads the table of a thin device.
-func (p *dmPool) ThinTable(name string) (dmsetup.ThinParams, dmsetup.Sectors, error) {
+// ThinTarget reads the table of a thin device.
+func (p *dmPool) ThinTarget(name string) (dmsetup.ThinParams, dmsetup.Sectors, error) {
 	return p.c.ThinTarget(name)
 }
 

@@ -69,14 +69,14 @@ func (s *Snapshotter) checkOwnership(ctx context.Context) error {
 		return err
 	}
 
-	_, mismatch := poolOwnership(pi, dbTx, pending, name, st.TransactionID)
+	isNew, mismatch := poolOwnership(pi, dbTx, pending, name, st.TransactionID)
 	if mismatch != "" && !s.cfg.AllowAdopt {
 		return fmt.Errorf("pool %s: %s; refusing to use it (set allow_adopt = true under [pool] to take it over): %w", name, mismatch, errdefs.ErrFailedPrecondition)
 	}
 	if mismatch != "" {
 		log.G(ctx).WithField("pool", name).Warnf("adopting pool: %s", mismatch)
 	}
-	if pi.Name == "" || mismatch != "" {
+	if isNew || mismatch != "" {
 		if pi.Name == "" {
 			pi.Created = time.Now().UTC()
 		}
