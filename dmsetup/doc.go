@@ -1,38 +1,25 @@
 // Package dmsetup is a pure-Go device-mapper client speaking the ioctl
 // protocol of /dev/mapper/control directly (no cgo, no dmsetup binary), plus
-// helpers for thin provisioning and a loopback-backed thin pool.
+// helpers for thin provisioning and a loopback-backed thin pool. It is
+// Linux-only.
 //
-// The package knows nothing about snapshots; it manages dm devices, tables
-// and thin-pool messages.
+// The package knows nothing about snapshots; it manages dm devices, tables,
+// thin-pool messages and the names of thin devices in a pool (DeviceName).
 //
 // # Client
 //
-//	func Open(opts ...Option) (*Client, error)      // opens (or mknods) /dev/mapper/control
-//	func WithUdev(mode UdevMode) Option              // UdevAuto (default), UdevOn, UdevOff
-//	func WithDevDir(dir string) Option               // where device nodes live, default /dev/mapper
-//	func (c *Client) Close() error
-//	func (c *Client) UdevRunning() bool
-//	func (c *Client) DevicePath(name string) string  // <devdir>/<name>
+// Open opens /dev/mapper/control (making the node when it is missing).
+// Client methods map one to one onto the dm ioctls, except that Create is
+// DEV_CREATE + TABLE_LOAD + resume and removes a half-made device when the
+// load or the resume fails. Remove retries EBUSY a bounded number of times
+// (DefaultRemoveRetries x DefaultRemoveDelay) and honours its context;
+// RemoveOptions.Deferred asks the kernel to remove the device on last close.
 //
-//	func (c *Client) Version() (Version, error)
-//	func (c *Client) List() ([]Device, error)
-//	func (c *Client) Info(name string) (Info, error)
-//	func (c *Client) Create(name string, targets []Target, opts CreateOptions) error
-//	func (c *Client) Load(name string, targets []Target, readOnly bool) error
-//	func (c *Client) ClearTable(name string) error
-//	func (c *Client) Suspend(name string, opts SuspendOptions) error
-//	func (c *Client) Resume(name string) error
-//	func (c *Client) Remove(ctx context.Context, name string, opts RemoveOptions) error
-//	func (c *Client) Message(name string, sector uint64, msg string) (string, error)
-//	func (c *Client) Status(name string) ([]TargetStatus, error)
-//	func (c *Client) Table(name string) ([]Target, error)
-//	func (c *Client) TargetVersions() ([]TargetVersion, error)
-//	func (c *Client) TargetVersion(target string) (Version, error)
+// # Units
 //
-// Create is DEV_CREATE + TABLE_LOAD + resume; a half-made device is removed
-// when the load or the resume fails. Remove retries EBUSY a bounded number of
-// times (default 10 x 50ms) and honours ctx; RemoveOptions.Deferred asks the
-// kernel to remove the device on last close.
+// Every length and offset the kernel takes or reports is in sectors of
+// SectorSize bytes; Sectors and BytesToSectors are the one place bytes and
+// sectors meet.
 //
 // # Errors
 //
@@ -43,7 +30,8 @@
 // kernel returns when Create meets a taken name or uuid) is
 // errdefs.ErrAlreadyExists, EINVAL is errdefs.ErrInvalidArgument.
 // IsNotFound, IsExist and IsBusy are shorthands. Parse failures of kernel
-// replies, status and table lines match ErrMalformed.
+// replies, status and table lines and of the output of thin-provisioning-tools
+// match ErrMalformed.
 //
 // # Device nodes
 //
@@ -53,27 +41,30 @@
 // only creates the node when it is missing after a resume and never waits for
 // udev.
 //
-// # Thin provisioning (thin.go)
+// # Thin provisioning
 //
-//	func PoolTable(lengthSectors uint64, p PoolParams) (Target, error)
-//	func ThinTable(lengthSectors uint64, poolDev string, id uint32, externalOrigin string) (Target, error)
-//	func ParsePoolParams(params string) (PoolParams, error)   // table line of a thin-pool target
-//	func ParseThinParams(params string) (ThinParams, error)   // table line of a thin target
-//	func ParsePoolStatus(s string) (PoolStatus, error)
-//	func ParseThinStatus(s string) (ThinStatus, error)
-//	func (c *Client) PoolStatus(pool string) (PoolStatus, error)
-//	func (c *Client) ThinStatus(name string) (ThinStatus, error)
-//	func (c *Client) CreateThin(pool string, id uint32) error
-//	func (c *Client) CreateSnap(pool string, id, origin uint32) error
-//	func (c *Client) DeleteThin(pool string, id uint32) error
-//	func (c *Client) SetTransactionID(pool string, old, new uint64) error
-//	func (c *Client) ReserveMetadataSnap(pool string) error
-//	func (c *Client) ReleaseMetadataSnap(pool string) error
+// PoolTable and ThinTable build table lines; ParsePoolParams and
+// ParseThinParams read them back as the kernel reports them, and
+// ParsePoolStatus and ParseThinStatus read status lines. The Client sends the
+// thin-pool messages (create_thin, create_snap, delete, set_transaction_id,
+// reserve/release_metadata_snap).
 //
 // Snapshotting an active origin requires suspending it around CreateSnap
 // (Suspend, CreateSnap, Resume) so that its in-flight writes are flushed.
 // Pool messages are not idempotent, so Message never retries; a reply too
 // large for its buffer is reported as ENOBUFS.
+//
+// MetadataThinIDs lists the thin ids in a running pool's metadata: it
+// reserves a metadata snapshot, runs thin_ls (or thin_dump) on the metadata
+// device, and always releases the snapshot.
+//
+// # Loopback pool
+//
+// CreateLoopPool creates sparse data and metadata files when missing (zeroing
+// the metadata header so the kernel formats it), attaches them to
+// autoclearing loop devices and creates the thin-pool device, or reuses an
+// existing pool device backed by the same files. Close removes the pool
+// device (the loops clear themselves); Destroy also deletes the files.
 //
 // # Tests
 //
@@ -81,15 +72,4 @@
 // root and dm-thin: they skip without them, or fail when
 // THIN_TEST_REQUIRE_DM=1 (set by test/vm). THIN_TEST_DISK names a scratch
 // block device for the pool-on-disk test.
-//
-// # Loopback pool (loop.go)
-//
-//	func CreateLoopPool(ctx context.Context, c *Client, cfg LoopPoolConfig) (*LoopPool, error)
-//	func (p *LoopPool) Close(ctx context.Context) error    // removes the pool device; loops autoclear
-//	func (p *LoopPool) Destroy(ctx context.Context) error  // Close and delete the backing files
-//
-// CreateLoopPool creates sparse data and metadata files when missing (zeroing
-// the metadata header so the kernel formats it), attaches them to
-// autoclearing loop devices and creates the thin-pool device, or reuses an
-// existing pool device backed by the same files.
 package dmsetup

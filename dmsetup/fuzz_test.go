@@ -2,7 +2,11 @@ package dmsetup
 
 import (
 	"errors"
+	"path/filepath"
 	"reflect"
+	"slices"
+	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -61,7 +65,7 @@ func FuzzParsePoolParams(f *testing.F) {
 			}
 			return
 		}
-		tg, err := PoolTable(uint64(p.BlockSizeSectors)+1, p)
+		tg, err := PoolTable(Sectors(p.BlockSizeSectors)+1, p)
 		if err != nil {
 			return // parsed but not something we would build, e.g. a bad block size
 		}
@@ -125,6 +129,83 @@ func FuzzDecodeReplies(f *testing.F) {
 		}
 		if _, err := decodeTargetVersions(data); err != nil && !errors.Is(err, ErrMalformed) {
 			t.Fatalf("decodeTargetVersions: %v", err)
+		}
+	})
+}
+
+// fuzzIDList checks a parser of thin id listings: malformed input is
+// ErrMalformed, and what parses is ascending and within the thin id range.
+func fuzzIDList(t *testing.T, parse func([]byte) ([]uint32, error), in []byte) {
+	ids, err := parse(in)
+	if err != nil {
+		if !errors.Is(err, ErrMalformed) {
+			t.Fatalf("%q: error %v is not ErrMalformed", in, err)
+		}
+		return
+	}
+	for i, id := range ids {
+		if id > MaxThinID || (i > 0 && ids[i-1] > id) {
+			t.Fatalf("%q parsed as %v: not ascending thin ids", in, ids)
+		}
+	}
+}
+
+func FuzzParseThinLs(f *testing.F) {
+	for _, s := range []string{"7 \n1 \n2 \n", "", "1\nerror: x\n", "1 2\n", "16777215\n", "-1\n"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		fuzzIDList(t, parseThinLs, in)
+		// What parses lists back as one id a line.
+		if ids, err := parseThinLs(in); err == nil {
+			var out []byte
+			for _, id := range ids {
+				out = strconv.AppendUint(out, uint64(id), 10)
+				out = append(out, '\n')
+			}
+			if again, err := parseThinLs(out); err != nil || !slices.Equal(again, ids) {
+				t.Fatalf("%q parsed as %v, relisted %q parses as %v, %v", in, ids, out, again, err)
+			}
+		}
+	})
+}
+
+func FuzzParseThinDump(f *testing.F) {
+	for _, s := range []string{
+		`<superblock uuid="" time="1" transaction="3"><device dev_id="7" mapped_blocks="0"></device><device dev_id="1"><range_mapping origin_begin="0" data_begin="0" length="2" time="0"/></device></superblock>`,
+		`<superblock></superblock>`, "no current metadata snap\n", `<superblock><device dev_id="x"></device></superblock>`,
+		`<superblock><device dev_id="1">`, `<device dev_id="1"/>`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		fuzzIDList(t, parseThinDump, in)
+	})
+}
+
+func FuzzUeventDevName(f *testing.F) {
+	for _, s := range []string{"MAJOR=7\nDEVNAME=loop3\n", "DEVNAME=../x\n", "DEVNAME=/x", ""} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		name, ok := ueventDevName(in)
+		if !ok {
+			return
+		}
+		if p := filepath.Join("/dev", name); !strings.HasPrefix(p, "/dev/") || p != "/dev/"+name {
+			t.Fatalf("%q: DEVNAME %q escapes /dev", in, name)
+		}
+	})
+}
+
+func FuzzParseDeviceName(f *testing.F) {
+	for _, s := range [][2]string{{"tp", "tp-snap-7"}, {"tp", "tp-snap-07"}, {"tp", "tp-snap-16777216"}, {"tp-snap-1", "tp-snap-1-snap-2"}, {"", "-snap-0"}} {
+		f.Add(s[0], s[1])
+	}
+	f.Fuzz(func(t *testing.T, pool, name string) {
+		id, ok := ParseDeviceName(pool, name)
+		if ok != (id <= MaxThinID && DeviceName(pool, id) == name) {
+			t.Fatalf("ParseDeviceName(%q, %q) = %d, %v; DeviceName gives %q", pool, name, id, ok, DeviceName(pool, id))
 		}
 	})
 }

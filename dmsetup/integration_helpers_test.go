@@ -1,3 +1,5 @@
+//go:build linux
+
 package dmsetup
 
 import (
@@ -126,7 +128,7 @@ func devName(what string) string {
 const (
 	testDataSize = 256 << 20
 	testMetaSize = 16 << 20
-	thinSectors  = 64 << 20 / sectorSize
+	thinSectors  = 64 << 20 / SectorSize
 )
 
 // newLoopPool creates a small pool on loop devices and destroys it (and its

@@ -1,3 +1,5 @@
+//go:build linux
+
 package dmsetup
 
 // Integration tests: they need root and a kernel with dm-thin. Outside the VM
@@ -342,14 +344,14 @@ func expectMissing(t *testing.T, path string) {
 func TestIntegrationThinLoopPool(t *testing.T) {
 	c := requireDM(t)
 	pool := newLoopPool(t, c)
-	if pool.Reused || pool.BlockSizeSectors != 128 || pool.DataSectors != testDataSize/sectorSize {
+	if pool.Reused || pool.BlockSizeSectors != 128 || pool.DataSectors != testDataSize/SectorSize {
 		t.Errorf("pool %+v", pool)
 	}
 	st, err := c.PoolStatus(pool.Name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.TransactionID != 0 || st.UsedDataBlocks != 0 || st.TotalDataBlocks != testDataSize/(128*sectorSize) ||
+	if st.TransactionID != 0 || st.UsedDataBlocks != 0 || st.TotalDataBlocks != testDataSize/(128*SectorSize) ||
 		st.TotalMetaBlocks != testMetaSize/4096 || st.UsedMetaBlocks == 0 || st.HasHeldRoot || st.Mode != PoolModeRW ||
 		st.NeedsCheck || st.NoSpacePolicy != QueueIfNoSpace {
 		t.Errorf("fresh pool status %+v", st)
@@ -376,7 +378,7 @@ func TestIntegrationThinLoopPool(t *testing.T) {
 	fileA := writeRandom(t, filepath.Join(mnt, "a"), 1<<20)
 	unmount(t, mnt)
 	ts, err := c.ThinStatus(origin)
-	if err != nil || ts.MappedSectors < 1<<20/sectorSize || !ts.HasHighest || ts.HighestMapped >= thinSectors {
+	if err != nil || ts.MappedSectors < 1<<20/SectorSize || !ts.HasHighest || ts.HighestMapped >= thinSectors {
 		t.Errorf("thin status after writing: %+v %v", ts, err)
 	}
 	mnt = mount(t, originDev)
@@ -524,9 +526,9 @@ func TestIntegrationPoolOnDisk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const metaSectors = 16 << 20 / sectorSize
-	dataSectors := min(size/sectorSize-metaSectors, 1<<30/sectorSize) / 128 * 128
-	if size/sectorSize < metaSectors+1024 {
+	const metaSectors = 16 << 20 / SectorSize
+	dataSectors := min(size/SectorSize-metaSectors, 1<<30/SectorSize) / 128 * 128
+	if size/SectorSize < metaSectors+1024 {
 		t.Fatalf("%s has only %d bytes", disk, size)
 	}
 	meta, data, poolName := devName("meta"), devName("data"), devName("diskpool")
@@ -553,7 +555,7 @@ func TestIntegrationPoolOnDisk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tg, err := PoolTable(dataSectors, PoolParams{
+	tg, err := PoolTable(Sectors(dataSectors), PoolParams{
 		MetadataDev: c.DevicePath(meta), DataDev: c.DevicePath(data),
 		BlockSizeSectors: 128, SkipBlockZeroing: true, ErrorIfNoSpace: true,
 	})
@@ -682,14 +684,14 @@ func TestIntegrationStatusMatchesCLI(t *testing.T) {
 			needsCheck = "needs_check"
 		}
 		for _, c := range []struct{ field, ours, cli string }{
-			{"length", strconv.FormatUint(pool.DataSectors, 10), f[1]},
+			{"length", strconv.FormatUint(uint64(pool.DataSectors), 10), f[1]},
 			{"transaction id", strconv.FormatUint(ps.TransactionID, 10), f[3]},
 			{"metadata blocks", fmt.Sprintf("%d/%d", ps.UsedMetaBlocks, ps.TotalMetaBlocks), f[4]},
 			{"data blocks", fmt.Sprintf("%d/%d", ps.UsedDataBlocks, ps.TotalDataBlocks), f[5]},
 			{"held root", heldWant, f[6]},
-			{"mode", ps.Mode, f[7]},
-			{"discard", ps.DiscardMode, f[8]},
-			{"no-space policy", ps.NoSpacePolicy, f[9]},
+			{"mode", string(ps.Mode), f[7]},
+			{"discard", string(ps.DiscardMode), f[8]},
+			{"no-space policy", string(ps.NoSpacePolicy), f[9]},
 			{"needs_check", needsCheck, f[10]},
 			{"metadata low watermark", strconv.FormatUint(ps.MetadataLowWatermark, 10), f[11]},
 		} {
@@ -718,9 +720,9 @@ func TestIntegrationStatusMatchesCLI(t *testing.T) {
 		f := cliFields(t, "status", name)
 		highest := "-"
 		if ts.HasHighest {
-			highest = strconv.FormatUint(ts.HighestMapped, 10)
+			highest = strconv.FormatUint(uint64(ts.HighestMapped), 10)
 		}
-		if len(f) != 5 || f[2] != "thin" || f[3] != strconv.FormatUint(ts.MappedSectors, 10) || f[4] != highest {
+		if len(f) != 5 || f[2] != "thin" || f[3] != strconv.FormatUint(uint64(ts.MappedSectors), 10) || f[4] != highest {
 			t.Errorf("thin %s: ours %+v, dmsetup %q", name, ts, f)
 		}
 		tbl, err := c.Table(name)
@@ -742,7 +744,7 @@ func TestIntegrationStatusMatchesCLI(t *testing.T) {
 		}
 	}
 	// The only-mapped extent we wrote: 1MiB at 8MiB.
-	if ts, _ := c.ThinStatus(used); ts.MappedSectors != 1<<20/sectorSize || ts.HighestMapped != (9<<20)/sectorSize-1 {
+	if ts, _ := c.ThinStatus(used); ts.MappedSectors != 1<<20/SectorSize || ts.HighestMapped != (9<<20)/SectorSize-1 {
 		t.Errorf("used thin status %+v", ts)
 	}
 	if ts, _ := c.ThinStatus(empty); ts.MappedSectors != 0 || ts.HasHighest {

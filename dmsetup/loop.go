@@ -1,3 +1,5 @@
+//go:build linux
+
 package dmsetup
 
 import (
@@ -57,7 +59,7 @@ type LoopPool struct {
 	DataLoop         string // e.g. /dev/loop3
 	MetadataLoop     string
 	BlockSizeSectors uint32
-	DataSectors      uint64 // length of the pool table
+	DataSectors      Sectors // length of the pool table
 	// Reused is true when the pool device already existed on our files.
 	Reused bool
 
@@ -116,7 +118,8 @@ func CreateLoopPool(ctx context.Context, c *Client, cfg LoopPoolConfig) (*LoopPo
 	if err != nil {
 		return nil, err
 	}
-	p.DataSectors = dataSize / sectorSize / uint64(p.BlockSizeSectors) * uint64(p.BlockSizeSectors)
+	block := Sectors(p.BlockSizeSectors)
+	p.DataSectors = BytesToSectors(dataSize) / block * block
 	if p.DataSectors == 0 {
 		return nil, fmt.Errorf("loop pool %s: data file %s smaller than one block: %w", cfg.Name, p.DataFile, errdefs.ErrInvalidArgument)
 	}
@@ -174,7 +177,7 @@ func (p *LoopPool) adopt() error {
 	}
 	p.MetadataLoop, p.DataLoop = metaDev, dataDev
 	p.BlockSizeSectors = params.BlockSizeSectors
-	p.DataSectors = table[0].Length
+	p.DataSectors = Sectors(table[0].Length)
 	p.Reused = true
 	return nil
 }

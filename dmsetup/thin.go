@@ -15,7 +15,6 @@ const (
 	BlockSizeMultiple    = 128
 	MaxThinID            = 1<<24 - 1
 	MetadataBlockSectors = 8 // metadata blocks are 4KiB
-	sectorSize           = 512
 )
 
 // PoolParams are the parameters of a thin-pool table line.
@@ -59,8 +58,8 @@ func checkDevArg(what, dev string) error {
 	return nil
 }
 
-// PoolTable builds the thin-pool target covering lengthSectors.
-func PoolTable(lengthSectors uint64, p PoolParams) (Target, error) {
+// PoolTable builds the thin-pool target covering length.
+func PoolTable(length Sectors, p PoolParams) (Target, error) {
 	if err := checkDevArg("metadata", p.MetadataDev); err != nil {
 		return Target{}, err
 	}
@@ -70,8 +69,8 @@ func PoolTable(lengthSectors uint64, p PoolParams) (Target, error) {
 	if err := ValidateBlockSize(p.BlockSizeSectors); err != nil {
 		return Target{}, err
 	}
-	if lengthSectors < uint64(p.BlockSizeSectors) {
-		return Target{}, fmt.Errorf("thin-pool length %d sectors is smaller than one block: %w", lengthSectors, unix.EINVAL)
+	if length < Sectors(p.BlockSizeSectors) {
+		return Target{}, fmt.Errorf("thin-pool length %d sectors is smaller than one block: %w", length, unix.EINVAL)
 	}
 	var feats []string
 	for _, f := range poolFeatures {
@@ -83,7 +82,7 @@ func PoolTable(lengthSectors uint64, p PoolParams) (Target, error) {
 	if len(feats) > 0 {
 		params += " " + strings.Join(feats, " ")
 	}
-	return Target{Start: 0, Length: lengthSectors, Type: "thin-pool", Params: params}, nil
+	return Target{Start: 0, Length: uint64(length), Type: "thin-pool", Params: params}, nil
 }
 
 // ParsePoolParams parses the parameters of a thin-pool table line as the
@@ -137,16 +136,16 @@ type ThinParams struct {
 	ExternalOrigin string
 }
 
-// ThinTable builds a thin target of lengthSectors for device id in poolDev,
+// ThinTable builds a thin target of length for device id in poolDev,
 // optionally on top of a read-only external origin device.
-func ThinTable(lengthSectors uint64, poolDev string, id uint32, externalOrigin string) (Target, error) {
+func ThinTable(length Sectors, poolDev string, id uint32, externalOrigin string) (Target, error) {
 	if err := checkDevArg("pool", poolDev); err != nil {
 		return Target{}, err
 	}
 	if id > MaxThinID {
 		return Target{}, fmt.Errorf("thin device id %d exceeds %d: %w", id, MaxThinID, unix.EINVAL)
 	}
-	if lengthSectors == 0 {
+	if length == 0 {
 		return Target{}, fmt.Errorf("thin device length is zero: %w", unix.EINVAL)
 	}
 	params := poolDev + " " + strconv.FormatUint(uint64(id), 10)
@@ -156,7 +155,7 @@ func ThinTable(lengthSectors uint64, poolDev string, id uint32, externalOrigin s
 		}
 		params += " " + externalOrigin
 	}
-	return Target{Start: 0, Length: lengthSectors, Type: "thin", Params: params}, nil
+	return Target{Start: 0, Length: uint64(length), Type: "thin", Params: params}, nil
 }
 
 // ParseThinParams parses the parameters of a thin table line.
@@ -176,18 +175,49 @@ func ParseThinParams(params string) (ThinParams, error) {
 	return p, nil
 }
 
-// Pool modes, discard modes and no-space policies as the kernel prints them.
+// ThinTarget reads the table of thin device name: its parameters and
+// length. A table that is not exactly one thin target is ErrMalformed.
+func (c *Client) ThinTarget(name string) (ThinParams, Sectors, error) {
+	table, err := c.Table(name)
+	if err != nil {
+		return ThinParams{}, 0, err
+	}
+	if len(table) != 1 || table[0].Type != "thin" {
+		return ThinParams{}, 0, fmt.Errorf("table %v of %s is not one thin target: %w", table, name, ErrMalformed)
+	}
+	tp, err := ParseThinParams(table[0].Params)
+	return tp, Sectors(table[0].Length), err
+}
+
+// PoolMode is the mode field of a thin-pool status. A failed pool prints no
+// mode (PoolStatus.Fail) and a pool needing thin_check says so in a field of
+// its own (PoolStatus.NeedsCheck).
+type PoolMode string
+
+// Pool modes as the kernel prints them.
 const (
-	PoolModeRW             = "rw"
-	PoolModeRO             = "ro"
-	PoolModeOutOfDataSpace = "out_of_data_space"
+	PoolModeRW             PoolMode = "rw"
+	PoolModeRO             PoolMode = "ro"
+	PoolModeOutOfDataSpace PoolMode = "out_of_data_space"
+)
 
-	DiscardPassdown   = "discard_passdown"
-	NoDiscardPassdown = "no_discard_passdown"
-	IgnoreDiscard     = "ignore_discard"
+// DiscardMode is the discard field of a thin-pool status.
+type DiscardMode string
 
-	QueueIfNoSpace = "queue_if_no_space"
-	ErrorIfNoSpace = "error_if_no_space"
+// Discard modes as the kernel prints them.
+const (
+	DiscardPassdown   DiscardMode = "discard_passdown"
+	NoDiscardPassdown DiscardMode = "no_discard_passdown"
+	IgnoreDiscard     DiscardMode = "ignore_discard"
+)
+
+// NoSpacePolicy is what a full pool does with writes.
+type NoSpacePolicy string
+
+// No-space policies as the kernel prints them.
+const (
+	QueueIfNoSpace NoSpacePolicy = "queue_if_no_space"
+	ErrorIfNoSpace NoSpacePolicy = "error_if_no_space"
 )
 
 // PoolStatus is the parsed status of a thin-pool target. Fields after
@@ -208,9 +238,9 @@ type PoolStatus struct {
 	HeldMetadataRoot uint64
 	HasHeldRoot      bool // false when the kernel printed "-"
 
-	Mode          string // PoolModeRW, PoolModeRO, PoolModeOutOfDataSpace
-	DiscardMode   string // DiscardPassdown, NoDiscardPassdown, IgnoreDiscard
-	NoSpacePolicy string // QueueIfNoSpace, ErrorIfNoSpace
+	Mode          PoolMode
+	DiscardMode   DiscardMode
+	NoSpacePolicy NoSpacePolicy
 	NeedsCheck    bool
 
 	MetadataLowWatermark    uint64 // in metadata blocks, kernels >= 4.19
@@ -279,25 +309,25 @@ func ParsePoolStatus(s string) (PoolStatus, error) {
 		return v, true
 	}
 	if v, ok := next(); ok {
-		switch v {
+		switch m := PoolMode(v); m {
 		case PoolModeRW, PoolModeRO, PoolModeOutOfDataSpace:
-			st.Mode = v
+			st.Mode = m
 		default:
 			return bad("mode " + strconv.Quote(v))
 		}
 	}
 	if v, ok := next(); ok {
-		switch v {
+		switch m := DiscardMode(v); m {
 		case DiscardPassdown, NoDiscardPassdown, IgnoreDiscard:
-			st.DiscardMode = v
+			st.DiscardMode = m
 		default:
 			return bad("discard mode " + strconv.Quote(v))
 		}
 	}
 	if v, ok := next(); ok {
-		switch v {
+		switch p := NoSpacePolicy(v); p {
 		case QueueIfNoSpace, ErrorIfNoSpace:
-			st.NoSpacePolicy = v
+			st.NoSpacePolicy = p
 		default:
 			return bad("no-space policy " + strconv.Quote(v))
 		}
@@ -323,9 +353,9 @@ func ParsePoolStatus(s string) (PoolStatus, error) {
 // ThinStatus is the parsed status of a thin target.
 type ThinStatus struct {
 	Fail          bool
-	MappedSectors uint64
-	HighestMapped uint64 // last mapped sector, valid if HasHighest
-	HasHighest    bool   // false when nothing is mapped ("-")
+	MappedSectors Sectors
+	HighestMapped Sectors // last mapped sector, valid if HasHighest
+	HasHighest    bool    // false when nothing is mapped ("-")
 }
 
 // ParseThinStatus parses "<mapped sectors> <highest mapped sector>|-" or
@@ -339,15 +369,17 @@ func ParseThinStatus(s string) (ThinStatus, error) {
 		return ThinStatus{}, fmt.Errorf("thin status %q: want 2 fields: %w", s, ErrMalformed)
 	}
 	var st ThinStatus
-	var err error
-	if st.MappedSectors, err = strconv.ParseUint(f[0], 10, 64); err != nil {
+	mapped, err := strconv.ParseUint(f[0], 10, 64)
+	if err != nil {
 		return ThinStatus{}, fmt.Errorf("thin status %q: mapped sectors: %w", s, ErrMalformed)
 	}
+	st.MappedSectors = Sectors(mapped)
 	if f[1] != "-" {
-		if st.HighestMapped, err = strconv.ParseUint(f[1], 10, 64); err != nil {
+		highest, err := strconv.ParseUint(f[1], 10, 64)
+		if err != nil {
 			return ThinStatus{}, fmt.Errorf("thin status %q: highest mapped sector: %w", s, ErrMalformed)
 		}
-		st.HasHighest = true
+		st.HighestMapped, st.HasHighest = Sectors(highest), true
 	}
 	return st, nil
 }
@@ -462,7 +494,7 @@ func (s PoolStatus) String() string {
 	}
 	out := fmt.Sprintf("%d %d/%d %d/%d %s", s.TransactionID, s.UsedMetaBlocks, s.TotalMetaBlocks,
 		s.UsedDataBlocks, s.TotalDataBlocks, held)
-	for _, v := range []string{s.Mode, s.DiscardMode, s.NoSpacePolicy} {
+	for _, v := range []string{string(s.Mode), string(s.DiscardMode), string(s.NoSpacePolicy)} {
 		if v == "" {
 			return out
 		}
@@ -485,7 +517,7 @@ func (s ThinStatus) String() string {
 		return "Fail"
 	}
 	if !s.HasHighest {
-		return strconv.FormatUint(s.MappedSectors, 10) + " -"
+		return strconv.FormatUint(uint64(s.MappedSectors), 10) + " -"
 	}
 	return fmt.Sprintf("%d %d", s.MappedSectors, s.HighestMapped)
 }

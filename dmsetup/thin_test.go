@@ -10,7 +10,7 @@ import (
 func TestPoolTable(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
-		length  uint64
+		length  Sectors
 		p       PoolParams
 		want    string
 		wantErr bool
@@ -53,7 +53,7 @@ func TestPoolTable(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if tg.Type != "thin-pool" || tg.Start != 0 || tg.Length != tc.length || tg.Params != tc.want {
+			if tg.Type != "thin-pool" || tg.Start != 0 || Sectors(tg.Length) != tc.length || tg.Params != tc.want {
 				t.Fatalf("got %+v, want params %q", tg, tc.want)
 			}
 			back, err := ParsePoolParams(tg.Params)
@@ -95,7 +95,7 @@ func TestParsePoolParams(t *testing.T) {
 func TestThinTable(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
-		length  uint64
+		length  Sectors
 		pool    string
 		id      uint32
 		origin  string
@@ -120,7 +120,7 @@ func TestThinTable(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if tg.Type != "thin" || tg.Length != tc.length || tg.Params != tc.want {
+			if tg.Type != "thin" || Sectors(tg.Length) != tc.length || tg.Params != tc.want {
 				t.Fatalf("got %+v want %q", tg, tc.want)
 			}
 			back, err := ParseThinParams(tg.Params)

@@ -8,6 +8,19 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// SectorSize is the unit, in bytes, of every device-mapper length and
+// offset.
+const SectorSize = 512
+
+// Sectors is a length or offset in SectorSize units.
+type Sectors uint64
+
+// BytesToSectors converts a size in bytes, rounding down to whole sectors.
+func BytesToSectors(n uint64) Sectors { return Sectors(n / SectorSize) }
+
+// Bytes is s in bytes.
+func (s Sectors) Bytes() uint64 { return uint64(s) * SectorSize }
+
 // Version is a three-part version of the dm ioctl interface or of a target.
 type Version struct {
 	Major, Minor, Patch uint32
@@ -51,7 +64,8 @@ type Info struct {
 }
 
 // Target is one line of a device table: Length sectors starting at Start
-// mapped by target Type with parameters Params.
+// mapped by target Type with parameters Params. Start and Length are the
+// raw fields of the ioctl (see Sectors).
 type Target struct {
 	Start, Length uint64
 	Type          string

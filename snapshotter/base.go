@@ -1,3 +1,5 @@
+//go:build linux
+
 package snapshotter
 
 import (
@@ -11,6 +13,7 @@ import (
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
 )
 
@@ -34,32 +37,28 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 			pi.BaseFSType, pi.BaseSize, s.cfg.FSType, s.cfg.BaseSize)
 	}
 
-	s.poolMu.Lock()
-	next := s.txid + 1
-	e := storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize, TxID: next}
-	err := s.db.Update(ctx, func(tx *storage.Tx) (err error) {
-		if e.DeviceID, err = tx.AllocateID(); err != nil {
+	var (
+		e       storage.Entry
+		journal error
+	)
+	next, txSet, err := s.poolStep(func(next uint64) error {
+		e = storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize, TxID: next}
+		journal = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+			if e.DeviceID, err = tx.AllocateID(); err != nil {
+				return err
+			}
+			e.Seq, err = tx.AddJournal(e)
 			return err
-		}
-		e.Seq, err = tx.AddJournal(e)
-		return err
-	})
-	if err != nil {
-		s.poolMu.Unlock()
-		return err
+		})
+		return journal
+	}, func() error { return s.pool.CreateThin(e.DeviceID) }, nil)
+	if journal != nil {
+		return journal
 	}
-	txSet := false
-	err = s.pool.CreateThin(e.DeviceID)
-	if err == nil {
-		if err = s.pool.SetTransactionID(s.txid, next); err == nil {
-			s.txid, txSet = next, true
-		}
-	}
-	s.poolMu.Unlock()
 
 	name := s.deviceName(e.DeviceID)
 	if err == nil {
-		if err = s.pool.Activate(name, e.DeviceID, s.cfg.BaseSize/512, false); err == nil {
+		if err = s.pool.Activate(name, e.DeviceID, dmsetup.BytesToSectors(s.cfg.BaseSize), false); err == nil {
 			err = s.format(ctx, s.pool.DevicePath(name))
 			err = errors.Join(err, s.pool.Deactivate(ctx, name))
 		}

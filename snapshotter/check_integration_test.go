@@ -103,10 +103,10 @@ func TestIntegrationCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	poolDev := fmt.Sprintf("%d:%d", info.Major, info.Minor)
-	dev := func(id uint32) string { return fmt.Sprintf("%s-snap-%d", pool, id) }
+	dev := func(id uint32) string { return dmsetup.DeviceName(pool, id) }
 	activate := func(name string, id uint32) {
 		t.Helper()
-		tt, err := dmsetup.ThinTable(cfg.BaseSize/512, poolDev, id, "")
+		tt, err := dmsetup.ThinTable(dmsetup.BytesToSectors(cfg.BaseSize), poolDev, id, "")
 		if err != nil {
 			t.Fatal(err)
 		}

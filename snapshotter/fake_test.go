@@ -20,7 +20,7 @@ type fakePool struct {
 	mu      sync.Mutex
 	name    string
 	txid    uint64
-	thins   map[uint32]uint64 // id → mapped sectors
+	thins   map[uint32]dmsetup.Sectors // id → mapped sectors
 	devices map[string]*fakeDev
 	status  dmsetup.PoolStatus
 
@@ -33,14 +33,14 @@ type fakePool struct {
 
 type fakeDev struct {
 	id        uint32
-	sectors   uint64
+	sectors   dmsetup.Sectors
 	readOnly  bool
 	suspended bool
 	open      int32
 }
 
 func newFakePool(name string) *fakePool {
-	return &fakePool{name: name, thins: map[uint32]uint64{}, devices: map[string]*fakeDev{}}
+	return &fakePool{name: name, thins: map[uint32]dmsetup.Sectors{}, devices: map[string]*fakeDev{}}
 }
 
 func (p *fakePool) step(op, dev string) error {
@@ -143,7 +143,7 @@ func (p *fakePool) SetTransactionID(old, new uint64) error {
 	return nil
 }
 
-func (p *fakePool) Activate(name string, id uint32, sectors uint64, readOnly bool) error {
+func (p *fakePool) Activate(name string, id uint32, sectors dmsetup.Sectors, readOnly bool) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if err := p.step("activate", name); err != nil {
@@ -240,7 +240,7 @@ func (p *fakePool) List() ([]dmsetup.Device, error) {
 func (p *fakePool) DevicePath(name string) string { return "/dev/mapper/" + name }
 
 // write pretends data was written to an active device.
-func (p *fakePool) write(name string, sectors uint64) {
+func (p *fakePool) write(name string, sectors dmsetup.Sectors) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.thins[p.devices[name].id] += sectors

@@ -1,3 +1,5 @@
+//go:build linux
+
 package snapshotter
 
 import (
@@ -14,6 +16,7 @@ import (
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/internal/dmtest"
 )
 
@@ -121,7 +124,7 @@ func TestIntegrationBaseAndRestart(t *testing.T) {
 	// A reboot: the snapshot devices are gone (the pool stays, as an LVM
 	// pool would come back).
 	name, _ := LoopPoolName(root)
-	if err := dmtest.RemoveDevices(ctx, name+"-snap-"); err != nil {
+	if err := dmtest.RemoveDevices(ctx, dmsetup.DeviceNamePrefix(name)); err != nil {
 		t.Fatal(err)
 	}
 
@@ -162,7 +165,7 @@ func TestIntegrationBaseAndRestart(t *testing.T) {
 		}
 	}
 	out, err := exec.Command("dmsetup", "ls").CombinedOutput()
-	if err == nil && strings.Contains(string(out), name+"-snap-") {
+	if err == nil && strings.Contains(string(out), dmsetup.DeviceNamePrefix(name)) {
 		t.Errorf("snapshot devices left after removing all: %s", out)
 	}
 }

@@ -2,6 +2,7 @@ package snapshotter
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
@@ -21,7 +22,7 @@ type Pool interface {
 
 	// Activate creates dm device name mapping thin id of the pool with the
 	// given length; an existing device with the same mapping is kept.
-	Activate(name string, id uint32, sectors uint64, readOnly bool) error
+	Activate(name string, id uint32, length dmsetup.Sectors, readOnly bool) error
 	// Deactivate removes dm device name; a missing device is not an error.
 	Deactivate(ctx context.Context, name string) error
 	Suspend(name string) error
@@ -73,8 +74,8 @@ func (p *dmPool) ThinStatus(name string) (dmsetup.ThinStatus, error) {
 	return p.c.ThinStatus(name)
 }
 
-func (p *dmPool) Activate(name string, id uint32, sectors uint64, readOnly bool) error {
-	t, err := dmsetup.ThinTable(sectors, p.dev, id, "")
+func (p *dmPool) Activate(name string, id uint32, length dmsetup.Sectors, readOnly bool) error {
+	t, err := dmsetup.ThinTable(length, p.dev, id, "")
 	if err != nil {
 		return err
 	}
@@ -84,16 +85,16 @@ func (p *dmPool) Activate(name string, id uint32, sectors uint64, readOnly bool)
 	}
 	// Left from before a crash or restart: keep it if it maps the same
 	// thin id, otherwise it is not ours to reuse.
-	table, terr := p.c.Table(name)
-	if terr != nil {
-		return fmt.Errorf("%w (and reading its table: %v)", err, terr)
+	tp, _, terr := p.c.ThinTarget(name)
+	switch {
+	case terr == nil && tp.ID == id:
+		return nil
+	case terr == nil:
+		return fmt.Errorf("device %s exists mapping thin id %d: %w", name, tp.ID, err)
+	case errors.Is(terr, dmsetup.ErrMalformed):
+		return fmt.Errorf("device %s exists with another table (%v): %w", name, terr, err)
 	}
-	if len(table) == 1 && table[0].Type == "thin" {
-		if tp, perr := dmsetup.ParseThinParams(table[0].Params); perr == nil && tp.ID == id {
-			return nil
-		}
-	}
-	return fmt.Errorf("device %s exists with another table %v: %w", name, table, err)
+	return fmt.Errorf("%w (and reading its table: %v)", err, terr)
 }
 
 func (p *dmPool) Deactivate(ctx context.Context, name string) error {
@@ -103,3 +104,18 @@ func (p *dmPool) Deactivate(ctx context.Context, name string) error {
 	}
 	return err
 }
+
+// MetadataThinIDs lists the thin ids in the pool metadata.
+func (p *dmPool) MetadataThinIDs(ctx context.Context) ([]uint32, error) {
+	return p.c.MetadataThinIDs(ctx, p.name)
+}
+
+// ThinTarget reads the table of a thin device.
+func (p *dmPool) ThinTarget(name string) (dmsetup.ThinParams, dmsetup.Sectors, error) {
+	return p.c.ThinTarget(name)
+}
+
+// PoolDevice is the pool's major:minor, as thin tables name it.
+func (p *dmPool) PoolDevice() string { return p.dev }
+
+var _ poolInspector = (*dmPool)(nil)

@@ -13,9 +13,34 @@ import (
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
 )
 
-// checkOwnership makes sure the pool is the one this database manages: the
-// pool's transaction id must be the recorded one, or ahead of it by no more
-// than the pending journal entries explain.
+// poolOwnership decides whether the pool named pool, at transaction id
+// poolTx, is the one the database manages. pi is the database's pool record
+// (zero when it has none), dbTx its transaction id and pending the number of
+// journal entries a crash may have left. The pool's transaction id must be
+// the recorded one, or ahead of it by no more than the pending entries
+// explain. New says the database has no pool yet and the pool was never used
+// (transaction id 0): the daemon takes it as its own. Otherwise a non-empty
+// mismatch says why the pool may not be the database's.
+//
+// The daemon at startup (checkOwnership) and Check's repair both decide with
+// it, so they never disagree.
+func poolOwnership(pi storage.PoolInfo, dbTx uint64, pending int, pool string, poolTx uint64) (isNew bool, mismatch string) {
+	switch {
+	case pi.Name == "" && poolTx != 0:
+		return false, fmt.Sprintf("the database is new but the pool's transaction id is %d (the pool was used before, by another database or daemon)", poolTx)
+	case pi.Name == "":
+		return true, ""
+	case pi.Name != pool:
+		return false, fmt.Sprintf("the database belongs to pool %s", pi.Name)
+	case poolTx < dbTx || poolTx > dbTx+uint64(pending):
+		return false, fmt.Sprintf("the pool's transaction id is %d but the database recorded %d with %d operations pending (a re-created pool, or someone else's)", poolTx, dbTx, pending)
+	}
+	return false, ""
+}
+
+// checkOwnership makes sure the pool is the one this database manages
+// (poolOwnership), records a new pool, and adopts a mismatched one when
+// allow_adopt is set.
 func (s *Snapshotter) checkOwnership(ctx context.Context) error {
 	name := s.pool.Name()
 	st, err := s.pool.Status()
@@ -44,22 +69,14 @@ func (s *Snapshotter) checkOwnership(ctx context.Context) error {
 		return err
 	}
 
-	var mismatch string
-	switch {
-	case pi.Name == "" && st.TransactionID != 0:
-		mismatch = fmt.Sprintf("the database is new but the pool's transaction id is %d (the pool was used before, by another database or daemon)", st.TransactionID)
-	case pi.Name != "" && pi.Name != name:
-		mismatch = fmt.Sprintf("the database belongs to pool %s", pi.Name)
-	case pi.Name != "" && (st.TransactionID < dbTx || st.TransactionID > dbTx+uint64(pending)):
-		mismatch = fmt.Sprintf("the pool's transaction id is %d but the database recorded %d with %d operations pending (a re-created pool, or someone else's)", st.TransactionID, dbTx, pending)
-	}
+	isNew, mismatch := poolOwnership(pi, dbTx, pending, name, st.TransactionID)
 	if mismatch != "" && !s.cfg.AllowAdopt {
 		return fmt.Errorf("pool %s: %s; refusing to use it (set allow_adopt = true under [pool] to take it over): %w", name, mismatch, errdefs.ErrFailedPrecondition)
 	}
 	if mismatch != "" {
 		log.G(ctx).WithField("pool", name).Warnf("adopting pool: %s", mismatch)
 	}
-	if pi.Name == "" || mismatch != "" {
+	if isNew || mismatch != "" {
 		if pi.Name == "" {
 			pi.Created = time.Now().UTC()
 		}
@@ -146,7 +163,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 		} else if !dmsetup.IsNotFound(err) {
 			return err
 		}
-		if err := s.pool.Activate(name, snap.DeviceID, snap.Size/512, snap.Kind == snapshots.KindView); err != nil {
+		if err := s.pool.Activate(name, snap.DeviceID, dmsetup.BytesToSectors(snap.Size), snap.Kind == snapshots.KindView); err != nil {
 			return fmt.Errorf("reactivate %q: %w", snap.Key, err)
 		}
 		log.G(ctx).WithField("key", snap.Key).WithField("id", snap.DeviceID).Info("recovery: reactivated device")

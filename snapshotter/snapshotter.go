@@ -13,11 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
-	"strconv"
 	"sync"
-	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -31,8 +27,6 @@ import (
 const (
 	dbFile  = "metadata.db"
 	poolDir = "pool"
-	// How often the worker retries removals that could not finish.
-	retryInterval = 10 * time.Second
 )
 
 // Snapshotter stores snapshots as thin devices.
@@ -67,104 +61,10 @@ type Snapshotter struct {
 var _ snapshots.Snapshotter = (*Snapshotter)(nil)
 var _ snapshots.Cleaner = (*Snapshotter)(nil)
 
-// New opens (or creates) the snapshotter state under cfg.Root, sets up or
-// checks the pool, recovers from an earlier crash and makes sure the base
-// device exists.
-func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
-	cfg.setDefaults()
-	if err := cfg.validate(); err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
-		return nil, err
-	}
-	client, err := dmsetup.Open()
-	if err != nil {
-		return nil, fmt.Errorf("device-mapper: %w", err)
-	}
-	closers := []func() error{client.Close}
-	fail := func(err error) (*Snapshotter, error) {
-		for i := len(closers) - 1; i >= 0; i-- {
-			_ = closers[i]()
-		}
-		return nil, err
-	}
-
-	// The database first: it refuses a second daemon on the same root
-	// before that daemon touches the pool.
-	db, err := storage.Open(ctx, filepath.Join(cfg.Root, dbFile))
-	if err != nil {
-		return fail(err)
-	}
-	closers = append(closers, db.Close)
-
-	name := cfg.PoolName
-	if name == "" {
-		if name, err = LoopPoolName(cfg.Root); err != nil {
-			return fail(err)
-		}
-		lp, err := dmsetup.CreateLoopPool(ctx, client, dmsetup.LoopPoolConfig{
-			Dir:              filepath.Join(cfg.Root, poolDir),
-			Name:             name,
-			DataSize:         cfg.DataSize,
-			MetadataSize:     cfg.MetadataSize,
-			BlockSizeSectors: uint32(cfg.BlockSize / 512),
-			// A full pool fails writes at once instead of queueing them
-			// for a minute: containers see ENOSPC/EIO, not a hang.
-			ErrorIfNoSpace: true,
-		})
-		if err != nil {
-			return fail(fmt.Errorf("embedded pool: %w", err))
-		}
-		log.G(ctx).WithField("pool", name).WithField("reused", lp.Reused).Info("embedded pool ready")
-	}
-	pool, err := newDMPool(client, name)
-	if err != nil {
-		return fail(err)
-	}
-	s, err := newWithPool(ctx, cfg, db, pool, nil)
-	if err != nil {
-		return fail(err)
-	}
-	s.closers = closers
-	return s, nil
-}
-
-// newWithPool is New after the kernel side is open; unit tests call it with
-// a fake pool and a format function that needs no kernel (nil is mkfs).
-func newWithPool(ctx context.Context, cfg Config, db *storage.DB, pool Pool, format func(context.Context, string) error) (*Snapshotter, error) {
-	cfg.setDefaults()
-	s := &Snapshotter{
-		cfg:      cfg,
-		db:       db,
-		pool:     pool,
-		deleting: map[uint64]bool{},
-		wake:     make(chan struct{}, 1),
-		done:     make(chan struct{}),
-	}
-	s.format = format
-	if format == nil {
-		s.format = s.mkfs
-	}
-	if err := s.checkOwnership(ctx); err != nil {
-		return nil, err
-	}
-	if err := s.recover(ctx); err != nil {
-		return nil, fmt.Errorf("recovery: %w", err)
-	}
-	if err := s.ensureBase(ctx); err != nil {
-		return nil, fmt.Errorf("base device: %w", err)
-	}
-	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	s.stop = cancel
-	go s.worker(wctx)
-	return s, nil
-}
-
 // deviceName is the dm name of thin id: built from the pool and the id,
 // never from a snapshot key.
 func (s *Snapshotter) deviceName(id uint32) string {
-	return s.pool.Name() + "-snap-" + strconv.FormatUint(uint64(id), 10)
+	return dmsetup.DeviceName(s.pool.Name(), id)
 }
 
 // Stat returns the info of a snapshot.
@@ -242,11 +142,11 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 // it was made: containerd's Usage excludes the parents. Shared blocks the
 // snapshot rewrote are not counted; telling them apart needs the pool's
 // metadata (thin_ls), too slow for a call CRI makes every 10 s.
-func ownUsage(mapped, shared uint64) snapshots.Usage {
-	if mapped < shared {
+func ownUsage(mapped dmsetup.Sectors, shared uint64) snapshots.Usage {
+	if uint64(mapped) < shared {
 		return snapshots.Usage{}
 	}
-	return snapshots.Usage{Size: int64((mapped - shared) * 512)}
+	return snapshots.Usage{Size: int64((mapped - dmsetup.Sectors(shared)).Bytes())}
 }
 
 // Mounts returns the mount of an active snapshot or a view.
@@ -305,58 +205,51 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	}
 
 	var (
-		snap  storage.Snapshot
-		entry storage.Entry
+		snap    storage.Snapshot
+		entry   storage.Entry
+		journal error
 	)
-	s.poolMu.Lock()
-	next := s.txid + 1
-	err := s.db.Update(ctx, func(tx *storage.Tx) error {
-		pi, err := tx.PoolInfo()
-		if err != nil {
-			return err
-		}
-		origin, size, fsType := pi.BaseDeviceID, pi.BaseSize, pi.BaseFSType
-		if parent != "" {
-			p, err := tx.GetSnapshot(parent)
+	next, txSet, err := s.poolStep(func(next uint64) error {
+		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
+			pi, err := tx.PoolInfo()
 			if err != nil {
-				return fmt.Errorf("parent %q: %w", parent, err)
+				return err
 			}
-			origin, size, fsType = p.DeviceID, p.Size, p.FSType
-		}
-		id, err := tx.AllocateID()
-		if err != nil {
+			origin, size, fsType := pi.BaseDeviceID, pi.BaseSize, pi.BaseFSType
+			if parent != "" {
+				p, err := tx.GetSnapshot(parent)
+				if err != nil {
+					return fmt.Errorf("parent %q: %w", parent, err)
+				}
+				origin, size, fsType = p.DeviceID, p.Size, p.FSType
+			}
+			id, err := tx.AllocateID()
+			if err != nil {
+				return err
+			}
+			snap, err = tx.CreateSnapshot(storage.Snapshot{
+				Key: key, Kind: kind, Parent: parent, Labels: base.Labels,
+				State: storage.StateCreating, DeviceID: id, Size: size, FSType: fsType,
+			})
+			if err != nil {
+				return err
+			}
+			entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key, TxID: next}
+			entry.Seq, err = tx.AddJournal(entry)
 			return err
-		}
-		snap, err = tx.CreateSnapshot(storage.Snapshot{
-			Key: key, Kind: kind, Parent: parent, Labels: base.Labels,
-			State: storage.StateCreating, DeviceID: id, Size: size, FSType: fsType,
 		})
-		if err != nil {
-			return err
-		}
-		entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key, TxID: next}
-		entry.Seq, err = tx.AddJournal(entry)
-		return err
+		return journal
+	}, func() error {
+		return s.snapLocked(entry.DeviceID, entry.OriginID)
+	}, func() error {
+		return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
 	})
-	if err != nil {
-		s.poolMu.Unlock()
-		return nil, err
+	if journal != nil {
+		return nil, journal
 	}
-	err = s.snapLocked(entry.DeviceID, entry.OriginID)
-	txSet := false
-	if err == nil {
-		if err = s.pool.SetTransactionID(s.txid, next); err == nil {
-			s.txid, txSet = next, true
-		} else {
-			// The device exists but the step is not recorded in the pool:
-			// take it out again so pool and journal agree.
-			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
-		}
-	}
-	s.poolMu.Unlock()
 
 	if err == nil {
-		err = s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, snap.Size/512, kind == snapshots.KindView)
+		err = s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
 		if err != nil {
 			s.poolMu.Lock()
 			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
@@ -373,7 +266,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	// What the new device maps now is all shared with its origin.
 	var shared uint64
 	if st, err := s.pool.ThinStatus(s.deviceName(snap.DeviceID)); err == nil {
-		shared = st.MappedSectors
+		shared = uint64(st.MappedSectors)
 	}
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
 		if _, err := tx.SetState(key, storage.StateReady); err != nil {
@@ -437,16 +330,6 @@ func (s *Snapshotter) rollbackCreate(ctx context.Context, e storage.Entry, txSet
 	})
 }
 
-// raiseTxID records the pool's transaction id; operations finish out of
-// order, so it only moves forward.
-func (s *Snapshotter) raiseTxID(tx *storage.Tx, id uint64) error {
-	cur, err := tx.TransactionID()
-	if err != nil || cur >= id {
-		return err
-	}
-	return tx.SetTransactionID(id)
-}
-
 // Commit turns active snapshot key into committed snapshot name: its device
 // is deactivated and kept as the layer.
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
@@ -502,7 +385,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err != nil {
 		// Still active in the records (a name taken meanwhile, say):
 		// give it its device back.
-		err = errors.Join(err, s.pool.Activate(dev, snap.DeviceID, snap.Size/512, false))
+		err = errors.Join(err, s.pool.Activate(dev, snap.DeviceID, dmsetup.BytesToSectors(snap.Size), false))
 		err = errors.Join(err, s.db.Update(ctx, func(tx *storage.Tx) error { return tx.FinishJournal(seq) }))
 	}
 	return err
@@ -551,112 +434,6 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	return nil
 }
 
-// finishDelete deactivates and deletes the device of a journaled removal and
-// frees its id.
-func (s *Snapshotter) finishDelete(ctx context.Context, e storage.Entry) error {
-	s.delMu.Lock()
-	if s.deleting[e.Seq] {
-		s.delMu.Unlock()
-		return fmt.Errorf("removal of device %d already in progress: %w", e.DeviceID, errdefs.ErrUnavailable)
-	}
-	s.deleting[e.Seq] = true
-	s.delMu.Unlock()
-	defer func() {
-		s.delMu.Lock()
-		delete(s.deleting, e.Seq)
-		s.delMu.Unlock()
-	}()
-	// Someone may have finished this entry since it was read; then its id
-	// may already belong to a new snapshot and must not be deleted.
-	if err := s.db.View(ctx, func(tx *storage.Tx) error {
-		_, err := tx.GetJournal(e.Seq)
-		return err
-	}); err != nil {
-		if errdefs.IsNotFound(err) {
-			return nil
-		}
-		return err
-	}
-
-	if err := s.pool.Deactivate(ctx, s.deviceName(e.DeviceID)); err != nil {
-		return err
-	}
-	s.poolMu.Lock()
-	next := s.txid + 1
-	err := ignoreNoData(s.pool.DeleteThin(e.DeviceID))
-	if err == nil {
-		if err = s.pool.SetTransactionID(s.txid, next); err == nil {
-			s.txid = next
-		}
-	}
-	s.poolMu.Unlock()
-	if err != nil {
-		return err
-	}
-	return s.db.Update(ctx, func(tx *storage.Tx) error {
-		if err := tx.ReleaseID(e.DeviceID); err != nil && !errdefs.IsNotFound(err) {
-			return err
-		}
-		if err := s.raiseTxID(tx, next); err != nil {
-			return err
-		}
-		return tx.FinishJournal(e.Seq)
-	})
-}
-
-// Cleanup finishes every pending removal now.
-func (s *Snapshotter) Cleanup(ctx context.Context) error {
-	return s.finishRemovals(ctx)
-}
-
-func (s *Snapshotter) finishRemovals(ctx context.Context) error {
-	var pending []storage.Entry
-	if err := s.db.View(ctx, func(tx *storage.Tx) error {
-		entries, err := tx.Journal()
-		for _, e := range entries {
-			if e.Op == storage.OpDelete {
-				pending = append(pending, e)
-			}
-		}
-		return err
-	}); err != nil {
-		return err
-	}
-	var errs []error
-	for _, e := range pending {
-		if err := s.finishDelete(ctx, e); err != nil && !errdefs.IsUnavailable(err) {
-			errs = append(errs, fmt.Errorf("device %d of removed %q: %w", e.DeviceID, e.Key, err))
-		}
-	}
-	return errors.Join(errs...)
-}
-
-func (s *Snapshotter) kick() {
-	select {
-	case s.wake <- struct{}{}:
-	default:
-	}
-}
-
-// worker finishes removals in the background: at once when kicked, and
-// periodically for those that failed (a device still open).
-func (s *Snapshotter) worker(ctx context.Context) {
-	defer close(s.done)
-	t := time.NewTicker(retryInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-s.wake:
-		case <-t.C:
-		}
-		if err := s.finishRemovals(ctx); err != nil && ctx.Err() == nil {
-			log.G(ctx).WithError(err).Warn("pending removals not finished; will retry")
-		}
-	}
-}
-
 // Close stops the worker and closes the database; devices stay as they are.
 func (s *Snapshotter) Close() error {
 	s.closeOnce.Do(func() {
@@ -682,39 +459,4 @@ func ignoreNoData(err error) error {
 		return nil
 	}
 	return err
-}
-
-// keyLocks serializes calls on one key while calls on other keys run in
-// parallel.
-type keyLocks struct {
-	mu    sync.Mutex
-	locks map[string]*keyLock
-}
-
-type keyLock struct {
-	mu   sync.Mutex
-	refs int
-}
-
-func (k *keyLocks) lock(key string) func() {
-	k.mu.Lock()
-	if k.locks == nil {
-		k.locks = map[string]*keyLock{}
-	}
-	l := k.locks[key]
-	if l == nil {
-		l = &keyLock{}
-		k.locks[key] = l
-	}
-	l.refs++
-	k.mu.Unlock()
-	l.mu.Lock()
-	return func() {
-		l.mu.Unlock()
-		k.mu.Lock()
-		if l.refs--; l.refs == 0 {
-			delete(k.locks, key)
-		}
-		k.mu.Unlock()
-	}
 }

@@ -580,3 +580,41 @@ func TestStaleRemovalEntry(t *testing.T) {
 	}
 	checkConsistent(t, s, pool)
 }
+
+// TestPoolOwnership is the one rule the daemon (checkOwnership) and Check's
+// repair (poolIsOurs) both apply.
+func TestPoolOwnership(t *testing.T) {
+	ours := storage.PoolInfo{Name: "tp"}
+	for _, tc := range []struct {
+		name     string
+		pi       storage.PoolInfo
+		dbTx     uint64
+		pending  int
+		pool     string
+		poolTx   uint64
+		isNew    bool
+		mismatch string // substring; "" for ours
+	}{
+		{name: "new database, unused pool", pool: "tp", isNew: true},
+		{name: "new database, used pool", pool: "tp", poolTx: 3, mismatch: "transaction id is 3"},
+		{name: "same ids", pi: ours, dbTx: 5, pool: "tp", poolTx: 5},
+		{name: "ahead by the pending entries", pi: ours, dbTx: 5, pending: 2, pool: "tp", poolTx: 7},
+		{name: "ahead by more", pi: ours, dbTx: 5, pending: 2, pool: "tp", poolTx: 8, mismatch: "recorded 5 with 2 operations pending"},
+		{name: "behind (re-created)", pi: ours, dbTx: 5, pool: "tp", poolTx: 0, mismatch: "re-created"},
+		{name: "another pool", pi: ours, dbTx: 5, pool: "other", poolTx: 5, mismatch: "belongs to pool tp"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			isNew, mismatch := poolOwnership(tc.pi, tc.dbTx, tc.pending, tc.pool, tc.poolTx)
+			if isNew != tc.isNew || (tc.mismatch == "") != (mismatch == "") || !strings.Contains(mismatch, tc.mismatch) {
+				t.Fatalf("poolOwnership = %v, %q; want %v, %q", isNew, mismatch, tc.isNew, tc.mismatch)
+			}
+			// Check repairs exactly the pools the daemon would use as they are.
+			s := &Snapshotter{pool: newFakePool(tc.pool)}
+			journal := make([]storage.Entry, tc.pending)
+			ok, _ := s.poolIsOurs(&checkState{pi: tc.pi, dbTx: tc.dbTx, poolTx: tc.poolTx, journal: journal})
+			if ok != (!isNew && mismatch == "") {
+				t.Fatalf("poolIsOurs = %v, daemon rule says new %v, mismatch %q", ok, isNew, mismatch)
+			}
+		})
+	}
+}

@@ -84,7 +84,7 @@ func checkCommand(open checkOpener) *cli.Command {
 			"\n" +
 			"Exit status: 0 clean (also: everything repaired), 1 problems found or left after\n" +
 			"--repair, 2 the check could not run (e.g. the daemon is running).\n" +
-			"--json prints one report object; its fields are documented in snapshotter/check.go.",
+			"--json prints one report object; its fields are documented on snapshotter.Report.",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "repair", Usage: "fix what is safe to fix"},
 			&cli.BoolFlag{Name: "remove-ghosts", Usage: "with --repair: remove records whose thin device is gone"},

@@ -60,10 +60,10 @@ func RemoveDevices(ctx context.Context, prefix string) error {
 	return nil
 }
 
-// DestroyLoopPool removes the thin devices named <pool>-snap-*, the loopback
+// DestroyLoopPool removes the thin devices of pool (dmsetup.DeviceName), the loopback
 // pool itself, its loop devices and files in dir.
 func DestroyLoopPool(ctx context.Context, pool, dir string) error {
-	if err := RemoveDevices(ctx, pool+"-snap-"); err != nil {
+	if err := RemoveDevices(ctx, dmsetup.DeviceNamePrefix(pool)); err != nil {
 		return err
 	}
 	c, err := dmsetup.Open()

@@ -1,0 +1,122 @@
+//go:build linux
+
+package dmsetup
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+)
+
+// metadataTools are tried in order to list the thin ids of a metadata
+// snapshot (thin-provisioning-tools).
+var metadataTools = []struct {
+	bin   string
+	args  []string
+	parse func([]byte) ([]uint32, error)
+}{
+	{"thin_ls", []string{"--metadata-snap", "--no-headers", "-o", "DEV"}, parseThinLs},
+	{"thin_dump", []string{"--metadata-snap", "--skip-mappings"}, parseThinDump},
+}
+
+// metadataToolTimeout bounds one run of thin_ls or thin_dump.
+const metadataToolTimeout = 5 * time.Minute
+
+// MetadataThinIDs lists, ascending, the thin device ids in the metadata of
+// thin pool. They are read with thin_ls (or thin_dump) from a metadata
+// snapshot, which stays consistent while the pool runs; the snapshot is
+// always released afterwards. Without either tool in PATH the error is
+// errdefs.ErrNotImplemented.
+func (c *Client) MetadataThinIDs(ctx context.Context, pool string) ([]uint32, error) {
+	tool := -1
+	var bin string
+	for i, t := range metadataTools {
+		if path, err := exec.LookPath(t.bin); err == nil {
+			tool, bin = i, path
+			break
+		}
+	}
+	if tool < 0 {
+		return nil, fmt.Errorf("neither thin_ls nor thin_dump found in PATH: install thin-provisioning-tools: %w", errdefs.ErrNotImplemented)
+	}
+	table, err := c.Table(pool)
+	if err != nil {
+		return nil, fmt.Errorf("table of pool %s: %w", pool, err)
+	}
+	if len(table) != 1 || table[0].Type != "thin-pool" {
+		return nil, fmt.Errorf("device %s is not a thin pool (table %v): %w", pool, table, errdefs.ErrInvalidArgument)
+	}
+	params, err := ParsePoolParams(table[0].Params)
+	if err != nil {
+		return nil, fmt.Errorf("table of pool %s: %w", pool, err)
+	}
+	node, cleanup, err := blockNode(params.MetadataDev)
+	if err != nil {
+		return nil, fmt.Errorf("metadata device of pool %s: %w", pool, err)
+	}
+	defer cleanup()
+
+	if err := c.ReserveMetadataSnap(pool); err != nil {
+		if IsBusy(err) {
+			return nil, fmt.Errorf("pool %s already has a metadata snapshot (held by another tool, or left by an interrupted check: `dmsetup message %s 0 release_metadata_snap` drops it): %w", pool, pool, err)
+		}
+		return nil, fmt.Errorf("reserve_metadata_snap on %s: %w", pool, err)
+	}
+	defer func() { _ = c.ReleaseMetadataSnap(pool) }()
+
+	t := metadataTools[tool]
+	tctx, cancel := context.WithTimeout(ctx, metadataToolTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(tctx, bin, append(slices.Clone(t.args), node)...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("%s %v: %w: %s", t.bin, cmd.Args[1:], err, strings.TrimSpace(stderr.String()))
+	}
+	ids, err := t.parse(out)
+	if err != nil {
+		return nil, fmt.Errorf("%s output: %w", t.bin, err)
+	}
+	return ids, nil
+}
+
+// blockNode finds a block device node for dev, a path or major:minor as
+// tables name devices: the kernel's name from sysfs under /dev, else a
+// temporary node that cleanup removes.
+func blockNode(dev string) (string, func(), error) {
+	noop := func() {}
+	major, minor, err := parseMajorMinor(dev)
+	if err != nil {
+		return dev, noop, nil // a path
+	}
+	want := unix.Mkdev(major, minor)
+	if b, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%d:%d/uevent", major, minor)); err == nil {
+		if name, ok := ueventDevName(b); ok {
+			path := filepath.Join("/dev", name)
+			var st unix.Stat_t
+			if unix.Stat(path, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK && st.Rdev == want {
+				return path, noop, nil
+			}
+		}
+	}
+	dir, err := os.MkdirTemp("/dev", ".dmsetup-node-")
+	if err != nil {
+		return "", noop, err
+	}
+	path := filepath.Join(dir, "dev")
+	if err := unix.Mknod(path, unix.S_IFBLK|0o600, int(want)); err != nil {
+		_ = os.RemoveAll(dir)
+		return "", noop, &os.PathError{Op: "mknod", Path: path, Err: err}
+	}
+	return path, func() { _ = os.RemoveAll(dir) }, nil
+}

@@ -1,0 +1,31 @@
+package dmsetup
+
+import (
+	"strconv"
+	"strings"
+)
+
+// DeviceNamePrefix starts the name of every thin device of pool.
+func DeviceNamePrefix(pool string) string { return pool + "-snap-" }
+
+// DeviceName is the dm name of thin device id of pool: <pool>-snap-<id>.
+// Built from the pool and the id only, so no caller-supplied string ever
+// reaches a device name.
+func DeviceName(pool string, id uint32) string {
+	return DeviceNamePrefix(pool) + strconv.FormatUint(uint64(id), 10)
+}
+
+// ParseDeviceName returns the thin id in name when name is exactly
+// DeviceName(pool, id) for an id up to MaxThinID (no sign, no leading
+// zeros, nothing after the id).
+func ParseDeviceName(pool, name string) (uint32, bool) {
+	rest, ok := strings.CutPrefix(name, DeviceNamePrefix(pool))
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(rest, 10, 32)
+	if err != nil || n > MaxThinID || DeviceName(pool, uint32(n)) != name {
+		return 0, false
+	}
+	return uint32(n), true
+}

@@ -1,0 +1,190 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
+	"github.com/thin-snapshotter/thin-snapshotter/storage"
+)
+
+// New opens (or creates) the snapshotter state under cfg.Root, sets up or
+// checks the pool, recovers from an earlier crash and makes sure the base
+// device exists.
+func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
+	k, err := openKernel(ctx, &cfg, false)
+	if err != nil {
+		return nil, err
+	}
+	s, err := newWithPool(ctx, cfg, k.db, k.pool, nil)
+	if err != nil {
+		return nil, k.close(err)
+	}
+	s.closers = k.closers
+	return s, nil
+}
+
+// OpenForCheck opens the snapshotter state under cfg.Root for Check without
+// changing anything: no recovery, no base device, no background worker.
+// The embedded pool is set up when missing (after a reboot), from its
+// existing files only. Fails with a clear error while the daemon runs.
+func OpenForCheck(ctx context.Context, cfg Config) (*Snapshotter, error) {
+	k, err := openKernel(ctx, &cfg, true)
+	if err != nil {
+		return nil, err
+	}
+	s, err := openCheck(ctx, cfg, k.db, k.pool, nil)
+	if err != nil {
+		return nil, k.close(err)
+	}
+	s.closers = k.closers
+	return s, nil
+}
+
+// kernel is what New and OpenForCheck open before the snapshotter: the
+// database, the pool, and what closes them (the dm client last).
+type kernel struct {
+	db      *storage.DB
+	pool    *dmPool
+	closers []func() error
+}
+
+// close closes what was opened, newest first, and returns err.
+func (k *kernel) close(err error) error {
+	for i := len(k.closers) - 1; i >= 0; i-- {
+		_ = k.closers[i]()
+	}
+	return err
+}
+
+// openKernel applies cfg's defaults and rules, then opens the dm client, the
+// database under cfg.Root and the pool: cfg.PoolName, or the embedded
+// loopback pool, set up again from its files when a reboot took it down.
+// With existing (a check), nothing new is made: the database and the
+// embedded pool's files must be there already.
+func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error) {
+	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	dbPath := filepath.Join(cfg.Root, dbFile)
+	if existing {
+		if _, err := os.Stat(dbPath); err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("no database at %s (has the daemon ever run with this root?): %w", dbPath, errdefs.ErrNotFound)
+			}
+			return nil, err
+		}
+	} else if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
+		return nil, err
+	}
+	client, err := dmsetup.Open()
+	if err != nil {
+		return nil, fmt.Errorf("device-mapper: %w", err)
+	}
+	k := &kernel{closers: []func() error{client.Close}}
+
+	// The database first: it refuses a second daemon on the same root
+	// before that daemon touches the pool.
+	if k.db, err = storage.Open(ctx, dbPath); err != nil {
+		if existing && errors.Is(err, storage.ErrInUse) {
+			err = fmt.Errorf("the daemon is running (database in use): stop it first: %w", err)
+		}
+		return nil, k.close(err)
+	}
+	k.closers = append(k.closers, k.db.Close)
+
+	name := cfg.PoolName
+	if name == "" {
+		if name, err = LoopPoolName(cfg.Root); err != nil {
+			return nil, k.close(err)
+		}
+		dir := filepath.Join(cfg.Root, poolDir)
+		if existing {
+			for _, f := range []string{dmsetup.LoopDataFile, dmsetup.LoopMetadataFile} {
+				// A missing file would be created empty: a new pool,
+				// and every record a ghost.
+				if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+					return nil, k.close(fmt.Errorf("embedded pool file: %w", err))
+				}
+			}
+		}
+		lp, err := dmsetup.CreateLoopPool(ctx, client, dmsetup.LoopPoolConfig{
+			Dir:              dir,
+			Name:             name,
+			DataSize:         cfg.DataSize,
+			MetadataSize:     cfg.MetadataSize,
+			BlockSizeSectors: uint32(dmsetup.BytesToSectors(cfg.BlockSize)),
+			// A full pool fails writes at once instead of queueing them
+			// for a minute: containers see ENOSPC/EIO, not a hang.
+			ErrorIfNoSpace: true,
+		})
+		if err != nil {
+			return nil, k.close(fmt.Errorf("embedded pool: %w", err))
+		}
+		if !existing {
+			log.G(ctx).WithField("pool", name).WithField("reused", lp.Reused).Info("embedded pool ready")
+		}
+	}
+	if k.pool, err = newDMPool(client, name); err != nil {
+		return nil, k.close(err)
+	}
+	return k, nil
+}
+
+// newSnapshotter is the snapshotter on an open database and pool, before
+// any of the work New or OpenForCheck do; format nil is mkfs.
+func newSnapshotter(cfg Config, db *storage.DB, pool Pool, format func(context.Context, string) error) *Snapshotter {
+	cfg.setDefaults()
+	s := &Snapshotter{
+		cfg:      cfg,
+		db:       db,
+		pool:     pool,
+		deleting: map[uint64]bool{},
+		wake:     make(chan struct{}, 1),
+		done:     make(chan struct{}),
+		format:   format,
+	}
+	if format == nil {
+		s.format = s.mkfs
+	}
+	return s
+}
+
+// newWithPool is New after the kernel side is open; unit tests call it with
+// a fake pool and a format function that needs no kernel (nil is mkfs).
+func newWithPool(ctx context.Context, cfg Config, db *storage.DB, pool Pool, format func(context.Context, string) error) (*Snapshotter, error) {
+	s := newSnapshotter(cfg, db, pool, format)
+	if err := s.checkOwnership(ctx); err != nil {
+		return nil, err
+	}
+	if err := s.recover(ctx); err != nil {
+		return nil, fmt.Errorf("recovery: %w", err)
+	}
+	if err := s.ensureBase(ctx); err != nil {
+		return nil, fmt.Errorf("base device: %w", err)
+	}
+	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	s.stop = cancel
+	go s.worker(wctx)
+	return s, nil
+}
+
+// openCheck is OpenForCheck after the kernel side is open (unit tests pass
+// a fake pool). The snapshotter has no worker: stop stays nil, which is
+// what lets Check repair.
+func openCheck(ctx context.Context, cfg Config, db *storage.DB, pool Pool, format func(context.Context, string) error) (*Snapshotter, error) {
+	s := newSnapshotter(cfg, db, pool, format)
+	st, err := pool.Status()
+	if err != nil {
+		return nil, fmt.Errorf("status of pool %s: %w", pool.Name(), err)
+	}
+	s.txid = st.TransactionID
+	return s, nil
+}

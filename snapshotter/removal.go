@@ -1,0 +1,114 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/thin-snapshotter/thin-snapshotter/storage"
+)
+
+// How often the worker retries removals that could not finish.
+const retryInterval = 10 * time.Second
+
+// finishDelete deactivates and deletes the device of a journaled removal and
+// frees its id.
+func (s *Snapshotter) finishDelete(ctx context.Context, e storage.Entry) error {
+	s.delMu.Lock()
+	if s.deleting[e.Seq] {
+		s.delMu.Unlock()
+		return fmt.Errorf("removal of device %d already in progress: %w", e.DeviceID, errdefs.ErrUnavailable)
+	}
+	s.deleting[e.Seq] = true
+	s.delMu.Unlock()
+	defer func() {
+		s.delMu.Lock()
+		delete(s.deleting, e.Seq)
+		s.delMu.Unlock()
+	}()
+	// Someone may have finished this entry since it was read; then its id
+	// may already belong to a new snapshot and must not be deleted.
+	if err := s.db.View(ctx, func(tx *storage.Tx) error {
+		_, err := tx.GetJournal(e.Seq)
+		return err
+	}); err != nil {
+		if errdefs.IsNotFound(err) {
+			return nil
+		}
+		return err
+	}
+
+	if err := s.pool.Deactivate(ctx, s.deviceName(e.DeviceID)); err != nil {
+		return err
+	}
+	next, _, err := s.poolStep(nil, func() error { return ignoreNoData(s.pool.DeleteThin(e.DeviceID)) }, nil)
+	if err != nil {
+		return err
+	}
+	return s.db.Update(ctx, func(tx *storage.Tx) error {
+		if err := tx.ReleaseID(e.DeviceID); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+		if err := s.raiseTxID(tx, next); err != nil {
+			return err
+		}
+		return tx.FinishJournal(e.Seq)
+	})
+}
+
+// Cleanup finishes every pending removal now.
+func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	return s.finishRemovals(ctx)
+}
+
+func (s *Snapshotter) finishRemovals(ctx context.Context) error {
+	var pending []storage.Entry
+	if err := s.db.View(ctx, func(tx *storage.Tx) error {
+		entries, err := tx.Journal()
+		for _, e := range entries {
+			if e.Op == storage.OpDelete {
+				pending = append(pending, e)
+			}
+		}
+		return err
+	}); err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range pending {
+		if err := s.finishDelete(ctx, e); err != nil && !errdefs.IsUnavailable(err) {
+			errs = append(errs, fmt.Errorf("device %d of removed %q: %w", e.DeviceID, e.Key, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Snapshotter) kick() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// worker finishes removals in the background: at once when kicked, and
+// periodically for those that failed (a device still open).
+func (s *Snapshotter) worker(ctx context.Context) {
+	defer close(s.done)
+	t := time.NewTicker(retryInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.wake:
+		case <-t.C:
+		}
+		if err := s.finishRemovals(ctx); err != nil && ctx.Err() == nil {
+			log.G(ctx).WithError(err).Warn("pending removals not finished; will retry")
+		}
+	}
+}

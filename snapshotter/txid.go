@@ -1,0 +1,51 @@
+package snapshotter
+
+import (
+	"errors"
+
+	"github.com/thin-snapshotter/thin-snapshotter/storage"
+)
+
+// poolStep makes one change to the pool's metadata and moves the pool's
+// transaction id one step to record it, all under poolMu so steps never
+// interleave:
+//   - journal (may be nil) records the intent in the database, knowing next,
+//     the transaction id the step leaves the pool at; its error ends the step
+//     before the pool is touched;
+//   - change sends the pool message;
+//   - the pool's transaction id moves to next; when the pool refuses, undo
+//     (may be nil) takes the change out again so pool and journal agree.
+//
+// txSet reports whether the pool is at next; the caller records next in the
+// database with raiseTxID once its outcome is recorded too.
+func (s *Snapshotter) poolStep(journal func(next uint64) error, change, undo func() error) (next uint64, txSet bool, err error) {
+	s.poolMu.Lock()
+	defer s.poolMu.Unlock()
+	next = s.txid + 1
+	if journal != nil {
+		if err := journal(next); err != nil {
+			return next, false, err
+		}
+	}
+	if err := change(); err != nil {
+		return next, false, err
+	}
+	if err := s.pool.SetTransactionID(s.txid, next); err != nil {
+		if undo != nil {
+			err = errors.Join(err, undo())
+		}
+		return next, false, err
+	}
+	s.txid = next
+	return next, true, nil
+}
+
+// raiseTxID records the pool's transaction id; operations finish out of
+// order, so it only moves forward.
+func (s *Snapshotter) raiseTxID(tx *storage.Tx, id uint64) error {
+	cur, err := tx.TransactionID()
+	if err != nil || cur >= id {
+		return err
+	}
+	return tx.SetTransactionID(id)
+}
