@@ -58,7 +58,7 @@ func TestIntegrationVersionAndTargets(t *testing.T) {
 	}
 	if haveCLI() {
 		// "thin-pool        v1.23.0" per line.
-		for _, line := range strings.Split(strings.TrimSpace(run(t, "dmsetup", "targets")), "\n") {
+		for line := range strings.SplitSeq(strings.TrimSpace(run(t, "dmsetup", "targets")), "\n") {
 			f := strings.Fields(line)
 			if len(f) != 2 {
 				t.Fatalf("dmsetup targets line %q", line)
@@ -654,7 +654,8 @@ func TestIntegrationStatusMatchesCLI(t *testing.T) {
 		t.Fatal(err)
 	}
 	buf := bytes.Repeat([]byte{1}, 1<<20)
-	if _, err := f.WriteAt(buf, 8<<20); err == nil {
+	_, err = f.WriteAt(buf, 8<<20)
+	if err == nil {
 		err = f.Sync()
 	}
 	f.Close()
@@ -760,7 +761,7 @@ func TestIntegrationStatusMatchesCLI(t *testing.T) {
 	for _, d := range devs {
 		ours = append(ours, fmt.Sprintf("%s %d:%d", d.Name, d.Major, d.Minor))
 	}
-	for _, line := range strings.Split(strings.TrimSpace(run(t, "dmsetup", "ls")), "\n") {
+	for line := range strings.SplitSeq(strings.TrimSpace(run(t, "dmsetup", "ls")), "\n") {
 		r := strings.NewReplacer("(", "", ")", "", ", ", ":", "\t", " ")
 		theirs = append(theirs, strings.Join(strings.Fields(r.Replace(line)), " "))
 	}
@@ -850,9 +851,7 @@ func TestIntegrationConcurrent(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, workers)
 	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			name := devName(fmt.Sprintf("conc%d", w))
 			for r := range rounds {
 				id := uint32(1000 + w*rounds + r)
@@ -872,7 +871,7 @@ func TestIntegrationConcurrent(t *testing.T) {
 					}
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	close(errs)

@@ -93,7 +93,6 @@ func (r *request) setUUID(uuid string) error {
 }
 
 func (r *request) setTargetCount(n uint32) { ne.PutUint32(r.buf[offTargetCount:], n) }
-func (r *request) setEventNr(n uint32)     { ne.PutUint32(r.buf[offEventNr:], n) }
 func (r *request) flags() uint32           { return ne.Uint32(r.buf[offFlags:]) }
 func (r *request) data() []byte            { return r.buf[headerSize:] }
 
@@ -185,7 +184,7 @@ func decodeTargets(data []byte, count uint32) ([]Target, error) {
 	// count comes from the kernel; do not trust it for the allocation.
 	targets := make([]Target, 0, min(int(count), len(data)/specSize))
 	off := 0
-	for i := uint32(0); i < count; i++ {
+	for i := range count {
 		if off < 0 || off+specSize > len(data) {
 			return nil, fmt.Errorf("target %d at offset %d beyond %d bytes of data: %w", i, off, len(data), ErrMalformed)
 		}
@@ -196,11 +195,11 @@ func decodeTargets(data []byte, count uint32) ([]Target, error) {
 			Type:   cString(b[24 : 24+maxTypeNameLen]),
 		}
 		params := b[specSize:]
-		end := bytes.IndexByte(params, 0)
-		if end < 0 {
+		before, _, ok := bytes.Cut(params, []byte{0})
+		if !ok {
 			return nil, fmt.Errorf("target %d parameters not terminated: %w", i, ErrMalformed)
 		}
-		t.Params = string(params[:end])
+		t.Params = string(before)
 		targets = append(targets, t)
 		next := int(ne.Uint32(b[20:]))
 		if i+1 < count && next <= off {
@@ -257,11 +256,11 @@ func decodeNameList(data []byte) ([]Device, error) {
 			fl := ne.Uint32(rec[tr+4:])
 			if fl&unix.DM_NAME_LIST_FLAG_HAS_UUID != 0 {
 				u := rec[tr+8:]
-				n := bytes.IndexByte(u, 0)
-				if n < 0 {
+				before, _, ok := bytes.Cut(u, []byte{0})
+				if !ok {
 					return nil, fmt.Errorf("name list record at %d: uuid not terminated: %w", off, ErrMalformed)
 				}
-				d.UUID = string(u[:n])
+				d.UUID = string(before)
 			}
 		}
 		devices = append(devices, d)
@@ -287,12 +286,12 @@ func decodeTargetVersions(data []byte) ([]TargetVersion, error) {
 		rec := data[off:]
 		next := int(ne.Uint32(rec[0:]))
 		name := rec[targetVersionNameOff:]
-		n := bytes.IndexByte(name, 0)
-		if n < 0 {
+		before, _, ok := bytes.Cut(name, []byte{0})
+		if !ok {
 			return nil, fmt.Errorf("target version record at %d: name not terminated: %w", off, ErrMalformed)
 		}
 		out = append(out, TargetVersion{
-			Name:    string(name[:n]),
+			Name:    string(before),
 			Version: Version{ne.Uint32(rec[4:]), ne.Uint32(rec[8:]), ne.Uint32(rec[12:])},
 		})
 		if next == 0 {

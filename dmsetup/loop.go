@@ -317,7 +317,7 @@ func attachLoop(file string) (*loopDev, error) {
 	info.Flags = unix.LO_FLAGS_AUTOCLEAR
 	copy(info.File_name[:len(info.File_name)-1], file)
 
-	for try := 0; try < loopAttachTries; try++ {
+	for range loopAttachTries {
 		n, err := unix.IoctlRetInt(int(ctl.Fd()), unix.LOOP_CTL_GET_FREE)
 		if err != nil {
 			return nil, fmt.Errorf("LOOP_CTL_GET_FREE: %w", err)

@@ -463,10 +463,10 @@ func (c *Client) DeleteThin(pool string, id uint32) error {
 	return c.poolMessage(pool, "delete "+strconv.FormatUint(uint64(id), 10))
 }
 
-// SetTransactionID replaces the pool's transaction id old with new; EINVAL
+// SetTransactionID replaces the pool's transaction id old with next; EINVAL
 // if old is not the current id.
-func (c *Client) SetTransactionID(pool string, old, new uint64) error {
-	return c.poolMessage(pool, fmt.Sprintf("set_transaction_id %d %d", old, new))
+func (c *Client) SetTransactionID(pool string, old, next uint64) error {
+	return c.poolMessage(pool, fmt.Sprintf("set_transaction_id %d %d", old, next))
 }
 
 // ReserveMetadataSnap takes a metadata snapshot for userspace tools.

@@ -4,36 +4,36 @@ package snapshotter
 type FindingKind string
 
 const (
-	// FindingOrphan: a thin id in the pool that no record, journal entry
+	// FindingOrphan means a thin id in the pool that no record, journal entry
 	// or the base explains.
 	FindingOrphan FindingKind = "orphan"
-	// FindingGhost: a ready record whose thin device is not in the pool.
+	// FindingGhost means a ready record whose thin device is not in the pool.
 	FindingGhost FindingKind = "ghost"
-	// FindingBaseMissing: the base device is not in the pool.
+	// FindingBaseMissing means the base device is not in the pool.
 	FindingBaseMissing FindingKind = "base_missing"
-	// FindingWrongDevice: the dm device named for a record's id maps
+	// FindingWrongDevice means the dm device named for a record's id maps
 	// something else (another id, another pool, another size or mode).
 	FindingWrongDevice FindingKind = "wrong_device"
-	// FindingStaleDevice: a dm device named like ours that no active
+	// FindingStaleDevice means a dm device named like ours that no active
 	// snapshot or view needs (no record, a committed one, the base).
 	FindingStaleDevice FindingKind = "stale_device"
-	// FindingMissingDevice: an active snapshot or view without dm device.
+	// FindingMissingDevice means an active snapshot or view without dm device.
 	FindingMissingDevice FindingKind = "missing_device"
-	// FindingPendingJournal: an operation a crash interrupted.
+	// FindingPendingJournal means an operation a crash interrupted.
 	FindingPendingJournal FindingKind = "pending_journal"
-	// FindingNotReady: a record left creating or removing without a
+	// FindingNotReady means a record left creating or removing without a
 	// journal entry.
 	FindingNotReady FindingKind = "not_ready"
-	// FindingLeakedID: an id allocated in the database with no record,
+	// FindingLeakedID means an id allocated in the database with no record,
 	// journal entry or base, and not in the pool.
 	FindingLeakedID FindingKind = "leaked_id"
-	// FindingIDConflict: a record's id is not allocated to it, or two
+	// FindingIDConflict means a record's id is not allocated to it, or two
 	// records share an id.
 	FindingIDConflict FindingKind = "id_conflict"
-	// FindingTxIDMismatch: the database's transaction id is not the
+	// FindingTxIDMismatch means the database's transaction id is not the
 	// pool's.
 	FindingTxIDMismatch FindingKind = "txid_mismatch"
-	// FindingPoolUnhealthy: the pool is failed, read-only or needs
+	// FindingPoolUnhealthy means the pool is failed, read-only or needs
 	// thin_check.
 	FindingPoolUnhealthy FindingKind = "pool_unhealthy"
 )

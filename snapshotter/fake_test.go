@@ -3,7 +3,7 @@ package snapshotter
 import (
 	"context"
 	"fmt"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -130,7 +130,7 @@ func (p *fakePool) DeleteThin(id uint32) error {
 	return nil
 }
 
-func (p *fakePool) SetTransactionID(old, new uint64) error {
+func (p *fakePool) SetTransactionID(old, next uint64) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if err := p.step("set_transaction_id", p.name); err != nil {
@@ -139,7 +139,7 @@ func (p *fakePool) SetTransactionID(old, new uint64) error {
 	if old != p.txid {
 		return errno("message", p.name, unix.EINVAL)
 	}
-	p.txid = new
+	p.txid = next
 	return nil
 }
 
@@ -260,7 +260,7 @@ func (p *fakePool) ids() []uint32 {
 	for id := range p.thins {
 		out = append(out, id)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	slices.Sort(out)
 	return out
 }
 

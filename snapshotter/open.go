@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -57,8 +58,8 @@ type kernel struct {
 
 // close closes what was opened, newest first, and returns err.
 func (k *kernel) close(err error) error {
-	for i := len(k.closers) - 1; i >= 0; i-- {
-		_ = k.closers[i]()
+	for _, v := range slices.Backward(k.closers) {
+		_ = v()
 	}
 	return err
 }

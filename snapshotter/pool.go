@@ -18,7 +18,7 @@ type Pool interface {
 	CreateThin(id uint32) error
 	CreateSnap(id, origin uint32) error
 	DeleteThin(id uint32) error
-	SetTransactionID(old, new uint64) error
+	SetTransactionID(old, next uint64) error
 
 	// Activate creates dm device name mapping thin id of the pool with the
 	// given length; an existing device with the same mapping is kept.
@@ -60,8 +60,8 @@ func (p *dmPool) Status() (dmsetup.PoolStatus, error) { return p.c.PoolStatus(p.
 func (p *dmPool) CreateThin(id uint32) error          { return p.c.CreateThin(p.name, id) }
 func (p *dmPool) CreateSnap(id, origin uint32) error  { return p.c.CreateSnap(p.name, id, origin) }
 func (p *dmPool) DeleteThin(id uint32) error          { return p.c.DeleteThin(p.name, id) }
-func (p *dmPool) SetTransactionID(old, new uint64) error {
-	return p.c.SetTransactionID(p.name, old, new)
+func (p *dmPool) SetTransactionID(old, next uint64) error {
+	return p.c.SetTransactionID(p.name, old, next)
 }
 func (p *dmPool) Suspend(name string) error {
 	return p.c.Suspend(name, dmsetup.SuspendOptions{})
@@ -92,9 +92,9 @@ func (p *dmPool) Activate(name string, id uint32, length dmsetup.Sectors, readOn
 	case terr == nil:
 		return fmt.Errorf("device %s exists mapping thin id %d: %w", name, tp.ID, err)
 	case errors.Is(terr, dmsetup.ErrMalformed):
-		return fmt.Errorf("device %s exists with another table (%v): %w", name, terr, err)
+		return fmt.Errorf("device %s exists with another table (%w): %w", name, terr, err)
 	}
-	return fmt.Errorf("%w (and reading its table: %v)", err, terr)
+	return fmt.Errorf("%w (and reading its table: %w)", err, terr)
 }
 
 func (p *dmPool) Deactivate(ctx context.Context, name string) error {

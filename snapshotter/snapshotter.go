@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -445,8 +446,8 @@ func (s *Snapshotter) Close() error {
 		if s.closers == nil {
 			errs = append(errs, s.db.Close())
 		}
-		for i := len(s.closers) - 1; i >= 0; i-- {
-			errs = append(errs, s.closers[i]())
+		for _, v := range slices.Backward(s.closers) {
+			errs = append(errs, v())
 		}
 		s.closeErr = errors.Join(errs...)
 	})

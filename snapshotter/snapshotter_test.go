@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -97,7 +96,7 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 	for id := range want {
 		wantIDs = append(wantIDs, id)
 	}
-	sort.Slice(wantIDs, func(i, j int) bool { return wantIDs[i] < wantIDs[j] })
+	slices.Sort(wantIDs)
 	if got := pool.ids(); !slices.Equal(got, wantIDs) {
 		t.Errorf("pool thin ids %v, records (and base) %v", got, wantIDs)
 	}
@@ -512,9 +511,7 @@ func TestParallel(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 64)
 	for i := range 16 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			k := fmt.Sprintf("k%d", i)
 			for j := range 10 {
 				if _, err := s.Prepare(ctx, k, "c"); err != nil {
@@ -533,7 +530,7 @@ func TestParallel(t *testing.T) {
 					}
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	close(errs)

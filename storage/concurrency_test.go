@@ -19,9 +19,7 @@ func TestConcurrentUpdates(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, workers*2)
 	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		wg.Go(func() {
 			for i := range rounds {
 				key := fmt.Sprintf("w%d-%d", w, i)
 				var id uint32
@@ -64,10 +62,8 @@ func TestConcurrentUpdates(t *testing.T) {
 					return
 				}
 			}
-		}()
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		})
+		wg.Go(func() {
 			for range rounds {
 				err := db.View(ctx, func(tx *Tx) error {
 					return tx.Walk(func(i snapshots.Info) error {
@@ -83,7 +79,7 @@ func TestConcurrentUpdates(t *testing.T) {
 					return
 				}
 			}
-		}()
+		})
 	}
 	wg.Wait()
 	close(errs)

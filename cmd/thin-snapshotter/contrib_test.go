@@ -73,8 +73,7 @@ func TestContribContainerdConfigs(t *testing.T) {
 			}
 			var c containerdConfig
 			if err := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields().Decode(&c); err != nil {
-				var strict *toml.StrictMissingError
-				if errors.As(err, &strict) {
+				if strict, ok := errors.AsType[*toml.StrictMissingError](err); ok {
 					t.Fatalf("unexpected keys: %s", strict.String())
 				}
 				t.Fatal(err)
@@ -153,7 +152,7 @@ func TestContribSystemdUnit(t *testing.T) {
 		t.Fatal(err)
 	}
 	// serve waits up to twice shutdownTimeout, then closes the database.
-	if min := 2*defaultServeOptions().shutdownTimeout + 10*time.Second; time.Duration(secs)*time.Second < min {
-		t.Errorf("TimeoutStopSec=%d is shorter than the daemon's shutdown bound plus margin (%s)", secs, min)
+	if least := 2*defaultServeOptions().shutdownTimeout + 10*time.Second; time.Duration(secs)*time.Second < least {
+		t.Errorf("TimeoutStopSec=%d is shorter than the daemon's shutdown bound plus margin (%s)", secs, least)
 	}
 }

@@ -42,8 +42,7 @@ func run(args []string, open SnapshotterFactory, stdout, stderr io.Writer) int {
 	}, stdout, stderr)
 	if err := app.Run(ctx, args); err != nil {
 		// A subcommand with its own exit statuses (check).
-		var es *exitStatus
-		if errors.As(err, &es) {
+		if es, ok := errors.AsType[*exitStatus](err); ok {
 			if es.err != nil {
 				fmt.Fprintf(stderr, "thin-snapshotter: %v\n", es.err)
 			}

@@ -607,7 +607,7 @@ func TestMetricsEndpoint(t *testing.T) {
 	d.waitReady(t)
 
 	client := dialSnapshotter(t, cfg.Address)
-	for i := 0; i < 2; i++ {
+	for range 2 {
 		if _, err := client.Stat(context.Background(), "missing"); !errdefs.IsNotFound(err) {
 			t.Fatalf("Stat: %v", err)
 		}

@@ -173,7 +173,7 @@ func (d *daemon) exited() bool {
 // stop sends SIGTERM and waits; after timeout it kills the process.
 func (d *daemon) stop(timeout time.Duration) error {
 	if d.exited() {
-		return fmt.Errorf("%s had already exited: %v", d.name, d.err)
+		return fmt.Errorf("%s had already exited: %w", d.name, d.err)
 	}
 	_ = d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
@@ -694,7 +694,7 @@ func blockDevice(majMin string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	for _, line := range strings.Split(string(data), "\n") {
+	for line := range strings.SplitSeq(string(data), "\n") {
 		if name, ok := strings.CutPrefix(line, "DEVNAME="); ok {
 			return filepath.Join("/dev", name), nil
 		}
@@ -770,7 +770,7 @@ func TestEndToEnd(t *testing.T) {
 	defer dm.Close()
 
 	var snapshotterLines []string
-	for _, l := range strings.Split(s.mustCtr(time.Minute, "plugins", "ls"), "\n") {
+	for l := range strings.SplitSeq(s.mustCtr(time.Minute, "plugins", "ls"), "\n") {
 		if strings.HasPrefix(l, "io.containerd.snapshotter.v1 ") {
 			snapshotterLines = append(snapshotterLines, l)
 		}

@@ -89,7 +89,7 @@ func (d *daemon) start(ctx context.Context, timeout time.Duration) error {
 		select {
 		case <-d.exited:
 			d.cmd = nil
-			return fmt.Errorf("daemon exited during startup (%v); log tail:\n%s", d.waitErr, d.logTail(4096))
+			return fmt.Errorf("daemon exited during startup (%w); log tail:\n%s", d.waitErr, d.logTail(4096))
 		default:
 		}
 		if time.Now().After(deadline) {
@@ -165,7 +165,7 @@ func (d *daemon) stop(timeout time.Duration) error {
 	}
 	d.cmd = nil
 	if d.waitErr != nil {
-		return fmt.Errorf("daemon exited with %v after SIGTERM; log tail:\n%s", d.waitErr, d.logTail(4096))
+		return fmt.Errorf("daemon exited with %w after SIGTERM; log tail:\n%s", d.waitErr, d.logTail(4096))
 	}
 	return nil
 }
@@ -208,7 +208,7 @@ func (d *daemon) linesOfLastStart(substr string) []string {
 		b = b[i:]
 	}
 	var out []string
-	for _, l := range strings.Split(string(b), "\n") {
+	for l := range strings.SplitSeq(string(b), "\n") {
 		if strings.Contains(l, substr) {
 			out = append(out, l)
 		}
@@ -224,8 +224,7 @@ func runCLI(ctx context.Context, bin string, args ...string) ([]byte, int, error
 	cmd.Stdout = &out
 	cmd.Stderr = &out
 	err := cmd.Run()
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
+	if ee, ok := errors.AsType[*exec.ExitError](err); ok {
 		return out.Bytes(), ee.ExitCode(), nil
 	}
 	if err != nil {

@@ -198,8 +198,7 @@ func poolThinIDs(ctx context.Context, c *dmsetup.Client, pool string) ([]uint32,
 		err = errors.Join(err, rerr)
 	}
 	if err != nil {
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
+		if ee, ok := errors.AsType[*exec.ExitError](err); ok {
 			err = fmt.Errorf("%w: %s", err, ee.Stderr)
 		}
 		return nil, fmt.Errorf("thin_ls: %w", err)
@@ -230,7 +229,7 @@ func devNode(dev string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	for _, l := range strings.Split(string(b), "\n") {
+	for l := range strings.SplitSeq(string(b), "\n") {
 		if name, ok := strings.CutPrefix(l, "DEVNAME="); ok {
 			return "/dev/" + name, nil
 		}
@@ -253,7 +252,7 @@ func hasCheck(ctx context.Context, bin string) bool {
 	if err != nil {
 		return false
 	}
-	for _, l := range strings.Split(string(out), "\n") {
+	for l := range strings.SplitSeq(string(out), "\n") {
 		f := strings.Fields(l)
 		if len(f) > 0 && strings.TrimSuffix(f[0], ",") == "check" {
 			return true
@@ -270,8 +269,7 @@ func runCheck(ctx context.Context, d *daemon) (checkReport, []byte, int, error) 
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
 	code := 0
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
+	if ee, ok := errors.AsType[*exec.ExitError](err); ok {
 		code, err = ee.ExitCode(), nil
 	}
 	var r checkReport

@@ -145,8 +145,7 @@ func TestIntegrationSoakKill9(t *testing.T) {
 					fmu.Unlock()
 				},
 			}
-			wg.Add(1)
-			go func() { defer wg.Done(); workers[i].run(rctx) }()
+			wg.Go(func() { ; workers[i].run(rctx) })
 		}
 		delay := time.Duration(50+rng.IntN(1451)) * time.Millisecond
 		time.Sleep(delay)
@@ -283,8 +282,8 @@ func TestIntegrationSoakKill9(t *testing.T) {
 
 // recoveryAction is the message of a recovery log line.
 func recoveryAction(line string) string {
-	i := strings.Index(line, "recovery: ")
-	msg := line[i+len("recovery: "):]
+	_, after, _ := strings.Cut(line, "recovery: ")
+	msg := after
 	if j := strings.IndexByte(msg, '"'); j >= 0 {
 		msg = msg[:j]
 	}

@@ -25,7 +25,7 @@ func (m *model) resolve(ctx context.Context, sn snapshots.Snapshotter) error {
 	}
 	for _, p := range m.pending {
 		bad := func(format string, args ...any) {
-			errs = append(errs, fmt.Errorf("unacked %s of %q (client error %v): %s", p.op, p.key, p.err, fmt.Sprintf(format, args...)))
+			errs = append(errs, fmt.Errorf("unacked %s of %q (client error %w): %s", p.op, p.key, p.err, fmt.Sprintf(format, args...)))
 		}
 		switch p.op {
 		case opPrepare, opView:

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -169,8 +170,7 @@ func LoadFile(path string) (*Config, error) {
 // describeDecodeError turns go-toml's errors into one message that names
 // the line and key, wrapped as InvalidArgument.
 func describeDecodeError(err error) error {
-	var strict *toml.StrictMissingError
-	if errors.As(err, &strict) {
+	if strict, ok := errors.AsType[*toml.StrictMissingError](err); ok {
 		msgs := make([]string, 0, len(strict.Errors))
 		for i := range strict.Errors {
 			e := &strict.Errors[i]
@@ -179,8 +179,7 @@ func describeDecodeError(err error) error {
 		}
 		return fmt.Errorf("%w: %s", errdefs.ErrInvalidArgument, strings.Join(msgs, "; "))
 	}
-	var de *toml.DecodeError
-	if errors.As(err, &de) {
+	if de, ok := errors.AsType[*toml.DecodeError](err); ok {
 		line, col := de.Position()
 		msg := strings.TrimPrefix(de.Error(), "toml: ")
 		if k := de.Key(); len(k) > 0 {
@@ -268,12 +267,7 @@ func unjoin(err error) []error {
 }
 
 func isLogLevel(s string) bool {
-	for _, l := range LogLevels {
-		if s == l {
-			return true
-		}
-	}
-	return false
+	return slices.Contains(LogLevels, s)
 }
 
 func checkHostPort(addr string) error {

@@ -317,7 +317,7 @@ func TestRenderHasEveryKey(t *testing.T) {
 	section := ""
 	seen := map[string]bool{}
 	keyRe := regexp.MustCompile(`^([a-z_]+) = `)
-	for _, line := range strings.Split(buf.String(), "\n") {
+	for line := range strings.SplitSeq(buf.String(), "\n") {
 		if m := regexp.MustCompile(`^\[([a-z_]+)\]$`).FindStringSubmatch(line); m != nil {
 			section = m[1] + "."
 			continue
@@ -329,8 +329,7 @@ func TestRenderHasEveryKey(t *testing.T) {
 	var want []string
 	var walk func(prefix string, t reflect.Type)
 	walk = func(prefix string, typ reflect.Type) {
-		for i := 0; i < typ.NumField(); i++ {
-			f := typ.Field(i)
+		for f := range typ.Fields() {
 			key := prefix + f.Tag.Get("toml")
 			if f.Type.Kind() == reflect.Struct {
 				walk(key+".", f.Type)
@@ -339,7 +338,7 @@ func TestRenderHasEveryKey(t *testing.T) {
 			want = append(want, key)
 		}
 	}
-	walk("", reflect.TypeOf(Config{}))
+	walk("", reflect.TypeFor[Config]())
 	for _, k := range want {
 		if !seen[k] {
 			t.Errorf("rendered config does not set %s", k)

@@ -33,7 +33,7 @@ func tomlKeys(c *Config) map[string]reflect.Value {
 // Every field of snapshotter.Config is set from the key snapshotterKeys
 // names, and from no other key: changing the key changes that field only.
 func TestSnapshotterMapsEveryField(t *testing.T) {
-	typ := reflect.TypeOf(snapshotter.Config{})
+	typ := reflect.TypeFor[snapshotter.Config]()
 	if typ.NumField() != len(snapshotterKeys) {
 		t.Errorf("snapshotter.Config has %d fields, snapshotterKeys maps %d", typ.NumField(), len(snapshotterKeys))
 	}

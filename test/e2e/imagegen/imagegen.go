@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path"
+	"slices"
 	"strings"
 	"time"
 
@@ -353,7 +354,7 @@ func Busybox(busyboxPath string) ([]Entry, error) {
 	}
 	entries := []Entry{Dir("bin", 0o755)}
 	entries = append(entries, Entry{Path: "bin/busybox", Type: tar.TypeReg, Mode: 0o755, Data: data})
-	for _, applet := range strings.Fields(string(out)) {
+	for applet := range strings.FieldsSeq(string(out)) {
 		if applet == "busybox" || strings.Contains(applet, "/") {
 			continue
 		}
@@ -377,13 +378,13 @@ func isStatic(elf []byte) bool {
 	}
 	le := func(b []byte) uint64 {
 		var v uint64
-		for i := len(b) - 1; i >= 0; i-- {
-			v = v<<8 | uint64(b[i])
+		for _, v0 := range slices.Backward(b) {
+			v = v<<8 | uint64(v0)
 		}
 		return v
 	}
 	phoff, phentsize, phnum := le(elf[32:40]), le(elf[54:56]), le(elf[56:58])
-	for i := uint64(0); i < phnum; i++ {
+	for i := range phnum {
 		off := phoff + i*phentsize
 		if off+4 > uint64(len(elf)) {
 			return false
