@@ -21,15 +21,18 @@ import (
 // SetMeta. Version 2 drops what nothing ever set or read: records have no
 // format byte (the schema version alone says how they are encoded), entries
 // no Data, pool info only the fields the snapshotter sets, and there is no
-// kv bucket.
-const schemaVersion uint32 = 2
+// kv bucket. Version 3 adds journal ops 8 (commit_snap) and 9 (warm, a
+// device made ahead that stays in the journal until handed out); the layout
+// is the same, so the migration only says a version 2 program must not open
+// the file, as it would refuse those entries.
+const schemaVersion uint32 = 3
 
 // migration upgrades a database from one schema version to the next inside
 // Open's write transaction.
 type migration func(tx *bolt.Tx) error
 
 // migrations[v-1] upgrades version v to v+1.
-var migrations = []migration{migrateSchema1}
+var migrations = []migration{migrateSchema1, migrateSchema2}
 
 func initSchema(tx *bolt.Tx, want uint32, migs []migration) error {
 	meta := tx.Bucket(bucketMeta)
@@ -118,6 +121,9 @@ func migrateSchema1(tx *bolt.Tx) error {
 	}
 	return nil
 }
+
+// migrateSchema2: a version 2 database is a valid version 3 one.
+func migrateSchema2(*bolt.Tx) error { return nil }
 
 // rewriteBucket replaces every value of bucket name by fn's result. Values
 // are collected first because bbolt forbids writes during ForEach, and
