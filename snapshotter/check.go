@@ -227,8 +227,12 @@ func (s *Snapshotter) compare(st *checkState) []Finding {
 		if e.Key != "" {
 			journalKeys[e.Key] = true
 		}
+		what := fmt.Sprintf("interrupted %s of thin device %d", e.Op, e.DeviceID)
+		if e.Op == storage.OpWarm {
+			what = fmt.Sprintf("warm device %d of %q left by a crash (recovery deletes it)", e.DeviceID, e.Key)
+		}
 		f := Finding{Kind: FindingPendingJournal, DeviceID: e.DeviceID, Key: e.Key, Repairable: true, seq: e.Seq,
-			Message: fmt.Sprintf("interrupted %s of thin device %d (journal entry %d, %s)", e.Op, e.DeviceID, e.Seq, e.Created.UTC().Format(time.RFC3339))}
+			Message: fmt.Sprintf("%s (journal entry %d, %s)", what, e.Seq, e.Created.UTC().Format(time.RFC3339))}
 		if e.Name != "" {
 			f.Message += fmt.Sprintf(" as %q", e.Name)
 		}

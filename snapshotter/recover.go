@@ -123,7 +123,14 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 				return err
 			}
 			l.Info("recovery: rolled back an interrupted create")
-		case storage.OpDelete:
+		case storage.OpCommitSnap:
+			// The caller never heard of success: the active keeps its
+			// device and the new one goes.
+			if err := s.rollbackCommit(ctx, e, false); err != nil {
+				return err
+			}
+			l.Info("recovery: rolled back an interrupted commit")
+		case storage.OpDelete, storage.OpWarm:
 			if err := s.finishDelete(ctx, e); err != nil {
 				if dmsetup.IsBusy(err) {
 					l.WithError(err).Warn("recovery: device still open, removal stays pending")

@@ -1,0 +1,272 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+
+	"github.com/thin-snapshotter/thin-snapshotter/storage"
+)
+
+// Warm devices. Activating a thin device costs the kernel ~20 ms and
+// removing one ~40 ms, far more than a snapshot (~3 ms). Commit therefore
+// keeps the active snapshot's device: the committed snapshot gets a fresh
+// snapshot of it, and the device, still active and holding exactly the
+// committed content, waits as a warm device (a journal entry, OpWarm) for
+// the committed snapshot's next child. During an unpack every Commit is
+// followed by the Prepare of the next layer, which then takes the device
+// in one database transaction. Warm devices are invisible to clients,
+// bounded in number (maxWarm), deleted by the worker once idle (warmIdle),
+// by Cleanup and Close, with their parent, and by recovery after a crash.
+const (
+	maxWarm  = 8
+	warmIdle = 5 * time.Second
+)
+
+// takeWarm makes active snapshot key, child of committed parent, from a warm
+// device of parent. ok is false when there is none to take: the caller
+// makes a device the slow way.
+func (s *Snapshotter) takeWarm(ctx context.Context, key, parent string, labels map[string]string) (snap storage.Snapshot, ok bool, err error) {
+	var (
+		warm storage.Entry
+		p    storage.Snapshot
+	)
+	if err := s.db.View(ctx, func(tx *storage.Tx) error {
+		entries, err := tx.Journal()
+		if err != nil {
+			return err
+		}
+		for _, e := range entries {
+			if e.Op == storage.OpWarm && e.Key == parent {
+				warm = e
+			}
+		}
+		if warm.Seq == 0 {
+			return nil
+		}
+		p, err = tx.GetSnapshot(parent)
+		return err
+	}); err != nil || warm.Seq == 0 {
+		return snap, false, err
+	}
+	if warm.Size != p.Size {
+		return snap, false, nil
+	}
+	// Handed out it is mounted by its new owner: it must not be open
+	// now, and what it maps now is all shared with parent.
+	dev := s.deviceName(warm.DeviceID)
+	if info, err := s.pool.Info(dev); err != nil || info.OpenCount > 0 || info.Suspended {
+		return snap, false, nil
+	}
+	st, err := s.pool.ThinStatus(dev)
+	if err != nil {
+		return snap, false, nil
+	}
+	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		// The worker may have taken it for deletion meanwhile.
+		if e, err := tx.GetJournal(warm.Seq); err != nil || e.Op != storage.OpWarm {
+			if err != nil && !errdefs.IsNotFound(err) {
+				return err
+			}
+			return nil
+		}
+		if err := tx.FinishJournal(warm.Seq); err != nil {
+			return err
+		}
+		snap, err = tx.CreateSnapshot(storage.Snapshot{
+			Key: key, Kind: snapshots.KindActive, Parent: parent, Labels: labels,
+			State: storage.StateReady, DeviceID: warm.DeviceID, Size: p.Size, FSType: p.FSType,
+			Shared: uint64(st.MappedSectors),
+		})
+		if err != nil {
+			return err
+		}
+		ok = true
+		return nil
+	})
+	return snap, ok && err == nil, err
+}
+
+// warmToDelete turns the warm entries drop picks into removals in tx; drop
+// sees each entry with the number of warm entries newer than it. The
+// caller finishes the returned removals.
+func warmToDelete(tx *storage.Tx, drop func(e storage.Entry, newer int) bool) ([]storage.Entry, error) {
+	entries, err := tx.Journal()
+	if err != nil {
+		return nil, err
+	}
+	var warm []storage.Entry
+	for _, e := range entries {
+		if e.Op == storage.OpWarm {
+			warm = append(warm, e)
+		}
+	}
+	var out []storage.Entry
+	for i, e := range warm { // oldest first
+		if !drop(e, len(warm)-1-i) {
+			continue
+		}
+		if err := tx.FinishJournal(e.Seq); err != nil {
+			return nil, err
+		}
+		d := storage.Entry{Op: storage.OpDelete, DeviceID: e.DeviceID, Key: e.Key}
+		if d.Seq, err = tx.AddJournal(d); err != nil {
+			return nil, err
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// overBound picks the warm entries beyond the newest maxWarm.
+func overBound(_ storage.Entry, newer int) bool { return newer >= maxWarm }
+
+// reclaimWarm deletes the warm devices drop picks.
+func (s *Snapshotter) reclaimWarm(ctx context.Context, drop func(e storage.Entry, newer int) bool) error {
+	var dels []storage.Entry
+	if err := s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+		dels, err = warmToDelete(tx, drop)
+		return err
+	}); err != nil {
+		return err
+	}
+	return s.finishDeletes(ctx, dels)
+}
+
+func (s *Snapshotter) finishDeletes(ctx context.Context, dels []storage.Entry) error {
+	var errs []error
+	for _, e := range dels {
+		if err := s.finishDelete(ctx, e); err != nil && !errdefs.IsUnavailable(err) {
+			errs = append(errs, fmt.Errorf("device %d (%s of %q): %w", e.DeviceID, e.Op, e.Key, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// commitSnap is Commit: the committed snapshot gets a new device, a
+// snapshot of the active's, and the active's device stays as a warm
+// device of the committed snapshot.
+func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []snapshots.Opt) error {
+	snap, err := s.ready(ctx, key)
+	if err != nil {
+		return err
+	}
+	if snap.Kind != snapshots.KindActive {
+		return fmt.Errorf("snapshot %q is %s, only active snapshots can be committed: %w", key, snap.Kind, errdefs.ErrFailedPrecondition)
+	}
+	dev := s.deviceName(snap.DeviceID)
+	info, err := s.pool.Info(dev)
+	if err != nil {
+		return fmt.Errorf("device of %q: %w", key, err)
+	}
+	if info.OpenCount > 0 {
+		return fmt.Errorf("device %s of %q is still open (mounted?): %w", dev, key, errdefs.ErrFailedPrecondition)
+	}
+	st, err := s.pool.ThinStatus(dev)
+	if err != nil {
+		return fmt.Errorf("usage of %q: %w", key, err)
+	}
+	usage := ownUsage(st.MappedSectors, snap.Shared)
+
+	var (
+		entry   storage.Entry
+		journal error
+	)
+	next, txSet, err := s.poolStep(func(next uint64) error {
+		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
+			cur, err := tx.GetSnapshot(key)
+			if err != nil {
+				return err
+			}
+			if cur.DeviceID != snap.DeviceID || cur.State != storage.StateReady || cur.Kind != snapshots.KindActive {
+				return fmt.Errorf("snapshot %q changed during commit: %w", key, errdefs.ErrAborted)
+			}
+			if _, err := tx.GetSnapshot(name); err == nil {
+				return fmt.Errorf("snapshot %q: %w", name, errdefs.ErrAlreadyExists)
+			} else if !errdefs.IsNotFound(err) {
+				return err
+			}
+			id, err := tx.AllocateID()
+			if err != nil {
+				return err
+			}
+			entry = storage.Entry{Op: storage.OpCommitSnap, DeviceID: id, OriginID: snap.DeviceID, Key: key, Name: name, TxID: next, Size: snap.Size}
+			entry.Seq, err = tx.AddJournal(entry)
+			return err
+		})
+		return journal
+	}, func() error {
+		return s.snapLocked(entry.DeviceID, entry.OriginID)
+	}, func() error {
+		return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
+	})
+	if journal != nil {
+		return journal
+	}
+	if err != nil {
+		return errors.Join(fmt.Errorf("commit %q: %w", key, err), s.rollbackCommit(ctx, entry, txSet))
+	}
+	var dels []storage.Entry
+	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		if _, err := tx.CommitActiveOnto(key, name, entry.DeviceID, usage, opts...); err != nil {
+			return err
+		}
+		if err := tx.FinishJournal(entry.Seq); err != nil {
+			return err
+		}
+		if _, err := tx.AddJournal(storage.Entry{Op: storage.OpWarm, DeviceID: snap.DeviceID, Key: name, Size: snap.Size}); err != nil {
+			return err
+		}
+		var err error
+		if dels, err = warmToDelete(tx, overBound); err != nil {
+			return err
+		}
+		return s.raiseTxID(tx, next)
+	})
+	if err != nil {
+		// Still active in the records (a name taken meanwhile, say).
+		return errors.Join(err, s.rollbackCommit(ctx, entry, txSet))
+	}
+	if len(dels) > 0 {
+		s.kick()
+	}
+	return nil
+}
+
+// rollbackCommit deletes the committed snapshot's new device of a failed
+// commit and frees its id; the active snapshot keeps its device. When the
+// pool refuses, the journal keeps the entry and recovery finishes it.
+func (s *Snapshotter) rollbackCommit(ctx context.Context, e storage.Entry, txSet bool) error {
+	s.poolMu.Lock()
+	err := ignoreNoData(s.pool.DeleteThin(e.DeviceID))
+	s.poolMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("rolling back the commit of %q (recovery finishes it): %w", e.Key, err)
+	}
+	return s.db.Update(ctx, func(tx *storage.Tx) error {
+		if err := tx.ReleaseID(e.DeviceID); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+		if txSet {
+			if err := s.raiseTxID(tx, e.TxID); err != nil {
+				return err
+			}
+		}
+		return tx.FinishJournal(e.Seq)
+	})
+}
+
+// warmDevices lists the warm entries, for tests and Check.
+func warmDevices(entries []storage.Entry) map[uint32]storage.Entry {
+	out := map[uint32]storage.Entry{}
+	for _, e := range entries {
+		if e.Op == storage.OpWarm {
+			out[e.DeviceID] = e
+		}
+	}
+	return out
+}
