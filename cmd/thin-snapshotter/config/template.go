@@ -94,7 +94,9 @@ mkfs_options = {{ value .Snapshot.MkfsOptions }}
 mount_options = {{ value .Snapshot.MountOptions }}
 
 # Remove snapshots in the background: Remove returns once the removal is
-# recorded; the thin device is deleted afterwards (and by containerd's Cleanup).
+# recorded (journaled, so it survives a crash); the thin device is deleted
+# afterwards by the daemon (and by containerd's Cleanup). false deletes it
+# before Remove returns.
 async_remove = {{ value .Snapshot.AsyncRemove }}
 
 # Pass discards down to the pool's storage so that space freed by removed
