@@ -41,8 +41,8 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 		e       storage.Entry
 		journal error
 	)
-	next, txSet, err := s.poolStep(func(next uint64) error {
-		e = storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize, TxID: next}
+	next, txSet, err := s.poolStep(func() error {
+		e = storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize}
 		journal = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
 			if e.DeviceID, err = tx.AllocateID(); err != nil {
 				return err
@@ -55,6 +55,7 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 	if journal != nil {
 		return journal
 	}
+	e.TxID = next // for a rollback; not journaled
 
 	name := s.deviceName(e.DeviceID)
 	if err == nil {

@@ -219,7 +219,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		entry   storage.Entry
 		journal error
 	)
-	next, txSet, err := s.poolStep(func(next uint64) error {
+	next, txSet, err := s.poolStep(func() error {
 		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
 			pi, err := tx.PoolInfo()
 			if err != nil {
@@ -244,7 +244,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			if err != nil {
 				return err
 			}
-			entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key, TxID: next}
+			entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key}
 			entry.Seq, err = tx.AddJournal(entry)
 			return err
 		})
@@ -257,6 +257,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	if journal != nil {
 		return nil, journal
 	}
+	entry.TxID = next // for a rollback; not journaled
 
 	if err == nil {
 		err = s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)

@@ -176,7 +176,7 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 		entry   storage.Entry
 		journal error
 	)
-	next, txSet, err := s.poolStep(func(next uint64) error {
+	next, txSet, err := s.poolStep(func() error {
 		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
 			cur, err := tx.GetSnapshot(key)
 			if err != nil {
@@ -194,7 +194,7 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 			if err != nil {
 				return err
 			}
-			entry = storage.Entry{Op: storage.OpCommitSnap, DeviceID: id, OriginID: snap.DeviceID, Key: key, Name: name, TxID: next, Size: snap.Size}
+			entry = storage.Entry{Op: storage.OpCommitSnap, DeviceID: id, OriginID: snap.DeviceID, Key: key, Name: name, Size: snap.Size}
 			entry.Seq, err = tx.AddJournal(entry)
 			return err
 		})
@@ -207,6 +207,7 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 	if journal != nil {
 		return journal
 	}
+	entry.TxID = next // for a rollback; not journaled
 	if err != nil {
 		return errors.Join(fmt.Errorf("commit %q: %w", key, err), s.rollbackCommit(ctx, entry, txSet))
 	}
