@@ -126,5 +126,6 @@ func (s *Snapshotter) worker(ctx context.Context) {
 		if err := s.finishRemovals(ctx); err != nil && ctx.Err() == nil {
 			log.G(ctx).WithError(err).Warn("pending removals not finished; will retry")
 		}
+		s.refillWarm(ctx)
 	}
 }

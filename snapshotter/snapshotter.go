@@ -51,6 +51,12 @@ type Snapshotter struct {
 	delMu    sync.Mutex
 	deleting map[uint64]bool
 
+	// Committed snapshots whose next child should find a warm device:
+	// a Prepare on them found none (warm.go).
+	refillMu  sync.Mutex
+	refill    map[string]bool
+	refilling bool
+
 	wake      chan struct{}
 	stop      context.CancelFunc
 	done      chan struct{}
@@ -295,6 +301,10 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		return nil, err
 	}
 	snap.State = storage.StateReady
+	if kind == snapshots.KindActive && parent != "" {
+		// More children may follow (containers of one image).
+		s.wantWarm(parent)
+	}
 	return s.mounts(snap), nil
 }
 

@@ -125,8 +125,8 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 	}
 }
 
-// settle waits for the worker to finish the removals a call handed it: the
-// journal holds nothing but warm devices. It finishes nothing itself, so a
+// settle waits for the worker to finish the removals and warm devices a
+// call handed it: the journal holds nothing but warm devices. It finishes nothing itself, so a
 // call that leaves work no one was told about still fails the check.
 func settle(t *testing.T, s *Snapshotter) {
 	t.Helper()
@@ -144,6 +144,9 @@ func settle(t *testing.T, s *Snapshotter) {
 		s.delMu.Lock()
 		busy := len(s.deleting) > 0
 		s.delMu.Unlock()
+		s.refillMu.Lock()
+		busy = busy || s.refilling || len(s.refill) > 0 && s.stop != nil
+		s.refillMu.Unlock()
 		if !pending && !busy {
 			return
 		}
@@ -355,6 +358,9 @@ func TestInjectedFailures(t *testing.T) {
 		for step := 0; ; step++ {
 			pool := newFakePool("tp")
 			s := mustNew(t, t.TempDir(), pool)
+			s.stop() // no background work counted as the call's steps
+			<-s.done
+			s.stop = nil
 			if _, err := s.Prepare(ctx, "p", ""); err != nil {
 				t.Fatal(err)
 			}

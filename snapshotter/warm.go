@@ -8,7 +8,9 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
 )
 
@@ -271,3 +273,136 @@ func warmDevices(entries []storage.Entry) map[uint32]storage.Entry {
 	}
 	return out
 }
+
+// wantWarm asks the worker for a warm device of parent.
+func (s *Snapshotter) wantWarm(parent string) {
+	s.refillMu.Lock()
+	if s.refill == nil {
+		s.refill = map[string]bool{}
+	}
+	s.refill[parent] = true
+	s.refillMu.Unlock()
+	s.kick()
+}
+
+// refillWarm makes the warm devices wantWarm asked for, while fewer than
+// maxWarm wait and the pool is healthy.
+func (s *Snapshotter) refillWarm(ctx context.Context) {
+	s.refillMu.Lock()
+	parents := s.refill
+	s.refill, s.refilling = nil, true
+	s.refillMu.Unlock()
+	defer func() {
+		s.refillMu.Lock()
+		s.refilling = false
+		s.refillMu.Unlock()
+	}()
+	for parent := range parents {
+		if err := s.makeWarm(ctx, parent); err != nil && ctx.Err() == nil {
+			log.G(ctx).WithError(err).WithField("parent", parent).Debug("no warm device made")
+		}
+	}
+}
+
+// makeWarm makes one warm device of committed parent, unless it has one or
+// maxWarm wait. It is journaled like a Prepare's device without a record
+// (recovery deletes it) until it becomes a warm entry.
+func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
+	if err := s.checkPoolHealth(); err != nil {
+		return err
+	}
+	var (
+		p       storage.Snapshot
+		entry   storage.Entry
+		journal error
+		skip    bool
+	)
+	next, txSet, err := s.poolStep(func() error {
+		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
+			entries, err := tx.Journal()
+			if err != nil {
+				return err
+			}
+			warm := warmDevices(entries)
+			for _, e := range warm {
+				if e.Key == parent {
+					skip = true
+				}
+			}
+			if skip = skip || len(warm) >= maxWarm; skip {
+				return errSkip
+			}
+			if p, err = tx.GetSnapshot(parent); err != nil {
+				return err
+			}
+			if p.Kind != snapshots.KindCommitted || p.State != storage.StateReady {
+				return fmt.Errorf("parent %q is not a ready committed snapshot: %w", parent, errdefs.ErrFailedPrecondition)
+			}
+			id, err := tx.AllocateID()
+			if err != nil {
+				return err
+			}
+			entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: p.DeviceID, Size: p.Size}
+			entry.Seq, err = tx.AddJournal(entry)
+			return err
+		})
+		return journal
+	}, func() error {
+		return s.snapLocked(entry.DeviceID, entry.OriginID)
+	}, func() error {
+		return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
+	})
+	if skip {
+		return nil
+	}
+	if journal != nil {
+		return journal
+	}
+	entry.TxID = next // for a rollback; not journaled
+	name := s.deviceName(entry.DeviceID)
+	if err == nil {
+		err = s.pool.Activate(name, entry.DeviceID, dmsetup.BytesToSectors(p.Size), false)
+	}
+	if err != nil {
+		err = errors.Join(err, s.pool.Deactivate(ctx, name))
+		s.poolMu.Lock()
+		err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
+		s.poolMu.Unlock()
+		return errors.Join(err, s.rollbackCreate(ctx, entry, txSet))
+	}
+	var dels []storage.Entry
+	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		if err := tx.FinishJournal(entry.Seq); err != nil {
+			return err
+		}
+		if err := s.raiseTxID(tx, next); err != nil {
+			return err
+		}
+		// Removed (or replaced) meanwhile: the device goes too.
+		op := storage.OpWarm
+		if cur, err := tx.GetSnapshot(parent); err != nil || cur.DeviceID != p.DeviceID || cur.State != storage.StateReady {
+			if err != nil && !errdefs.IsNotFound(err) {
+				return err
+			}
+			op = storage.OpDelete
+		}
+		w := storage.Entry{Op: op, DeviceID: entry.DeviceID, Key: parent, Size: p.Size}
+		var err error
+		if w.Seq, err = tx.AddJournal(w); err != nil {
+			return err
+		}
+		if op == storage.OpDelete {
+			dels = append(dels, w)
+			return nil
+		}
+		more, err := warmToDelete(tx, overBound)
+		dels = append(dels, more...)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return s.finishDeletes(ctx, dels)
+}
+
+var errSkip = errors.New("skip")

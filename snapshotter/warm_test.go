@@ -214,3 +214,91 @@ func idOf(t *testing.T, dev string) uint32 {
 	}
 	return id
 }
+
+// TestWarmRefill: a Prepare that found no warm device has the worker make
+// one for the next child; a crash at any step of making it is recovered.
+func TestWarmRefill(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	if _, err := s.Prepare(ctx, "p", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(ctx, "c", "p"); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"a", "b"} { // the warm one, then a miss
+		if _, err := s.Prepare(ctx, k, "c"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checkConsistent(t, s, pool)
+	if w := warmOf(t, s); len(w["c"]) != 1 {
+		t.Fatalf("warm devices %v, want one of c made after the miss", w)
+	}
+	ops := opsDuring(pool, func() {
+		if _, err := s.Prepare(ctx, "d", "c"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if slices.Contains(ops, "activate") {
+		t.Errorf("prepare after the refill activated a device: %v", ops)
+	}
+
+	points := 0
+	for step := 0; ; step++ {
+		root := t.TempDir()
+		pool := newFakePool("tp")
+		s, err := newFake(t, root, pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.stop()
+		<-s.done
+		s.stop = nil
+		if _, err := s.Prepare(ctx, "p", ""); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Commit(ctx, "c", "p"); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Cleanup(ctx); err != nil { // no warm device of c
+			t.Fatal(err)
+		}
+		n := 0
+		pool.hook = func(string) error {
+			if n++; n == step+1 {
+				panic(crash{})
+			}
+			return nil
+		}
+		crashed := func() (crashed bool) {
+			defer func() {
+				if r := recover(); r != nil {
+					if _, ok := r.(crash); !ok {
+						panic(r)
+					}
+					crashed = true
+				}
+			}()
+			if err := s.makeWarm(ctx, "c"); err != nil {
+				t.Fatal(err)
+			}
+			return false
+		}()
+		pool.hook = nil
+		s.db.Close()
+		if !crashed {
+			if len(warmOf(t, mustNew(t, root, pool))) != 0 {
+				t.Error("warm device survived a restart")
+			}
+			break
+		}
+		points++
+		s2 := mustNew(t, root, pool)
+		checkConsistent(t, s2, pool)
+	}
+	if points < 3 {
+		t.Fatalf("only %d crash points", points)
+	}
+}
