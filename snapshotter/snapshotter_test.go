@@ -79,7 +79,7 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 		for id, e := range warm {
 			p, err := tx.GetSnapshot(e.Key)
 			if err != nil || p.Kind != snapshots.KindCommitted || p.State != storage.StateReady {
-				return fmt.Errorf("warm device %d of %q: parent %+v, %v", id, e.Key, p, err)
+				return fmt.Errorf("warm device %d of %q: parent %+v: %w", id, e.Key, p, err)
 			}
 			if want[id] {
 				return fmt.Errorf("warm device %d listed twice", id)

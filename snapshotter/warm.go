@@ -298,7 +298,12 @@ func (s *Snapshotter) refillWarm(ctx context.Context) {
 		s.refillMu.Unlock()
 	}()
 	for parent := range parents {
-		if err := s.makeWarm(ctx, parent); err != nil && ctx.Err() == nil {
+		if ctx.Err() != nil {
+			return
+		}
+		// Once begun, finished even when Close stops the worker: a
+		// half-made device would stay journaled until the next start.
+		if err := s.makeWarm(context.WithoutCancel(ctx), parent); err != nil {
 			log.G(ctx).WithError(err).WithField("parent", parent).Debug("no warm device made")
 		}
 	}
