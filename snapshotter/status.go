@@ -27,8 +27,8 @@ const (
 	ModeFail = "fail"
 )
 
-// metadataBlockSize is dm-thin's fixed metadata block size in bytes.
-const metadataBlockSize = 4096
+// MetadataBlockSize is dm-thin's fixed metadata block size in bytes.
+const MetadataBlockSize = 4096
 
 // Status is what an operator sees of the snapshotter and its pool; the
 // admin API and the metrics serve it. Sizes are bytes.
@@ -189,10 +189,10 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 	out.PoolTransactionID = st.TransactionID
 	out.DataBlockSize = blockSize
 	out.DataUsed, out.DataTotal = st.UsedDataBlocks*blockSize, st.TotalDataBlocks*blockSize
-	out.MetadataUsed, out.MetadataTotal = st.UsedMetaBlocks*metadataBlockSize, st.TotalMetaBlocks*metadataBlockSize
+	out.MetadataUsed, out.MetadataTotal = st.UsedMetaBlocks*MetadataBlockSize, st.TotalMetaBlocks*MetadataBlockSize
 	out.DataLowWaterMark = lowWater * blockSize
 	if st.HasMetadataLowWatermark {
-		out.MetadataLowWaterMark = st.MetadataLowWatermark * metadataBlockSize
+		out.MetadataLowWaterMark = st.MetadataLowWatermark * MetadataBlockSize
 	}
 	// The kernel raises its event when free space falls to the mark.
 	out.DataLowWater = lowWater > 0 && st.TotalDataBlocks-min(st.UsedDataBlocks, st.TotalDataBlocks) <= lowWater
