@@ -249,10 +249,10 @@ func space(s *adminv1.Space) string {
 	out := fmt.Sprintf("%s of %s used (%.1f%%), %s free", humanBytes(s.GetUsedBytes()), humanBytes(s.GetTotalBytes()),
 		percent(s.GetUsedBytes(), s.GetTotalBytes()), humanBytes(s.GetTotalBytes()-min(s.GetUsedBytes(), s.GetTotalBytes())))
 	if s.GetLowWaterMarkBytes() > 0 {
-		out += fmt.Sprintf("; low-water mark %s", humanBytes(s.GetLowWaterMarkBytes()))
-		if s.GetLowWater() {
-			out += " (CROSSED)"
-		}
+		out += "; low-water mark " + humanBytes(s.GetLowWaterMarkBytes())
+	}
+	if s.GetLowWater() {
+		out += "; LOW-WATER MARK CROSSED"
 	}
 	return out
 }

@@ -31,6 +31,27 @@ type metrics struct {
 // startMetrics listens on addr before anything is served, so a bad or busy
 // address fails the start.
 func startMetrics(ctx context.Context, addr string) (*metrics, error) {
+	m := newMetrics()
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics_address: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	m.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		defer close(m.done)
+		if err := m.srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.G(ctx).WithError(err).Error("metrics endpoint stopped")
+		}
+	}()
+	log.G(ctx).Infof("serving metrics on http://%s/metrics", l.Addr())
+	return m, nil
+}
+
+// newMetrics is the registry with every collector but the snapshotter's
+// (watch adds those).
+func newMetrics() *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
 		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -50,22 +71,7 @@ func startMetrics(ctx context.Context, addr string) (*metrics, error) {
 	m.reg.MustRegister(m.calls, m.duration, m.steps.duration, m.steps.errors,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-
-	l, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("metrics_address: %w", err)
-	}
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
-	m.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	go func() {
-		defer close(m.done)
-		if err := m.srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.G(ctx).WithError(err).Error("metrics endpoint stopped")
-		}
-	}()
-	log.G(ctx).Infof("serving metrics on http://%s/metrics", l.Addr())
-	return m, nil
+	return m
 }
 
 func (m *metrics) observe(method string, start time.Time, err error) {
