@@ -159,9 +159,13 @@ func (a *adminServer) Cleanup(ctx context.Context, _ *adminv1.CleanupRequest) (*
 		PendingBefore: uint32(before.PendingRemovals),
 		PendingAfter:  uint32(after.PendingRemovals),
 	}
-	if cerr != nil {
+	switch {
+	case cerr != nil:
 		// Busy devices stay pending; the counts say how many.
 		out.Error = cerr.Error()
+	case out.PendingAfter > 0:
+		// Taken by the background worker meanwhile, or new ones.
+		out.Error = "still pending: being removed in the background or new; run cleanup again"
 	}
 	return out, nil
 }
