@@ -212,8 +212,8 @@ func TestIntegrationAdmin(t *testing.T) {
 	for _, re := range []string{
 		`(?m)^thin_snapshotter_pool_status_up 1$`,
 		`(?m)^thin_snapshotter_pool_mode\{mode="rw"\} 1$`,
-		`(?m)^thin_snapshotter_pool_size_bytes\{space="data"\} 1\.073741824e\+09$`,
-		`(?m)^thin_snapshotter_pool_used_bytes\{space="data"\} [1-9]`,
+		`(?m)^thin_snapshotter_pool_data_size_bytes 1\.073741824e\+09$`,
+		`(?m)^thin_snapshotter_pool_data_used_bytes [1-9]`,
 		`(?m)^thin_snapshotter_snapshots\{kind="active"\} 2$`,
 		`(?m)^thin_snapshotter_pending_removals 0$`,
 		// a, b, v, tmp, after: the base was made before serve set the

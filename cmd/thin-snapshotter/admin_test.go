@@ -279,11 +279,11 @@ func TestPoolMetrics(t *testing.T) {
 		`thin_snapshotter_pool_mode{mode="rw"} 1`,
 		`thin_snapshotter_pool_mode{mode="needs_check"} 0`,
 		`thin_snapshotter_pool_needs_check 0`,
-		`thin_snapshotter_pool_low_water_mark_crossed{space="data"} 0`,
-		`thin_snapshotter_pool_low_water_mark_crossed{space="metadata"} 1`,
-		`thin_snapshotter_pool_used_bytes{space="data"} 3.221225472e+09`,
-		`thin_snapshotter_pool_size_bytes{space="metadata"} 1.073741824e+09`,
-		`thin_snapshotter_pool_min_free_ratio{space="data"} 0.05`,
+		`thin_snapshotter_pool_data_low_water_mark_crossed 0`,
+		`thin_snapshotter_pool_metadata_low_water_mark_crossed 1`,
+		`thin_snapshotter_pool_data_used_bytes 3.221225472e+09`,
+		`thin_snapshotter_pool_metadata_size_bytes 1.073741824e+09`,
+		`thin_snapshotter_pool_data_min_free_ratio 0.05`,
 		`thin_snapshotter_snapshots{kind="committed"} 5`,
 		`thin_snapshotter_snapshots{kind="view"} 0`,
 		`thin_snapshotter_dm_devices 2`,
@@ -307,7 +307,7 @@ func TestPoolMetrics(t *testing.T) {
 	sn.statusErr = errors.New("ioctl failed")
 	sn.mu.Unlock()
 	body = scrape(t, addr)
-	if !strings.Contains(body, "thin_snapshotter_pool_status_up 0\n") || strings.Contains(body, "thin_snapshotter_pool_used_bytes") {
+	if !strings.Contains(body, "thin_snapshotter_pool_status_up 0\n") || strings.Contains(body, "thin_snapshotter_pool_data_used_bytes") {
 		t.Errorf("metrics with a failing status:\n%s", grepLines(body, "thin_snapshotter_pool"))
 	}
 }

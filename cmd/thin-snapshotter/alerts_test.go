@@ -84,7 +84,7 @@ func exportedMetricNames(t *testing.T) map[string]bool {
 			}
 		}
 	}
-	if !names["thin_snapshotter_pool_used_bytes"] || !names["thin_snapshotter_kernel_step_duration_seconds_bucket"] {
+	if !names["thin_snapshotter_pool_data_used_bytes"] || !names["thin_snapshotter_kernel_step_duration_seconds_bucket"] {
 		t.Fatalf("registry lacks the pool metrics: %v", names)
 	}
 	return names

@@ -21,18 +21,39 @@ const statusTimeout = 10 * time.Second
 type poolCollector struct {
 	sn adminBackend
 
-	up, mode, needsCheck, lowWater          *prometheus.Desc
-	used, size, minFree                     *prometheus.Desc
+	up, mode, needsCheck                    *prometheus.Desc
+	data, metadata                          spaceDescs
 	snaps, notReady, devices                *prometheus.Desc
 	journal, removals                       *prometheus.Desc
 	recoveryActions, recoveryDuration, info *prometheus.Desc
 }
 
-// Label values of the pool metrics.
-const (
-	spaceData     = "data"
-	spaceMetadata = "metadata"
-)
+// spaceDescs are the metrics of one of the pool's two spaces.
+type spaceDescs struct {
+	used, size, minFree, lowWater *prometheus.Desc
+}
+
+func newSpaceDescs(space string, d func(name, help string, labels ...string) *prometheus.Desc) spaceDescs {
+	return spaceDescs{
+		used: d("pool_"+space+"_used_bytes", "Used "+space+" space of the pool."),
+		size: d("pool_"+space+"_size_bytes", "Size of the pool's "+space+" space."),
+		minFree: d("pool_"+space+"_min_free_ratio",
+			"Free fraction of the "+space+" space below which new snapshots are refused (min_free_"+space+"); 0 is off."),
+		lowWater: d("pool_"+space+"_low_water_mark_crossed",
+			"1 when the free "+space+" space is at or below its low-water mark (data: the pool table's; metadata: the kernel's)."),
+	}
+}
+
+func (sd spaceDescs) descs() []*prometheus.Desc {
+	return []*prometheus.Desc{sd.used, sd.size, sd.minFree, sd.lowWater}
+}
+
+func (sd spaceDescs) collect(gauge func(*prometheus.Desc, float64, ...string), used, size uint64, minFreePercent float64, lowWater bool) {
+	gauge(sd.used, float64(used))
+	gauge(sd.size, float64(size))
+	gauge(sd.minFree, minFreePercent/100)
+	gauge(sd.lowWater, boolValue(lowWater))
+}
 
 // poolModes are the values of thin_snapshotter_pool_mode's mode label:
 // every one is exported, the current one with value 1.
@@ -47,16 +68,13 @@ func newPoolCollector(sn adminBackend) *poolCollector {
 		up:         d("pool_status_up", "1 when the last scrape read the pool's status, 0 when it failed (the other pool metrics are then missing)."),
 		mode:       d("pool_mode", "The pool's mode: 1 for the current one (rw, ro, out_of_data_space, needs_check, fail), 0 for the others.", "mode"),
 		needsCheck: d("pool_needs_check", "1 when the kernel flagged the pool's metadata for thin_check."),
-		lowWater: d("pool_low_water_mark_crossed",
-			"1 when the free space is at or below the low-water mark (data: the pool table's; metadata: the kernel's).", "space"),
-		used:     d("pool_used_bytes", "Used space of the pool.", "space"),
-		size:     d("pool_size_bytes", "Size of the pool's space.", "space"),
-		minFree:  d("pool_min_free_ratio", "Free fraction below which new snapshots are refused (min_free_data, min_free_metadata); 0 is off.", "space"),
-		snaps:    d("snapshots", "Ready snapshots by kind.", "kind"),
-		notReady: d("snapshots_not_ready", "Snapshot records left creating or removing."),
-		devices:  d("dm_devices", "Active dm devices of the pool's thin volumes."),
-		journal:  d("journal_pending_entries", "Journal entries: operations in flight or interrupted."),
-		removals: d("pending_removals", "Removals decided but not finished (a busy device, or async_remove)."),
+		data:       newSpaceDescs("data", d),
+		metadata:   newSpaceDescs("metadata", d),
+		snaps:      d("snapshots", "Ready snapshots by kind.", "kind"),
+		notReady:   d("snapshots_not_ready", "Snapshot records left creating or removing."),
+		devices:    d("dm_devices", "Active dm devices of the pool's thin volumes."),
+		journal:    d("journal_pending_entries", "Journal entries: operations in flight or interrupted."),
+		removals:   d("pending_removals", "Removals decided but not finished (a busy device, or async_remove)."),
 		recoveryActions: d("recovery_actions",
 			"What the recovery at this process's start did, by action.", "action"),
 		recoveryDuration: d("recovery_duration_seconds", "How long the recovery at this process's start took."),
@@ -65,8 +83,9 @@ func newPoolCollector(sn adminBackend) *poolCollector {
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.up, c.mode, c.needsCheck, c.lowWater, c.used, c.size, c.minFree,
-		c.snaps, c.notReady, c.devices, c.journal, c.removals, c.recoveryActions, c.recoveryDuration, c.info} {
+	descs := []*prometheus.Desc{c.up, c.mode, c.needsCheck, c.snaps, c.notReady, c.devices, c.journal, c.removals,
+		c.recoveryActions, c.recoveryDuration, c.info}
+	for _, d := range append(append(descs, c.data.descs()...), c.metadata.descs()...) {
 		ch <- d
 	}
 }
@@ -91,14 +110,8 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.mode, boolValue(st.Mode == m), m)
 	}
 	gauge(c.needsCheck, boolValue(st.NeedsCheck))
-	gauge(c.lowWater, boolValue(st.DataLowWater), spaceData)
-	gauge(c.lowWater, boolValue(st.MetadataLowWater), spaceMetadata)
-	gauge(c.used, float64(st.DataUsed), spaceData)
-	gauge(c.used, float64(st.MetadataUsed), spaceMetadata)
-	gauge(c.size, float64(st.DataTotal), spaceData)
-	gauge(c.size, float64(st.MetadataTotal), spaceMetadata)
-	gauge(c.minFree, st.MinFreeData/100, spaceData)
-	gauge(c.minFree, st.MinFreeMetadata/100, spaceMetadata)
+	c.data.collect(gauge, st.DataUsed, st.DataTotal, st.MinFreeData, st.DataLowWater)
+	c.metadata.collect(gauge, st.MetadataUsed, st.MetadataTotal, st.MinFreeMetadata, st.MetadataLowWater)
 	for _, k := range snapshotter.Kinds {
 		gauge(c.snaps, float64(st.Snapshots[k]), k)
 	}
