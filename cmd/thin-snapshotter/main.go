@@ -77,7 +77,7 @@ func newApp(run func(context.Context, *config.Config) error, stdout, stderr io.W
 				Usage:   "configuration `FILE`; the default path may be missing, a path given here must exist",
 			},
 			&cli.StringFlag{Name: "root", Usage: "state `DIR` (overrides root; default " + config.DefaultRoot + ")"},
-			&cli.StringFlag{Name: "address", Aliases: []string{"a"}, Usage: "unix `SOCKET` to serve on (overrides address; default " + config.DefaultAddress + ")"},
+			&cli.StringFlag{Name: "address", Aliases: []string{"a"}, Usage: "unix `SOCKET` to serve on, or of the daemon that status, devices, cleanup and check --online ask (overrides address; default " + config.DefaultAddress + ")"},
 			&cli.StringFlag{Name: "log-level", Usage: "`LEVEL`: trace, debug, info, warn, error (overrides log_level)"},
 		},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
