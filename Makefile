@@ -121,7 +121,8 @@ lint-proto: proto-tools
 	stale=0 && for f in $$(cd $$tmp && find . -name '*.go' | sort); do \
 		diff -u proto/$$f $$tmp/$$f || stale=1; \
 	done && \
-	if [ $$stale = 1 ]; then echo "generated code under proto/ is stale: run make proto"; exit 1; fi
+	if [ $$stale = 1 ]; then echo "generated code under proto/ is stale: run make proto"; exit 1; fi; \
+	echo "lint-proto: generated code under proto/ is current"
 
 test-unit:
 	$(GO) test -race -count=1 $(PKGS)
