@@ -66,7 +66,12 @@ func TestContribAlerts(t *testing.T) {
 func exportedMetricNames(t *testing.T) map[string]bool {
 	t.Helper()
 	m := newMetrics()
-	m.watch(newAdminSnapshotter(t))
+	if err := m.watch(newAdminSnapshotter(t)); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.watch(newAdminSnapshotter(t)); err == nil {
+		t.Error("a second snapshotter's pool metrics were registered over the first's")
+	}
 	// Label values appear once used: make every gRPC series exist.
 	m.calls.WithLabelValues("m", "OK")
 	m.duration.WithLabelValues("m")

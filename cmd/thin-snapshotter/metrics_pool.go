@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/containerd/log"
@@ -177,12 +178,16 @@ func (m *stepMetrics) ObserveStep(step snapshotter.Step, d time.Duration, err er
 }
 
 // watch exports the pool metrics and step latencies of sn when it has them
-// (the snapshotter does; the tests' doubles may not).
-func (m *metrics) watch(sn any) {
+// (the snapshotter does; the tests' doubles may not). The metrics have no
+// pool label: one snapshotter per registry, a second one is refused.
+func (m *metrics) watch(sn any) error {
 	a, ok := sn.(adminBackend)
 	if !ok {
-		return
+		return nil
 	}
-	m.reg.MustRegister(newPoolCollector(a))
+	if err := m.reg.Register(newPoolCollector(a)); err != nil {
+		return fmt.Errorf("pool metrics: %w", err)
+	}
 	a.SetStepObserver(m.steps)
+	return nil
 }

@@ -111,7 +111,9 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 		return fmt.Errorf("opening snapshotter: %w", err)
 	}
 	if m != nil {
-		m.watch(sn)
+		if err := m.watch(sn); err != nil {
+			logger.WithError(err).Warn("metrics without the pool's")
+		}
 	}
 	skipClose := false
 	defer func() {
