@@ -85,20 +85,28 @@ fuzz:
 	@for f in $$($(GO) test -list '^Fuzz' ./storage | grep ^Fuzz); do $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime 20s ./storage || exit 1; done
 
 # End-to-end: thin-snapshotter + containerd $(CONTAINERD_VERSION) + runc on a real
-# dm-thin kernel (test/e2e). containerd is go-installed on the host once.
+# dm-thin kernel (test/e2e), through ctr and through CRI (crictl, a registry,
+# CNI). containerd and the CRI tools are go-installed on the host once. In the
+# VM, CRI needs "/" to be a mount point (thin_vm.switch_root) and the bridge
+# and veth modules for CNI.
 CONTAINERD_VERSION ?= v2.4.2
 CONTAINERD_DIR     ?= $(BENCHDIR)/containerd-$(CONTAINERD_VERSION)
+CRI_TOOLS_DIR      ?= $(BENCHDIR)/cri-tools
+E2E_FLAGS          ?=
 .PHONY: test-e2e
 test-e2e: build
 	CONTAINERD_VERSION=$(CONTAINERD_VERSION) test/e2e/ensure-containerd $(CONTAINERD_DIR)
+	test/e2e/ensure-cri-tools $(CRI_TOOLS_DIR)
 	@mkdir -p $(BENCHDIR)
 	$(GO) test -c -o $(BENCHDIR)/e2e.test ./test/e2e
 	@if test/vm/have-dm; then \
-		THIN_TEST_REQUIRE_DM=1 THIN_E2E_CONTAINERD_DIR=$(abspath $(CONTAINERD_DIR)) $(BENCHDIR)/e2e.test -test.v -test.count=1 -test.timeout 30m; \
+		THIN_TEST_REQUIRE_DM=1 THIN_E2E_CONTAINERD_DIR=$(abspath $(CONTAINERD_DIR)) THIN_E2E_CRI_TOOLS=$(abspath $(CRI_TOOLS_DIR)) \
+			$(BENCHDIR)/e2e.test -test.v -test.count=1 -test.timeout 30m $(E2E_FLAGS); \
 	else \
+		THIN_VM_CMDLINE="$$THIN_VM_CMDLINE thin_vm.switch_root" THIN_VM_MODULES="$$THIN_VM_MODULES bridge veth" \
 		test/vm/run --mem 4096 --timeout 2400 $(VMFLAGS) --out $(BENCHDIR)/e2e-logs \
-			--env THIN_E2E_CONTAINERD_DIR=$(abspath $(CONTAINERD_DIR)) -- \
-			$(BENCHDIR)/e2e.test -test.v -test.count=1 -test.timeout 30m; \
+			--env THIN_E2E_CONTAINERD_DIR=$(abspath $(CONTAINERD_DIR)) --env THIN_E2E_CRI_TOOLS=$(abspath $(CRI_TOOLS_DIR)) -- \
+			$(BENCHDIR)/e2e.test -test.v -test.count=1 -test.timeout 30m $(E2E_FLAGS); \
 	fi
 
 # The demo: the whole stack in the VM, narrated (test/demo/run).

@@ -124,7 +124,7 @@ func TestEndToEnd(t *testing.T) {
 
 	// containerd asks for usage (CRI does, every 10 s): the large file's
 	// layer accounts for at least the file.
-	sctx, sn := snapshotsClient(t, s.ctrdSock)
+	sctx, sn := snapshotsClient(t, s.ctrdSock, s.ns)
 	for i, c := range res.ChainIDs {
 		u, err := sn.Usage(sctx, c.String())
 		if err != nil {

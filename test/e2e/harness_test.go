@@ -1,13 +1,25 @@
 // Package e2e runs the whole stack on a real dm-thin kernel: thin-snapshotter
-// and containerd 2.4.2 as processes, an image imported with
-// `ctr images import --snapshotter thin`, containers run with
-// `ctr run --snapshotter thin`, and the pool checked empty afterwards.
+// and containerd 2.4.2 as processes.
+//
+//   - e2e_test.go (ctr): an image imported with
+//     `ctr images import --snapshotter thin`, containers run with
+//     `ctr run --snapshotter thin`, and the pool checked empty afterwards.
+//   - cri_test.go (CRI): containerd configured by contrib/containerd's files,
+//     crictl as a kubelet, images pulled from a registry in the VM, pods on
+//     CNI bridge networking, on ext4 and on xfs.
+//
+// harness_test.go starts the daemons and inspects the pool; image_test.go is
+// the test image and the checks a container runs on it.
 //
 // Run it with `make test-e2e` (in the VM bench). It needs the
 // thin-snapshotter binary (THIN_E2E_SNAPSHOTTER, default bin/thin-snapshotter
 // of the repository), containerd, ctr and containerd-shim-runc-v2
 // (THIN_E2E_CONTAINERD_DIR, default .bench/containerd-v2.4.2), runc, a static
-// busybox (THIN_E2E_BUSYBOX, default /bin/busybox) and thin_ls.
+// busybox (THIN_E2E_BUSYBOX, default /bin/busybox) and thin_ls; the CRI case
+// also crictl, crane and the CNI plugins bridge, loopback and host-local
+// (THIN_E2E_CRI_TOOLS, default .bench/cri-tools; test/e2e/ensure-cri-tools).
+// In the VM, CRI needs "/" to be a mount point: test/vm/run with
+// THIN_VM_CMDLINE=thin_vm.switch_root, and THIN_VM_MODULES="bridge veth".
 package e2e
 
 import (
@@ -258,6 +270,8 @@ type stack struct {
 	t          *testing.T
 	tl         tools
 	dir        string
+	ns         string
+	thinRoot   string
 	pool       string
 	poolGone   bool
 	thinCfg    string
@@ -269,7 +283,7 @@ type stack struct {
 func (s *stack) ctr(timeout time.Duration, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	full := append([]string{"--address", s.ctrdSock, "--namespace", namespace}, args...)
+	full := append([]string{"--address", s.ctrdSock, "--namespace", s.ns}, args...)
 	out, err := exec.CommandContext(ctx, s.tl.ctr, full...).CombinedOutput()
 	if err != nil {
 		return string(out), fmt.Errorf("ctr %s: %w\n%s", strings.Join(args, " "), err, out)
@@ -292,7 +306,10 @@ const thinConfig = `root = %q
 address = %q
 log_level = 'debug'
 
-[pool]
+%s`
+
+// The ctr case's pool and snapshot settings.
+const ctrThinSettings = `[pool]
 data_size = '2GiB'
 metadata_size = '128MiB'
 
@@ -322,16 +339,51 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   snapshotter = "overlayfs"
 `
 
+// stackOptions says how startStackWith sets the stack up.
+type stackOptions struct {
+	// thinSettings: the [pool] and [snapshot] tables of thin-snapshotter's
+	// config (root and address are the stack's).
+	thinSettings string
+	// containerdConfig returns containerd's config file and extra
+	// command-line arguments for the stack.
+	containerdConfig func(s *stack) (string, []string)
+	// namespace for ctr and the snapshots client.
+	namespace string
+	// cleanup removes, after a failure and before containerd stops, what
+	// may still hold thin devices.
+	cleanup func(s *stack)
+}
+
+// startStack starts the ctr case's stack: containerd without CRI.
 func startStack(t *testing.T, tl tools) *stack {
+	return startStackWith(t, tl, stackOptions{
+		thinSettings: ctrThinSettings,
+		namespace:    namespace,
+		containerdConfig: func(s *stack) (string, []string) {
+			return fmt.Sprintf(containerdConfig, filepath.Join(s.dir, "containerd", "root"), filepath.Join(s.dir, "containerd", "state"),
+				s.ctrdSock, s.thinSock), nil
+		},
+		cleanup: func(s *stack) {
+			for _, id := range []string{"e2e-check", "e2e-sleeper", "e2e-persist", "e2e-par-0", "e2e-par-1", "e2e-par-2", "e2e-par-3"} {
+				_, _ = s.ctr(time.Minute, "tasks", "rm", "--force", id)
+				_, _ = s.ctr(time.Minute, "containers", "rm", id)
+			}
+		},
+	})
+}
+
+func startStackWith(t *testing.T, tl tools, opts stackOptions) *stack {
 	dir := t.TempDir()
 	s := &stack{
 		t:        t,
 		tl:       tl,
 		dir:      dir,
+		ns:       opts.namespace,
+		thinRoot: filepath.Join(dir, "thin"),
 		thinSock: filepath.Join(dir, "thin.sock"),
 		ctrdSock: filepath.Join(dir, "containerd.sock"),
 	}
-	thinRoot := filepath.Join(dir, "thin")
+	thinRoot := s.thinRoot
 	pool, err := snapshotter.LoopPoolName(thinRoot)
 	if err != nil {
 		t.Fatal(err)
@@ -350,7 +402,7 @@ func startStack(t *testing.T, tl tools) *stack {
 	})
 
 	thinCfg := filepath.Join(dir, "thin.toml")
-	if err := os.WriteFile(thinCfg, fmt.Appendf(nil, thinConfig, thinRoot, s.thinSock), 0o644); err != nil {
+	if err := os.WriteFile(thinCfg, fmt.Appendf(nil, thinConfig, thinRoot, s.thinSock, opts.thinSettings), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	s.thinCfg = thinCfg
@@ -368,22 +420,21 @@ func startStack(t *testing.T, tl tools) *stack {
 	s.startThin("thin.log")
 
 	ctrdCfg := filepath.Join(dir, "containerd.toml")
-	if err := os.WriteFile(ctrdCfg, fmt.Appendf(nil, containerdConfig,
-		filepath.Join(dir, "containerd", "root"), filepath.Join(dir, "containerd", "state"),
-		s.ctrdSock, s.thinSock), 0o644); err != nil {
+	cfg, args := opts.containerdConfig(s)
+	if err := os.WriteFile(ctrdCfg, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	// containerd finds the shim, and the shim runc, in PATH.
 	path := "PATH=" + tl.ctrdDir + ":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 	start := time.Now()
-	s.ctrd = startDaemon(t, "containerd", filepath.Join(dir, "containerd.log"), []string{path}, tl.containerd, "--config", ctrdCfg)
+	s.ctrd = startDaemon(t, "containerd", filepath.Join(dir, "containerd.log"), []string{path}, tl.containerd,
+		append([]string{"--config", ctrdCfg}, args...)...)
 	t.Cleanup(func() {
 		if !s.ctrd.exited() {
 			// After a failure, containers may still run on thin devices:
 			// remove them so the pool can go.
-			for _, id := range []string{"e2e-check", "e2e-sleeper", "e2e-persist", "e2e-par-0", "e2e-par-1", "e2e-par-2", "e2e-par-3"} {
-				_, _ = s.ctr(time.Minute, "tasks", "rm", "--force", id)
-				_, _ = s.ctr(time.Minute, "containers", "rm", id)
+			if opts.cleanup != nil {
+				opts.cleanup(s)
 			}
 			_ = s.ctrd.stop(30 * time.Second)
 		}
@@ -530,13 +581,13 @@ func activeThins(t *testing.T, c *dmsetup.Client, pool string) []string {
 
 // snapshotsClient talks to containerd's snapshots service for the thin
 // snapshotter, as ctr does, in the test's namespace.
-func snapshotsClient(t *testing.T, sock string) (context.Context, snapshots.Snapshotter) {
+func snapshotsClient(t *testing.T, sock, ns string) (context.Context, snapshots.Snapshotter) {
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return namespaces.WithNamespace(context.Background(), namespace), proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "thin")
+	return namespaces.WithNamespace(context.Background(), ns), proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "thin")
 }
 
 // withMounted mounts mounts on a fresh directory, runs fn on it and unmounts.
