@@ -279,9 +279,22 @@ func (c *crictl) run(timeout time.Duration, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	start := time.Now()
-	out, err := exec.CommandContext(ctx, c.bin, append([]string{"--config", c.cfg}, args...)...).CombinedOutput()
+	// IDs and JSON come on stdout; crictl's warnings on stderr.
+	cmdx := exec.CommandContext(ctx, c.bin, append([]string{"--config", c.cfg}, args...)...)
+	var stderr strings.Builder
+	cmdx.Stderr = &stderr
+	stdout, err := cmdx.Output()
 	took := time.Since(start)
-	cmd := "$ crictl " + strings.Join(args, " ")
+	out := append(stdout, stderr.String()...)
+	shown := slices.Clone(args)
+	for i, a := range shown {
+		// Scripts, abridged.
+		if a = strings.Join(strings.Fields(a), " "); len(a) > 60 {
+			a = a[:57] + "..."
+		}
+		shown[i] = a
+	}
+	cmd := "$ crictl " + strings.Join(shown, " ")
 	line := fmt.Sprintf("%s   (%s)", cmd, took.Round(time.Millisecond))
 	lines := strings.Split(strings.TrimRight(string(out), "\n"), "\n")
 	if len(lines) > 6 {
@@ -295,9 +308,9 @@ func (c *crictl) run(timeout time.Duration, args ...string) (string, error) {
 	}
 	c.record(cmd, line)
 	if err != nil {
-		return string(out), fmt.Errorf("crictl %s: %w\n%s", strings.Join(args, " "), err, out)
+		return string(stdout), fmt.Errorf("crictl %s: %w\n%s", strings.Join(args, " "), err, out)
 	}
-	return string(out), nil
+	return string(stdout), nil
 }
 
 func (c *crictl) must(timeout time.Duration, args ...string) string {
@@ -366,7 +379,9 @@ func podConfig(t *testing.T, dir, name string, v criVariant) string {
 	cfg := map[string]any{
 		"metadata":      map[string]any{"name": name, "namespace": "thin-e2e", "uid": name + "-uid", "attempt": 0},
 		"log_directory": filepath.Join(dir, "logs", name),
-		"linux":         map[string]any{},
+		// As a kubelet with the cgroupfs driver sets it; CRI's pod stats
+		// need it.
+		"linux": map[string]any{"cgroup_parent": "/thin-e2e/" + name},
 	}
 	if !v.allThin {
 		cfg["annotations"] = map[string]string{runtimeHandlerAnnotation: criHandler}
@@ -707,9 +722,21 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 		c.must(5*time.Minute, "rmp", id)
 	}
 	c.must(5*time.Minute, "rmi", imgRef)
+	// prune leaves pinned images: the sandbox image goes by name.
 	c.must(5*time.Minute, "rmi", "--prune")
+	var imgs struct {
+		Images []struct {
+			RepoTags []string `json:"repoTags"`
+			Pinned   bool     `json:"pinned"`
+		} `json:"images"`
+	}
+	decodeJSON(t, "crictl images", c.must(time.Minute, "images", "-o", "json"), &imgs)
+	if len(imgs.Images) != 1 || !imgs.Images[0].Pinned || !slices.Contains(imgs.Images[0].RepoTags, pauseRef) {
+		t.Errorf("images after rmi and rmi --prune: %+v, want only the pinned %s", imgs.Images, pauseRef)
+	}
+	c.must(5*time.Minute, "rmi", pauseRef)
 	if out := c.must(time.Minute, "images", "-q"); strings.TrimSpace(out) != "" {
-		t.Errorf("images left after rmi and rmi --prune:\n%s", out)
+		t.Errorf("images left after removing the sandbox image:\n%s", out)
 	}
 	var left []snapRow
 	for deadline := time.Now().Add(2 * time.Minute); ; {
@@ -788,7 +815,9 @@ func (s *stack) checkFsSize(t *testing.T, c *crictl, id string, v criVariant) {
 	}
 	size := blocks * bsize
 	t.Logf("the container's / (%s): %d bytes on a %d-byte device", v.fsType, size, v.baseSize)
-	if size > v.baseSize || size < v.baseSize*8/10 {
+	// xfs keeps at least 64 MiB for its log on filesystems of 300 MiB and
+	// more (xfsprogs 5.15+): 256 of 320 MiB.
+	if size > v.baseSize || size < v.baseSize*3/4 {
 		t.Errorf("the container's / is %d bytes, want most of its %d-byte device", size, v.baseSize)
 	}
 }
