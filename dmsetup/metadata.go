@@ -100,7 +100,7 @@ func blockNode(dev string) (string, func(), error) {
 		return dev, noop, nil // a path
 	}
 	want := unix.Mkdev(major, minor)
-	if b, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%d:%d/uevent", major, minor)); err == nil {
+	if b, err := os.ReadFile(filepath.Join(sysBlockDir(major, minor), "uevent")); err == nil {
 		if name, ok := ueventDevName(b); ok {
 			path := filepath.Join("/dev", name)
 			var st unix.Stat_t

@@ -82,7 +82,7 @@ func PoolTable(length Sectors, p PoolParams) (Target, error) {
 	if len(feats) > 0 {
 		params += " " + strings.Join(feats, " ")
 	}
-	return Target{Start: 0, Length: uint64(length), Type: "thin-pool", Params: params}, nil
+	return Target{Start: 0, Length: length, Type: "thin-pool", Params: params}, nil
 }
 
 // ParsePoolParams parses the parameters of a thin-pool table line as the
@@ -155,7 +155,7 @@ func ThinTable(length Sectors, poolDev string, id uint32, externalOrigin string)
 		}
 		params += " " + externalOrigin
 	}
-	return Target{Start: 0, Length: uint64(length), Type: "thin", Params: params}, nil
+	return Target{Start: 0, Length: length, Type: "thin", Params: params}, nil
 }
 
 // ParseThinParams parses the parameters of a thin table line.
@@ -186,7 +186,7 @@ func (c *Client) ThinTarget(name string) (ThinParams, Sectors, error) {
 		return ThinParams{}, 0, fmt.Errorf("table %v of %s is not one thin target: %w", table, name, ErrMalformed)
 	}
 	tp, err := ParseThinParams(table[0].Params)
-	return tp, Sectors(table[0].Length), err
+	return tp, table[0].Length, err
 }
 
 // PoolMode is the mode field of a thin-pool status. A failed pool prints no

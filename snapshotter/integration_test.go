@@ -22,7 +22,7 @@ import (
 
 // testConfig keeps pools and filesystems small: the VM is slow.
 func testConfig(root string) Config {
-	return Config{Root: root, DataSize: 1 << 30, BaseSize: 64 << 20}
+	return Config{Root: root, DataSize: 1 << 30, MetadataSize: 16 << 20, BaseSize: 64 << 20}
 }
 
 // destroy removes the embedded pool of root with all its devices and files.

@@ -52,7 +52,7 @@ func newDMPool(c *dmsetup.Client, name string) (*dmPool, error) {
 	if len(st) != 1 || st[0].Type != "thin-pool" {
 		return nil, fmt.Errorf("device %s is not a thin pool (table %v)", name, st)
 	}
-	return &dmPool{c: c, name: name, dev: fmt.Sprintf("%d:%d", info.Major, info.Minor)}, nil
+	return &dmPool{c: c, name: name, dev: dmsetup.MajorMinor(info.Major, info.Minor)}, nil
 }
 
 func (p *dmPool) Name() string                        { return p.name }

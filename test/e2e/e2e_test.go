@@ -712,6 +712,14 @@ func usedDataBlocks(t *testing.T, c *dmsetup.Client, pool string) uint64 {
 }
 
 // activeThins lists the active dm devices of the pool's snapshots.
+// isThinNode reports whether path is the /dev/mapper node of a thin device
+// of pool.
+func isThinNode(pool, path string) bool {
+	dir, name := filepath.Split(path)
+	_, ok := dmsetup.ParseDeviceName(pool, name)
+	return ok && dir == "/dev/mapper/"
+}
+
 func activeThins(t *testing.T, c *dmsetup.Client, pool string) []string {
 	t.Helper()
 	devs, err := c.List()
@@ -720,7 +728,7 @@ func activeThins(t *testing.T, c *dmsetup.Client, pool string) []string {
 	}
 	var names []string
 	for _, d := range devs {
-		if strings.HasPrefix(d.Name, pool+"-snap-") {
+		if strings.HasPrefix(d.Name, dmsetup.DeviceNamePrefix(pool)) {
 			names = append(names, d.Name)
 		}
 	}
@@ -953,9 +961,9 @@ func TestEndToEnd(t *testing.T) {
 		}
 	}
 	root := strings.Fields(got["root"])
-	if len(root) != 3 || !strings.HasPrefix(root[0], "/dev/mapper/"+s.pool+"-snap-") || root[1] != "ext4" ||
+	if len(root) != 3 || !isThinNode(s.pool, root[0]) || root[1] != "ext4" ||
 		!slices.Contains(strings.Split(root[2], ","), "rw") {
-		t.Errorf("container root mount %q: want a rw ext4 /dev/mapper/%s-snap-N", got["root"], s.pool)
+		t.Errorf("container root mount %q: want a rw ext4 /dev/mapper/%s", got["root"], dmsetup.DeviceNamePrefix(s.pool)+"<id>")
 	}
 
 	// Containers start side by side: their snapshots are prepared in
