@@ -472,8 +472,16 @@ func TestIntegrationThinLoopPool(t *testing.T) {
 
 	// Reuse while running, then "reboot": pool gone, files kept.
 	again, err := CreateLoopPool(context.Background(), c, LoopPoolConfig{Dir: filepath.Dir(pool.DataFile), Name: pool.Name})
-	if err != nil || !again.Reused || again.DataLoop != pool.DataLoop || again.MetadataLoop != pool.MetadataLoop {
+	if err != nil || !again.Reused || again.DataLoop != pool.DataLoop || again.MetadataLoop != pool.MetadataLoop || again.DataSectors != pool.DataSectors {
 		t.Fatalf("reuse of running pool: %+v %v", again, err)
+	}
+	notPool := devName("notpool")
+	if err := c.Create(notPool, []Target{{Length: 8, Type: "error"}}, CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { removeIfExists(t, c, notPool) })
+	if _, err := CreateLoopPool(context.Background(), c, LoopPoolConfig{Dir: t.TempDir(), Name: notPool, DataSize: testDataSize, MetadataSize: testMetaSize}); !errdefs.IsAlreadyExists(err) {
+		t.Errorf("pool name taken by a device that is not a pool: %v", err)
 	}
 	if _, err := CreateLoopPool(context.Background(), c, LoopPoolConfig{Dir: t.TempDir(), Name: pool.Name, DataSize: testDataSize}); !errdefs.IsAlreadyExists(err) {
 		t.Errorf("pool name taken by other files: %v", err)

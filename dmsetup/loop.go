@@ -155,15 +155,10 @@ func CreateLoopPool(ctx context.Context, c *Client, cfg LoopPoolConfig) (*LoopPo
 
 // adopt fills p from the running pool device if it is backed by p's files.
 func (p *LoopPool) adopt() error {
-	table, err := p.c.Table(p.Name)
-	if err != nil {
-		return err
-	}
-	if len(table) != 1 || table[0].Type != "thin-pool" {
-		return fmt.Errorf("device %s exists and is not a thin pool: %w", p.Name, errdefs.ErrAlreadyExists)
-	}
-	params, err := ParsePoolParams(table[0].Params)
-	if err != nil {
+	params, length, err := p.c.PoolTarget(p.Name)
+	if errors.Is(err, ErrMalformed) {
+		return fmt.Errorf("device %s exists and is not a thin pool: %w: %w", p.Name, err, errdefs.ErrAlreadyExists)
+	} else if err != nil {
 		return err
 	}
 	metaDev, metaFile := loopBacking(params.MetadataDev)
@@ -174,7 +169,7 @@ func (p *LoopPool) adopt() error {
 	}
 	p.MetadataLoop, p.DataLoop = metaDev, dataDev
 	p.BlockSizeSectors = params.BlockSizeSectors
-	p.DataSectors = table[0].Length
+	p.DataSectors = length
 	p.Reused = true
 	return nil
 }
