@@ -140,6 +140,12 @@ func (s *Snapshotter) gather(ctx context.Context) (*checkState, error) {
 		return nil, err
 	}
 	st := &checkState{inPool: map[uint32]bool{}, ids: map[uint32]string{}, devices: map[string]devState{}}
+	// No pool step runs while the pool and the database are read, so the
+	// metadata snapshot and the read transaction agree (every step journals
+	// before it touches the pool); on a serving snapshotter this holds new
+	// pool steps back for the time of thin_ls.
+	s.poolMu.Lock()
+	defer s.poolMu.Unlock()
 	if st.status, err = s.pool.Status(); err != nil {
 		return nil, fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
 	}
@@ -224,15 +230,16 @@ func (s *Snapshotter) compare(st *checkState) []Finding {
 	journalKeys := map[string]bool{}
 	for _, e := range st.journal {
 		journaled[e.DeviceID] = true
+		if e.Op == storage.OpWarm {
+			// A device made ahead (Key is its parent), accounted
+			// for; the daemon's start deletes what a crash left.
+			continue
+		}
 		if e.Key != "" {
 			journalKeys[e.Key] = true
 		}
-		what := fmt.Sprintf("interrupted %s of thin device %d", e.Op, e.DeviceID)
-		if e.Op == storage.OpWarm {
-			what = fmt.Sprintf("warm device %d of %q left by a crash (recovery deletes it)", e.DeviceID, e.Key)
-		}
 		f := Finding{Kind: FindingPendingJournal, DeviceID: e.DeviceID, Key: e.Key, Repairable: true, seq: e.Seq,
-			Message: fmt.Sprintf("%s (journal entry %d, %s)", what, e.Seq, e.Created.UTC().Format(time.RFC3339))}
+			Message: fmt.Sprintf("interrupted %s of thin device %d (journal entry %d, %s)", e.Op, e.DeviceID, e.Seq, e.Created.UTC().Format(time.RFC3339))}
 		if e.Name != "" {
 			f.Message += fmt.Sprintf(" as %q", e.Name)
 		}

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/containerd/errdefs"
+
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 )
 
@@ -45,14 +47,12 @@ func newDMPool(c *dmsetup.Client, name string) (*dmPool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("thin pool %s: %w", name, err)
 	}
-	st, err := c.Status(name)
-	if err != nil {
+	if _, _, err := c.PoolTarget(name); errors.Is(err, dmsetup.ErrMalformed) {
+		return nil, fmt.Errorf("device %s is not a thin pool: %w: %w", name, err, errdefs.ErrInvalidArgument)
+	} else if err != nil {
 		return nil, fmt.Errorf("thin pool %s: %w", name, err)
 	}
-	if len(st) != 1 || st[0].Type != "thin-pool" {
-		return nil, fmt.Errorf("device %s is not a thin pool (table %v)", name, st)
-	}
-	return &dmPool{c: c, name: name, dev: fmt.Sprintf("%d:%d", info.Major, info.Minor)}, nil
+	return &dmPool{c: c, name: name, dev: dmsetup.MajorMinor(info.Major, info.Minor)}, nil
 }
 
 func (p *dmPool) Name() string                        { return p.name }

@@ -98,6 +98,8 @@ func (s *Snapshotter) checkOwnership(ctx context.Context) error {
 // activates the devices of active snapshots and views that are gone (after a
 // reboot).
 func (s *Snapshotter) recover(ctx context.Context) error {
+	start := time.Now()
+	defer func() { s.recovered(func(r *Recovery) { r.Duration = time.Since(start) }) }()
 	var entries []storage.Entry
 	if err := s.db.View(ctx, func(tx *storage.Tx) (err error) {
 		entries, err = tx.Journal()
@@ -122,6 +124,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 			if err := s.rollbackCreate(ctx, e, false); err != nil {
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.RolledBackCreates++ })
 			l.Info("recovery: rolled back an interrupted create")
 		case storage.OpCommitSnap:
 			// The caller never heard of success: the active keeps its
@@ -129,15 +132,32 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 			if err := s.rollbackCommit(ctx, e, false); err != nil {
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.DroppedOperations++ })
 			l.Info("recovery: rolled back an interrupted commit")
 		case storage.OpDelete, storage.OpWarm:
+			if e.Op == storage.OpWarm {
+				// Left by a crash or a stop that could not delete it:
+				// never handed out now, whatever becomes of it.
+				if err := s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+					if err := tx.FinishJournal(e.Seq); err != nil {
+						return err
+					}
+					e = storage.Entry{Op: storage.OpDelete, DeviceID: e.DeviceID, Key: e.Key}
+					e.Seq, err = tx.AddJournal(e)
+					return err
+				}); err != nil {
+					return err
+				}
+			}
 			if err := s.finishDelete(ctx, e); err != nil {
 				if dmsetup.IsBusy(err) {
+					s.recovered(func(r *Recovery) { r.DeferredRemovals++ })
 					l.WithError(err).Warn("recovery: device still open, removal stays pending")
 					continue
 				}
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.FinishedRemovals++ })
 			l.Info("recovery: finished an interrupted removal")
 		default:
 			// An interrupted commit left the snapshot active: its
@@ -145,6 +165,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 			if err := s.db.Update(ctx, func(tx *storage.Tx) error { return tx.FinishJournal(e.Seq) }); err != nil {
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.DroppedOperations++ })
 			l.Info("recovery: dropped an interrupted operation; the snapshot keeps its previous state")
 		}
 	}
@@ -173,6 +194,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 		if err := s.pool.Activate(name, snap.DeviceID, dmsetup.BytesToSectors(snap.Size), snap.Kind == snapshots.KindView); err != nil {
 			return fmt.Errorf("reactivate %q: %w", snap.Key, err)
 		}
+		s.recovered(func(r *Recovery) { r.ReactivatedDevices++ })
 		log.G(ctx).WithField("key", snap.Key).WithField("id", snap.DeviceID).Info("recovery: reactivated device")
 	}
 	return nil

@@ -43,6 +43,9 @@ type Snapshotter struct {
 
 	keys keyLocks
 
+	// admin serves Status and the step observer (status.go).
+	admin adminState
+
 	// format makes the base filesystem; replaced in unit tests.
 	format func(ctx context.Context, dev string) error
 
@@ -266,7 +269,9 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	entry.TxID = next // for a rollback; not journaled
 
 	if err == nil {
-		err = s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
+		err = s.timed(StepActivate, func() error {
+			return s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
+		})
 		if err != nil {
 			s.poolMu.Lock()
 			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
@@ -319,7 +324,7 @@ func (s *Snapshotter) snapLocked(id, origin uint32) error {
 			return err
 		}
 	}
-	err = s.pool.CreateSnap(id, origin)
+	err = s.timed(StepCreateSnap, func() error { return s.pool.CreateSnap(id, origin) })
 	if active {
 		err = errors.Join(err, s.pool.Resume(name))
 	}

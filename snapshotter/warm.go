@@ -366,7 +366,9 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
 	entry.TxID = next // for a rollback; not journaled
 	name := s.deviceName(entry.DeviceID)
 	if err == nil {
-		err = s.pool.Activate(name, entry.DeviceID, dmsetup.BytesToSectors(p.Size), false)
+		err = s.timed(StepActivate, func() error {
+			return s.pool.Activate(name, entry.DeviceID, dmsetup.BytesToSectors(p.Size), false)
+		})
 	}
 	if err != nil {
 		err = errors.Join(err, s.pool.Deactivate(ctx, name))

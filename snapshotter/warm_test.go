@@ -197,7 +197,7 @@ func TestWarmAfterCrash(t *testing.T) {
 	if w := warmOf(t, s2); len(w) != 0 {
 		t.Fatalf("warm devices after the restart: %v", w)
 	}
-	if _, ok := pool.active()[idOf(t, dev)]; ok {
+	if _, ok := pool.active()[idOfDev(t, dev)]; ok {
 		t.Errorf("warm device %s still active after the restart", dev)
 	}
 	checkConsistent(t, s2, pool)
@@ -206,7 +206,7 @@ func TestWarmAfterCrash(t *testing.T) {
 	}
 }
 
-func idOf(t *testing.T, dev string) uint32 {
+func idOfDev(t *testing.T, dev string) uint32 {
 	t.Helper()
 	var id uint32
 	if _, err := fmt.Sscanf(dev, "tp-snap-%d", &id); err != nil {
