@@ -155,6 +155,7 @@ func newSnapshotter(cfg Config, db *storage.DB, pool Pool, format func(context.C
 	if format == nil {
 		s.format = s.mkfs
 	}
+	s.grow = s.growFS
 	return s
 }
 

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -42,6 +43,13 @@ type Snapshotter struct {
 	txid   uint64
 
 	keys keyLocks
+
+	// sharedLayers counts unpacks saved by layer sharing.
+	sharedLayers atomic.Uint64
+
+	// grow makes the filesystem on dev fill its device (fresh: a new
+	// device nobody has mounted); replaced in unit tests.
+	grow func(ctx context.Context, dev, fsType string, fresh bool) error
 
 	// format makes the base filesystem; replaced in unit tests.
 	format func(ctx context.Context, dev string) error
@@ -77,22 +85,19 @@ func (s *Snapshotter) Stat(ctx context.Context, key string) (info snapshots.Info
 	return info, err
 }
 
-// Update changes the labels of a snapshot.
-func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (out snapshots.Info, err error) {
-	err = s.db.Update(ctx, func(tx *storage.Tx) error {
-		out, err = tx.UpdateInfo(info, fieldpaths...)
-		return err
-	})
-	return out, err
+// Walk calls fn for every snapshot matching one of the filters.
+// Snapshots of size classes are not listed.
+func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, fs ...string) error {
+	return s.walk(ctx, defaultSpace, fn, fs...)
 }
 
-// Walk calls fn for every snapshot matching one of the filters.
-func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, fs ...string) error {
+// walk is Walk over the stored keys rename maps to a client's keys.
+func (s *Snapshotter) walk(ctx context.Context, rename func(string) (string, bool), fn snapshots.WalkFunc, fs ...string) error {
 	// Collect first: fn may be slow (a gRPC stream) and must not hold a
 	// transaction open.
 	var infos []snapshots.Info
 	if err := s.db.View(ctx, func(tx *storage.Tx) error {
-		return tx.Walk(func(info snapshots.Info) error {
+		return tx.WalkKeys(rename, func(info snapshots.Info) error {
 			infos = append(infos, info)
 			return nil
 		}, fs...)
@@ -184,11 +189,17 @@ func (s *Snapshotter) mounts(snap storage.Snapshot) []mount.Mount {
 
 // Prepare creates an active snapshot of parent (or of the empty base).
 func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	if err := checkDefaultKey(key); err != nil {
+		return nil, err
+	}
 	return s.create(ctx, snapshots.KindActive, key, parent, opts)
 }
 
 // View creates a read-only snapshot of parent.
 func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	if err := checkDefaultKey(key); err != nil {
+		return nil, err
+	}
 	return s.create(ctx, snapshots.KindView, key, parent, opts)
 }
 
@@ -204,8 +215,14 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	if err := s.checkPoolHealth(); err != nil {
 		return nil, err
 	}
+	if chain := base.Labels[snapshots.LabelSnapshotRef]; chain != "" && kind == snapshots.KindActive {
+		if err := s.shareLayer(ctx, key, parent, chain, base.Labels); !errors.Is(err, errNoLayer) {
+			return nil, err
+		}
+	}
 
 	var (
+		grow    bool
 		snap    storage.Snapshot
 		entry   storage.Entry
 		journal error
@@ -223,6 +240,16 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 					return fmt.Errorf("parent %q: %w", parent, err)
 				}
 				origin, size, fsType = p.DeviceID, p.Size, p.FSType
+			}
+			if kind == snapshots.KindActive {
+				// Views are read-only: their filesystem cannot grow.
+				want, err := requestedSize(base.Labels, size)
+				if err != nil {
+					return err
+				}
+				if grow = want > size; grow {
+					size = want
+				}
 			}
 			id, err := tx.AllocateID()
 			if err != nil {
@@ -250,7 +277,15 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	}
 
 	if err == nil {
-		err = s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
+		name := s.deviceName(snap.DeviceID)
+		err = s.pool.Activate(name, snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
+		if err == nil && grow {
+			// The filesystem is its origin's size: it fills the
+			// device before anyone mounts it.
+			if err = s.grow(ctx, s.pool.DevicePath(name), snap.FSType, true); err != nil {
+				err = errors.Join(err, s.pool.Deactivate(ctx, name))
+			}
+		}
 		if err != nil {
 			s.poolMu.Lock()
 			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
@@ -334,6 +369,13 @@ func (s *Snapshotter) rollbackCreate(ctx context.Context, e storage.Entry, txSet
 // Commit turns active snapshot key into committed snapshot name: its device
 // is deactivated and kept as the layer.
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	if err := checkDefaultKey(name); err != nil {
+		return err
+	}
+	return s.commit(ctx, name, key, opts...)
+}
+
+func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
 	unlock := s.keys.lock(key)
 	defer unlock()
 
