@@ -59,9 +59,16 @@ func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 		if old.Kind != snapshots.KindActive {
 			return nil
 		}
-		if size, err = requestedSize(out.Labels, old.Size); err != nil || size <= old.Size {
-			size = 0
+		if size, err = requestedSize(out.Labels, old.Size); err != nil {
 			return err
+		}
+		// A size the old labels asked for was reached (a failed grow
+		// puts the labels back): a grow stopped after the device grew
+		// runs again.
+		prev, _ := requestedSize(old.Labels, 0)
+		if size == 0 || (size == old.Size && size <= prev) {
+			size = 0
+			return nil
 		}
 		// The record grows first: a device is never activated shorter
 		// than its filesystem, whatever happens next.
