@@ -10,7 +10,6 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
-
 )
 
 // classMark starts the stored key of every snapshot of a size class:
@@ -174,4 +173,3 @@ func (c *Class) Close() error { return nil }
 func defaultSpace(k string) (string, bool) {
 	return k, keySpace(k) == ""
 }
-

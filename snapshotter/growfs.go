@@ -42,11 +42,11 @@ func (s *Snapshotter) growFS(ctx context.Context, dev, fsType string, fresh bool
 	// Not mounted where the daemon can see it: mounting it again while
 	// it is open elsewhere (another mount namespace) would be two
 	// filesystems on one device.
-	if fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0); err != nil {
+	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	if err != nil {
 		return fmt.Errorf("%s is in use but not mounted in the daemon's mount namespace: %w: %w", dev, err, errdefs.ErrFailedPrecondition)
-	} else {
-		unix.Close(fd)
 	}
+	unix.Close(fd)
 	dir, err := os.MkdirTemp(s.cfg.Root, "grow-")
 	if err != nil {
 		return err

@@ -46,6 +46,7 @@ func TestIntegrationSizeGRPC(t *testing.T) {
 		}
 	})
 	main, stop, err := serveForTest(ctx, root, factory, func(c *config.Config) {
+		c.Snapshot.BaseSize = 64 << 20
 		c.Classes = []config.ClassConfig{{Name: "thin-1g", Size: classSize}}
 	})
 	if err != nil {

@@ -95,4 +95,3 @@ func serveForTest(ctx context.Context, root string, factory SnapshotterFactory, 
 	}
 	return sn, cleanup, nil
 }
-
