@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -123,7 +124,7 @@ func (c *Class) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
 // containerd.io/snapshot.ref): layers keep their parent's size, so they
 // stay shareable and cheap.
 func (c *Class) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
-	opts = append(opts, func(info *snapshots.Info) error {
+	opts = append(slices.Clip(opts), func(info *snapshots.Info) error {
 		if _, ok := info.Labels[snapshots.LabelSnapshotMaxSize]; ok || info.Labels[snapshots.LabelSnapshotRef] != "" {
 			return nil
 		}
@@ -145,7 +146,7 @@ func (c *Class) View(ctx context.Context, key, parent string, opts ...snapshots.
 // Commit commits an active snapshot of the class.
 func (c *Class) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
 	// A new parent given on commit is a key of the class too.
-	opts = append(opts, func(info *snapshots.Info) error {
+	opts = append(slices.Clip(opts), func(info *snapshots.Info) error {
 		info.Parent = c.key(info.Parent)
 		return nil
 	})

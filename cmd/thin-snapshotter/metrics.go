@@ -65,6 +65,18 @@ func startMetrics(ctx context.Context, addr string) (*metrics, error) {
 	return m, nil
 }
 
+// watchSnapshotter exports what the snapshotter counts itself: the layer
+// unpacks that sharing saved.
+func (m *metrics) watchSnapshotter(sn any) {
+	if c, ok := sn.(interface{ SharedLayers() uint64 }); ok {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "thin_snapshotter",
+			Name:      "shared_layers_total",
+			Help:      "Layer unpacks saved: containerd asked for a layer (by chain id) that a committed snapshot of any class or namespace held already.",
+		}, func() float64 { return float64(c.SharedLayers()) }))
+	}
+}
+
 func (m *metrics) observe(method string, start time.Time, err error) {
 	m.calls.WithLabelValues(method, status.Code(err).String()).Inc()
 	m.duration.WithLabelValues(method).Observe(time.Since(start).Seconds())

@@ -142,6 +142,9 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 	if err != nil {
 		return err
 	}
+	if m != nil {
+		m.watchSnapshotter(sn)
+	}
 	srv := newServer(sn, m)
 	servers := []*grpc.Server{srv}
 	for _, c := range classes {
