@@ -5,6 +5,7 @@ package snapshotter
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -24,9 +25,16 @@ import (
 // is cheaper than a mount.
 func (s *Snapshotter) growFS(ctx context.Context, dev, fsType string, fresh bool) error {
 	if fresh && fsType == FSTypeExt4 {
-		// -f: the origin was mounted after its last fsck, which
-		// resize2fs would otherwise refuse; it was unmounted cleanly.
-		return run(ctx, "resize2fs", "-f", dev)
+		clean, err := ext4Clean(dev)
+		if err != nil {
+			return err
+		}
+		if clean {
+			// -f: the origin was mounted after its last fsck,
+			// which resize2fs would otherwise refuse.
+			return run(ctx, "resize2fs", "-f", dev)
+		}
+		// A journal to replay: the mount below does it.
 	}
 	var st unix.Stat_t
 	if err := unix.Stat(dev, &st); err != nil {
@@ -65,6 +73,40 @@ func (s *Snapshotter) growFS(ctx context.Context, dev, fsType string, fresh bool
 		err = errors.Join(err, fmt.Errorf("unmount %s: %w", dir, uerr), unix.Unmount(dir, unix.MNT_DETACH))
 	}
 	return err
+}
+
+// Fields of the ext4 superblock, which starts 1024 bytes into the device.
+const (
+	ext4SuperOffset     = 1024
+	ext4MagicOffset     = 0x38
+	ext4StateOffset     = 0x3a
+	ext4IncompatOffset  = 0x60
+	ext4Magic           = 0xef53
+	ext4StateValid      = 0x1
+	ext4StateError      = 0x2
+	ext4NeedsRecovery   = 0x4
+	ext4SuperReadLength = ext4IncompatOffset + 4
+)
+
+// ext4Clean reports whether the ext4 filesystem on dev was unmounted
+// cleanly: marked valid, without errors or a journal to replay. Only then
+// may resize2fs skip its own checks.
+func ext4Clean(dev string) (bool, error) {
+	f, err := os.Open(dev)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	sb := make([]byte, ext4SuperReadLength)
+	if _, err := f.ReadAt(sb, ext4SuperOffset); err != nil {
+		return false, fmt.Errorf("read ext4 superblock of %s: %w", dev, err)
+	}
+	if binary.LittleEndian.Uint16(sb[ext4MagicOffset:]) != ext4Magic {
+		return false, fmt.Errorf("%s holds no ext4 filesystem: %w", dev, errdefs.ErrFailedPrecondition)
+	}
+	state := binary.LittleEndian.Uint16(sb[ext4StateOffset:])
+	incompat := binary.LittleEndian.Uint32(sb[ext4IncompatOffset:])
+	return state&ext4StateValid != 0 && state&ext4StateError == 0 && incompat&ext4NeedsRecovery == 0, nil
 }
 
 // growMounted grows the filesystem on dev, mounted at mnt, online.
