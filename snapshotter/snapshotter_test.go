@@ -126,7 +126,7 @@ func TestLifecycle(t *testing.T) {
 			if len(m) != 1 || m[0].Type != fs || !strings.HasPrefix(m[0].Source, "/dev/mapper/tp-snap-") {
 				t.Fatalf("mounts %+v", m)
 			}
-			wantOpts := []string{"noatime"}
+			wantOpts := []string{"noinit_itable", "noatime"}
 			if fs == "xfs" {
 				wantOpts = []string{"nouuid", "noatime"}
 			}
