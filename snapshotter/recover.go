@@ -98,6 +98,8 @@ func (s *Snapshotter) checkOwnership(ctx context.Context) error {
 // activates the devices of active snapshots and views that are gone (after a
 // reboot).
 func (s *Snapshotter) recover(ctx context.Context) error {
+	start := time.Now()
+	defer func() { s.recovered(func(r *Recovery) { r.Duration = time.Since(start) }) }()
 	var entries []storage.Entry
 	if err := s.db.View(ctx, func(tx *storage.Tx) (err error) {
 		entries, err = tx.Journal()
@@ -122,15 +124,18 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 			if err := s.rollbackCreate(ctx, e, false); err != nil {
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.RolledBackCreates++ })
 			l.Info("recovery: rolled back an interrupted create")
 		case storage.OpDelete:
 			if err := s.finishDelete(ctx, e); err != nil {
 				if dmsetup.IsBusy(err) {
+					s.recovered(func(r *Recovery) { r.DeferredRemovals++ })
 					l.WithError(err).Warn("recovery: device still open, removal stays pending")
 					continue
 				}
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.FinishedRemovals++ })
 			l.Info("recovery: finished an interrupted removal")
 		default:
 			// An interrupted commit left the snapshot active: its
@@ -138,6 +143,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 			if err := s.db.Update(ctx, func(tx *storage.Tx) error { return tx.FinishJournal(e.Seq) }); err != nil {
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.DroppedOperations++ })
 			l.Info("recovery: dropped an interrupted operation; the snapshot keeps its previous state")
 		}
 	}
@@ -166,6 +172,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 		if err := s.pool.Activate(name, snap.DeviceID, dmsetup.BytesToSectors(snap.Size), snap.Kind == snapshots.KindView); err != nil {
 			return fmt.Errorf("reactivate %q: %w", snap.Key, err)
 		}
+		s.recovered(func(r *Recovery) { r.ReactivatedDevices++ })
 		log.G(ctx).WithField("key", snap.Key).WithField("id", snap.DeviceID).Info("recovery: reactivated device")
 	}
 	return nil

@@ -44,6 +44,9 @@ type Snapshotter struct {
 
 	keys keyLocks
 
+	// admin serves Status and the step observer (status.go).
+	admin adminState
+
 	// sharedLayers counts unpacks saved by layer sharing.
 	sharedLayers atomic.Uint64
 
@@ -284,11 +287,14 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 
 	if err == nil {
 		name := s.deviceName(snap.DeviceID)
-		err = s.pool.Activate(name, snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
+		err = s.timed(StepActivate, func() error {
+			return s.pool.Activate(name, snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
+		})
 		if err == nil && grow {
 			// The filesystem is its origin's size: it fills the
 			// device before anyone mounts it.
-			if err = s.grow(ctx, s.pool.DevicePath(name), snap.FSType, true); err != nil {
+			err = s.timed(StepGrow, func() error { return s.grow(ctx, s.pool.DevicePath(name), snap.FSType, true) })
+			if err != nil {
 				err = errors.Join(err, s.pool.Deactivate(ctx, name))
 			}
 		}
@@ -340,7 +346,7 @@ func (s *Snapshotter) snapLocked(id, origin uint32) error {
 			return err
 		}
 	}
-	err = s.pool.CreateSnap(id, origin)
+	err = s.timed(StepCreateSnap, func() error { return s.pool.CreateSnap(id, origin) })
 	if active {
 		err = errors.Join(err, s.pool.Resume(name))
 	}
@@ -416,7 +422,7 @@ func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snap
 	st, err := s.pool.ThinStatus(dev)
 	if err == nil {
 		usage = ownUsage(st.MappedSectors, snap.Shared)
-		err = s.pool.Deactivate(ctx, dev)
+		err = s.timed(StepDeactivate, func() error { return s.pool.Deactivate(ctx, dev) })
 	}
 	if err != nil {
 		if dmsetup.IsBusy(err) {

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/thin-snapshotter/thin-snapshotter/cmd/thin-snapshotter/config"
+	adminv1 "github.com/thin-snapshotter/thin-snapshotter/proto/thin/admin/v1"
 	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
 )
 
@@ -125,6 +126,14 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 	if err != nil {
 		return fmt.Errorf("opening snapshotter: %w", err)
 	}
+	if m != nil {
+		if err := m.watch(sn); err != nil {
+			logger.WithError(err).Warn("metrics without the pool's")
+		}
+		if err := m.watchSnapshotter(sn); err != nil {
+			logger.WithError(err).Warn("metrics without the shared layers count")
+		}
+	}
 	skipClose := false
 	defer func() {
 		if skipClose {
@@ -141,9 +150,6 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 	classes, err := classSnapshotters(sn, cfg)
 	if err != nil {
 		return err
-	}
-	if m != nil {
-		m.watchSnapshotter(sn)
 	}
 	srv := newServer(sn, m)
 	servers := []*grpc.Server{srv}
@@ -223,7 +229,8 @@ func classSnapshotters(sn snapshots.Snapshotter, cfg *config.Config) ([]snapshot
 	return out, nil
 }
 
-// newServer serves sn's snapshots API; m, when not nil, counts the calls.
+// newServer serves sn's snapshots API, and the admin API when sn has it;
+// m, when not nil, counts the calls.
 func newServer(sn snapshots.Snapshotter, m *metrics) *grpc.Server {
 	var unary []grpc.UnaryServerInterceptor
 	var stream []grpc.StreamServerInterceptor
@@ -234,6 +241,9 @@ func newServer(sn snapshots.Snapshotter, m *metrics) *grpc.Server {
 	unary, stream = append(unary, unaryErrors), append(stream, streamErrors)
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	if a, ok := sn.(adminBackend); ok {
+		adminv1.RegisterAdminServer(srv, &adminServer{sn: a})
+	}
 	return srv
 }
 
