@@ -19,23 +19,11 @@ import (
 
 // growFS makes the filesystem on dev fill its device, which has just
 // grown. A mounted filesystem grows online where it is mounted (a running
-// container's root); an unmounted one on a private mount that is always
-// taken down again. fresh is a new device nobody has mounted, made from a
-// committed (cleanly unmounted) origin: an ext4 one grows offline, which
-// is cheaper than a mount.
-func (s *Snapshotter) growFS(ctx context.Context, dev, fsType string, fresh bool) error {
-	if fresh && fsType == FSTypeExt4 {
-		clean, err := ext4Clean(dev)
-		if err != nil {
-			return err
-		}
-		if clean {
-			// -f: the origin was mounted after its last fsck,
-			// which resize2fs would otherwise refuse.
-			return run(ctx, "resize2fs", "-f", dev)
-		}
-		// A journal to replay: the mount below does it.
-	}
+// container's root). An unmounted one grows offline if it is a cleanly
+// unmounted ext4 (cheaper, and it leaves the new inode tables unwritten,
+// where the kernel's online resize zeroes them into the pool), otherwise on
+// a private mount that is always taken down again.
+func (s *Snapshotter) growFS(ctx context.Context, dev, fsType string) error {
 	var st unix.Stat_t
 	if err := unix.Stat(dev, &st); err != nil {
 		return fmt.Errorf("stat %s: %w", dev, err)
@@ -47,14 +35,31 @@ func (s *Snapshotter) growFS(ctx context.Context, dev, fsType string, fresh bool
 	if mnt != "" {
 		return growMounted(ctx, dev, fsType, mnt)
 	}
-	// Not mounted where the daemon can see it: mounting it again while
-	// it is open elsewhere (another mount namespace) would be two
-	// filesystems on one device.
+	// Not mounted where the daemon can see it: growing it while it is
+	// open elsewhere (another mount namespace) would be two filesystems
+	// on one device.
 	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("%s is in use but not mounted in the daemon's mount namespace: %w: %w", dev, err, errdefs.ErrFailedPrecondition)
 	}
 	unix.Close(fd)
+	if fsType == FSTypeExt4 {
+		clean, err := ext4Clean(dev)
+		if err != nil {
+			return err
+		}
+		if clean {
+			// -f: it was mounted after its last fsck, which
+			// resize2fs would otherwise refuse.
+			return run(ctx, "resize2fs", "-f", dev)
+		}
+		// A journal to replay: the mount does it.
+	}
+	return s.growOnMount(ctx, dev, fsType)
+}
+
+// growOnMount grows the unmounted filesystem on dev on a private mount.
+func (s *Snapshotter) growOnMount(ctx context.Context, dev, fsType string) error {
 	dir, err := os.MkdirTemp(s.cfg.Root, "grow-")
 	if err != nil {
 		return err

@@ -83,7 +83,7 @@ func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 	err = s.pool.Resize(name, old.DeviceID, dmsetup.BytesToSectors(size))
 	resized := err == nil
 	if err == nil {
-		err = s.timed(StepGrow, func() error { return s.grow(ctx, s.pool.DevicePath(name), old.FSType, false) })
+		err = s.timed(StepGrow, func() error { return s.grow(ctx, s.pool.DevicePath(name), old.FSType) })
 	}
 	if err == nil {
 		return out, nil

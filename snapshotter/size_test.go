@@ -52,8 +52,8 @@ type grown struct {
 }
 
 func (g *grown) hook(s *Snapshotter) {
-	s.grow = func(_ context.Context, dev, _ string, fresh bool) error {
-		g.calls = append(g.calls, dev+" fresh="+strconv.FormatBool(fresh))
+	s.grow = func(_ context.Context, dev, _ string) error {
+		g.calls = append(g.calls, dev)
 		return g.err
 	}
 }

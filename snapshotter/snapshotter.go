@@ -50,9 +50,9 @@ type Snapshotter struct {
 	// sharedLayers counts unpacks saved by layer sharing.
 	sharedLayers atomic.Uint64
 
-	// grow makes the filesystem on dev fill its device (fresh: a new
-	// device nobody has mounted); replaced in unit tests.
-	grow func(ctx context.Context, dev, fsType string, fresh bool) error
+	// grow makes the filesystem on dev fill its device; replaced in
+	// unit tests.
+	grow func(ctx context.Context, dev, fsType string) error
 
 	// format makes the base filesystem; replaced in unit tests.
 	format func(ctx context.Context, dev string) error
@@ -293,7 +293,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		if err == nil && grow {
 			// The filesystem is its origin's size: it fills the
 			// device before anyone mounts it.
-			err = s.timed(StepGrow, func() error { return s.grow(ctx, s.pool.DevicePath(name), snap.FSType, true) })
+			err = s.timed(StepGrow, func() error { return s.grow(ctx, s.pool.DevicePath(name), snap.FSType) })
 			if err != nil {
 				err = errors.Join(err, s.pool.Deactivate(ctx, name))
 			}

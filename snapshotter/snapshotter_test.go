@@ -306,12 +306,12 @@ func TestInjectedFailures(t *testing.T) {
 		{"prepare", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", "c"); return err }},
 		{"view", func(s *Snapshotter) error { _, err := s.View(ctx, "new", "c"); return err }},
 		{"prepare-sized", func(s *Snapshotter) error {
-			s.grow = func(context.Context, string, string, bool) error { return nil }
+			s.grow = func(context.Context, string, string) error { return nil }
 			_, err := s.Prepare(ctx, "new", "c", snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}))
 			return err
 		}},
 		{"update-grow", func(s *Snapshotter) error {
-			s.grow = func(context.Context, string, string, bool) error { return nil }
+			s.grow = func(context.Context, string, string) error { return nil }
 			_, err := s.Update(ctx, snapshots.Info{Name: "a", Labels: map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}})
 			return err
 		}},
@@ -385,12 +385,12 @@ func TestCrashRecovery(t *testing.T) {
 		{"prepare-base", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", ""); return err }},
 		{"view", func(s *Snapshotter) error { _, err := s.View(ctx, "new", "c"); return err }},
 		{"prepare-sized", func(s *Snapshotter) error {
-			s.grow = func(context.Context, string, string, bool) error { return nil }
+			s.grow = func(context.Context, string, string) error { return nil }
 			_, err := s.Prepare(ctx, "new", "c", snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}))
 			return err
 		}},
 		{"update-grow", func(s *Snapshotter) error {
-			s.grow = func(context.Context, string, string, bool) error { return nil }
+			s.grow = func(context.Context, string, string) error { return nil }
 			_, err := s.Update(ctx, snapshots.Info{Name: "a", Labels: map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}})
 			return err
 		}},
