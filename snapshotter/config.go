@@ -20,9 +20,15 @@ type Config struct {
 	// Root holds the database and, for the embedded pool, its files; an
 	// absolute path.
 	Root string
-	// PoolName is the dm name of an existing thin pool. Empty means the
-	// embedded loopback pool under Root, named after Root.
+	// PoolName is the dm name of an existing thin pool. Empty (and no
+	// PoolLVM) means the embedded loopback pool under Root, named after
+	// Root.
 	PoolName string
+	// PoolLVM is an LVM thin pool as "vg/lv", instead of PoolName:
+	// resolved at each start to the dm device that is the thin-pool target,
+	// which LVM names differently once the pool has thin volumes
+	// (dmsetup.LVMThinPoolNames).
+	PoolLVM string
 	// Sizes of the embedded loopback pool, used when its files are
 	// created; BlockSize is the pool's data block size in bytes.
 	DataSize, MetadataSize, BlockSize uint64
@@ -156,6 +162,14 @@ func (c *Config) validate() error {
 	if c.PoolName != "" {
 		if msg := checkPoolName(c.PoolName); msg != "" {
 			bad("PoolName", "%q %s", c.PoolName, msg)
+		}
+	}
+	if c.PoolLVM != "" {
+		if _, _, err := dmsetup.ParseLVMName(c.PoolLVM); err != nil {
+			bad("PoolLVM", "%v", err)
+		}
+		if c.PoolName != "" {
+			bad("PoolLVM", "set either it or PoolName, not both")
 		}
 	}
 

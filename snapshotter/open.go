@@ -102,7 +102,16 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 	k.closers = append(k.closers, k.db.Close)
 
 	name := cfg.PoolName
-	if name == "" {
+	var lvmID string
+	var lvmNames []string
+	switch {
+	case cfg.PoolLVM != "":
+		vg, lv, _ := dmsetup.ParseLVMName(cfg.PoolLVM) // validated
+		lvmID, lvmNames = dmsetup.LVMDeviceName(vg, lv), dmsetup.LVMThinPoolNames(vg, lv)
+		if name, err = client.FindThinPool(lvmNames...); err != nil {
+			return nil, k.close(fmt.Errorf("LVM thin pool %s (is it active? lvchange -ay %s): %w", cfg.PoolLVM, cfg.PoolLVM, err))
+		}
+	case name == "":
 		if name, err = LoopPoolName(cfg.Root); err != nil {
 			return nil, k.close(err)
 		}
@@ -135,6 +144,12 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 	}
 	if k.pool, err = newDMPool(client, name); err != nil {
 		return nil, k.close(err)
+	}
+	if lvmNames != nil {
+		// Named after the logical volume, whichever of its dm names
+		// carries the pool today.
+		k.pool.id = lvmID
+		k.pool.aliases = lvmNames
 	}
 	return k, nil
 }
@@ -187,5 +202,17 @@ func openCheck(ctx context.Context, cfg Config, db *storage.DB, pool Pool, forma
 		return nil, fmt.Errorf("status of pool %s: %w", pool.Name(), err)
 	}
 	s.txid = st.TransactionID
+	if err := db.View(ctx, func(tx *storage.Tx) error {
+		pi, err := tx.PoolInfo()
+		if err == nil && slices.Contains(poolNames(pool), pi.Name) {
+			s.recordedPool = pi.Name
+		}
+		if errdefs.IsNotFound(err) {
+			return nil
+		}
+		return err
+	}); err != nil {
+		return nil, err
+	}
 	return s, nil
 }

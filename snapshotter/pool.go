@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/containerd/errdefs"
+
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 )
 
@@ -36,8 +38,14 @@ type Pool interface {
 // dmPool implements Pool with the pure-Go dm client.
 type dmPool struct {
 	c    *dmsetup.Client
-	name string
+	name string // the dm device with the thin-pool target
 	dev  string // major:minor of the pool device, stable without udev
+	// id is Name() when it differs from name: an LVM pool is named after
+	// its logical volume, whichever dm device carries the target.
+	id string
+	// aliases are every name the pool may have had when the database
+	// recorded it (an LVM pool's dm names); nil means just name.
+	aliases []string
 }
 
 func newDMPool(c *dmsetup.Client, name string) (*dmPool, error) {
@@ -50,12 +58,28 @@ func newDMPool(c *dmsetup.Client, name string) (*dmPool, error) {
 		return nil, fmt.Errorf("thin pool %s: %w", name, err)
 	}
 	if len(st) != 1 || st[0].Type != "thin-pool" {
-		return nil, fmt.Errorf("device %s is not a thin pool (table %v)", name, st)
+		return nil, fmt.Errorf("device %s is not a thin pool (table %v; for an LVM thin pool, set its vg/lv as [pool] lvm): %w", name, st, errdefs.ErrFailedPrecondition)
 	}
 	return &dmPool{c: c, name: name, dev: fmt.Sprintf("%d:%d", info.Major, info.Minor)}, nil
 }
 
-func (p *dmPool) Name() string                        { return p.name }
+// Name is the pool's stable name: what the database records and its
+// devices are named after (poolNames).
+func (p *dmPool) Name() string {
+	if p.id != "" {
+		return p.id
+	}
+	return p.name
+}
+
+// Aliases are the names under which a database may have recorded this pool.
+func (p *dmPool) Aliases() []string {
+	if p.aliases != nil {
+		return p.aliases
+	}
+	return []string{p.name}
+}
+
 func (p *dmPool) Status() (dmsetup.PoolStatus, error) { return p.c.PoolStatus(p.name) }
 func (p *dmPool) CreateThin(id uint32) error          { return p.c.CreateThin(p.name, id) }
 func (p *dmPool) CreateSnap(id, origin uint32) error  { return p.c.CreateSnap(p.name, id, origin) }

@@ -578,6 +578,14 @@ func TestStaleRemovalEntry(t *testing.T) {
 	checkConsistent(t, s, pool)
 }
 
+// aliasPool is a fake pool with other names, like an LVM pool.
+type aliasPool struct {
+	*fakePool
+	aliases []string
+}
+
+func (p aliasPool) Aliases() []string { return p.aliases }
+
 // TestPoolOwnership is the one rule the daemon (checkOwnership) and Check's
 // repair (poolIsOurs) both apply.
 func TestPoolOwnership(t *testing.T) {
@@ -587,18 +595,21 @@ func TestPoolOwnership(t *testing.T) {
 		pi       storage.PoolInfo
 		dbTx     uint64
 		pending  int
-		pool     string
+		pool     []string // its names; the first is Name()
 		poolTx   uint64
 		isNew    bool
 		mismatch string // substring; "" for ours
 	}{
-		{name: "new database, unused pool", pool: "tp", isNew: true},
-		{name: "new database, used pool", pool: "tp", poolTx: 3, mismatch: "transaction id is 3"},
-		{name: "same ids", pi: ours, dbTx: 5, pool: "tp", poolTx: 5},
-		{name: "ahead by the pending entries", pi: ours, dbTx: 5, pending: 2, pool: "tp", poolTx: 7},
-		{name: "ahead by more", pi: ours, dbTx: 5, pending: 2, pool: "tp", poolTx: 8, mismatch: "recorded 5 with 2 operations pending"},
-		{name: "behind (re-created)", pi: ours, dbTx: 5, pool: "tp", poolTx: 0, mismatch: "re-created"},
-		{name: "another pool", pi: ours, dbTx: 5, pool: "other", poolTx: 5, mismatch: "belongs to pool tp"},
+		{name: "new database, unused pool", pool: []string{"tp"}, isNew: true},
+		{name: "new database, used pool", pool: []string{"tp"}, poolTx: 3, mismatch: "transaction id is 3"},
+		{name: "same ids", pi: ours, dbTx: 5, pool: []string{"tp"}, poolTx: 5},
+		{name: "ahead by the pending entries", pi: ours, dbTx: 5, pending: 2, pool: []string{"tp"}, poolTx: 7},
+		{name: "ahead by more", pi: ours, dbTx: 5, pending: 2, pool: []string{"tp"}, poolTx: 8, mismatch: "recorded 5 with 2 operations pending"},
+		{name: "behind (re-created)", pi: ours, dbTx: 5, pool: []string{"tp"}, poolTx: 0, mismatch: "re-created"},
+		{name: "another pool", pi: ours, dbTx: 5, pool: []string{"other"}, poolTx: 5, mismatch: "belongs to pool tp"},
+		// An LVM pool recorded under its other dm name.
+		{name: "recorded under an alias", pi: ours, dbTx: 5, pool: []string{"tp-lv", "tp-lv-tpool", "tp"}, poolTx: 5},
+		{name: "not among the aliases", pi: ours, dbTx: 5, pool: []string{"tp-lv", "tp-lv-tpool"}, poolTx: 5, mismatch: "belongs to pool tp"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			isNew, mismatch := poolOwnership(tc.pi, tc.dbTx, tc.pending, tc.pool, tc.poolTx)
@@ -606,7 +617,7 @@ func TestPoolOwnership(t *testing.T) {
 				t.Fatalf("poolOwnership = %v, %q; want %v, %q", isNew, mismatch, tc.isNew, tc.mismatch)
 			}
 			// Check repairs exactly the pools the daemon would use as they are.
-			s := &Snapshotter{pool: newFakePool(tc.pool)}
+			s := &Snapshotter{pool: aliasPool{newFakePool(tc.pool[0]), tc.pool}}
 			journal := make([]storage.Entry, tc.pending)
 			ok, _ := s.poolIsOurs(&checkState{pi: tc.pi, dbTx: tc.dbTx, poolTx: tc.poolTx, journal: journal})
 			if ok != (!isNew && mismatch == "") {
