@@ -111,6 +111,10 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 		if name, err = client.FindThinPool(lvmNames...); err != nil {
 			return nil, k.close(fmt.Errorf("LVM thin pool %s (is it active? lvchange -ay %s): %w", cfg.PoolLVM, cfg.PoolLVM, err))
 		}
+		if name == lvmNames[0] && !existing {
+			log.G(ctx).WithField("pool", cfg.PoolLVM).Warnf("LVM thin pool is not dedicated: it has LVM thin volumes (its target is %s); "+
+				"once the daemon changes its transaction id, LVM refuses to activate it again", name)
+		}
 	case name == "":
 		if name, err = LoopPoolName(cfg.Root); err != nil {
 			return nil, k.close(err)
