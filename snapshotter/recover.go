@@ -16,13 +16,13 @@ import (
 
 // poolOwnership decides whether the pool known by names (poolNames), at
 // transaction id poolTx, is the one the database manages. pi is the
-// database's pool record
-// (zero when it has none), dbTx its transaction id and pending the number of
-// journal entries a crash may have left. The pool's transaction id must be
-// the recorded one, or ahead of it by no more than the pending entries
-// explain. New says the database has no pool yet and the pool was never used
-// (transaction id 0): the daemon takes it as its own. Otherwise a non-empty
-// mismatch says why the pool may not be the database's.
+// database's pool record (zero when it has none), dbTx its transaction id
+// and pending the number of journal entries a crash may have left. The
+// pool's transaction id must be the recorded one, or ahead of it by no more
+// than the pending entries explain. New says the database has no pool yet
+// and the pool was never used (transaction id 0): the daemon takes it as its
+// own. Otherwise a non-empty mismatch says why the pool may not be the
+// database's.
 //
 // The daemon at startup (checkOwnership) and Check's repair both decide with
 // it, so they never disagree.

@@ -319,6 +319,19 @@ func requireLVM(t *testing.T) string {
 		}
 		t.Skip(why)
 	}
+	// Earlier tests in the same VM use the disk too: clear its head so
+	// LVM finds no old signature to ask about.
+	f, err := os.OpenFile(disk, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.Write(make([]byte, 1<<20))
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
 	return disk
 }
 
