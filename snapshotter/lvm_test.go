@@ -90,3 +90,19 @@ func TestPoolRenamedKeepsDeviceNames(t *testing.T) {
 		t.Fatalf("check findings: %+v", r.Findings)
 	}
 }
+
+// Adopting a pool that holds someone else's thin devices (an LVM pool with
+// LVM thin volumes): the base device's create fails on an id that exists,
+// and that device is left alone, never deleted as if it were ours.
+func TestAdoptKeepsForeignDevices(t *testing.T) {
+	pool := newFakePool("vg-lv-tpool")
+	pool.thins[1] = 1 << 20 // LVM's first thin volume
+	pool.txid = 1
+	_, err := newFake(t, t.TempDir(), pool, func(c *Config) { c.AllowAdopt = true })
+	if err == nil || !strings.Contains(err.Error(), "file exists") {
+		t.Fatalf("New = %v, want the pool's refusal of thin id 1", err)
+	}
+	if _, ok := pool.thins[1]; !ok {
+		t.Fatal("the foreign thin device 1 was deleted")
+	}
+}

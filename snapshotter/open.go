@@ -113,7 +113,7 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 		}
 		if name == lvmNames[0] && !existing {
 			log.G(ctx).WithField("pool", cfg.PoolLVM).Warnf("LVM thin pool is not dedicated: it has LVM thin volumes (its target is %s); "+
-				"once the daemon changes its transaction id, LVM refuses to activate it again", name)
+				"their thin ids collide with the daemon's, and once the daemon changes the pool's transaction id LVM no longer activates it", name)
 		}
 	case name == "":
 		if name, err = LoopPoolName(cfg.Root); err != nil {

@@ -120,20 +120,26 @@ func (d *daemon) logTail() string {
 	return string(b)
 }
 
-// start runs the daemon and waits until it answers: Stat of a missing key
-// comes back NotFound.
+// start runs the daemon and waits until it answers.
 func (d *daemon) start(ctx context.Context) {
-	t := d.t
-	t.Helper()
+	d.t.Helper()
+	if err := d.tryStart(ctx); err != nil {
+		d.t.Fatal(err)
+	}
+}
+
+// tryStart runs the daemon and waits until it answers (Stat of a missing
+// key comes back NotFound) or exits.
+func (d *daemon) tryStart(ctx context.Context) error {
 	logf, err := os.OpenFile(d.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	defer logf.Close()
 	d.cmd = exec.Command(d.bin, "--config", d.config, "--root", d.root, "--address", d.sock, "--log-level", "debug")
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
 	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
+		return err
 	}
 	cmd, exited := d.cmd, make(chan struct{})
 	d.exited = exited
@@ -144,7 +150,7 @@ func (d *daemon) start(ctx context.Context) {
 	}()
 	conn, err := grpc.NewClient("unix://"+d.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	d.conn = conn
 	d.sn = proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "thin")
@@ -153,7 +159,7 @@ func (d *daemon) start(ctx context.Context) {
 		select {
 		case <-exited:
 			d.cmd = nil
-			t.Fatalf("daemon exited during startup (%v):\n%s", waitErr, d.logTail())
+			return fmt.Errorf("daemon exited during startup (%w):\n%s", waitErr, d.logTail())
 		default:
 		}
 		if _, err := os.Stat(d.sock); err == nil {
@@ -161,11 +167,11 @@ func (d *daemon) start(ctx context.Context) {
 			_, err = d.sn.Stat(pctx, "probe-does-not-exist")
 			cancel()
 			if errdefs.IsNotFound(err) {
-				return
+				return nil
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("daemon not serving:\n%s", d.logTail())
+			return fmt.Errorf("daemon not serving:\n%s", d.logTail())
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -442,4 +448,57 @@ func TestLVMPoolScript(t *testing.T) {
 	}
 	d.stop()
 	d.check()
+}
+
+// A pool that has LVM thin volumes is not dedicated: LVM keeps its
+// thin-pool target at <vg>-<lv>-tpool, where the daemon finds it and warns;
+// even with allow_adopt it cannot make its base device on an id LVM's
+// volume holds, and it fails to start leaving the pool as it was: LVM's
+// volume intact and the transaction id unchanged, so LVM still activates
+// the pool. (Had the daemon changed the transaction id, LVM would refuse:
+// "Thin pool ... transaction_id is N, while expected M".)
+func TestLVMPoolWithLVMThinVolumes(t *testing.T) {
+	disk := requireLVM(t)
+	ctx := context.Background()
+	env := lvmEnv(t)
+	const vg, lv, dmName = "thin-vg2", "pool", "thin--vg2-pool"
+	out := mustRun(t, env, filepath.Join(poolScripts, "make-lvm-pool"), "--vg", vg, "--lv", lv, "--size", "400M", disk)
+	t.Cleanup(func() { _, _ = run(t, env, "vgchange", "-an", vg) })
+	mustRun(t, env, "lvcreate", "-V", "64M", "-T", vg+"/"+lv, "-n", "lvmthin")
+
+	c, err := dmsetup.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got, err := c.FindThinPool(dmsetup.LVMThinPoolNames(vg, lv)...); err != nil || got != dmName+"-tpool" {
+		t.Fatalf("thin-pool device %q, %v; want %s-tpool", got, err, dmName)
+	}
+	tx := poolStatus(t, dmName+"-tpool").TransactionID
+
+	d := newDaemon(t, poolLines(t, out, "lvm", vg+"/"+lv)+"allow_adopt = true\n")
+	err = d.tryStart(ctx)
+	if err == nil || !strings.Contains(err.Error(), "file exists") {
+		t.Fatalf("daemon on a pool with an LVM thin volume: %v", err)
+	}
+	if !strings.Contains(err.Error(), "not dedicated") {
+		t.Errorf("no warning about the pool's LVM thin volumes in the log:\n%v", err)
+	}
+	if now := poolStatus(t, dmName+"-tpool").TransactionID; now != tx {
+		t.Errorf("transaction id %d after the failed start, %d before", now, tx)
+	}
+	if !strings.Contains(mustRun(t, env, "lvs", "--noheadings", "-o", "lv_name", vg), "lvmthin") {
+		t.Error("LVM's thin volume is gone")
+	}
+	mustRun(t, env, "vgchange", "-an", vg)
+	mustRun(t, env, "vgchange", "-ay", vg)
+	// LVM's volume is back and readable.
+	f, err := os.Open("/dev/mapper/" + dmsetup.LVMDeviceName(vg, "lvmthin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.Read(make([]byte, 4096)); err != nil {
+		t.Fatal(err)
+	}
 }
