@@ -128,13 +128,21 @@ fuzz:
 	done
 
 # End-to-end: thin-snapshotter + containerd $(CONTAINERD_VERSION) + runc on a real
-# dm-thin kernel (test/e2e). containerd is go-installed on the host once.
+# dm-thin kernel (test/e2e), through ctr and through CRI (crictl, a registry,
+# CNI). containerd and the CRI tools are go-installed on the host once. In the
+# VM, CRI needs "/" to be a mount point (thin_vm.switch_root) and the bridge
+# and veth modules for CNI.
 CONTAINERD_VERSION ?= v2.4.2
 CONTAINERD_DIR     ?= $(BENCHDIR)/containerd-$(CONTAINERD_VERSION)
+CRI_TOOLS_DIR      ?= $(BENCHDIR)/cri-tools
+E2E_FLAGS          ?=
+test-e2e: export THIN_VM_CMDLINE += thin_vm.switch_root
+test-e2e: export THIN_VM_MODULES += bridge veth
 test-e2e: build
 	CONTAINERD_VERSION=$(CONTAINERD_VERSION) test/e2e/ensure-containerd $(CONTAINERD_DIR)
-	$(call on-kernel,test/e2e,-test.timeout 30m,--mem 4096 --timeout 2400 --out $(BENCHDIR)/e2e-logs,\
-		THIN_E2E_CONTAINERD_DIR=$(abspath $(CONTAINERD_DIR)))
+	test/e2e/ensure-cri-tools $(CRI_TOOLS_DIR)
+	$(call on-kernel,test/e2e,-test.timeout 30m $(E2E_FLAGS),--mem 4096 --timeout 2400 --out $(BENCHDIR)/e2e-logs,\
+		THIN_E2E_CONTAINERD_DIR=$(abspath $(CONTAINERD_DIR)) THIN_E2E_CRI_TOOLS=$(abspath $(CRI_TOOLS_DIR)))
 
 # The demo: the whole stack in the VM, narrated (test/demo/run).
 demo: build
