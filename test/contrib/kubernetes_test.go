@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/pelletier/go-toml/v2"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	nodev1 "k8s.io/api/node/v1"
@@ -236,5 +237,31 @@ func TestKubernetesRuntimeClasses(t *testing.T) {
 	}
 	if !slices.Equal(handlers, []string{"runc-thin", "kata-thin"}) {
 		t.Errorf("handlers %q", handlers)
+	}
+	// Each handler is one of containerd's, on thin, in both contrib configs.
+	for _, file := range []string{"config-v3.toml", "config-v4.toml"} {
+		data, err := os.ReadFile(filepath.Join("../../contrib/containerd", file))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var c struct {
+			Plugins struct {
+				Runtime struct {
+					Containerd struct {
+						Runtimes map[string]struct {
+							Snapshotter string `toml:"snapshotter"`
+						} `toml:"runtimes"`
+					} `toml:"containerd"`
+				} `toml:"io.containerd.cri.v1.runtime"`
+			} `toml:"plugins"`
+		}
+		if err := toml.Unmarshal(data, &c); err != nil {
+			t.Fatalf("%s: %v", file, err)
+		}
+		for _, h := range handlers {
+			if rt, ok := c.Plugins.Runtime.Containerd.Runtimes[h]; !ok || rt.Snapshotter != "thin" {
+				t.Errorf("%s: runtime handler %s is %+v (present %v), want one with snapshotter thin", file, h, rt, ok)
+			}
+		}
 	}
 }
