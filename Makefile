@@ -5,6 +5,7 @@
 #                 otherwise in a throwaway qemu VM: test/vm/run) the integration
 #                 tests, containerd end to end, and the kill -9 soak.
 #   make demo   — the whole stack (thin-snapshotter + containerd + a container) in the VM.
+#   make proto  — regenerate the Go code of proto/ (committed; make lint checks it).
 
 GO         ?= go
 BIN        := bin
@@ -14,13 +15,20 @@ PKGS       := ./...
 DM_PKGS    := dmsetup snapshotter cmd/thin-snapshotter test/contrib
 VMFLAGS    ?=
 
-.PHONY: all build test lint lint-tree lint-tools lint-fmt lint-vet lint-go lint-shell \
+.PHONY: all build test lint lint-tree lint-tools lint-fmt lint-vet lint-go lint-shell lint-proto proto proto-tools \
 	test-unit test-integration test-vm test-soak test-e2e bench fuzz demo clean
 
 all: build
 
+# The version is the nearest tag (or the commit), the commit the full hash;
+# `thin-snapshotter --version` prints them. Without git (a source tarball),
+# the binary falls back to what the Go toolchain recorded.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null)
+COMMIT  ?= $(shell git rev-parse HEAD 2>/dev/null)
+LDFLAGS := -X main.version=$(VERSION) -X main.commit=$(COMMIT)
+
 build:
-	$(GO) build -o $(BIN)/thin-snapshotter ./cmd/thin-snapshotter
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/thin-snapshotter ./cmd/thin-snapshotter
 
 test: lint test-unit test-integration test-e2e test-soak
 
@@ -29,7 +37,7 @@ test: lint test-unit test-integration test-e2e test-soak
 # goimports, as .golangci.yml configures them), go vet, golangci-lint
 # (.golangci.yml), shellcheck on every #! shell script. `make -k lint` goes on
 # past a failing step to show them all.
-lint: lint-tree lint-fmt lint-vet lint-go lint-shell
+lint: lint-tree lint-fmt lint-vet lint-go lint-shell lint-proto
 
 # golangci-lint is pinned and installed once per GOPATH under a versioned name,
 # so another version on PATH is never picked up.
@@ -64,6 +72,57 @@ lint-go: lint-tools
 
 lint-shell:
 	test/lint/shellcheck
+
+# --- generated code -------------------------------------------------------------
+# protoc is Debian's (apt-get install protobuf-compiler; .ci/run does): its
+# version is in the generated headers, so regenerate with that one. The
+# plugins are pinned: protoc-gen-go at go.mod's google.golang.org/protobuf,
+# protoc-gen-go-grpc at a release whose code needs no newer grpc than
+# go.mod's; both installed once per GOPATH under versioned names.
+PROTOS                     := proto/thin/admin/v1/admin.proto
+PROTOC_GEN_GO_VERSION       = $(shell $(GO) list -m -f '{{.Version}}' google.golang.org/protobuf)
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+PROTOC_GEN_GO               = $(GOPATH_BIN)/protoc-gen-go-$(PROTOC_GEN_GO_VERSION)
+PROTOC_GEN_GO_GRPC          = $(GOPATH_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSION)
+
+# $(call install-versioned,PACKAGE@VERSION,BINARY,TARGET)
+define install-versioned
+@if [ ! -x $(3) ]; then \
+	echo "== installing $(1) as $(3)"; \
+	tmp=$$(mktemp -d) && \
+	GOBIN=$$tmp GOFLAGS= $(GO) install $(1) && \
+	mkdir -p $(GOPATH_BIN) && mv $$tmp/$(2) $(3); \
+	rc=$$?; rm -rf "$$tmp"; exit $$rc; \
+fi
+endef
+
+proto-tools:
+	@command -v protoc >/dev/null || { echo "protoc not found: apt-get install protobuf-compiler"; exit 1; }
+	$(call install-versioned,google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION),protoc-gen-go,$(PROTOC_GEN_GO))
+	$(call install-versioned,google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION),protoc-gen-go-grpc,$(PROTOC_GEN_GO_GRPC))
+
+# $(call protoc,OUT_DIR): generates the Go code of $(PROTOS) under OUT_DIR,
+# laid out as under proto/.
+define protoc
+protoc -I proto --plugin=protoc-gen-go=$(PROTOC_GEN_GO) --plugin=protoc-gen-go-grpc=$(PROTOC_GEN_GO_GRPC) \
+	--go_out=$(1) --go_opt=paths=source_relative \
+	--go-grpc_out=$(1) --go-grpc_opt=paths=source_relative \
+	$(PROTOS:proto/%=%)
+endef
+
+proto: proto-tools
+	$(call protoc,proto)
+
+# Regenerates into a temporary directory and fails on any difference with
+# the committed code.
+lint-proto: proto-tools
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(call protoc,$$tmp) && \
+	stale=0 && for f in $$(cd $$tmp && find . -name '*.go' | sort); do \
+		diff -u proto/$$f $$tmp/$$f || stale=1; \
+	done && \
+	if [ $$stale = 1 ]; then echo "generated code under proto/ is stale: run make proto"; exit 1; fi; \
+	echo "lint-proto: generated code under proto/ is current"
 
 test-unit:
 	$(GO) test -race -count=1 $(PKGS)

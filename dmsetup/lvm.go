@@ -1,6 +1,7 @@
 package dmsetup
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 
@@ -75,20 +76,16 @@ func LVMThinPoolNames(vg, lv string) []string {
 func (c *Client) FindThinPool(names ...string) (string, error) {
 	var why []string
 	for _, n := range names {
-		ts, err := c.Table(n)
+		_, err := c.singleTarget(n, "thin-pool")
 		switch {
+		case err == nil:
+			return n, nil
 		case IsNotFound(err):
 			why = append(why, n+": no such device")
-		case err != nil:
-			return "", err
-		case len(ts) == 1 && ts[0].Type == "thin-pool":
-			return n, nil
+		case errors.Is(err, ErrMalformed):
+			why = append(why, err.Error())
 		default:
-			types := make([]string, len(ts))
-			for i, t := range ts {
-				types[i] = t.Type
-			}
-			why = append(why, fmt.Sprintf("%s: table is [%s]", n, strings.Join(types, " ")))
+			return "", err
 		}
 	}
 	return "", fmt.Errorf("no thin-pool device (%s): %w", strings.Join(why, "; "), errdefs.ErrNotFound)

@@ -64,7 +64,7 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 	name := s.deviceName(e.DeviceID)
 	if err == nil {
 		if err = s.pool.Activate(name, e.DeviceID, dmsetup.BytesToSectors(s.cfg.BaseSize), false); err == nil {
-			err = s.format(ctx, s.pool.DevicePath(name))
+			err = s.timed(StepMkfs, func() error { return s.format(ctx, s.pool.DevicePath(name)) })
 			err = errors.Join(err, s.pool.Deactivate(ctx, name))
 		}
 	}

@@ -140,6 +140,12 @@ func (s *Snapshotter) gather(ctx context.Context) (*checkState, error) {
 		return nil, err
 	}
 	st := &checkState{inPool: map[uint32]bool{}, ids: map[uint32]string{}, devices: map[string]devState{}}
+	// No pool step runs while the pool and the database are read, so the
+	// metadata snapshot and the read transaction agree (every step journals
+	// before it touches the pool); on a serving snapshotter this holds new
+	// pool steps back for the time of thin_ls.
+	s.poolMu.Lock()
+	defer s.poolMu.Unlock()
 	if st.status, err = s.pool.Status(); err != nil {
 		return nil, fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
 	}

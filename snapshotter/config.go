@@ -84,8 +84,8 @@ const (
 // Limits checked by Validate, in bytes.
 const (
 	// dm-thin's data block size (checked by dmsetup.ValidateBlockSize).
-	MinBlockSize    = dmsetup.MinBlockSizeSectors * sectorBytes
-	MaxBlockSize    = dmsetup.MaxBlockSizeSectors * sectorBytes
+	MinBlockSize    = dmsetup.MinBlockSizeSectors * dmsetup.SectorSize
+	MaxBlockSize    = dmsetup.MaxBlockSizeSectors * dmsetup.SectorSize
 	MinDataSize     = 64 << 20
 	MinMetadataSize = 2 << 20
 	// dm-thin uses at most about 15.9GiB of its metadata device.
@@ -99,10 +99,6 @@ const (
 	// MaxPoolNameLen is DM_NAME_LEN without the NUL.
 	MaxPoolNameLen = 127
 )
-
-// sectorBytes is the unit of device-mapper lengths.
-// TODO(issue 8): use dmsetup's exported sector size once it has one.
-const sectorBytes = 512
 
 // FieldError is one invalid Config field; it matches
 // errdefs.ErrInvalidArgument. The daemon maps Field to its configuration key.
@@ -174,19 +170,19 @@ func (c *Config) validate() error {
 	}
 
 	bs := c.BlockSize
-	blockOK := bs%sectorBytes == 0 && bs <= MaxBlockSize && dmsetup.ValidateBlockSize(uint32(bs/sectorBytes)) == nil
+	blockOK := bs%dmsetup.SectorSize == 0 && bs <= MaxBlockSize && dmsetup.ValidateBlockSize(uint32(dmsetup.BytesToSectors(bs))) == nil
 	if !blockOK {
 		bad("BlockSize", "%d bytes: must be a multiple of %s from %s to %s",
-			bs, humanSize(dmsetup.BlockSizeMultiple*sectorBytes), humanSize(MinBlockSize), humanSize(MaxBlockSize))
+			bs, humanSize(dmsetup.BlockSizeMultiple*dmsetup.SectorSize), humanSize(MinBlockSize), humanSize(MaxBlockSize))
 	}
 	switch ds := c.DataSize; {
-	case ds < MinDataSize || ds%sectorBytes != 0:
-		bad("DataSize", "%d bytes: must be at least %s and a multiple of %d bytes", ds, humanSize(MinDataSize), sectorBytes)
+	case ds < MinDataSize || ds%dmsetup.SectorSize != 0:
+		bad("DataSize", "%d bytes: must be at least %s and a multiple of %d bytes", ds, humanSize(MinDataSize), dmsetup.SectorSize)
 	case blockOK && ds < bs:
 		bad("DataSize", "%d bytes: smaller than one %d-byte block of the pool", ds, bs)
 	}
-	if ms := c.MetadataSize; ms < MinMetadataSize || ms > MaxMetadataSize || ms%sectorBytes != 0 {
-		bad("MetadataSize", "%d bytes: must be from %s to %s and a multiple of %d bytes", ms, humanSize(MinMetadataSize), humanSize(MaxMetadataSize), sectorBytes)
+	if ms := c.MetadataSize; ms < MinMetadataSize || ms > MaxMetadataSize || ms%dmsetup.SectorSize != 0 {
+		bad("MetadataSize", "%d bytes: must be from %s to %s and a multiple of %d bytes", ms, humanSize(MinMetadataSize), humanSize(MaxMetadataSize), dmsetup.SectorSize)
 	}
 	for _, f := range []struct {
 		field string

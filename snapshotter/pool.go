@@ -53,14 +53,12 @@ func newDMPool(c *dmsetup.Client, name string) (*dmPool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("thin pool %s: %w", name, err)
 	}
-	st, err := c.Status(name)
-	if err != nil {
+	if _, _, err := c.PoolTarget(name); errors.Is(err, dmsetup.ErrMalformed) {
+		return nil, fmt.Errorf("device %s is not a thin pool (an LVM thin pool: set [pool] lvm = \"vg/lv\" instead): %w: %w", name, err, errdefs.ErrInvalidArgument)
+	} else if err != nil {
 		return nil, fmt.Errorf("thin pool %s: %w", name, err)
 	}
-	if len(st) != 1 || st[0].Type != "thin-pool" {
-		return nil, fmt.Errorf("device %s is not a thin pool (table %v; for an LVM thin pool, set its vg/lv as [pool] lvm): %w", name, st, errdefs.ErrFailedPrecondition)
-	}
-	return &dmPool{c: c, name: name, dev: fmt.Sprintf("%d:%d", info.Major, info.Minor)}, nil
+	return &dmPool{c: c, name: name, dev: dmsetup.MajorMinor(info.Major, info.Minor)}, nil
 }
 
 // Name is the pool's stable name: what the database records and its

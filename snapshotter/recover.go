@@ -111,6 +111,8 @@ func poolNames(pool Pool) []string {
 // activates the devices of active snapshots and views that are gone (after a
 // reboot).
 func (s *Snapshotter) recover(ctx context.Context) error {
+	start := time.Now()
+	defer func() { s.recovered(func(r *Recovery) { r.Duration = time.Since(start) }) }()
 	var entries []storage.Entry
 	if err := s.db.View(ctx, func(tx *storage.Tx) (err error) {
 		entries, err = tx.Journal()
@@ -135,15 +137,18 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 			if err := s.rollbackCreate(ctx, e, false); err != nil {
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.RolledBackCreates++ })
 			l.Info("recovery: rolled back an interrupted create")
 		case storage.OpDelete:
 			if err := s.finishDelete(ctx, e); err != nil {
 				if dmsetup.IsBusy(err) {
+					s.recovered(func(r *Recovery) { r.DeferredRemovals++ })
 					l.WithError(err).Warn("recovery: device still open, removal stays pending")
 					continue
 				}
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.FinishedRemovals++ })
 			l.Info("recovery: finished an interrupted removal")
 		default:
 			// An interrupted commit left the snapshot active: its
@@ -151,6 +156,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 			if err := s.db.Update(ctx, func(tx *storage.Tx) error { return tx.FinishJournal(e.Seq) }); err != nil {
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.DroppedOperations++ })
 			l.Info("recovery: dropped an interrupted operation; the snapshot keeps its previous state")
 		}
 	}
@@ -179,6 +185,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 		if err := s.pool.Activate(name, snap.DeviceID, dmsetup.BytesToSectors(snap.Size), snap.Kind == snapshots.KindView); err != nil {
 			return fmt.Errorf("reactivate %q: %w", snap.Key, err)
 		}
+		s.recovered(func(r *Recovery) { r.ReactivatedDevices++ })
 		log.G(ctx).WithField("key", snap.Key).WithField("id", snap.DeviceID).Info("recovery: reactivated device")
 	}
 	return nil

@@ -46,6 +46,9 @@ type Snapshotter struct {
 
 	keys keyLocks
 
+	// admin serves Status and the step observer (status.go).
+	admin adminState
+
 	// format makes the base filesystem; replaced in unit tests.
 	format func(ctx context.Context, dev string) error
 
@@ -263,7 +266,9 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	}
 
 	if err == nil {
-		err = s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
+		err = s.timed(StepActivate, func() error {
+			return s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
+		})
 		if err != nil {
 			s.poolMu.Lock()
 			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
@@ -312,7 +317,7 @@ func (s *Snapshotter) snapLocked(id, origin uint32) error {
 			return err
 		}
 	}
-	err = s.pool.CreateSnap(id, origin)
+	err = s.timed(StepCreateSnap, func() error { return s.pool.CreateSnap(id, origin) })
 	if active {
 		err = errors.Join(err, s.pool.Resume(name))
 	}
@@ -381,7 +386,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	st, err := s.pool.ThinStatus(dev)
 	if err == nil {
 		usage = ownUsage(st.MappedSectors, snap.Shared)
-		err = s.pool.Deactivate(ctx, dev)
+		err = s.timed(StepDeactivate, func() error { return s.pool.Deactivate(ctx, dev) })
 	}
 	if err != nil {
 		if dmsetup.IsBusy(err) {

@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
 )
 
@@ -123,7 +124,7 @@ func TestLifecycle(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if len(m) != 1 || m[0].Type != fs || !strings.HasPrefix(m[0].Source, "/dev/mapper/tp-snap-") {
+			if len(m) != 1 || m[0].Type != fs || !strings.HasPrefix(m[0].Source, "/dev/mapper/"+dmsetup.DeviceNamePrefix("tp")) {
 				t.Fatalf("mounts %+v", m)
 			}
 			wantOpts := []string{"noatime"}
@@ -133,12 +134,12 @@ func TestLifecycle(t *testing.T) {
 			if !slices.Equal(m[0].Options, wantOpts) {
 				t.Errorf("options %v, want %v", m[0].Options, wantOpts)
 			}
-			if strings.Contains(m[0].Source, "a") && !strings.HasPrefix(m[0].Source, "/dev/mapper/tp-snap-") {
+			if strings.Contains(m[0].Source, "a") && !strings.HasPrefix(m[0].Source, "/dev/mapper/"+dmsetup.DeviceNamePrefix("tp")) {
 				t.Errorf("device name built from the key: %s", m[0].Source)
 			}
 			pool.write(strings.TrimPrefix(m[0].Source, "/dev/mapper/"), 16)
 			u, err := s.Usage(ctx, "a")
-			if err != nil || u.Size != 16*512 {
+			if err != nil || u.Size != int64(dmsetup.Sectors(16).Bytes()) {
 				t.Fatalf("usage of active = %+v, %v", u, err)
 			}
 			checkConsistent(t, s, pool)
@@ -146,7 +147,7 @@ func TestLifecycle(t *testing.T) {
 			if err := s.Commit(ctx, "c", "a"); err != nil {
 				t.Fatal(err)
 			}
-			if u, err := s.Usage(ctx, "c"); err != nil || u.Size != 16*512 {
+			if u, err := s.Usage(ctx, "c"); err != nil || u.Size != int64(dmsetup.Sectors(16).Bytes()) {
 				t.Fatalf("usage of committed = %+v, %v", u, err)
 			}
 			if _, err := s.Mounts(ctx, "c"); !errdefs.IsFailedPrecondition(err) {
@@ -176,7 +177,7 @@ func TestLifecycle(t *testing.T) {
 				t.Errorf("usage of a fresh child = %+v, %v; want 0", u, err)
 			}
 			pool.write(strings.TrimPrefix(mb[0].Source, "/dev/mapper/"), 8)
-			if u, err := s.Usage(ctx, "b"); err != nil || u.Size != 8*512 {
+			if u, err := s.Usage(ctx, "b"); err != nil || u.Size != int64(dmsetup.Sectors(8).Bytes()) {
 				t.Errorf("usage of a child after writing 8 sectors = %+v, %v", u, err)
 			}
 			checkConsistent(t, s, pool)

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/thin-snapshotter/thin-snapshotter/cmd/thin-snapshotter/config"
+	adminv1 "github.com/thin-snapshotter/thin-snapshotter/proto/thin/admin/v1"
 )
 
 // SnapshotterFactory opens the snapshotter that the daemon serves. The
@@ -112,6 +113,11 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 	if err != nil {
 		return fmt.Errorf("opening snapshotter: %w", err)
 	}
+	if m != nil {
+		if err := m.watch(sn); err != nil {
+			logger.WithError(err).Warn("metrics without the pool's")
+		}
+	}
 	skipClose := false
 	defer func() {
 		if skipClose {
@@ -159,7 +165,8 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 	return nil
 }
 
-// newServer serves sn's snapshots API; m, when not nil, counts the calls.
+// newServer serves sn's snapshots API, and the admin API when sn has it;
+// m, when not nil, counts the calls.
 func newServer(sn snapshots.Snapshotter, m *metrics) *grpc.Server {
 	var unary []grpc.UnaryServerInterceptor
 	var stream []grpc.StreamServerInterceptor
@@ -170,6 +177,9 @@ func newServer(sn snapshots.Snapshotter, m *metrics) *grpc.Server {
 	unary, stream = append(unary, unaryErrors), append(stream, streamErrors)
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	if a, ok := sn.(adminBackend); ok {
+		adminv1.RegisterAdminServer(srv, &adminServer{sn: a})
+	}
 	return srv
 }
 
