@@ -12,7 +12,7 @@ BIN        := bin
 BENCHDIR   := .bench
 PKGS       := ./...
 # Packages whose tests need root and dm-thin; their test binaries run in the VM.
-DM_PKGS    := dmsetup snapshotter cmd/thin-snapshotter
+DM_PKGS    := dmsetup snapshotter cmd/thin-snapshotter test/contrib
 VMFLAGS    ?=
 
 .PHONY: all build test lint lint-tree lint-tools lint-fmt lint-vet lint-go lint-shell lint-proto proto proto-tools \

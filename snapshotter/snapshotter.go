@@ -36,6 +36,9 @@ type Snapshotter struct {
 	cfg  Config
 	db   *storage.DB
 	pool Pool
+	// recordedPool is the pool's name in the database (devicePool); set
+	// before any device is named, read-only afterwards.
+	recordedPool string
 
 	// poolMu serializes pool metadata messages with the transaction id
 	// that follows each of them; txid is the pool's current one.
@@ -73,10 +76,20 @@ type Snapshotter struct {
 var _ snapshots.Snapshotter = (*Snapshotter)(nil)
 var _ snapshots.Cleaner = (*Snapshotter)(nil)
 
+// devicePool names the pool in its devices' names: the name the database
+// recorded, so they keep their names when LVM moves the pool to its other
+// dm name (poolNames); the pool's own name until one is recorded.
+func (s *Snapshotter) devicePool() string {
+	if s.recordedPool != "" {
+		return s.recordedPool
+	}
+	return s.pool.Name()
+}
+
 // deviceName is the dm name of thin id: built from the pool and the id,
 // never from a snapshot key.
 func (s *Snapshotter) deviceName(id uint32) string {
-	return dmsetup.DeviceName(s.pool.Name(), id)
+	return dmsetup.DeviceName(s.devicePool(), id)
 }
 
 // Stat returns the info of a snapshot.

@@ -117,9 +117,12 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 		defer m.shutdown(ctx)
 	}
 
-	if cfg.Pool.Name == "" {
+	switch {
+	case cfg.Pool.LVM != "":
+		logger.WithField("pool", cfg.Pool.LVM).Info("using existing LVM thin pool")
+	case cfg.Pool.Name == "":
 		logger.Warn("no [pool] name configured: using the embedded loopback pool under root; loopback pools are for development and trials, use an existing thin pool (e.g. LVM) in production")
-	} else {
+	default:
 		logger.WithField("pool", cfg.Pool.Name).Info("using existing thin pool")
 	}
 	sn, err := open(ctx, cfg)

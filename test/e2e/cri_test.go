@@ -785,9 +785,9 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 func (s *stack) checkRoot(t *testing.T, dm *dmsetup.Client, line string, v criVariant) string {
 	t.Helper()
 	f := strings.Fields(line)
-	if len(f) != 3 || !strings.HasPrefix(f[0], "/dev/mapper/"+s.pool+"-snap-") || f[1] != v.fsType ||
+	if len(f) != 3 || !isThinNode(s.pool, f[0]) || f[1] != v.fsType ||
 		!slices.Contains(strings.Split(f[2], ","), "rw") {
-		t.Errorf("container root mount %q: want a rw %s /dev/mapper/%s-snap-N", line, v.fsType, s.pool)
+		t.Errorf("container root mount %q: want a rw %s /dev/mapper/%s<id>", line, v.fsType, dmsetup.DeviceNamePrefix(s.pool))
 		return line
 	}
 	tbl, err := dm.Table(strings.TrimPrefix(f[0], "/dev/mapper/"))

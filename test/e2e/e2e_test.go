@@ -217,9 +217,9 @@ func TestEndToEnd(t *testing.T) {
 		}
 	}
 	root := strings.Fields(got["root"])
-	if len(root) != 3 || !strings.HasPrefix(root[0], "/dev/mapper/"+s.pool+"-snap-") || root[1] != "ext4" ||
+	if len(root) != 3 || !isThinNode(s.pool, root[0]) || root[1] != "ext4" ||
 		!slices.Contains(strings.Split(root[2], ","), "rw") {
-		t.Errorf("container root mount %q: want a rw ext4 /dev/mapper/%s-snap-N", got["root"], s.pool)
+		t.Errorf("container root mount %q: want a rw ext4 /dev/mapper/%s<id>", got["root"], dmsetup.DeviceNamePrefix(s.pool))
 	}
 
 	// Containers start side by side: their snapshots are prepared in

@@ -563,6 +563,14 @@ func usedDataBlocks(t *testing.T, c *dmsetup.Client, pool string) uint64 {
 	return st.UsedDataBlocks
 }
 
+// isThinNode reports whether path is the /dev/mapper node of a thin device
+// of pool.
+func isThinNode(pool, path string) bool {
+	dir, name := filepath.Split(path)
+	_, ok := dmsetup.ParseDeviceName(pool, name)
+	return ok && dir == "/dev/mapper/"
+}
+
 // activeThins lists the active dm devices of the pool's snapshots.
 func activeThins(t *testing.T, c *dmsetup.Client, pool string) []string {
 	t.Helper()
@@ -572,7 +580,7 @@ func activeThins(t *testing.T, c *dmsetup.Client, pool string) []string {
 	}
 	var names []string
 	for _, d := range devs {
-		if strings.HasPrefix(d.Name, pool+"-snap-") {
+		if strings.HasPrefix(d.Name, dmsetup.DeviceNamePrefix(pool)) {
 			names = append(names, d.Name)
 		}
 	}

@@ -71,8 +71,11 @@ func (c *Config) ClassAddress(i int) string {
 
 // PoolConfig selects the thin pool.
 type PoolConfig struct {
-	// Name of an existing thin pool; empty means the embedded loopback pool.
+	// Name of an existing thin pool; empty (and no LVM) means the embedded
+	// loopback pool.
 	Name string `toml:"name"`
+	// LVM is an LVM thin pool as "vg/lv", instead of Name.
+	LVM string `toml:"lvm"`
 	// DataSize, MetadataSize and BlockSize shape the embedded pool.
 	DataSize     ByteSize `toml:"data_size"`
 	MetadataSize ByteSize `toml:"metadata_size"`
@@ -128,6 +131,7 @@ func (c *Config) Snapshotter() snapshotter.Config {
 	return snapshotter.Config{
 		Root:            c.Root,
 		PoolName:        c.Pool.Name,
+		PoolLVM:         c.Pool.LVM,
 		DataSize:        uint64(c.Pool.DataSize),
 		MetadataSize:    uint64(c.Pool.MetadataSize),
 		BlockSize:       uint64(c.Pool.BlockSize),
@@ -149,6 +153,7 @@ func (c *Config) Snapshotter() snapshotter.Config {
 var snapshotterKeys = map[string]string{
 	"Root":            "root",
 	"PoolName":        "pool.name",
+	"PoolLVM":         "pool.lvm",
 	"DataSize":        "pool.data_size",
 	"MetadataSize":    "pool.metadata_size",
 	"BlockSize":       "pool.block_size",
