@@ -1,9 +1,11 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -108,5 +110,97 @@ func TestEndToEndSharedLayers(t *testing.T) {
 			t.Fatalf("pool holds %v after both namespaces removed the image, want the base only", got)
 		}
 		time.Sleep(time.Second)
+	}
+}
+
+// TestEndToEndSizeClass: a size class is a second proxy plugin on the same
+// daemon. A container run on it with ctr gets the class's disk size on the
+// layers the main socket unpacked: ctr's unpack for the class is answered
+// from the existing layers (a thin snapshot each), nothing is applied.
+func TestEndToEndSizeClass(t *testing.T) {
+	dmtest.Require(t)
+	tl := findTools(t)
+	const class, classSize = "thin-1g", 1 << 30
+	s := startStackWith(t, tl, stackOptions{
+		thinSettings: ctrThinSettings + fmt.Sprintf("\n[[class]]\nname = %q\nsize = %q\n", class, "1GiB"),
+		namespace:    namespace,
+		containerdConfig: func(s *stack) (string, []string) {
+			return fmt.Sprintf(containerdConfig, filepath.Join(s.dir, "containerd", "root"), filepath.Join(s.dir, "containerd", "state"),
+				s.ctrdSock, s.thinSock) + fmt.Sprintf("\n[proxy_plugins.%q]\n  type = \"snapshot\"\n  address = %q\n",
+				class, filepath.Join(filepath.Dir(s.thinSock), class+".sock")), nil
+		},
+		cleanup: func(s *stack) {
+			_, _ = s.ctr(time.Minute, "tasks", "rm", "--force", "class-1")
+			_, _ = s.ctr(time.Minute, "containers", "rm", "class-1")
+		},
+	})
+	dm, err := dmsetup.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dm.Close()
+
+	bb, err := imagegen.Busybox(tl.busybox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const ref = "docker.io/thin-snapshotter/class:latest"
+	img := imagegen.Image{
+		Ref: ref,
+		Layers: []imagegen.Layer{
+			{Entries: bb, Comment: "busybox"},
+			{Entries: []imagegen.Entry{imagegen.Dir("data", 0o755), imagegen.File("data/hello", 0o644, "from the main socket\n")}, Comment: "data"},
+		},
+		Config: ocispec.ImageConfig{Cmd: []string{"/bin/sh"}},
+	}
+	tarPath := filepath.Join(s.dir, "class.tar")
+	f, err := os.Create(tarPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := imagegen.Write(f, s.dir, img)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.mustCtr(10*time.Minute, "images", "import", "--snapshotter", "thin", tarPath)
+	devs := thinDevices(t, dm, s.pool, tl.thinLs)
+
+	// ctr run unpacks the image for the class first: by sharing.
+	out := s.mustCtr(5*time.Minute, "run", "--rm", "--snapshotter", class, ref, "class-1",
+		"/bin/sh", "-c", "cat /data/hello && df -k / | tail -n 1")
+	t.Logf("container on %s:\n%s", class, out)
+	if !strings.Contains(out, "from the main socket") {
+		t.Errorf("the class container does not see the layer's file:\n%s", out)
+	}
+	// df's last line: "[device] size used available use% /", the device
+	// on a line of its own when its name is long.
+	var kb uint64
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if f := strings.Fields(lines[len(lines)-1]); len(f) >= 5 {
+		kb, _ = strconv.ParseUint(f[len(f)-5], 10, 64)
+	}
+	if kb*1024 > classSize || kb*1024 < classSize/100*90 {
+		t.Errorf("the class container's / has %d KiB, want about %d", kb, classSize>>10)
+	}
+	// The class holds the layers as thin snapshots of the main socket's:
+	// one device each, no more, once containerd's garbage collection has
+	// removed the container's.
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
+		got := thinDevices(t, dm, s.pool, tl.thinLs)
+		if len(got) == len(devs)+len(res.Layers) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pool holds %v after the class run, want %d devices (%d before, one shared snapshot per layer)", got, len(devs)+len(res.Layers), len(devs))
+		}
+	}
+	out = s.mustCtr(time.Minute, "snapshots", "--snapshotter", class, "ls")
+	for _, c := range res.ChainIDs {
+		if !strings.Contains(out, c.String()) {
+			t.Errorf("the class does not list layer %s:\n%s", c, out)
+		}
 	}
 }
