@@ -70,7 +70,10 @@ test-soak: build
 # the dmsetup CLI and thin with overlayfs in the same run.
 BENCH_PKGS := dmsetup snapshotter
 BENCHTIME  ?= 3s
-bench:
+bench: bench-go bench-containerd
+
+.PHONY: bench-go
+bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem ./storage/
 	@mkdir -p $(BENCHDIR)
 	@for p in $(BENCH_PKGS); do $(GO) test -c -o $(BENCHDIR)/$$p.test ./$$p || exit 1; done
@@ -99,6 +102,24 @@ test-e2e: build
 		test/vm/run --mem 4096 --timeout 2400 $(VMFLAGS) --out $(BENCHDIR)/e2e-logs \
 			--env THIN_E2E_CONTAINERD_DIR=$(abspath $(CONTAINERD_DIR)) -- \
 			$(BENCHDIR)/e2e.test -test.v -test.count=1 -test.timeout 30m; \
+	fi
+
+# Every snapshot call through containerd $(CONTAINERD_VERSION) on overlayfs, thin
+# and containerd's devmapper in one run, one table (test/bench): in the VM
+# unless this host has dm-thin. The table also goes to $(BENCHDIR)/bench-results.txt.
+# BENCH_FLAGS e.g. -scale 500 -layers 10 (.bench/containerd-bench -h lists them).
+BENCH_FLAGS ?=
+.PHONY: bench-containerd
+bench-containerd: build
+	CONTAINERD_VERSION=$(CONTAINERD_VERSION) test/e2e/ensure-containerd $(CONTAINERD_DIR)
+	@mkdir -p $(BENCHDIR)
+	$(GO) build -o $(BENCHDIR)/containerd-bench ./test/bench
+	@if test/vm/have-dm; then \
+		$(BENCHDIR)/containerd-bench -containerd-dir $(abspath $(CONTAINERD_DIR)) -out $(BENCHDIR)/bench-results.txt $(BENCH_FLAGS); \
+	else \
+		test/vm/run --disk 16G --mem 4096 --timeout 3600 $(VMFLAGS) --out $(BENCHDIR)/bench-out -- \
+			$(BENCHDIR)/containerd-bench -containerd-dir $(abspath $(CONTAINERD_DIR)) $(BENCH_FLAGS) && \
+		cp $(BENCHDIR)/bench-out/bench-results.txt $(BENCHDIR)/bench-out/bench-results.csv $(BENCHDIR)/; \
 	fi
 
 # The demo: the whole stack in the VM, narrated (test/demo/run).
