@@ -107,7 +107,7 @@ test-e2e: build
 # Every snapshot call through containerd $(CONTAINERD_VERSION) on overlayfs, thin
 # and containerd's devmapper in one run, one table (test/bench): in the VM
 # unless this host has dm-thin. The table also goes to $(BENCHDIR)/bench-results.txt.
-# BENCH_FLAGS e.g. -scale 500 -layers 10 (.bench/containerd-bench -h lists them).
+# BENCH_FLAGS e.g. -scale 2000 -layers 10 (.bench/containerd-bench -h lists them).
 BENCH_FLAGS ?=
 .PHONY: bench-containerd
 bench-containerd: build
