@@ -98,7 +98,7 @@ func parseFlags() *config {
 	flag.IntVar(&c.dm.Runs, "dm-runs", 2, "ctr run --rm for devmapper")
 	flag.IntVar(&c.std.Scale, "scale", 500, "existing snapshots in the scale workload")
 	flag.IntVar(&c.dm.Scale, "dm-scale", 20, "existing snapshots in the scale workload for devmapper")
-	flag.IntVar(&c.std.ScaleIters, "scale-iters", 20, "Prepare/Commit/Remove rounds per scale point")
+	flag.IntVar(&c.std.ScaleIters, "scale-iters", 10, "Prepare/Commit/Remove rounds per scale point")
 	flag.IntVar(&c.dm.ScaleIters, "dm-scale-iters", 3, "Prepare/Commit/Remove rounds per scale point for devmapper")
 	flag.IntVar(&c.fillPar, "fill-parallel", 4, "snapshots made at once to reach the scale")
 	flag.IntVar(&c.imageFiles, "image-files", 3000, "small files in the image")
