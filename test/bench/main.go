@@ -279,14 +279,7 @@ func runBench(c *config) (err error) {
 		}
 	}()
 
-	has := func(sn string) bool {
-		for _, s := range c.snapshotters {
-			if s == sn {
-				return true
-			}
-		}
-		return false
-	}
+	has := func(sn string) bool { return slices.Contains(c.snapshotters, sn) }
 	thinSock := filepath.Join(dir, "thin.sock")
 	if has("thin") {
 		if err := b.startThin(thinSock); err != nil {
@@ -305,13 +298,13 @@ func runBench(c *config) (err error) {
 		return err
 	}
 	logf("stack up in %s: containerd %s, work dir %s", time.Since(t0).Round(time.Millisecond), b.ctrdSock, dir)
-	if out, err := b.ctr(setupCtx, "plugins", "ls"); err != nil {
+	plugins, err := b.ctr(setupCtx, "plugins", "ls")
+	if err != nil {
 		return err
-	} else {
-		for _, l := range strings.Split(out, "\n") {
-			if strings.HasPrefix(l, "io.containerd.snapshotter.v1") {
-				logf("  %s", strings.Join(strings.Fields(l), " "))
-			}
+	}
+	for _, l := range strings.Split(plugins, "\n") {
+		if strings.HasPrefix(l, "io.containerd.snapshotter.v1") {
+			logf("  %s", strings.Join(strings.Fields(l), " "))
 		}
 	}
 
