@@ -302,7 +302,7 @@ func runBench(c *config) (err error) {
 	if err != nil {
 		return err
 	}
-	for _, l := range strings.Split(plugins, "\n") {
+	for l := range strings.SplitSeq(plugins, "\n") {
 		if strings.HasPrefix(l, "io.containerd.snapshotter.v1") {
 			logf("  %s", strings.Join(strings.Fields(l), " "))
 		}

@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -57,7 +56,7 @@ func (d *daemon) exited() bool {
 // stop sends SIGTERM and waits; after timeout it kills the process.
 func (d *daemon) stop(timeout time.Duration) error {
 	if d.exited() {
-		return fmt.Errorf("%s had already exited: %v", d.name, d.err)
+		return fmt.Errorf("%s had already exited: %w", d.name, d.err)
 	}
 	_ = d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
@@ -92,7 +91,7 @@ func waitSocket(d *daemon, sock string, timeout time.Duration) error {
 			return nil
 		}
 		if d.exited() {
-			return fmt.Errorf("%s exited before serving %s: %v\n%s", d.name, sock, d.err, d.tail(40))
+			return fmt.Errorf("%s exited before serving %s: %w\n%s", d.name, sock, d.err, d.tail(40))
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%s does not serve %s after %s: %w\n%s", d.name, sock, timeout, err, d.tail(40))
@@ -118,7 +117,7 @@ func waitReady(d *daemon, notify *net.UnixConn, timeout time.Duration) error {
 			return fmt.Errorf("notify socket: %w", err)
 		}
 		if d.exited() {
-			return fmt.Errorf("%s exited before READY=1: %v\n%s", d.name, d.err, d.tail(40))
+			return fmt.Errorf("%s exited before READY=1: %w\n%s", d.name, d.err, d.tail(40))
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%s sent no READY=1 within %s\n%s", d.name, timeout, d.tail(40))
@@ -216,7 +215,7 @@ func dmDevices(ctx context.Context, target string) ([]string, error) {
 		return nil, err
 	}
 	var names []string
-	for _, l := range strings.Split(out, "\n") {
+	for l := range strings.SplitSeq(out, "\n") {
 		f := strings.Fields(l)
 		if len(f) == 2 && strings.HasPrefix(f[1], "(") {
 			names = append(names, f[0])
@@ -252,7 +251,7 @@ func allDMDevices(ctx context.Context) (map[string]bool, error) {
 		return nil, err
 	}
 	m := map[string]bool{}
-	for _, l := range strings.Split(out, "\n") {
+	for l := range strings.SplitSeq(out, "\n") {
 		if f := strings.Fields(l); len(f) == 2 && strings.HasPrefix(f[1], "(") {
 			m[f[0]] = true
 		}
@@ -275,8 +274,6 @@ func kernelRelease() string {
 	}
 	return b.String()
 }
-
-func itoa(i int) string { return strconv.Itoa(i) }
 
 const thinConfig = `root = %q
 address = %q

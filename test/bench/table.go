@@ -121,8 +121,8 @@ func FormatTable(s *Samples, snapshotters []string, ratios []Ratio) string {
 	var b strings.Builder
 	for i, r := range rows {
 		for j, c := range r {
-			switch {
-			case j == 0:
+			switch j {
+			case 0:
 				fmt.Fprintf(&b, "%-*s", widths[j], c)
 			default:
 				fmt.Fprintf(&b, "  %*s", widths[j], c)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -160,7 +161,7 @@ func (b *bench) chain(sn string) error {
 			return err
 		}
 		if n != 3*layers {
-			return fmt.Errorf("Walk saw %d snapshots, want %d", n, 3*layers)
+			return fmt.Errorf("walk saw %d snapshots, want %d", n, 3*layers)
 		}
 	}
 	for _, v := range views {
@@ -173,8 +174,8 @@ func (b *bench) chain(sn string) error {
 			return err
 		}
 	}
-	for i := len(committed) - 1; i >= 0; i-- {
-		if err := b.removeAndWait(sn, "committed", committed[i]); err != nil {
+	for _, c := range slices.Backward(committed) {
+		if err := b.removeAndWait(sn, "committed", c); err != nil {
 			return err
 		}
 	}
@@ -255,8 +256,8 @@ func (b *bench) parallel(sn string) error {
 				return err
 			}
 		}
-		for i := len(committed[ch]) - 1; i >= 0; i-- {
-			if err := b.timed(sn, "Remove committed"+suffix, func() error { return s.Remove(ctx, committed[ch][i]) }); err != nil {
+		for _, v := range slices.Backward(committed[ch]) {
+			if err := b.timed(sn, "Remove committed"+suffix, func() error { return s.Remove(ctx, v) }); err != nil {
 				return err
 			}
 		}
@@ -429,8 +430,8 @@ func (b *bench) scale(sn string) error {
 	// GC, whichever snapshotter they belong to.
 	start = time.Now()
 	if err := parallelDo(par, func(g int) error {
-		for i := len(made[g]) - 1; i >= 0; i-- {
-			if err := b.timed(sn, fmt.Sprintf("cleanup: Remove (%d at once)", par), func() error { return s.Remove(ctx, made[g][i]) }); err != nil {
+		for _, v := range slices.Backward(made[g]) {
+			if err := b.timed(sn, fmt.Sprintf("cleanup: Remove (%d at once)", par), func() error { return s.Remove(ctx, v) }); err != nil {
 				return err
 			}
 		}
