@@ -184,10 +184,10 @@ func TestKubernetesManifest(t *testing.T) {
 		t.Errorf("--config %s is not config.toml of ConfigMap %s (volume %+v)", file, cm.Name, v.VolumeSource)
 	}
 
-	// Readiness is the socket containerd is pointed at.
+	// Ready when the daemon answers on the socket containerd is pointed at.
 	p := c.ReadinessProbe
-	if p == nil || p.Exec == nil || !slices.Equal(p.Exec.Command, []string{"test", "-S", cfg.Address}) {
-		t.Errorf("readiness probe %+v does not test the socket %s", p, cfg.Address)
+	if p == nil || p.Exec == nil || !slices.Equal(p.Exec.Command, []string{"thin-snapshotter", "--address", cfg.Address, "status"}) {
+		t.Errorf("readiness probe %+v does not ask the daemon on %s for its status", p, cfg.Address)
 	}
 
 	// The module loader sees the host's modules.
