@@ -12,7 +12,7 @@ BIN        := bin
 BENCHDIR   := .bench
 PKGS       := ./...
 # Packages whose tests need root and dm-thin; their test binaries run in the VM.
-DM_PKGS    := dmsetup snapshotter cmd/thin-snapshotter
+DM_PKGS    := dmsetup snapshotter cmd/thin-snapshotter test/contrib
 VMFLAGS    ?=
 
 .PHONY: all build test lint lint-tree lint-tools lint-fmt lint-vet lint-go lint-shell lint-proto proto proto-tools \
@@ -172,7 +172,10 @@ test-soak: build
 # the dmsetup CLI and thin with overlayfs in the same run.
 BENCH_PKGS := dmsetup snapshotter
 BENCHTIME  ?= 3s
-bench:
+bench: bench-go bench-containerd
+
+.PHONY: bench-go
+bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem ./storage/
 	$(call on-kernel,$(BENCH_PKGS),-test.run '^$$' -test.bench . -test.benchtime $(BENCHTIME))
 
@@ -202,6 +205,24 @@ test-e2e: build
 	test/e2e/ensure-cri-tools $(CRI_TOOLS_DIR)
 	$(call on-kernel,test/e2e,-test.timeout 30m $(E2E_FLAGS),--mem 4096 --timeout 2400 --out $(BENCHDIR)/e2e-logs,\
 		THIN_E2E_CONTAINERD_DIR=$(abspath $(CONTAINERD_DIR)) THIN_E2E_CRI_TOOLS=$(abspath $(CRI_TOOLS_DIR)))
+
+# Every snapshot call through containerd $(CONTAINERD_VERSION) on overlayfs, thin
+# and containerd's devmapper in one run, one table (test/bench): in the VM
+# unless this host has dm-thin. The table also goes to $(BENCHDIR)/bench-results.txt.
+# BENCH_FLAGS e.g. -scale 2000 -layers 10 (.bench/containerd-bench -h lists them).
+BENCH_FLAGS ?=
+.PHONY: bench-containerd
+bench-containerd: build
+	CONTAINERD_VERSION=$(CONTAINERD_VERSION) test/e2e/ensure-containerd $(CONTAINERD_DIR)
+	@mkdir -p $(BENCHDIR)
+	$(GO) build -o $(BENCHDIR)/containerd-bench ./test/bench
+	@if test/vm/have-dm; then \
+		$(BENCHDIR)/containerd-bench -containerd-dir $(abspath $(CONTAINERD_DIR)) -out $(BENCHDIR)/bench-results.txt $(BENCH_FLAGS); \
+	else \
+		test/vm/run --disk 16G --mem 4096 --timeout 3600 $(VMFLAGS) --out $(BENCHDIR)/bench-out -- \
+			$(BENCHDIR)/containerd-bench -containerd-dir $(abspath $(CONTAINERD_DIR)) $(BENCH_FLAGS) && \
+		cp $(BENCHDIR)/bench-out/bench-results.txt $(BENCHDIR)/bench-out/bench-results.csv $(BENCHDIR)/; \
+	fi
 
 # The demo: the whole stack in the VM, narrated (test/demo/run).
 demo: build

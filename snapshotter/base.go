@@ -40,6 +40,7 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 	var (
 		e       storage.Entry
 		journal error
+		created bool
 	)
 	next, txSet, err := s.poolStep(func() error {
 		e = storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize}
@@ -51,7 +52,11 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 			return err
 		})
 		return journal
-	}, func() error { return s.pool.CreateThin(e.DeviceID) }, nil)
+	}, func() error {
+		err := s.pool.CreateThin(e.DeviceID)
+		created = err == nil
+		return err
+	}, nil)
 	if journal != nil {
 		return journal
 	}
@@ -65,10 +70,15 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 		}
 	}
 	if err != nil {
-		err = errors.Join(err, s.pool.Deactivate(ctx, name))
-		s.poolMu.Lock()
-		err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(e.DeviceID)))
-		s.poolMu.Unlock()
+		// A create the pool refused made nothing to delete: an id that
+		// exists already belongs to someone else (an adopted pool's
+		// devices, LVM's thin volumes).
+		if created {
+			err = errors.Join(err, s.pool.Deactivate(ctx, name))
+			s.poolMu.Lock()
+			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(e.DeviceID)))
+			s.poolMu.Unlock()
+		}
 		return errors.Join(err, s.rollbackCreate(ctx, e, txSet))
 	}
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {

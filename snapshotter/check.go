@@ -186,7 +186,7 @@ func (s *Snapshotter) gather(ctx context.Context) (*checkState, error) {
 		return nil, fmt.Errorf("listing dm devices: %w", err)
 	}
 	for _, d := range devs {
-		if !strings.HasPrefix(d.Name, dmsetup.DeviceNamePrefix(s.pool.Name())) {
+		if !strings.HasPrefix(d.Name, dmsetup.DeviceNamePrefix(s.devicePool())) {
 			continue
 		}
 		var ds devState
@@ -325,7 +325,7 @@ func (s *Snapshotter) compare(st *checkState) []Finding {
 		}
 		sn, needed := want[name]
 		if !needed {
-			why := "no record has thin device " + strings.TrimPrefix(name, dmsetup.DeviceNamePrefix(s.pool.Name()))
+			why := "no record has thin device " + strings.TrimPrefix(name, dmsetup.DeviceNamePrefix(s.devicePool()))
 			if k, ok := owned[id]; ok && numbered {
 				why = fmt.Sprintf("%q is not an active snapshot or view", k)
 			} else if numbered && id == base {
@@ -382,7 +382,7 @@ func openNote(info dmsetup.Info) string {
 // poolIsOurs tells whether the pool is the one this database manages, by
 // the rule the daemon applies at startup, and why not.
 func (s *Snapshotter) poolIsOurs(st *checkState) (bool, string) {
-	isNew, mismatch := poolOwnership(st.pi, st.dbTx, len(st.journal), s.pool.Name(), st.poolTx)
+	isNew, mismatch := poolOwnership(st.pi, st.dbTx, len(st.journal), poolNames(s.pool), st.poolTx)
 	switch {
 	case isNew:
 		return false, "the database has no pool recorded (the daemon never finished starting on it)"
@@ -395,7 +395,7 @@ func (s *Snapshotter) poolIsOurs(st *checkState) (bool, string) {
 // idOfName is the thin id in the name of one of the pool's devices; id 0
 // is never handed out.
 func (s *Snapshotter) idOfName(name string) (uint32, bool) {
-	id, ok := dmsetup.ParseDeviceName(s.pool.Name(), name)
+	id, ok := dmsetup.ParseDeviceName(s.devicePool(), name)
 	return id, ok && id != 0
 }
 

@@ -27,6 +27,9 @@ type Pool interface {
 	Activate(name string, id uint32, length dmsetup.Sectors, readOnly bool) error
 	// Deactivate removes dm device name; a missing device is not an error.
 	Deactivate(ctx context.Context, name string) error
+	// Resize gives active device name, mapping thin id, a new length:
+	// the table is reloaded and swapped in by a suspend and resume.
+	Resize(name string, id uint32, length dmsetup.Sectors) error
 	Suspend(name string) error
 	Resume(name string) error
 	Info(name string) (dmsetup.Info, error)
@@ -38,8 +41,14 @@ type Pool interface {
 // dmPool implements Pool with the pure-Go dm client.
 type dmPool struct {
 	c    *dmsetup.Client
-	name string
+	name string // the dm device with the thin-pool target
 	dev  string // major:minor of the pool device, stable without udev
+	// id is Name() when it differs from name: an LVM pool is named after
+	// its logical volume, whichever dm device carries the target.
+	id string
+	// aliases are every name the pool may have had when the database
+	// recorded it (an LVM pool's dm names); nil means just name.
+	aliases []string
 }
 
 func newDMPool(c *dmsetup.Client, name string) (*dmPool, error) {
@@ -48,14 +57,30 @@ func newDMPool(c *dmsetup.Client, name string) (*dmPool, error) {
 		return nil, fmt.Errorf("thin pool %s: %w", name, err)
 	}
 	if _, _, err := c.PoolTarget(name); errors.Is(err, dmsetup.ErrMalformed) {
-		return nil, fmt.Errorf("device %s is not a thin pool: %w: %w", name, err, errdefs.ErrInvalidArgument)
+		return nil, fmt.Errorf("device %s is not a thin pool (an LVM thin pool: set [pool] lvm = \"vg/lv\" instead): %w: %w", name, err, errdefs.ErrInvalidArgument)
 	} else if err != nil {
 		return nil, fmt.Errorf("thin pool %s: %w", name, err)
 	}
 	return &dmPool{c: c, name: name, dev: dmsetup.MajorMinor(info.Major, info.Minor)}, nil
 }
 
-func (p *dmPool) Name() string                        { return p.name }
+// Name is the pool's stable name: what the database records and its
+// devices are named after (poolNames).
+func (p *dmPool) Name() string {
+	if p.id != "" {
+		return p.id
+	}
+	return p.name
+}
+
+// Aliases are the names under which a database may have recorded this pool.
+func (p *dmPool) Aliases() []string {
+	if p.aliases != nil {
+		return p.aliases
+	}
+	return []string{p.name}
+}
+
 func (p *dmPool) Status() (dmsetup.PoolStatus, error) { return p.c.PoolStatus(p.name) }
 func (p *dmPool) CreateThin(id uint32) error          { return p.c.CreateThin(p.name, id) }
 func (p *dmPool) CreateSnap(id, origin uint32) error  { return p.c.CreateSnap(p.name, id, origin) }
@@ -95,6 +120,26 @@ func (p *dmPool) Activate(name string, id uint32, length dmsetup.Sectors, readOn
 		return fmt.Errorf("device %s exists with another table (%w): %w", name, terr, err)
 	}
 	return fmt.Errorf("%w (and reading its table: %w)", err, terr)
+}
+
+func (p *dmPool) Resize(name string, id uint32, length dmsetup.Sectors) error {
+	t, err := dmsetup.ThinTable(length, p.dev, id, "")
+	if err != nil {
+		return err
+	}
+	info, err := p.c.Info(name)
+	if err != nil {
+		return err
+	}
+	if err := p.c.Load(name, []dmsetup.Target{t}, info.ReadOnly); err != nil {
+		return err
+	}
+	// Suspending flushes what is in flight; the resume swaps the new
+	// table in.
+	if err := p.c.Suspend(name, dmsetup.SuspendOptions{}); err != nil {
+		return errors.Join(err, p.c.ClearTable(name))
+	}
+	return p.c.Resume(name)
 }
 
 func (p *dmPool) Deactivate(ctx context.Context, name string) error {

@@ -3,6 +3,7 @@ package snapshotter
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -13,24 +14,25 @@ import (
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
 )
 
-// poolOwnership decides whether the pool named pool, at transaction id
-// poolTx, is the one the database manages. pi is the database's pool record
-// (zero when it has none), dbTx its transaction id and pending the number of
-// journal entries a crash may have left. The pool's transaction id must be
-// the recorded one, or ahead of it by no more than the pending entries
-// explain. New says the database has no pool yet and the pool was never used
-// (transaction id 0): the daemon takes it as its own. Otherwise a non-empty
-// mismatch says why the pool may not be the database's.
+// poolOwnership decides whether the pool known by names (poolNames), at
+// transaction id poolTx, is the one the database manages. pi is the
+// database's pool record (zero when it has none), dbTx its transaction id
+// and pending the number of journal entries a crash may have left. The
+// pool's transaction id must be the recorded one, or ahead of it by no more
+// than the pending entries explain. New says the database has no pool yet
+// and the pool was never used (transaction id 0): the daemon takes it as its
+// own. Otherwise a non-empty mismatch says why the pool may not be the
+// database's.
 //
 // The daemon at startup (checkOwnership) and Check's repair both decide with
 // it, so they never disagree.
-func poolOwnership(pi storage.PoolInfo, dbTx uint64, pending int, pool string, poolTx uint64) (isNew bool, mismatch string) {
+func poolOwnership(pi storage.PoolInfo, dbTx uint64, pending int, names []string, poolTx uint64) (isNew bool, mismatch string) {
 	switch {
 	case pi.Name == "" && poolTx != 0:
 		return false, fmt.Sprintf("the database is new but the pool's transaction id is %d (the pool was used before, by another database or daemon)", poolTx)
 	case pi.Name == "":
 		return true, ""
-	case pi.Name != pool:
+	case !slices.Contains(names, pi.Name):
 		return false, fmt.Sprintf("the database belongs to pool %s", pi.Name)
 	case poolTx < dbTx || poolTx > dbTx+uint64(pending):
 		return false, fmt.Sprintf("the pool's transaction id is %d but the database recorded %d with %d operations pending (a re-created pool, or someone else's)", poolTx, dbTx, pending)
@@ -69,7 +71,7 @@ func (s *Snapshotter) checkOwnership(ctx context.Context) error {
 		return err
 	}
 
-	isNew, mismatch := poolOwnership(pi, dbTx, pending, name, st.TransactionID)
+	isNew, mismatch := poolOwnership(pi, dbTx, pending, poolNames(s.pool), st.TransactionID)
 	if mismatch != "" && !s.cfg.AllowAdopt {
 		return fmt.Errorf("pool %s: %s; refusing to use it (set allow_adopt = true under [pool] to take it over): %w", name, mismatch, errdefs.ErrFailedPrecondition)
 	}
@@ -91,7 +93,18 @@ func (s *Snapshotter) checkOwnership(ctx context.Context) error {
 		}
 	}
 	s.txid = st.TransactionID
+	s.recordedPool = pi.Name
 	return nil
+}
+
+// poolNames are the names a database may have recorded for pool: an LVM
+// pool's dm name changes when LVM thin volumes come or go, and a database
+// made with either one keeps it.
+func poolNames(pool Pool) []string {
+	if a, ok := pool.(interface{ Aliases() []string }); ok {
+		return a.Aliases()
+	}
+	return []string{pool.Name()}
 }
 
 // recover finishes or rolls back every operation a crash interrupted, then

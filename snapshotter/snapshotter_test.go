@@ -173,7 +173,7 @@ func TestLifecycle(t *testing.T) {
 			if len(m) != 1 || m[0].Type != fs || !strings.HasPrefix(m[0].Source, "/dev/mapper/"+dmsetup.DeviceNamePrefix("tp")) {
 				t.Fatalf("mounts %+v", m)
 			}
-			wantOpts := []string{"noatime"}
+			wantOpts := []string{"noinit_itable", "noatime"}
 			if fs == "xfs" {
 				wantOpts = []string{"nouuid", "noatime"}
 			}
@@ -352,6 +352,27 @@ func TestInjectedFailures(t *testing.T) {
 	}{
 		{"prepare", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", "c"); return err }},
 		{"view", func(s *Snapshotter) error { _, err := s.View(ctx, "new", "c"); return err }},
+		{"prepare-sized", func(s *Snapshotter) error {
+			s.grow = func(context.Context, string, string) error { return nil }
+			_, err := s.Prepare(ctx, "new", "c", snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}))
+			return err
+		}},
+		{"update-grow", func(s *Snapshotter) error {
+			s.grow = func(context.Context, string, string) error { return nil }
+			_, err := s.Update(ctx, snapshots.Info{Name: "a", Labels: map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}})
+			return err
+		}},
+		{"share-layer", func(s *Snapshotter) error {
+			ref := map[string]string{snapshots.LabelSnapshotRef: "chain"}
+			if _, err := s.Update(ctx, snapshots.Info{Name: "c", Labels: ref}); err != nil {
+				return err
+			}
+			// Another parent than c's: a snapshot of c's device is made.
+			if _, err := s.Prepare(ctx, "new", "c", snapshots.WithLabels(ref)); !errdefs.IsAlreadyExists(err) {
+				return fmt.Errorf("share: %w", err)
+			}
+			return nil
+		}},
 		{"commit", func(s *Snapshotter) error { return s.Commit(ctx, "new", "a") }},
 	}
 	injected := 0
@@ -413,6 +434,27 @@ func TestCrashRecovery(t *testing.T) {
 		{"prepare", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", "c"); return err }},
 		{"prepare-base", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", ""); return err }},
 		{"view", func(s *Snapshotter) error { _, err := s.View(ctx, "new", "c"); return err }},
+		{"prepare-sized", func(s *Snapshotter) error {
+			s.grow = func(context.Context, string, string) error { return nil }
+			_, err := s.Prepare(ctx, "new", "c", snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}))
+			return err
+		}},
+		{"update-grow", func(s *Snapshotter) error {
+			s.grow = func(context.Context, string, string) error { return nil }
+			_, err := s.Update(ctx, snapshots.Info{Name: "a", Labels: map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}})
+			return err
+		}},
+		{"share-layer", func(s *Snapshotter) error {
+			ref := map[string]string{snapshots.LabelSnapshotRef: "chain"}
+			if _, err := s.Update(ctx, snapshots.Info{Name: "c", Labels: ref}); err != nil {
+				return err
+			}
+			// Another parent than c's: a snapshot of c's device is made.
+			if _, err := s.Prepare(ctx, "new", "c", snapshots.WithLabels(ref)); !errdefs.IsAlreadyExists(err) {
+				return fmt.Errorf("share: %w", err)
+			}
+			return nil
+		}},
 		{"commit", func(s *Snapshotter) error { return s.Commit(ctx, "new", "a") }},
 		{"remove", func(s *Snapshotter) error { return s.Remove(ctx, "a") }},
 		{"remove-committed", func(s *Snapshotter) error {
@@ -628,6 +670,14 @@ func TestStaleRemovalEntry(t *testing.T) {
 	checkConsistent(t, s, pool)
 }
 
+// aliasPool is a fake pool with other names, like an LVM pool.
+type aliasPool struct {
+	*fakePool
+	aliases []string
+}
+
+func (p aliasPool) Aliases() []string { return p.aliases }
+
 // TestPoolOwnership is the one rule the daemon (checkOwnership) and Check's
 // repair (poolIsOurs) both apply.
 func TestPoolOwnership(t *testing.T) {
@@ -637,18 +687,21 @@ func TestPoolOwnership(t *testing.T) {
 		pi       storage.PoolInfo
 		dbTx     uint64
 		pending  int
-		pool     string
+		pool     []string // its names; the first is Name()
 		poolTx   uint64
 		isNew    bool
 		mismatch string // substring; "" for ours
 	}{
-		{name: "new database, unused pool", pool: "tp", isNew: true},
-		{name: "new database, used pool", pool: "tp", poolTx: 3, mismatch: "transaction id is 3"},
-		{name: "same ids", pi: ours, dbTx: 5, pool: "tp", poolTx: 5},
-		{name: "ahead by the pending entries", pi: ours, dbTx: 5, pending: 2, pool: "tp", poolTx: 7},
-		{name: "ahead by more", pi: ours, dbTx: 5, pending: 2, pool: "tp", poolTx: 8, mismatch: "recorded 5 with 2 operations pending"},
-		{name: "behind (re-created)", pi: ours, dbTx: 5, pool: "tp", poolTx: 0, mismatch: "re-created"},
-		{name: "another pool", pi: ours, dbTx: 5, pool: "other", poolTx: 5, mismatch: "belongs to pool tp"},
+		{name: "new database, unused pool", pool: []string{"tp"}, isNew: true},
+		{name: "new database, used pool", pool: []string{"tp"}, poolTx: 3, mismatch: "transaction id is 3"},
+		{name: "same ids", pi: ours, dbTx: 5, pool: []string{"tp"}, poolTx: 5},
+		{name: "ahead by the pending entries", pi: ours, dbTx: 5, pending: 2, pool: []string{"tp"}, poolTx: 7},
+		{name: "ahead by more", pi: ours, dbTx: 5, pending: 2, pool: []string{"tp"}, poolTx: 8, mismatch: "recorded 5 with 2 operations pending"},
+		{name: "behind (re-created)", pi: ours, dbTx: 5, pool: []string{"tp"}, poolTx: 0, mismatch: "re-created"},
+		{name: "another pool", pi: ours, dbTx: 5, pool: []string{"other"}, poolTx: 5, mismatch: "belongs to pool tp"},
+		// An LVM pool recorded under its other dm name.
+		{name: "recorded under an alias", pi: ours, dbTx: 5, pool: []string{"tp-lv", "tp-lv-tpool", "tp"}, poolTx: 5},
+		{name: "not among the aliases", pi: ours, dbTx: 5, pool: []string{"tp-lv", "tp-lv-tpool"}, poolTx: 5, mismatch: "belongs to pool tp"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			isNew, mismatch := poolOwnership(tc.pi, tc.dbTx, tc.pending, tc.pool, tc.poolTx)
@@ -656,7 +709,7 @@ func TestPoolOwnership(t *testing.T) {
 				t.Fatalf("poolOwnership = %v, %q; want %v, %q", isNew, mismatch, tc.isNew, tc.mismatch)
 			}
 			// Check repairs exactly the pools the daemon would use as they are.
-			s := &Snapshotter{pool: newFakePool(tc.pool)}
+			s := &Snapshotter{pool: aliasPool{newFakePool(tc.pool[0]), tc.pool}}
 			journal := make([]storage.Entry, tc.pending)
 			ok, _ := s.poolIsOurs(&checkState{pi: tc.pi, dbTx: tc.dbTx, poolTx: tc.poolTx, journal: journal})
 			if ok != (!isNew && mismatch == "") {

@@ -29,6 +29,18 @@ func (s *Snapshotter) poolStep(journal, change, undo func() error) (next uint64,
 	}
 	s.poolMu.Lock()
 	defer s.poolMu.Unlock()
+	return s.poolStepLocked(nil, change, undo)
+}
+
+// poolStepLocked is poolStep with journal run under poolMu too, for a
+// journal that reads a device nothing else keeps from deletion (removals
+// delete under poolMu). Called with poolMu held.
+func (s *Snapshotter) poolStepLocked(journal, change, undo func() error) (next uint64, txSet bool, err error) {
+	if journal != nil {
+		if err := journal(); err != nil {
+			return 0, false, err
+		}
+	}
 	next = s.txid + 1
 	if err := change(); err != nil {
 		return next, false, err

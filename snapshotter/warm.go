@@ -55,7 +55,8 @@ func (s *Snapshotter) takeWarm(ctx context.Context, key, parent string, labels m
 	}); err != nil || warm.Seq == 0 {
 		return snap, false, err
 	}
-	if warm.Size != p.Size {
+	// A larger max-size label needs a larger device: made the slow way.
+	if want, err := requestedSize(labels, p.Size); warm.Size != p.Size || err != nil || want > p.Size {
 		return snap, false, nil
 	}
 	// Handed out it is mounted by its new owner: it must not be open
@@ -411,5 +412,3 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
 	}
 	return s.finishDeletes(ctx, dels)
 }
-
-var errSkip = errors.New("skip")

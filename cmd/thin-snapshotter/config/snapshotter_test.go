@@ -60,6 +60,10 @@ func TestSnapshotterMapsEveryField(t *testing.T) {
 			case reflect.Bool:
 				v.SetBool(!v.Bool())
 			case reflect.Slice:
+				if v.Type().Elem().Kind() == reflect.Struct {
+					v.Set(reflect.ValueOf([]ClassConfig{{Name: "changed", Size: 50 * GiB}}))
+					break
+				}
 				v.Set(reflect.ValueOf([]string{"changed"}))
 			default:
 				t.Fatalf("key %s: unexpected kind %s", key, v.Kind())
@@ -122,8 +126,17 @@ func TestValidateAgreesWithSnapshotter(t *testing.T) {
 		{"relative root", func(c *Config) { c.Root = "x" }},
 		{"pool name", func(c *Config) { c.Pool.Name = "vg0-pool-tpool" }},
 		{"bad pool name", func(c *Config) { c.Pool.Name = "a/b" }},
+		{"lvm pool", func(c *Config) { c.Pool.LVM = "vg-0/thin-pool" }},
+		{"bad lvm pool", func(c *Config) { c.Pool.LVM = "vg0-thinpool" }},
+		{"lvm and name", func(c *Config) { c.Pool.LVM, c.Pool.Name = "vg0/thinpool", "vg0-thinpool" }},
 		{"mount options", func(c *Config) { c.Snapshot.MountOptions = []string{"noatime", "rw", "a,b"} }},
 		{"mkfs options", func(c *Config) { c.Snapshot.MkfsOptions = []string{"-m", ""} }},
+		{"classes", func(c *Config) {
+			c.Classes = []ClassConfig{{Name: "thin-50g", Size: 50 * GiB}, {Name: "big.1", Size: TiB}}
+		}},
+		{"bad classes", func(c *Config) {
+			c.Classes = []ClassConfig{{Name: "Thin", Size: 50 * GiB}, {Name: "small", Size: MiB}, {Name: "small", Size: 50*GiB + 1}, {Name: "-x", Size: 50 * GiB}}
+		}},
 		{"everything wrong", func(c *Config) {
 			c.Root, c.Pool.Name, c.Pool.DataSize, c.Pool.MetadataSize, c.Pool.BlockSize = "", "..", 1, 1, 1
 			c.Pool.MinFreeData, c.Pool.MinFreeMetadata = 100, -1
@@ -154,7 +167,11 @@ func TestValidateAgreesWithSnapshotter(t *testing.T) {
 				field, index, isList := strings.Cut(fe.Field, "[")
 				key := snapshotterKeys[field]
 				if isList {
+					index, sub, isField := strings.Cut(index, "].")
 					key += "[" + index
+					if isField {
+						key += "]." + classKeys[sub]
+					}
 				}
 				want = append(want, key)
 				if !strings.Contains(cmdErr.Error(), key+": "+fe.Msg) {
