@@ -199,7 +199,15 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 	}
 	for _, snap := range missing {
 		name := s.deviceName(snap.DeviceID)
-		if _, err := s.pool.Info(name); err == nil {
+		if info, err := s.pool.Info(name); err == nil {
+			// A crash between the suspend and the resume around a
+			// snapshot of it (Commit) left it suspended.
+			if info.Suspended {
+				if err := s.pool.Resume(name); err != nil {
+					return fmt.Errorf("resume %q: %w", snap.Key, err)
+				}
+				log.G(ctx).WithField("key", snap.Key).WithField("id", snap.DeviceID).Info("recovery: resumed a suspended device")
+			}
 			continue
 		} else if !dmsetup.IsNotFound(err) {
 			return err

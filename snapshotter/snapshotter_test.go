@@ -121,6 +121,13 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 	if got := pool.active(); fmt.Sprint(got) != fmt.Sprint(active) {
 		t.Errorf("active devices %v, want %v", got, active)
 	}
+	pool.mu.Lock()
+	for n, d := range pool.devices {
+		if d.suspended {
+			t.Errorf("device %s left suspended", n)
+		}
+	}
+	pool.mu.Unlock()
 	if dbTx != pool.txid {
 		t.Errorf("database transaction id %d, pool %d", dbTx, pool.txid)
 	}

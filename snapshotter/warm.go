@@ -246,7 +246,14 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 // pool refuses, the journal keeps the entry and recovery finishes it.
 func (s *Snapshotter) rollbackCommit(ctx context.Context, e storage.Entry, txSet bool) error {
 	s.poolMu.Lock()
-	err := ignoreNoData(s.pool.DeleteThin(e.DeviceID))
+	// A failed resume (or a crash) after the snapshot left the active's
+	// device suspended: it would hang its users.
+	origin := s.deviceName(e.OriginID)
+	var err error
+	if info, ierr := s.pool.Info(origin); ierr == nil && info.Suspended {
+		err = s.pool.Resume(origin)
+	}
+	err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(e.DeviceID)))
 	s.poolMu.Unlock()
 	if err != nil {
 		return fmt.Errorf("rolling back the commit of %q (recovery finishes it): %w", e.Key, err)
