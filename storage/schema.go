@@ -21,15 +21,17 @@ import (
 // SetMeta. Version 2 drops what nothing ever set or read: records have no
 // format byte (the schema version alone says how they are encoded), entries
 // no Data, pool info only the fields the snapshotter sets, and there is no
-// kv bucket.
-const schemaVersion uint32 = 2
+// kv bucket. Version 3 adds the ids-foreign bucket: thin ids the pool
+// already had when we tried to create them, kept in ids-used so they are
+// never handed out again.
+const schemaVersion uint32 = 3
 
 // migration upgrades a database from one schema version to the next inside
 // Open's write transaction.
 type migration func(tx *bolt.Tx) error
 
 // migrations[v-1] upgrades version v to v+1.
-var migrations = []migration{migrateSchema1}
+var migrations = []migration{migrateSchema1, migrateSchema2}
 
 func initSchema(tx *bolt.Tx, want uint32, migs []migration) error {
 	meta := tx.Bucket(bucketMeta)
@@ -115,6 +117,17 @@ func migrateSchema1(tx *bolt.Tx) error {
 		if err := meta.Put(metaPool, p); err != nil {
 			return fmt.Errorf("write pool info: %w", err)
 		}
+	}
+	return nil
+}
+
+// migrateSchema2 adds the ids-foreign bucket; nothing else changes.
+func migrateSchema2(tx *bolt.Tx) error {
+	if tx.Bucket(bucketForeign) != nil {
+		return fmt.Errorf("schema 2 database already has bucket %s: %w", bucketForeign, errdefs.ErrFailedPrecondition)
+	}
+	if _, err := tx.CreateBucket(bucketForeign); err != nil {
+		return fmt.Errorf("create bucket %s: %w", bucketForeign, err)
 	}
 	return nil
 }
