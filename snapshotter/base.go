@@ -38,22 +38,33 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 	}
 
 	var (
-		e       storage.Entry
-		journal error
+		e     storage.Entry
+		next  uint64
+		txSet bool
+		err   error
 	)
-	next, txSet, err := s.poolStep(func(next uint64) error {
-		e = storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize, TxID: next}
-		journal = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
-			if e.DeviceID, err = tx.AllocateID(); err != nil {
+	for attempt := 1; ; attempt++ {
+		var journal error
+		next, txSet, err = s.poolStep(func(next uint64) error {
+			e = storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize, TxID: next}
+			journal = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+				if e.DeviceID, err = tx.AllocateID(); err != nil {
+					return err
+				}
+				e.Seq, err = tx.AddJournal(e)
 				return err
-			}
-			e.Seq, err = tx.AddJournal(e)
-			return err
-		})
-		return journal
-	}, func() error { return s.pool.CreateThin(e.DeviceID) }, nil)
-	if journal != nil {
-		return journal
+			})
+			return journal
+		}, func() error { return s.pool.CreateThin(e.DeviceID) }, nil)
+		if journal != nil {
+			return journal
+		}
+		if !s.foreignID(ctx, e, err) {
+			break
+		}
+		if attempt == maxIDTries {
+			return errForeignIDs(err)
+		}
 	}
 
 	name := s.deviceName(e.DeviceID)

@@ -206,48 +206,23 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	}
 
 	var (
-		snap    storage.Snapshot
-		entry   storage.Entry
-		journal error
+		r   createResult
+		err error
 	)
-	next, txSet, err := s.poolStep(func(next uint64) error {
-		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
-			pi, err := tx.PoolInfo()
-			if err != nil {
-				return err
-			}
-			origin, size, fsType := pi.BaseDeviceID, pi.BaseSize, pi.BaseFSType
-			if parent != "" {
-				p, err := tx.GetSnapshot(parent)
-				if err != nil {
-					return fmt.Errorf("parent %q: %w", parent, err)
-				}
-				origin, size, fsType = p.DeviceID, p.Size, p.FSType
-			}
-			id, err := tx.AllocateID()
-			if err != nil {
-				return err
-			}
-			snap, err = tx.CreateSnapshot(storage.Snapshot{
-				Key: key, Kind: kind, Parent: parent, Labels: base.Labels,
-				State: storage.StateCreating, DeviceID: id, Size: size, FSType: fsType,
-			})
-			if err != nil {
-				return err
-			}
-			entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key, TxID: next}
-			entry.Seq, err = tx.AddJournal(entry)
-			return err
-		})
-		return journal
-	}, func() error {
-		return s.snapLocked(entry.DeviceID, entry.OriginID)
-	}, func() error {
-		return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
-	})
-	if journal != nil {
-		return nil, journal
+	for attempt := 1; ; attempt++ {
+		var journal error
+		r, journal, err = s.createStep(ctx, kind, key, parent, base.Labels)
+		if journal != nil {
+			return nil, journal
+		}
+		if !s.foreignID(ctx, r.entry, err) {
+			break
+		}
+		if attempt == maxIDTries {
+			return nil, errForeignIDs(err)
+		}
 	}
+	snap, entry, next, txSet := r.snap, r.entry, r.next, r.txSet
 
 	if err == nil {
 		err = s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
@@ -286,6 +261,55 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	}
 	snap.State = storage.StateReady
 	return s.mounts(snap), nil
+}
+
+type createResult struct {
+	snap  storage.Snapshot
+	entry storage.Entry
+	next  uint64 // the transaction id of the step
+	txSet bool   // the pool is at next
+}
+
+// createStep is one poolStep of create: it journals a new record and thin
+// id for key, then snapshots the origin into it. A journal error means the
+// pool was not touched; err is the step's.
+func (s *Snapshotter) createStep(ctx context.Context, kind snapshots.Kind, key, parent string, labels map[string]string) (r createResult, journal, err error) {
+	r.next, r.txSet, err = s.poolStep(func(next uint64) error {
+		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
+			pi, err := tx.PoolInfo()
+			if err != nil {
+				return err
+			}
+			origin, size, fsType := pi.BaseDeviceID, pi.BaseSize, pi.BaseFSType
+			if parent != "" {
+				p, err := tx.GetSnapshot(parent)
+				if err != nil {
+					return fmt.Errorf("parent %q: %w", parent, err)
+				}
+				origin, size, fsType = p.DeviceID, p.Size, p.FSType
+			}
+			id, err := tx.AllocateID()
+			if err != nil {
+				return err
+			}
+			r.snap, err = tx.CreateSnapshot(storage.Snapshot{
+				Key: key, Kind: kind, Parent: parent, Labels: labels,
+				State: storage.StateCreating, DeviceID: id, Size: size, FSType: fsType,
+			})
+			if err != nil {
+				return err
+			}
+			r.entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key, TxID: next}
+			r.entry.Seq, err = tx.AddJournal(r.entry)
+			return err
+		})
+		return journal
+	}, func() error {
+		return s.snapLocked(r.entry.DeviceID, r.entry.OriginID)
+	}, func() error {
+		return ignoreNoData(s.pool.DeleteThin(r.entry.DeviceID))
+	})
+	return r, journal, err
 }
 
 // snapLocked snapshots origin into id; an active origin is suspended around
