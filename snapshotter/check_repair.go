@@ -90,7 +90,7 @@ func (s *Snapshotter) repair(ctx context.Context, st *checkState, fs []Finding, 
 			if err != nil {
 				return err
 			}
-			e = storage.Entry{Op: storage.OpDelete, DeviceID: sn.DeviceID, Key: f.Key}
+			e = storage.Entry{Op: storage.OpDelete, DeviceID: sn.DeviceID, Key: f.Key, Size: sn.Size}
 			e.Seq, err = tx.AddJournal(e)
 			return err
 		})

@@ -41,9 +41,20 @@ type Config struct {
 	// AsyncRemove leaves the deactivation and deletion of removed
 	// snapshots to the background worker and Cleanup.
 	AsyncRemove bool
-	// Discard adds the discard mount option so freed blocks go back to the
-	// pool.
+	// Discard adds the discard mount option (online discard): when a
+	// container deletes files, its filesystem discards their blocks and the
+	// thin device gives them back to the pool at once, instead of keeping
+	// them mapped until the snapshot is removed. Whether the pool passes
+	// them on to its own storage (the embedded pool's sparse file, a thin
+	// LV's disk) depends on the pool's discard passdown and that storage.
 	Discard bool
+	// DiscardOnDelete discards a snapshot's blocks before its thin device
+	// is deleted, so the pool passes them on to its storage: on the
+	// embedded pool this punches holes in the sparse data file and the
+	// host gets the space back. Deleting alone only frees the blocks in
+	// the pool's metadata. It costs time on devices with much data. Nil
+	// means on for the embedded pool and off for an existing pool.
+	DiscardOnDelete *bool
 
 	// MinFreeData and MinFreeMetadata are the percentages of the pool's
 	// data and metadata space that must stay free for Prepare and View to
@@ -52,6 +63,14 @@ type Config struct {
 	// DefaultMinFreeData and DefaultMinFreeMetadata are the recommended
 	// values.
 	MinFreeData, MinFreeMetadata float64
+}
+
+// discardOnDelete is DiscardOnDelete with its default applied.
+func (c *Config) discardOnDelete() bool {
+	if c.DiscardOnDelete != nil {
+		return *c.DiscardOnDelete
+	}
+	return c.PoolName == ""
 }
 
 // Filesystems a base device can be formatted with.

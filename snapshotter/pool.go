@@ -27,6 +27,9 @@ type Pool interface {
 	Deactivate(ctx context.Context, name string) error
 	Suspend(name string) error
 	Resume(name string) error
+	// Discard discards every block of active dm device name (BLKDISCARD),
+	// so the pool can hand the space back to its storage.
+	Discard(ctx context.Context, name string) error
 	Info(name string) (dmsetup.Info, error)
 	ThinStatus(name string) (dmsetup.ThinStatus, error)
 	List() ([]dmsetup.Device, error)
@@ -95,6 +98,11 @@ func (p *dmPool) Activate(name string, id uint32, length dmsetup.Sectors, readOn
 		return fmt.Errorf("device %s exists with another table (%w): %w", name, terr, err)
 	}
 	return fmt.Errorf("%w (and reading its table: %w)", err, terr)
+}
+
+func (p *dmPool) Discard(ctx context.Context, name string) error {
+	_, err := p.c.Discard(ctx, name)
+	return err
 }
 
 func (p *dmPool) Deactivate(ctx context.Context, name string) error {

@@ -440,7 +440,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		if err != nil {
 			return err
 		}
-		entry = storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: key}
+		entry = storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: key, Size: removed.Size}
 		entry.Seq, err = tx.AddJournal(entry)
 		return err
 	})

@@ -74,6 +74,24 @@ type SnapshotConfig struct {
 	MountOptions []string `toml:"mount_options"`
 	AsyncRemove  bool     `toml:"async_remove"`
 	Discard      bool     `toml:"discard"`
+	// DiscardOnDelete is one of DiscardOnDeleteValues: "auto" leaves the
+	// choice to the snapshotter (on for the embedded pool only).
+	DiscardOnDelete string `toml:"discard_on_delete"`
+}
+
+// DiscardOnDeleteValues are the accepted snapshot.discard_on_delete values.
+var DiscardOnDeleteValues = []string{"auto", "on", "off"}
+
+// discardOnDelete maps snapshot.discard_on_delete; anything but on and off
+// is auto (Validate refuses other values).
+func (c *SnapshotConfig) discardOnDelete() *bool {
+	switch c.DiscardOnDelete {
+	case "on":
+		return new(true)
+	case "off":
+		return new(false)
+	}
+	return nil
 }
 
 // Default returns the default configuration.
@@ -93,8 +111,9 @@ func Default() *Config {
 			BaseSize: snapshotter.DefaultBaseSize,
 			FSType:   snapshotter.DefaultFSType,
 			// Empty rather than nil: a parsed `[]` compares equal.
-			MkfsOptions:  []string{},
-			MountOptions: []string{},
+			MkfsOptions:     []string{},
+			MountOptions:    []string{},
+			DiscardOnDelete: "auto",
 		},
 	}
 }
@@ -116,6 +135,7 @@ func (c *Config) Snapshotter() snapshotter.Config {
 		MountOptions:    c.Snapshot.MountOptions,
 		AsyncRemove:     c.Snapshot.AsyncRemove,
 		Discard:         c.Snapshot.Discard,
+		DiscardOnDelete: c.Snapshot.discardOnDelete(),
 	}
 }
 
@@ -136,6 +156,7 @@ var snapshotterKeys = map[string]string{
 	"MountOptions":    "snapshot.mount_options",
 	"AsyncRemove":     "snapshot.async_remove",
 	"Discard":         "snapshot.discard",
+	"DiscardOnDelete": "snapshot.discard_on_delete",
 }
 
 // Parse reads a TOML document over the defaults: keys it leaves out keep
@@ -224,6 +245,10 @@ func (c *Config) Validate() error {
 		bad("address", "%q names a directory, not a socket", c.Address)
 	case len(c.Address) > maxUnixSocketPath:
 		bad("address", "%q is %d bytes long; unix socket paths are limited to %d", c.Address, len(c.Address), maxUnixSocketPath)
+	}
+
+	if !slices.Contains(DiscardOnDeleteValues, c.Snapshot.DiscardOnDelete) {
+		bad("snapshot.discard_on_delete", "%q is not one of %s", c.Snapshot.DiscardOnDelete, strings.Join(DiscardOnDeleteValues, ", "))
 	}
 
 	if !isLogLevel(c.LogLevel) {

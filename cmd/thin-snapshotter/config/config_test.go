@@ -147,6 +147,7 @@ func TestValidate(t *testing.T) {
 		{name: "address too long", modify: func(c *Config) { c.Address = "/" + strings.Repeat("a", 107) }, keys: []string{"address"}, msg: "limited to 107"},
 		{name: "address at limit", modify: func(c *Config) { c.Address = "/" + strings.Repeat("a", 106) }},
 		{name: "log level", modify: func(c *Config) { c.LogLevel = "verbose" }, keys: []string{"log_level"}, msg: "not one of"},
+		{name: "discard on delete", modify: func(c *Config) { c.Snapshot.DiscardOnDelete = "yes" }, keys: []string{"snapshot.discard_on_delete"}, msg: "not one of auto, on, off"},
 		{name: "log level empty", modify: func(c *Config) { c.LogLevel = "" }, keys: []string{"log_level"}},
 		{name: "metrics address ok", modify: func(c *Config) { c.MetricsAddress = ":9101" }},
 		{name: "metrics address ipv6", modify: func(c *Config) { c.MetricsAddress = "[::1]:9101" }},
@@ -287,12 +288,13 @@ func TestRenderRoundTripNonDefault(t *testing.T) {
 			AllowAdopt:   true,
 		},
 		Snapshot: SnapshotConfig{
-			BaseSize:     1_000_000_000,
-			FSType:       "xfs",
-			MkfsOptions:  []string{"-m", "crc=1", `we"ird`},
-			MountOptions: []string{"noatime"},
-			AsyncRemove:  true,
-			Discard:      true,
+			BaseSize:        1_000_000_000,
+			FSType:          "xfs",
+			MkfsOptions:     []string{"-m", "crc=1", `we"ird`},
+			MountOptions:    []string{"noatime"},
+			AsyncRemove:     true,
+			Discard:         true,
+			DiscardOnDelete: "on",
 		},
 	}
 	var buf bytes.Buffer

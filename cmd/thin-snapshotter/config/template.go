@@ -97,9 +97,20 @@ mount_options = {{ value .Snapshot.MountOptions }}
 # recorded; the thin device is deleted afterwards (and by containerd's Cleanup).
 async_remove = {{ value .Snapshot.AsyncRemove }}
 
-# Pass discards down to the pool's storage so that space freed by removed
-# snapshots goes back to it (sparse loopback files, thin-provisioned disks).
+# Mount snapshots with "discard" (online discard): when a container deletes
+# files, its filesystem discards their blocks and the pool gets them back at
+# once instead of when the snapshot is removed. Whether the pool passes them
+# on to its own storage (the embedded pool's sparse data file, the disk under
+# a thin LV) depends on the pool's discard passdown and on that storage.
 discard = {{ value .Snapshot.Discard }}
+
+# Discard a removed snapshot's blocks before its thin device is deleted, so
+# the pool passes them on to its storage: for the embedded pool the sparse
+# data file shrinks and the host gets the space back. Deleting alone frees
+# them only inside the pool. Costs time on devices holding much data. One of
+# {{ .DiscardOnDeleteValues }}; "auto" is on for the embedded pool and off for
+# an existing pool.
+discard_on_delete = {{ value .Snapshot.DiscardOnDelete }}
 `
 
 var tmpl = template.Must(template.New("config").Funcs(template.FuncMap{"value": tomlValue}).Parse(fileTemplate))
@@ -110,21 +121,23 @@ func Render(w io.Writer, cfg *Config) error {
 	data := struct {
 		*Config
 		LogLevels                                     string
+		DiscardOnDeleteValues                         string
 		MinDataSize, MinMetadataSize, MaxMetadataSize ByteSize
 		MinBlockSize, MaxBlockSize                    ByteSize
 		MinBaseSizeExt4, MinBaseSizeXFS               ByteSize
 		BaseSizeAlign                                 int
 	}{
-		Config:          cfg,
-		LogLevels:       strings.Join(LogLevels, ", "),
-		MinDataSize:     snapshotter.MinDataSize,
-		MinMetadataSize: snapshotter.MinMetadataSize,
-		MaxMetadataSize: snapshotter.MaxMetadataSize,
-		MinBlockSize:    snapshotter.MinBlockSize,
-		MaxBlockSize:    snapshotter.MaxBlockSize,
-		MinBaseSizeExt4: snapshotter.MinBaseSizeExt4,
-		MinBaseSizeXFS:  snapshotter.MinBaseSizeXFS,
-		BaseSizeAlign:   snapshotter.BaseSizeAlign,
+		Config:                cfg,
+		LogLevels:             strings.Join(LogLevels, ", "),
+		DiscardOnDeleteValues: strings.Join(DiscardOnDeleteValues, ", "),
+		MinDataSize:           snapshotter.MinDataSize,
+		MinMetadataSize:       snapshotter.MinMetadataSize,
+		MaxMetadataSize:       snapshotter.MaxMetadataSize,
+		MinBlockSize:          snapshotter.MinBlockSize,
+		MaxBlockSize:          snapshotter.MaxBlockSize,
+		MinBaseSizeExt4:       snapshotter.MinBaseSizeExt4,
+		MinBaseSizeXFS:        snapshotter.MinBaseSizeXFS,
+		BaseSizeAlign:         snapshotter.BaseSizeAlign,
 	}
 	return tmpl.Execute(w, data)
 }
