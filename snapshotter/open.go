@@ -85,7 +85,9 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 	} else if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
 		return nil, err
 	}
-	client, err := dmsetup.Open()
+	// With udev running, our devices get /dev/mapper links but no probe:
+	// every snapshot carries the base's filesystem UUID.
+	client, err := dmsetup.Open(dmsetup.WithUdevFlags(dmsetup.UdevPrivate))
 	if err != nil {
 		return nil, fmt.Errorf("device-mapper: %w", err)
 	}

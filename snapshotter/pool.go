@@ -82,7 +82,7 @@ func (p *dmPool) Activate(name string, id uint32, length dmsetup.Sectors, readOn
 	if err != nil {
 		return err
 	}
-	err = p.c.Create(name, []dmsetup.Target{t}, dmsetup.CreateOptions{ReadOnly: readOnly})
+	err = p.c.Create(name, []dmsetup.Target{t}, dmsetup.CreateOptions{ReadOnly: readOnly, UUID: dmsetup.DeviceUUID(p.name, id)})
 	if err == nil || !dmsetup.IsExist(err) {
 		return err
 	}
