@@ -26,6 +26,19 @@ type Config struct {
 	// Sizes of the embedded loopback pool, used when its files are
 	// created; BlockSize is the pool's data block size in bytes.
 	DataSize, MetadataSize, BlockSize uint64
+	// MaxDataSize lets the embedded pool grow itself up to this many
+	// bytes: when less than GrowStep of its data space is free (the
+	// kernel's low-water event, or a poll), the data file grows by
+	// GrowStep and the pool is reloaded with the new size; its metadata
+	// file doubles when under a quarter of it is free. The pool never
+	// promises more unbacked space than the host file system has free
+	// beyond GrowHostReserve. 0 (the default) never grows it.
+	MaxDataSize uint64
+	// GrowStep is how much the data file grows at a time, and how little
+	// free space makes it grow.
+	GrowStep uint64
+	// GrowHostReserve is the host free space growth never hands out.
+	GrowHostReserve uint64
 	// AllowAdopt lets the database take over a pool whose transaction id
 	// does not match its own (a pool used before, or by someone else).
 	AllowAdopt bool
@@ -82,11 +95,13 @@ const (
 // Defaults: the sizes and FSType are what a zero field means; the MinFree
 // thresholds are only recommended, as zero turns them off.
 const (
-	DefaultDataSize     = 100 << 30
-	DefaultMetadataSize = 1 << 30
-	DefaultBlockSize    = MinBlockSize
-	DefaultBaseSize     = 10 << 30
-	DefaultFSType       = FSTypeExt4
+	DefaultDataSize        = 100 << 30
+	DefaultMetadataSize    = 1 << 30
+	DefaultBlockSize       = MinBlockSize
+	DefaultBaseSize        = 10 << 30
+	DefaultFSType          = FSTypeExt4
+	DefaultGrowStep        = 10 << 30
+	DefaultGrowHostReserve = 1 << 30
 	// Room for running containers to finish their writes, and for an
 	// administrator to grow the pool, before it is full. Metadata
 	// exhaustion corrupts nothing but fails every write: more headroom.
@@ -155,6 +170,12 @@ func (c *Config) setDefaults() {
 	if c.FSType == "" {
 		c.FSType = DefaultFSType
 	}
+	if c.GrowStep == 0 {
+		c.GrowStep = DefaultGrowStep
+	}
+	if c.GrowHostReserve == 0 {
+		c.GrowHostReserve = DefaultGrowHostReserve
+	}
 }
 
 // validate checks c after setDefaults.
@@ -189,6 +210,16 @@ func (c *Config) validate() error {
 		bad("DataSize", "%d bytes: must be at least %s and a multiple of %d bytes", ds, humanSize(MinDataSize), sectorBytes)
 	case blockOK && ds < bs:
 		bad("DataSize", "%d bytes: smaller than one %d-byte block of the pool", ds, bs)
+	}
+	switch md := c.MaxDataSize; {
+	case md == 0:
+	case c.PoolName != "":
+		bad("MaxDataSize", "only the embedded pool grows itself; grow pool %s with its own tools (LVM: thin_pool_autoextend_threshold)", c.PoolName)
+	case md < c.DataSize || md%sectorBytes != 0:
+		bad("MaxDataSize", "%d bytes: must be 0 (no growth) or at least DataSize (%d) and a multiple of %d bytes", md, c.DataSize, sectorBytes)
+	}
+	if gs := c.GrowStep; (blockOK && gs < bs) || gs%sectorBytes != 0 {
+		bad("GrowStep", "%d bytes: must be at least one %d-byte pool block and a multiple of %d bytes", gs, bs, sectorBytes)
 	}
 	if ms := c.MetadataSize; ms < MinMetadataSize || ms > MaxMetadataSize || ms%sectorBytes != 0 {
 		bad("MetadataSize", "%d bytes: must be from %s to %s and a multiple of %d bytes", ms, humanSize(MinMetadataSize), humanSize(MaxMetadataSize), sectorBytes)

@@ -28,6 +28,13 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		return nil, k.close(err)
 	}
 	s.closers = k.closers
+	if k.loop != nil && cfg.MaxDataSize != 0 {
+		s.grow = &grower{lp: k.loop, c: k.pool.c}
+		wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		stopWorker := s.stop
+		s.stop = func() { cancel(); stopWorker() }
+		s.bg.Go(func() { s.watchGrowth(wctx) })
+	}
 	return s, nil
 }
 
@@ -53,6 +60,7 @@ func OpenForCheck(ctx context.Context, cfg Config) (*Snapshotter, error) {
 type kernel struct {
 	db      *storage.DB
 	pool    *dmPool
+	loop    *dmsetup.LoopPool // the embedded pool; nil for an existing one
 	closers []func() error
 }
 
@@ -118,6 +126,10 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 				}
 			}
 		}
+		var lowWater uint64
+		if cfg.MaxDataSize != 0 {
+			lowWater = cfg.lowWaterBlocks(cfg.DataSize)
+		}
 		lp, err := dmsetup.CreateLoopPool(ctx, client, dmsetup.LoopPoolConfig{
 			Dir:              dir,
 			Name:             name,
@@ -127,6 +139,7 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 			// A full pool fails writes at once instead of queueing them
 			// for a minute: containers see ENOSPC/EIO, not a hang.
 			ErrorIfNoSpace: true,
+			LowWaterMark:   lowWater,
 		})
 		if err != nil {
 			return nil, k.close(fmt.Errorf("embedded pool: %w", err))
@@ -134,6 +147,7 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 		if !existing {
 			log.G(ctx).WithField("pool", name).WithField("reused", lp.Reused).Info("embedded pool ready")
 		}
+		k.loop = lp
 	}
 	if k.pool, err = newDMPool(client, name); err != nil {
 		return nil, k.close(err)

@@ -51,6 +51,11 @@ type Snapshotter struct {
 	delMu    sync.Mutex
 	deleting map[uint64]bool
 
+	// grow grows the embedded pool (MaxDataSize); nil when it does not.
+	grow *grower
+	// bg counts background goroutines besides the worker.
+	bg sync.WaitGroup
+
 	wake      chan struct{}
 	stop      context.CancelFunc
 	done      chan struct{}
@@ -465,6 +470,7 @@ func (s *Snapshotter) Close() error {
 		if s.stop != nil {
 			s.stop()
 			<-s.done
+			s.bg.Wait()
 		}
 		var errs []error
 		if s.closers == nil {

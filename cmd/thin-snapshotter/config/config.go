@@ -57,6 +57,12 @@ type PoolConfig struct {
 	DataSize     ByteSize `toml:"data_size"`
 	MetadataSize ByteSize `toml:"metadata_size"`
 	BlockSize    ByteSize `toml:"block_size"`
+	// MaxDataSize lets the embedded pool grow itself up to it, by
+	// GrowStep at a time, keeping GrowHostReserve of the host free; 0 never
+	// grows it.
+	MaxDataSize     ByteSize `toml:"max_data_size"`
+	GrowStep        ByteSize `toml:"grow_step"`
+	GrowHostReserve ByteSize `toml:"grow_host_reserve"`
 	// AllowAdopt accepts a pool whose transaction id or devices do not
 	// match the database.
 	AllowAdopt bool `toml:"allow_adopt"`
@@ -104,6 +110,8 @@ func Default() *Config {
 			DataSize:        snapshotter.DefaultDataSize,
 			MetadataSize:    snapshotter.DefaultMetadataSize,
 			BlockSize:       snapshotter.DefaultBlockSize,
+			GrowStep:        snapshotter.DefaultGrowStep,
+			GrowHostReserve: snapshotter.DefaultGrowHostReserve,
 			MinFreeData:     snapshotter.DefaultMinFreeData,
 			MinFreeMetadata: snapshotter.DefaultMinFreeMetadata,
 		},
@@ -126,6 +134,9 @@ func (c *Config) Snapshotter() snapshotter.Config {
 		DataSize:        uint64(c.Pool.DataSize),
 		MetadataSize:    uint64(c.Pool.MetadataSize),
 		BlockSize:       uint64(c.Pool.BlockSize),
+		MaxDataSize:     uint64(c.Pool.MaxDataSize),
+		GrowStep:        uint64(c.Pool.GrowStep),
+		GrowHostReserve: uint64(c.Pool.GrowHostReserve),
 		AllowAdopt:      c.Pool.AllowAdopt,
 		MinFreeData:     c.Pool.MinFreeData,
 		MinFreeMetadata: c.Pool.MinFreeMetadata,
@@ -147,6 +158,9 @@ var snapshotterKeys = map[string]string{
 	"DataSize":        "pool.data_size",
 	"MetadataSize":    "pool.metadata_size",
 	"BlockSize":       "pool.block_size",
+	"MaxDataSize":     "pool.max_data_size",
+	"GrowStep":        "pool.grow_step",
+	"GrowHostReserve": "pool.grow_host_reserve",
 	"AllowAdopt":      "pool.allow_adopt",
 	"MinFreeData":     "pool.min_free_data",
 	"MinFreeMetadata": "pool.min_free_metadata",

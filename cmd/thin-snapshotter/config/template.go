@@ -62,6 +62,18 @@ metadata_size = {{ value .Pool.MetadataSize }}
 # metadata.
 block_size = {{ value .Pool.BlockSize }}
 
+# Embedded pool only: let the pool grow itself up to this size. When less
+# than grow_step of its data space is free (or less than min_free_data), the
+# data file grows by grow_step and the pool is reloaded with the new size, at
+# once: the kernel signals the low-water mark (polled as well); the metadata
+# file doubles when under a quarter of it is free. The pool never promises
+# more space than the host file system has free beyond grow_host_reserve.
+# Each step is logged. 0: never grow. (An existing pool grows with its own
+# tools, e.g. LVM's thin_pool_autoextend_threshold.)
+max_data_size = {{ value .Pool.MaxDataSize }}
+grow_step = {{ value .Pool.GrowStep }}
+grow_host_reserve = {{ value .Pool.GrowHostReserve }}
+
 # The database records which pool it owns and the pool's transaction id. A
 # pool whose transaction id or thin devices differ from the database (another
 # daemon's pool, or a re-created one) is refused with an error saying what
