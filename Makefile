@@ -5,22 +5,30 @@
 #                 otherwise in a throwaway qemu VM: test/vm/run) the integration
 #                 tests, containerd end to end, and the kill -9 soak.
 #   make demo   — the whole stack (thin-snapshotter + containerd + a container) in the VM.
+#   make proto  — regenerate the Go code of proto/ (committed; make lint checks it).
 
 GO         ?= go
 BIN        := bin
 BENCHDIR   := .bench
 PKGS       := ./...
 # Packages whose tests need root and dm-thin; their test binaries run in the VM.
-DM_PKGS    := dmsetup snapshotter cmd/thin-snapshotter
+DM_PKGS    := dmsetup snapshotter cmd/thin-snapshotter test/contrib
 VMFLAGS    ?=
 
-.PHONY: all build test lint lint-tree lint-tools lint-fmt lint-vet lint-go lint-shell \
+.PHONY: all build test lint lint-tree lint-tools lint-fmt lint-vet lint-go lint-shell lint-proto proto proto-tools \
 	test-unit test-integration test-vm test-soak test-e2e bench fuzz demo clean
 
 all: build
 
+# The version is the nearest tag (or the commit), the commit the full hash;
+# `thin-snapshotter --version` prints them. Without git (a source tarball),
+# the binary falls back to what the Go toolchain recorded.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null)
+COMMIT  ?= $(shell git rev-parse HEAD 2>/dev/null)
+LDFLAGS := -X main.version=$(VERSION) -X main.commit=$(COMMIT)
+
 build:
-	$(GO) build -o $(BIN)/thin-snapshotter ./cmd/thin-snapshotter
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/thin-snapshotter ./cmd/thin-snapshotter
 
 test: lint test-unit test-integration test-e2e test-soak
 
@@ -29,7 +37,7 @@ test: lint test-unit test-integration test-e2e test-soak
 # goimports, as .golangci.yml configures them), go vet, golangci-lint
 # (.golangci.yml), shellcheck on every #! shell script. `make -k lint` goes on
 # past a failing step to show them all.
-lint: lint-tree lint-fmt lint-vet lint-go lint-shell
+lint: lint-tree lint-fmt lint-vet lint-go lint-shell lint-proto
 
 # golangci-lint is pinned and installed once per GOPATH under a versioned name,
 # so another version on PATH is never picked up.
@@ -64,6 +72,57 @@ lint-go: lint-tools
 
 lint-shell:
 	test/lint/shellcheck
+
+# --- generated code -------------------------------------------------------------
+# protoc is Debian's (apt-get install protobuf-compiler; .ci/run does): its
+# version is in the generated headers, so regenerate with that one. The
+# plugins are pinned: protoc-gen-go at go.mod's google.golang.org/protobuf,
+# protoc-gen-go-grpc at a release whose code needs no newer grpc than
+# go.mod's; both installed once per GOPATH under versioned names.
+PROTOS                     := proto/thin/admin/v1/admin.proto
+PROTOC_GEN_GO_VERSION       = $(shell $(GO) list -m -f '{{.Version}}' google.golang.org/protobuf)
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+PROTOC_GEN_GO               = $(GOPATH_BIN)/protoc-gen-go-$(PROTOC_GEN_GO_VERSION)
+PROTOC_GEN_GO_GRPC          = $(GOPATH_BIN)/protoc-gen-go-grpc-$(PROTOC_GEN_GO_GRPC_VERSION)
+
+# $(call install-versioned,PACKAGE@VERSION,BINARY,TARGET)
+define install-versioned
+@if [ ! -x $(3) ]; then \
+	echo "== installing $(1) as $(3)"; \
+	tmp=$$(mktemp -d) && \
+	GOBIN=$$tmp GOFLAGS= $(GO) install $(1) && \
+	mkdir -p $(GOPATH_BIN) && mv $$tmp/$(2) $(3); \
+	rc=$$?; rm -rf "$$tmp"; exit $$rc; \
+fi
+endef
+
+proto-tools:
+	@command -v protoc >/dev/null || { echo "protoc not found: apt-get install protobuf-compiler"; exit 1; }
+	$(call install-versioned,google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION),protoc-gen-go,$(PROTOC_GEN_GO))
+	$(call install-versioned,google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION),protoc-gen-go-grpc,$(PROTOC_GEN_GO_GRPC))
+
+# $(call protoc,OUT_DIR): generates the Go code of $(PROTOS) under OUT_DIR,
+# laid out as under proto/.
+define protoc
+protoc -I proto --plugin=protoc-gen-go=$(PROTOC_GEN_GO) --plugin=protoc-gen-go-grpc=$(PROTOC_GEN_GO_GRPC) \
+	--go_out=$(1) --go_opt=paths=source_relative \
+	--go-grpc_out=$(1) --go-grpc_opt=paths=source_relative \
+	$(PROTOS:proto/%=%)
+endef
+
+proto: proto-tools
+	$(call protoc,proto)
+
+# Regenerates into a temporary directory and fails on any difference with
+# the committed code.
+lint-proto: proto-tools
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(call protoc,$$tmp) && \
+	stale=0 && for f in $$(cd $$tmp && find . -name '*.go' | sort); do \
+		diff -u proto/$$f $$tmp/$$f || stale=1; \
+	done && \
+	if [ $$stale = 1 ]; then echo "generated code under proto/ is stale: run make proto"; exit 1; fi; \
+	echo "lint-proto: generated code under proto/ is current"
 
 test-unit:
 	$(GO) test -race -count=1 $(PKGS)
@@ -113,7 +172,10 @@ test-soak: build
 # the dmsetup CLI and thin with overlayfs in the same run.
 BENCH_PKGS := dmsetup snapshotter
 BENCHTIME  ?= 3s
-bench:
+bench: bench-go bench-containerd
+
+.PHONY: bench-go
+bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem ./storage/
 	$(call on-kernel,$(BENCH_PKGS),-test.run '^$$' -test.bench . -test.benchtime $(BENCHTIME))
 
@@ -128,13 +190,39 @@ fuzz:
 	done
 
 # End-to-end: thin-snapshotter + containerd $(CONTAINERD_VERSION) + runc on a real
-# dm-thin kernel (test/e2e). containerd is go-installed on the host once.
+# dm-thin kernel (test/e2e), through ctr and through CRI (crictl, a registry,
+# CNI). containerd and the CRI tools are go-installed on the host once. In the
+# VM, CRI needs "/" to be a mount point (thin_vm.switch_root) and the bridge
+# and veth modules for CNI.
 CONTAINERD_VERSION ?= v2.4.2
 CONTAINERD_DIR     ?= $(BENCHDIR)/containerd-$(CONTAINERD_VERSION)
+CRI_TOOLS_DIR      ?= $(BENCHDIR)/cri-tools
+E2E_FLAGS          ?=
+test-e2e: export THIN_VM_CMDLINE += thin_vm.switch_root
+test-e2e: export THIN_VM_MODULES += bridge veth
 test-e2e: build
 	CONTAINERD_VERSION=$(CONTAINERD_VERSION) test/e2e/ensure-containerd $(CONTAINERD_DIR)
-	$(call on-kernel,test/e2e,-test.timeout 30m,--mem 4096 --timeout 2400 --out $(BENCHDIR)/e2e-logs,\
-		THIN_E2E_CONTAINERD_DIR=$(abspath $(CONTAINERD_DIR)))
+	test/e2e/ensure-cri-tools $(CRI_TOOLS_DIR)
+	$(call on-kernel,test/e2e,-test.timeout 30m $(E2E_FLAGS),--mem 4096 --timeout 2400 --out $(BENCHDIR)/e2e-logs,\
+		THIN_E2E_CONTAINERD_DIR=$(abspath $(CONTAINERD_DIR)) THIN_E2E_CRI_TOOLS=$(abspath $(CRI_TOOLS_DIR)))
+
+# Every snapshot call through containerd $(CONTAINERD_VERSION) on overlayfs, thin
+# and containerd's devmapper in one run, one table (test/bench): in the VM
+# unless this host has dm-thin. The table also goes to $(BENCHDIR)/bench-results.txt.
+# BENCH_FLAGS e.g. -scale 2000 -layers 10 (.bench/containerd-bench -h lists them).
+BENCH_FLAGS ?=
+.PHONY: bench-containerd
+bench-containerd: build
+	CONTAINERD_VERSION=$(CONTAINERD_VERSION) test/e2e/ensure-containerd $(CONTAINERD_DIR)
+	@mkdir -p $(BENCHDIR)
+	$(GO) build -o $(BENCHDIR)/containerd-bench ./test/bench
+	@if test/vm/have-dm; then \
+		$(BENCHDIR)/containerd-bench -containerd-dir $(abspath $(CONTAINERD_DIR)) -out $(BENCHDIR)/bench-results.txt $(BENCH_FLAGS); \
+	else \
+		test/vm/run --disk 16G --mem 4096 --timeout 3600 $(VMFLAGS) --out $(BENCHDIR)/bench-out -- \
+			$(BENCHDIR)/containerd-bench -containerd-dir $(abspath $(CONTAINERD_DIR)) $(BENCH_FLAGS) && \
+		cp $(BENCHDIR)/bench-out/bench-results.txt $(BENCHDIR)/bench-out/bench-results.csv $(BENCHDIR)/; \
+	fi
 
 # The demo: the whole stack in the VM, narrated (test/demo/run).
 demo: build

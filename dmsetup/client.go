@@ -115,19 +115,6 @@ func makeControlNode() error {
 	return err
 }
 
-func parseMajorMinor(s string) (uint32, uint32, error) {
-	a, b, ok := strings.Cut(s, ":")
-	if !ok {
-		return 0, 0, fmt.Errorf("%q is not major:minor: %w", s, ErrMalformed)
-	}
-	major, err1 := strconv.ParseUint(a, 10, 32)
-	minor, err2 := strconv.ParseUint(b, 10, 32)
-	if err1 != nil || err2 != nil {
-		return 0, 0, fmt.Errorf("%q is not major:minor: %w", s, ErrMalformed)
-	}
-	return uint32(major), uint32(minor), nil
-}
-
 // Close closes the control device.
 func (c *Client) Close() error {
 	c.mu.Lock()

@@ -209,3 +209,22 @@ func FuzzParseDeviceName(f *testing.F) {
 		}
 	})
 }
+
+func FuzzParseMajorMinor(f *testing.F) {
+	for _, s := range []string{"253:0", "7:12", "0:0", "4294967295:4294967295", "4294967296:0", "7:", ":7", "7:1:2", "+7:1", "007:1", ""} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		major, minor, err := parseMajorMinor(s)
+		if err != nil {
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("%q: %v is not ErrMalformed", s, err)
+			}
+			return
+		}
+		// Parsing what MajorMinor writes gives the same device back.
+		if a, b, err := parseMajorMinor(MajorMinor(major, minor)); err != nil || a != major || b != minor {
+			t.Fatalf("%q -> %d:%d -> %q -> %d:%d, %v", s, major, minor, MajorMinor(major, minor), a, b, err)
+		}
+	})
+}

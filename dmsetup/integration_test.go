@@ -472,8 +472,16 @@ func TestIntegrationThinLoopPool(t *testing.T) {
 
 	// Reuse while running, then "reboot": pool gone, files kept.
 	again, err := CreateLoopPool(context.Background(), c, LoopPoolConfig{Dir: filepath.Dir(pool.DataFile), Name: pool.Name})
-	if err != nil || !again.Reused || again.DataLoop != pool.DataLoop || again.MetadataLoop != pool.MetadataLoop {
+	if err != nil || !again.Reused || again.DataLoop != pool.DataLoop || again.MetadataLoop != pool.MetadataLoop || again.DataSectors != pool.DataSectors {
 		t.Fatalf("reuse of running pool: %+v %v", again, err)
+	}
+	notPool := devName("notpool")
+	if err := c.Create(notPool, []Target{{Length: 8, Type: "error"}}, CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { removeIfExists(t, c, notPool) })
+	if _, err := CreateLoopPool(context.Background(), c, LoopPoolConfig{Dir: t.TempDir(), Name: notPool, DataSize: testDataSize, MetadataSize: testMetaSize}); !errdefs.IsAlreadyExists(err) {
+		t.Errorf("pool name taken by a device that is not a pool: %v", err)
 	}
 	if _, err := CreateLoopPool(context.Background(), c, LoopPoolConfig{Dir: t.TempDir(), Name: pool.Name, DataSize: testDataSize}); !errdefs.IsAlreadyExists(err) {
 		t.Errorf("pool name taken by other files: %v", err)
@@ -526,17 +534,18 @@ func TestIntegrationPoolOnDisk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const metaSectors = 16 << 20 / SectorSize
-	dataSectors := min(size/SectorSize-metaSectors, 1<<30/SectorSize) / 128 * 128
-	if size/SectorSize < metaSectors+1024 {
+	metaSectors := BytesToSectors(16 << 20)
+	diskSectors := BytesToSectors(size)
+	if diskSectors < metaSectors+1024 {
 		t.Fatalf("%s has only %d bytes", disk, size)
 	}
+	dataSectors := min(diskSectors-metaSectors, BytesToSectors(1<<30)) / 128 * 128
 	meta, data, poolName := devName("meta"), devName("data"), devName("diskpool")
 	for _, d := range []struct {
 		name          string
-		offset, count uint64
+		offset, count Sectors
 	}{{meta, 0, metaSectors}, {data, metaSectors, dataSectors}} {
-		tg := Target{Length: d.count, Type: "linear", Params: disk + " " + strconv.FormatUint(d.offset, 10)}
+		tg := Target{Length: d.count, Type: "linear", Params: disk + " " + strconv.FormatUint(uint64(d.offset), 10)}
 		if err := c.Create(d.name, []Target{tg}, CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
@@ -555,7 +564,7 @@ func TestIntegrationPoolOnDisk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tg, err := PoolTable(Sectors(dataSectors), PoolParams{
+	tg, err := PoolTable(dataSectors, PoolParams{
 		MetadataDev: c.DevicePath(meta), DataDev: c.DevicePath(data),
 		BlockSizeSectors: 128, SkipBlockZeroing: true, ErrorIfNoSpace: true,
 	})
@@ -567,7 +576,7 @@ func TestIntegrationPoolOnDisk(t *testing.T) {
 	}
 	t.Cleanup(func() { removeIfExists(t, c, poolName) })
 	st, err := c.PoolStatus(poolName)
-	if err != nil || st.TotalDataBlocks != dataSectors/128 || st.NoSpacePolicy != ErrorIfNoSpace || st.Mode != PoolModeRW {
+	if err != nil || st.TotalDataBlocks != uint64(dataSectors/128) || st.NoSpacePolicy != ErrorIfNoSpace || st.Mode != PoolModeRW {
 		t.Fatalf("disk pool status %+v %v", st, err)
 	}
 	pool := &LoopPool{Name: poolName, DevicePath: c.DevicePath(poolName)}

@@ -171,8 +171,8 @@ func encodeTargets(targets []Target) ([]byte, error) {
 	for _, t := range targets {
 		rec := align8(specSize + len(t.Params) + 1)
 		b := out[off : off+rec]
-		ne.PutUint64(b[0:], t.Start)
-		ne.PutUint64(b[8:], t.Length)
+		ne.PutUint64(b[0:], uint64(t.Start))
+		ne.PutUint64(b[8:], uint64(t.Length))
 		ne.PutUint32(b[20:], uint32(rec))
 		copy(b[24:24+maxTypeNameLen], t.Type)
 		copy(b[specSize:], t.Params)
@@ -194,8 +194,8 @@ func decodeTargets(data []byte, count uint32) ([]Target, error) {
 		}
 		b := data[off:]
 		t := Target{
-			Start:  ne.Uint64(b[0:]),
-			Length: ne.Uint64(b[8:]),
+			Start:  Sectors(ne.Uint64(b[0:])),
+			Length: Sectors(ne.Uint64(b[8:])),
 			Type:   cString(b[24 : 24+maxTypeNameLen]),
 		}
 		params := b[specSize:]

@@ -145,7 +145,7 @@ func TestEncodeTargets(t *testing.T) {
 			t.Fatalf("target %d: next %d", i, next)
 		}
 		got := Target{
-			Start: ne.Uint64(rec[0:]), Length: ne.Uint64(rec[8:]),
+			Start: Sectors(ne.Uint64(rec[0:])), Length: Sectors(ne.Uint64(rec[8:])),
 			Type: cString(rec[24:40]), Params: cString(rec[specSize:next]),
 		}
 		if got != want {
@@ -179,8 +179,8 @@ func statusReply(targets []Target) []byte {
 	for _, tg := range targets {
 		start := len(b)
 		rec := make([]byte, align8(specSize+len(tg.Params)+1))
-		ne.PutUint64(rec[0:], tg.Start)
-		ne.PutUint64(rec[8:], tg.Length)
+		ne.PutUint64(rec[0:], uint64(tg.Start))
+		ne.PutUint64(rec[8:], uint64(tg.Length))
 		copy(rec[24:], tg.Type)
 		copy(rec[specSize:], tg.Params)
 		ne.PutUint32(rec[20:], uint32(start+len(rec)))

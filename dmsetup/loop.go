@@ -25,9 +25,6 @@ const (
 	loopControl     = "/dev/loop-control"
 	loopAttachTries = 16
 	metaHeaderSize  = 4096
-	// Bounds of the default metadata size (the kernel uses at most ~16GiB).
-	minDefaultMeta = 16 << 20
-	maxDefaultMeta = 16 << 30
 )
 
 // LoopPoolConfig describes a thin pool backed by two sparse files.
@@ -37,8 +34,8 @@ type LoopPoolConfig struct {
 	// Name is the dm device name of the pool.
 	Name string
 	// DataSize and MetadataSize (bytes) are used when the files are
-	// created; existing files keep their size. MetadataSize 0 means
-	// DataSize/256 bounded to [16MiB, 16GiB].
+	// created, and required then; existing files keep their size. The
+	// defaults and limits are the caller's (snapshotter.Config).
 	DataSize     uint64
 	MetadataSize uint64
 	// BlockSizeSectors is the pool block size; 0 means 128 (64KiB).
@@ -158,15 +155,10 @@ func CreateLoopPool(ctx context.Context, c *Client, cfg LoopPoolConfig) (*LoopPo
 
 // adopt fills p from the running pool device if it is backed by p's files.
 func (p *LoopPool) adopt() error {
-	table, err := p.c.Table(p.Name)
-	if err != nil {
-		return err
-	}
-	if len(table) != 1 || table[0].Type != "thin-pool" {
-		return fmt.Errorf("device %s exists and is not a thin pool: %w", p.Name, errdefs.ErrAlreadyExists)
-	}
-	params, err := ParsePoolParams(table[0].Params)
-	if err != nil {
+	params, length, err := p.c.PoolTarget(p.Name)
+	if errors.Is(err, ErrMalformed) {
+		return fmt.Errorf("device %s exists and is not a thin pool: %w: %w", p.Name, err, errdefs.ErrAlreadyExists)
+	} else if err != nil {
 		return err
 	}
 	metaDev, metaFile := loopBacking(params.MetadataDev)
@@ -177,7 +169,7 @@ func (p *LoopPool) adopt() error {
 	}
 	p.MetadataLoop, p.DataLoop = metaDev, dataDev
 	p.BlockSizeSectors = params.BlockSizeSectors
-	p.DataSectors = Sectors(table[0].Length)
+	p.DataSectors = length
 	p.Reused = true
 	return nil
 }
@@ -189,7 +181,7 @@ func loopBacking(devArg string) (string, string) {
 	if err != nil {
 		return "", ""
 	}
-	sys := fmt.Sprintf("/sys/dev/block/%d:%d", major, minor)
+	sys := sysBlockDir(major, minor)
 	b, err := os.ReadFile(sys + "/loop/backing_file")
 	if err != nil {
 		return "", ""
@@ -216,6 +208,11 @@ func (p *LoopPool) prepareFiles(cfg LoopPoolConfig) error {
 	case errData != nil && !os.IsNotExist(errData):
 		return errData
 	}
+	// Data may exist without metadata (e.g. metadata deleted to reset the
+	// pool); fresh metadata then means a fresh, empty pool.
+	if cfg.MetadataSize == 0 {
+		return fmt.Errorf("loop pool %s: metadata file missing and no MetadataSize: %w", p.Name, errdefs.ErrInvalidArgument)
+	}
 	if os.IsNotExist(errData) {
 		if cfg.DataSize == 0 {
 			return fmt.Errorf("loop pool %s: data file missing and no DataSize: %w", p.Name, errdefs.ErrInvalidArgument)
@@ -224,13 +221,7 @@ func (p *LoopPool) prepareFiles(cfg LoopPoolConfig) error {
 			return err
 		}
 	}
-	meta := cfg.MetadataSize
-	if meta == 0 {
-		meta = min(max(cfg.DataSize/256, minDefaultMeta), maxDefaultMeta)
-	}
-	// Data may exist without metadata (e.g. metadata deleted to reset the
-	// pool); fresh metadata then means a fresh, empty pool.
-	return createSparse(p.MetadataFile, meta, true)
+	return createSparse(p.MetadataFile, cfg.MetadataSize, true)
 }
 
 func createSparse(path string, size uint64, zeroHeader bool) (err error) {
@@ -296,7 +287,7 @@ type loopDev struct {
 	major, minor uint32
 }
 
-func (l *loopDev) devArg() string { return fmt.Sprintf("%d:%d", l.major, l.minor) }
+func (l *loopDev) devArg() string { return MajorMinor(l.major, l.minor) }
 func (l *loopDev) close()         { _ = l.f.Close() }
 
 // attachLoop binds file to a free loop device with autoclear set.

@@ -74,8 +74,13 @@ func TestPrepareFiles(t *testing.T) {
 	p := &LoopPool{Name: "p", DataFile: filepath.Join(dir, LoopDataFile), MetadataFile: filepath.Join(dir, LoopMetadataFile)}
 	cfg := LoopPoolConfig{DataSize: 256 << 20, MetadataSize: 16 << 20}
 
-	if err := p.prepareFiles(LoopPoolConfig{}); !errdefs.IsInvalidArgument(err) {
-		t.Fatalf("no DataSize: %v", err)
+	for _, bad := range []LoopPoolConfig{{}, {MetadataSize: 16 << 20}, {DataSize: 256 << 20}} {
+		if err := p.prepareFiles(bad); !errdefs.IsInvalidArgument(err) {
+			t.Fatalf("%+v: %v, want InvalidArgument", bad, err)
+		}
+		if _, err := os.Stat(p.DataFile); !os.IsNotExist(err) {
+			t.Fatalf("%+v: data file created: %v", bad, err)
+		}
 	}
 	if err := p.prepareFiles(cfg); err != nil {
 		t.Fatal(err)
@@ -108,16 +113,20 @@ func TestPrepareFiles(t *testing.T) {
 	if err := p.prepareFiles(cfg); !errdefs.IsFailedPrecondition(err) {
 		t.Errorf("metadata without data: %v", err)
 	}
-	// Data without metadata: fresh, zeroed metadata of the default size.
+	// Data without metadata: fresh, zeroed metadata of MetadataSize, which
+	// is then required.
 	os.Remove(p.MetadataFile)
 	if err := createSparse(p.DataFile, 1<<30, false); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.prepareFiles(LoopPoolConfig{DataSize: 1 << 30}); err != nil {
+	if err := p.prepareFiles(LoopPoolConfig{DataSize: 1 << 30}); !errdefs.IsInvalidArgument(err) {
+		t.Fatalf("no MetadataSize: %v", err)
+	}
+	if err := p.prepareFiles(LoopPoolConfig{MetadataSize: 32 << 20}); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := fileSize(p.MetadataFile); got != minDefaultMeta {
-		t.Errorf("default metadata size %d", got)
+	if got, _ := fileSize(p.MetadataFile); got != 32<<20 {
+		t.Errorf("metadata size %d, want %d", got, 32<<20)
 	}
 	f, _ = os.Open(p.MetadataFile)
 	f.ReadAt(head, 0)

@@ -5,6 +5,7 @@ package dmsetup
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -48,15 +49,10 @@ func (c *Client) MetadataThinIDs(ctx context.Context, pool string) ([]uint32, er
 	if tool < 0 {
 		return nil, fmt.Errorf("neither thin_ls nor thin_dump found in PATH: install thin-provisioning-tools: %w", errdefs.ErrNotImplemented)
 	}
-	table, err := c.Table(pool)
-	if err != nil {
-		return nil, fmt.Errorf("table of pool %s: %w", pool, err)
-	}
-	if len(table) != 1 || table[0].Type != "thin-pool" {
-		return nil, fmt.Errorf("device %s is not a thin pool (table %v): %w", pool, table, errdefs.ErrInvalidArgument)
-	}
-	params, err := ParsePoolParams(table[0].Params)
-	if err != nil {
+	params, _, err := c.PoolTarget(pool)
+	if errors.Is(err, ErrMalformed) {
+		return nil, fmt.Errorf("device %s is not a thin pool: %w: %w", pool, err, errdefs.ErrInvalidArgument)
+	} else if err != nil {
 		return nil, fmt.Errorf("table of pool %s: %w", pool, err)
 	}
 	node, cleanup, err := blockNode(params.MetadataDev)
@@ -100,7 +96,7 @@ func blockNode(dev string) (string, func(), error) {
 		return dev, noop, nil // a path
 	}
 	want := unix.Mkdev(major, minor)
-	if b, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%d:%d/uevent", major, minor)); err == nil {
+	if b, err := os.ReadFile(filepath.Join(sysBlockDir(major, minor), "uevent")); err == nil {
 		if name, ok := ueventDevName(b); ok {
 			path := filepath.Join("/dev", name)
 			var st unix.Stat_t

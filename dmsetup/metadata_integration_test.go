@@ -8,6 +8,8 @@ import (
 	"os/exec"
 	"slices"
 	"testing"
+
+	"github.com/containerd/errdefs"
 )
 
 // TestIntegrationMetadataThinIDs reads the thin ids of a running pool from a
@@ -30,6 +32,16 @@ func TestIntegrationMetadataThinIDs(t *testing.T) {
 	}
 	if _, _, err := c.ThinTarget(pool.Name); !errors.Is(err, ErrMalformed) {
 		t.Fatalf("ThinTarget of the pool itself: %v, want ErrMalformed", err)
+	}
+	pp, plen, err := c.PoolTarget(pool.Name)
+	if err != nil || plen != pool.DataSectors || pp.BlockSizeSectors != pool.BlockSizeSectors || pp.MetadataDev == "" {
+		t.Fatalf("PoolTarget(%s) = %+v, %d, %v; want %d sectors", pool.Name, pp, plen, err, pool.DataSectors)
+	}
+	if _, _, err := c.PoolTarget(name); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("PoolTarget of a thin device: %v, want ErrMalformed", err)
+	}
+	if _, err := c.MetadataThinIDs(ctx, name); !errdefs.IsInvalidArgument(err) {
+		t.Fatalf("MetadataThinIDs of a thin device: %v, want InvalidArgument", err)
 	}
 
 	tools := 0

@@ -3,6 +3,7 @@ package dmsetup
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"strconv"
 	"strings"
 )
@@ -42,4 +43,24 @@ const UUIDPrefix = "THIN-"
 func DeviceUUID(pool string, id uint32) string {
 	sum := sha256.Sum256([]byte(pool))
 	return UUIDPrefix + hex.EncodeToString(sum[:6]) + "-" + strconv.FormatUint(uint64(id), 10)
+}
+
+// MajorMinor is how tables and sysfs name a block device: "major:minor".
+// Unlike a path it needs no node in /dev, so it works without udev.
+func MajorMinor(major, minor uint32) string {
+	return strconv.FormatUint(uint64(major), 10) + ":" + strconv.FormatUint(uint64(minor), 10)
+}
+
+// parseMajorMinor is the inverse of MajorMinor.
+func parseMajorMinor(s string) (uint32, uint32, error) {
+	a, b, ok := strings.Cut(s, ":")
+	if !ok {
+		return 0, 0, fmt.Errorf("%q is not major:minor: %w", s, ErrMalformed)
+	}
+	major, err1 := strconv.ParseUint(a, 10, 32)
+	minor, err2 := strconv.ParseUint(b, 10, 32)
+	if err1 != nil || err2 != nil {
+		return 0, 0, fmt.Errorf("%q is not major:minor: %w", s, ErrMalformed)
+	}
+	return uint32(major), uint32(minor), nil
 }

@@ -68,3 +68,30 @@ func TestUdevCookie(t *testing.T) {
 		}
 	}
 }
+
+func TestMajorMinor(t *testing.T) {
+	if got := MajorMinor(253, 4294967295); got != "253:4294967295" {
+		t.Fatalf("MajorMinor = %q", got)
+	}
+	for _, tc := range []struct {
+		in           string
+		major, minor uint32
+		ok           bool
+	}{
+		{"253:0", 253, 0, true},
+		{"7:12", 7, 12, true},
+		{"4294967295:1", 4294967295, 1, true},
+		{"4294967296:1", 0, 0, false},
+		{"7:", 0, 0, false},
+		{":7", 0, 0, false},
+		{"7:1:2", 0, 0, false},
+		{"-7:1", 0, 0, false},
+		{"/dev/loop0", 0, 0, false},
+		{"", 0, 0, false},
+	} {
+		major, minor, err := parseMajorMinor(tc.in)
+		if major != tc.major || minor != tc.minor || (err == nil) != tc.ok {
+			t.Errorf("parseMajorMinor(%q) = %d, %d, %v; want %d, %d, ok %v", tc.in, major, minor, err, tc.major, tc.minor, tc.ok)
+		}
+	}
+}

@@ -76,3 +76,8 @@ func (c *Client) removeNode(name string) error {
 	}
 	return nil
 }
+
+// sysBlockDir is the sysfs directory of block device major:minor.
+func sysBlockDir(major, minor uint32) string {
+	return "/sys/dev/block/" + MajorMinor(major, minor)
+}

@@ -82,7 +82,7 @@ func PoolTable(length Sectors, p PoolParams) (Target, error) {
 	if len(feats) > 0 {
 		params += " " + strings.Join(feats, " ")
 	}
-	return Target{Start: 0, Length: uint64(length), Type: "thin-pool", Params: params}, nil
+	return Target{Start: 0, Length: length, Type: "thin-pool", Params: params}, nil
 }
 
 // ParsePoolParams parses the parameters of a thin-pool table line as the
@@ -155,7 +155,7 @@ func ThinTable(length Sectors, poolDev string, id uint32, externalOrigin string)
 		}
 		params += " " + externalOrigin
 	}
-	return Target{Start: 0, Length: uint64(length), Type: "thin", Params: params}, nil
+	return Target{Start: 0, Length: length, Type: "thin", Params: params}, nil
 }
 
 // ParseThinParams parses the parameters of a thin table line.
@@ -178,15 +178,37 @@ func ParseThinParams(params string) (ThinParams, error) {
 // ThinTarget reads the table of thin device name: its parameters and
 // length. A table that is not exactly one thin target is ErrMalformed.
 func (c *Client) ThinTarget(name string) (ThinParams, Sectors, error) {
-	table, err := c.Table(name)
+	t, err := c.singleTarget(name, "thin")
 	if err != nil {
 		return ThinParams{}, 0, err
 	}
-	if len(table) != 1 || table[0].Type != "thin" {
-		return ThinParams{}, 0, fmt.Errorf("table %v of %s is not one thin target: %w", table, name, ErrMalformed)
+	tp, err := ParseThinParams(t.Params)
+	return tp, t.Length, err
+}
+
+// PoolTarget reads the table of thin-pool device name: its parameters (the
+// kernel names devices major:minor) and length. A table that is not exactly
+// one thin-pool target is ErrMalformed.
+func (c *Client) PoolTarget(name string) (PoolParams, Sectors, error) {
+	t, err := c.singleTarget(name, "thin-pool")
+	if err != nil {
+		return PoolParams{}, 0, err
 	}
-	tp, err := ParseThinParams(table[0].Params)
-	return tp, Sectors(table[0].Length), err
+	pp, err := ParsePoolParams(t.Params)
+	return pp, t.Length, err
+}
+
+// singleTarget is the only target of name's table, which must be of type
+// typ.
+func (c *Client) singleTarget(name, typ string) (Target, error) {
+	table, err := c.Table(name)
+	if err != nil {
+		return Target{}, err
+	}
+	if len(table) != 1 || table[0].Type != typ {
+		return Target{}, fmt.Errorf("table %v of %s is not one %s target: %w", table, name, typ, ErrMalformed)
+	}
+	return table[0], nil
 }
 
 // PoolMode is the mode field of a thin-pool status. A failed pool prints no

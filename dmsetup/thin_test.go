@@ -53,7 +53,7 @@ func TestPoolTable(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if tg.Type != "thin-pool" || tg.Start != 0 || Sectors(tg.Length) != tc.length || tg.Params != tc.want {
+			if tg.Type != "thin-pool" || tg.Start != 0 || tg.Length != tc.length || tg.Params != tc.want {
 				t.Fatalf("got %+v, want params %q", tg, tc.want)
 			}
 			back, err := ParsePoolParams(tg.Params)
@@ -120,7 +120,7 @@ func TestThinTable(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if tg.Type != "thin" || Sectors(tg.Length) != tc.length || tg.Params != tc.want {
+			if tg.Type != "thin" || tg.Length != tc.length || tg.Params != tc.want {
 				t.Fatalf("got %+v want %q", tg, tc.want)
 			}
 			back, err := ParseThinParams(tg.Params)

@@ -64,10 +64,9 @@ type Info struct {
 }
 
 // Target is one line of a device table: Length sectors starting at Start
-// mapped by target Type with parameters Params. Start and Length are the
-// raw fields of the ioctl (see Sectors).
+// mapped by target Type with parameters Params.
 type Target struct {
-	Start, Length uint64
+	Start, Length Sectors
 	Type          string
 	Params        string
 }
@@ -92,7 +91,7 @@ func (t Target) validate() error {
 
 // TargetStatus is the status line of one target of the live table.
 type TargetStatus struct {
-	Start, Length uint64
+	Start, Length Sectors
 	Type          string
 	Status        string
 }

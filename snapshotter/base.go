@@ -38,10 +38,11 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 	}
 
 	var (
-		e     storage.Entry
-		next  uint64
-		txSet bool
-		err   error
+		e       storage.Entry
+		next    uint64
+		txSet   bool
+		created bool
+		err     error
 	)
 	for attempt := 1; ; attempt++ {
 		var journal error
@@ -55,7 +56,11 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 				return err
 			})
 			return journal
-		}, func() error { return s.pool.CreateThin(e.DeviceID) }, nil)
+		}, func() error {
+			err := s.pool.CreateThin(e.DeviceID)
+			created = err == nil
+			return err
+		}, nil)
 		if journal != nil {
 			return journal
 		}
@@ -70,15 +75,20 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 	name := s.deviceName(e.DeviceID)
 	if err == nil {
 		if err = s.pool.Activate(name, e.DeviceID, dmsetup.BytesToSectors(s.cfg.BaseSize), false); err == nil {
-			err = s.format(ctx, s.pool.DevicePath(name))
+			err = s.timed(StepMkfs, func() error { return s.format(ctx, s.pool.DevicePath(name)) })
 			err = errors.Join(err, s.pool.Deactivate(ctx, name))
 		}
 	}
 	if err != nil {
-		err = errors.Join(err, s.pool.Deactivate(ctx, name))
-		s.poolMu.Lock()
-		err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(e.DeviceID)))
-		s.poolMu.Unlock()
+		// A create the pool refused made nothing to delete: an id that
+		// exists already belongs to someone else (an adopted pool's
+		// devices, LVM's thin volumes).
+		if created {
+			err = errors.Join(err, s.pool.Deactivate(ctx, name))
+			s.poolMu.Lock()
+			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(e.DeviceID)))
+			s.poolMu.Unlock()
+		}
 		return errors.Join(err, s.rollbackCreate(ctx, e, txSet))
 	}
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {

@@ -145,6 +145,12 @@ func (s *Snapshotter) gather(ctx context.Context) (*checkState, error) {
 		return nil, err
 	}
 	st := &checkState{inPool: map[uint32]bool{}, ids: map[uint32]string{}, foreign: map[uint32]bool{}, devices: map[string]devState{}}
+	// No pool step runs while the pool and the database are read, so the
+	// metadata snapshot and the read transaction agree (every step journals
+	// before it touches the pool); on a serving snapshotter this holds new
+	// pool steps back for the time of thin_ls.
+	s.poolMu.Lock()
+	defer s.poolMu.Unlock()
 	if st.status, err = s.pool.Status(); err != nil {
 		return nil, fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
 	}
@@ -192,7 +198,7 @@ func (s *Snapshotter) gather(ctx context.Context) (*checkState, error) {
 		return nil, fmt.Errorf("listing dm devices: %w", err)
 	}
 	for _, d := range devs {
-		if !strings.HasPrefix(d.Name, dmsetup.DeviceNamePrefix(s.pool.Name())) {
+		if !strings.HasPrefix(d.Name, dmsetup.DeviceNamePrefix(s.devicePool())) {
 			continue
 		}
 		var ds devState
@@ -337,7 +343,7 @@ func (s *Snapshotter) compare(st *checkState) []Finding {
 		}
 		sn, needed := want[name]
 		if !needed {
-			why := "no record has thin device " + strings.TrimPrefix(name, dmsetup.DeviceNamePrefix(s.pool.Name()))
+			why := "no record has thin device " + strings.TrimPrefix(name, dmsetup.DeviceNamePrefix(s.devicePool()))
 			if k, ok := owned[id]; ok && numbered {
 				why = fmt.Sprintf("%q is not an active snapshot or view", k)
 			} else if numbered && id == base {
@@ -394,7 +400,7 @@ func openNote(info dmsetup.Info) string {
 // poolIsOurs tells whether the pool is the one this database manages, by
 // the rule the daemon applies at startup, and why not.
 func (s *Snapshotter) poolIsOurs(st *checkState) (bool, string) {
-	isNew, mismatch := poolOwnership(st.pi, st.dbTx, len(st.journal), s.pool.Name(), st.poolTx)
+	isNew, mismatch := poolOwnership(st.pi, st.dbTx, len(st.journal), poolNames(s.pool), st.poolTx)
 	switch {
 	case isNew:
 		return false, "the database has no pool recorded (the daemon never finished starting on it)"
@@ -407,7 +413,7 @@ func (s *Snapshotter) poolIsOurs(st *checkState) (bool, string) {
 // idOfName is the thin id in the name of one of the pool's devices; id 0
 // is never handed out.
 func (s *Snapshotter) idOfName(name string) (uint32, bool) {
-	id, ok := dmsetup.ParseDeviceName(s.pool.Name(), name)
+	id, ok := dmsetup.ParseDeviceName(s.devicePool(), name)
 	return id, ok && id != 0
 }
 

@@ -102,7 +102,7 @@ func TestIntegrationCheck(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	poolDev := fmt.Sprintf("%d:%d", info.Major, info.Minor)
+	poolDev := dmsetup.MajorMinor(info.Major, info.Minor)
 	dev := func(id uint32) string { return dmsetup.DeviceName(pool, id) }
 	activate := func(name string, id uint32) {
 		t.Helper()

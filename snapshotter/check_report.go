@@ -85,7 +85,8 @@ type Finding struct {
 //	  ],
 //	  "remaining": [],                  // problems left, same element shape: the findings
 //	                                    // without --repair, a fresh check after it
-//	  "clean": true                     // remaining is empty
+//	  "clean": true,                    // remaining is empty
+//	  "online": false                   // taken from the serving daemon (check --online)
 //	}
 type Report struct {
 	Root              string    `json:"root"`
@@ -99,6 +100,9 @@ type Report struct {
 	Findings          []Finding `json:"findings"`
 	Remaining         []Finding `json:"remaining"`
 	Clean             bool      `json:"clean"`
+	// Online says the daemon was serving: read-only, and findings that
+	// operations in flight explain are left out (CheckOnline).
+	Online bool `json:"online"`
 }
 
 // CheckOptions select what Check may change.

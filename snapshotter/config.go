@@ -20,9 +20,15 @@ type Config struct {
 	// Root holds the database and, for the embedded pool, its files; an
 	// absolute path.
 	Root string
-	// PoolName is the dm name of an existing thin pool. Empty means the
-	// embedded loopback pool under Root, named after Root.
+	// PoolName is the dm name of an existing thin pool. Empty (and no
+	// PoolLVM) means the embedded loopback pool under Root, named after
+	// Root.
 	PoolName string
+	// PoolLVM is an LVM thin pool as "vg/lv", instead of PoolName:
+	// resolved at each start to the dm device that is the thin-pool target,
+	// which LVM names differently once the pool has thin volumes
+	// (dmsetup.LVMThinPoolNames).
+	PoolLVM string
 	// Sizes of the embedded loopback pool, used when its files are
 	// created; BlockSize is the pool's data block size in bytes.
 	DataSize, MetadataSize, BlockSize uint64
@@ -112,8 +118,8 @@ const (
 // Limits checked by Validate, in bytes.
 const (
 	// dm-thin's data block size (checked by dmsetup.ValidateBlockSize).
-	MinBlockSize    = dmsetup.MinBlockSizeSectors * sectorBytes
-	MaxBlockSize    = dmsetup.MaxBlockSizeSectors * sectorBytes
+	MinBlockSize    = dmsetup.MinBlockSizeSectors * dmsetup.SectorSize
+	MaxBlockSize    = dmsetup.MaxBlockSizeSectors * dmsetup.SectorSize
 	MinDataSize     = 64 << 20
 	MinMetadataSize = 2 << 20
 	// dm-thin uses at most about 15.9GiB of its metadata device.
@@ -127,10 +133,6 @@ const (
 	// MaxPoolNameLen is DM_NAME_LEN without the NUL.
 	MaxPoolNameLen = 127
 )
-
-// sectorBytes is the unit of device-mapper lengths.
-// TODO(issue 8): use dmsetup's exported sector size once it has one.
-const sectorBytes = 512
 
 // FieldError is one invalid Config field; it matches
 // errdefs.ErrInvalidArgument. The daemon maps Field to its configuration key.
@@ -198,16 +200,24 @@ func (c *Config) validate() error {
 			bad("PoolName", "%q %s", c.PoolName, msg)
 		}
 	}
+	if c.PoolLVM != "" {
+		if _, _, err := dmsetup.ParseLVMName(c.PoolLVM); err != nil {
+			bad("PoolLVM", "%v", err)
+		}
+		if c.PoolName != "" {
+			bad("PoolLVM", "set either it or PoolName, not both")
+		}
+	}
 
 	bs := c.BlockSize
-	blockOK := bs%sectorBytes == 0 && bs <= MaxBlockSize && dmsetup.ValidateBlockSize(uint32(bs/sectorBytes)) == nil
+	blockOK := bs%dmsetup.SectorSize == 0 && bs <= MaxBlockSize && dmsetup.ValidateBlockSize(uint32(dmsetup.BytesToSectors(bs))) == nil
 	if !blockOK {
 		bad("BlockSize", "%d bytes: must be a multiple of %s from %s to %s",
-			bs, humanSize(dmsetup.BlockSizeMultiple*sectorBytes), humanSize(MinBlockSize), humanSize(MaxBlockSize))
+			bs, humanSize(dmsetup.BlockSizeMultiple*dmsetup.SectorSize), humanSize(MinBlockSize), humanSize(MaxBlockSize))
 	}
 	switch ds := c.DataSize; {
-	case ds < MinDataSize || ds%sectorBytes != 0:
-		bad("DataSize", "%d bytes: must be at least %s and a multiple of %d bytes", ds, humanSize(MinDataSize), sectorBytes)
+	case ds < MinDataSize || ds%dmsetup.SectorSize != 0:
+		bad("DataSize", "%d bytes: must be at least %s and a multiple of %d bytes", ds, humanSize(MinDataSize), dmsetup.SectorSize)
 	case blockOK && ds < bs:
 		bad("DataSize", "%d bytes: smaller than one %d-byte block of the pool", ds, bs)
 	}
@@ -215,14 +225,14 @@ func (c *Config) validate() error {
 	case md == 0:
 	case c.PoolName != "":
 		bad("MaxDataSize", "only the embedded pool grows itself; grow pool %s with its own tools (LVM: thin_pool_autoextend_threshold)", c.PoolName)
-	case md < c.DataSize || md%sectorBytes != 0:
-		bad("MaxDataSize", "%d bytes: must be 0 (no growth) or at least DataSize (%d) and a multiple of %d bytes", md, c.DataSize, sectorBytes)
+	case md < c.DataSize || md%dmsetup.SectorSize != 0:
+		bad("MaxDataSize", "%d bytes: must be 0 (no growth) or at least DataSize (%d) and a multiple of %d bytes", md, c.DataSize, dmsetup.SectorSize)
 	}
-	if gs := c.GrowStep; (blockOK && gs < bs) || gs%sectorBytes != 0 {
-		bad("GrowStep", "%d bytes: must be at least one %d-byte pool block and a multiple of %d bytes", gs, bs, sectorBytes)
+	if gs := c.GrowStep; (blockOK && gs < bs) || gs%dmsetup.SectorSize != 0 {
+		bad("GrowStep", "%d bytes: must be at least one %d-byte pool block and a multiple of %d bytes", gs, bs, dmsetup.SectorSize)
 	}
-	if ms := c.MetadataSize; ms < MinMetadataSize || ms > MaxMetadataSize || ms%sectorBytes != 0 {
-		bad("MetadataSize", "%d bytes: must be from %s to %s and a multiple of %d bytes", ms, humanSize(MinMetadataSize), humanSize(MaxMetadataSize), sectorBytes)
+	if ms := c.MetadataSize; ms < MinMetadataSize || ms > MaxMetadataSize || ms%dmsetup.SectorSize != 0 {
+		bad("MetadataSize", "%d bytes: must be from %s to %s and a multiple of %d bytes", ms, humanSize(MinMetadataSize), humanSize(MaxMetadataSize), dmsetup.SectorSize)
 	}
 	for _, f := range []struct {
 		field string

@@ -39,7 +39,7 @@ func TestConfigDefaults(t *testing.T) {
 }
 
 func equalConfig(a, b Config) bool {
-	return a.Root == b.Root && a.PoolName == b.PoolName && a.DataSize == b.DataSize &&
+	return a.Root == b.Root && a.PoolName == b.PoolName && a.PoolLVM == b.PoolLVM && a.DataSize == b.DataSize &&
 		a.MetadataSize == b.MetadataSize && a.BlockSize == b.BlockSize && a.BaseSize == b.BaseSize &&
 		a.FSType == b.FSType && a.MinFreeData == b.MinFreeData && a.MinFreeMetadata == b.MinFreeMetadata
 }
@@ -66,6 +66,10 @@ func TestConfigValidate(t *testing.T) {
 		{name: "pool name dotdot", modify: func(c *Config) { c.PoolName = ".." }, fields: []string{"PoolName"}},
 		{name: "pool name at limit", modify: func(c *Config) { c.PoolName = strings.Repeat("p", 127) }},
 		{name: "pool name too long", modify: func(c *Config) { c.PoolName = strings.Repeat("p", 128) }, fields: []string{"PoolName"}, msg: "127"},
+		{name: "lvm pool", modify: func(c *Config) { c.PoolLVM = "vg-0/thin-pool" }},
+		{name: "lvm pool no slash", modify: func(c *Config) { c.PoolLVM = "vg0-thinpool-tpool" }, fields: []string{"PoolLVM"}, msg: "not vg/lv"},
+		{name: "lvm pool leading dash", modify: func(c *Config) { c.PoolLVM = "vg0/-pool" }, fields: []string{"PoolLVM"}, msg: "starts with '-'"},
+		{name: "lvm pool and name", modify: func(c *Config) { c.PoolLVM, c.PoolName = "vg0/thinpool", "vg0-thinpool" }, fields: []string{"PoolLVM"}, msg: "not both"},
 		{name: "block size max", modify: func(c *Config) { c.BlockSize = MaxBlockSize }},
 		{name: "block size 128KiB", modify: func(c *Config) { c.BlockSize = 128 << 10 }},
 		{name: "block size 32KiB", modify: func(c *Config) { c.BlockSize = 32 << 10 }, fields: []string{"BlockSize"}, msg: "multiple of 64KiB from 64KiB to 1GiB"},

@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -292,7 +290,7 @@ func (p *fakePool) active() map[uint32]bool {
 	defer p.mu.Unlock()
 	out := map[uint32]bool{}
 	for n, d := range p.devices {
-		if strings.HasPrefix(n, p.name+"-snap-") && n == p.name+"-snap-"+strconv.FormatUint(uint64(d.id), 10) {
+		if n == dmsetup.DeviceName(p.name, d.id) {
 			out[d.id] = d.readOnly
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -22,7 +23,7 @@ import (
 
 // testConfig keeps pools and filesystems small: the VM is slow.
 func testConfig(root string) Config {
-	return Config{Root: root, DataSize: 1 << 30, BaseSize: 64 << 20}
+	return Config{Root: root, DataSize: 1 << 30, MetadataSize: 16 << 20, BaseSize: 64 << 20}
 }
 
 // destroy removes the embedded pool of root with all its devices and files.
@@ -270,5 +271,33 @@ func TestIntegrationFullPool(t *testing.T) {
 	t.Logf("after remove: %s", st)
 	if _, err := s.Prepare(ctx, "again", "image"); err != nil {
 		t.Fatalf("Prepare after freeing space: %v", err)
+	}
+}
+
+// TestIntegrationPoolNameNotAPool: a configured pool that is some other dm
+// device is refused as InvalidArgument before anything is written to it.
+func TestIntegrationPoolNameNotAPool(t *testing.T) {
+	dmtest.Require(t)
+	c, err := dmsetup.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	name := "thin-test-notpool-" + strconv.Itoa(os.Getpid())
+	if err := c.Create(name, []dmsetup.Target{{Length: 8, Type: "error"}}, dmsetup.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := c.Remove(context.Background(), name, dmsetup.RemoveOptions{}); err != nil {
+			t.Error(err)
+		}
+	}()
+	cfg := testConfig(t.TempDir())
+	cfg.PoolName = name
+	if s, err := New(t.Context(), cfg); !errdefs.IsInvalidArgument(err) {
+		if err == nil {
+			s.Close()
+		}
+		t.Fatalf("New on a device that is not a thin pool: %v, want InvalidArgument", err)
 	}
 }

@@ -112,7 +112,20 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 	k.closers = append(k.closers, k.db.Close)
 
 	name := cfg.PoolName
-	if name == "" {
+	var lvmID string
+	var lvmNames []string
+	switch {
+	case cfg.PoolLVM != "":
+		vg, lv, _ := dmsetup.ParseLVMName(cfg.PoolLVM) // validated
+		lvmID, lvmNames = dmsetup.LVMDeviceName(vg, lv), dmsetup.LVMThinPoolNames(vg, lv)
+		if name, err = client.FindThinPool(lvmNames...); err != nil {
+			return nil, k.close(fmt.Errorf("LVM thin pool %s (is it active? lvchange -ay %s): %w", cfg.PoolLVM, cfg.PoolLVM, err))
+		}
+		if name == lvmNames[0] && !existing {
+			log.G(ctx).WithField("pool", cfg.PoolLVM).Warnf("LVM thin pool is not dedicated: it has LVM thin volumes (its target is %s); "+
+				"their thin ids collide with the daemon's, and once the daemon changes the pool's transaction id LVM no longer activates it", name)
+		}
+	case name == "":
 		if name, err = LoopPoolName(cfg.Root); err != nil {
 			return nil, k.close(err)
 		}
@@ -151,6 +164,12 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 	}
 	if k.pool, err = newDMPool(client, name); err != nil {
 		return nil, k.close(err)
+	}
+	if lvmNames != nil {
+		// Named after the logical volume, whichever of its dm names
+		// carries the pool today.
+		k.pool.id = lvmID
+		k.pool.aliases = lvmNames
 	}
 	return k, nil
 }
@@ -203,5 +222,17 @@ func openCheck(ctx context.Context, cfg Config, db *storage.DB, pool Pool, forma
 		return nil, fmt.Errorf("status of pool %s: %w", pool.Name(), err)
 	}
 	s.txid = st.TransactionID
+	if err := db.View(ctx, func(tx *storage.Tx) error {
+		pi, err := tx.PoolInfo()
+		if err == nil && slices.Contains(poolNames(pool), pi.Name) {
+			s.recordedPool = pi.Name
+		}
+		if errdefs.IsNotFound(err) {
+			return nil
+		}
+		return err
+	}); err != nil {
+		return nil, err
+	}
 	return s, nil
 }

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/containerd/errdefs"
+
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 )
 
@@ -39,8 +41,14 @@ type Pool interface {
 // dmPool implements Pool with the pure-Go dm client.
 type dmPool struct {
 	c    *dmsetup.Client
-	name string
+	name string // the dm device with the thin-pool target
 	dev  string // major:minor of the pool device, stable without udev
+	// id is Name() when it differs from name: an LVM pool is named after
+	// its logical volume, whichever dm device carries the target.
+	id string
+	// aliases are every name the pool may have had when the database
+	// recorded it (an LVM pool's dm names); nil means just name.
+	aliases []string
 }
 
 func newDMPool(c *dmsetup.Client, name string) (*dmPool, error) {
@@ -48,17 +56,31 @@ func newDMPool(c *dmsetup.Client, name string) (*dmPool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("thin pool %s: %w", name, err)
 	}
-	st, err := c.Status(name)
-	if err != nil {
+	if _, _, err := c.PoolTarget(name); errors.Is(err, dmsetup.ErrMalformed) {
+		return nil, fmt.Errorf("device %s is not a thin pool (an LVM thin pool: set [pool] lvm = \"vg/lv\" instead): %w: %w", name, err, errdefs.ErrInvalidArgument)
+	} else if err != nil {
 		return nil, fmt.Errorf("thin pool %s: %w", name, err)
 	}
-	if len(st) != 1 || st[0].Type != "thin-pool" {
-		return nil, fmt.Errorf("device %s is not a thin pool (table %v)", name, st)
-	}
-	return &dmPool{c: c, name: name, dev: fmt.Sprintf("%d:%d", info.Major, info.Minor)}, nil
+	return &dmPool{c: c, name: name, dev: dmsetup.MajorMinor(info.Major, info.Minor)}, nil
 }
 
-func (p *dmPool) Name() string                        { return p.name }
+// Name is the pool's stable name: what the database records and its
+// devices are named after (poolNames).
+func (p *dmPool) Name() string {
+	if p.id != "" {
+		return p.id
+	}
+	return p.name
+}
+
+// Aliases are the names under which a database may have recorded this pool.
+func (p *dmPool) Aliases() []string {
+	if p.aliases != nil {
+		return p.aliases
+	}
+	return []string{p.name}
+}
+
 func (p *dmPool) Status() (dmsetup.PoolStatus, error) { return p.c.PoolStatus(p.name) }
 func (p *dmPool) CreateThin(id uint32) error          { return p.c.CreateThin(p.name, id) }
 func (p *dmPool) CreateSnap(id, origin uint32) error  { return p.c.CreateSnap(p.name, id, origin) }

@@ -3,6 +3,7 @@ package snapshotter
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -13,24 +14,25 @@ import (
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
 )
 
-// poolOwnership decides whether the pool named pool, at transaction id
-// poolTx, is the one the database manages. pi is the database's pool record
-// (zero when it has none), dbTx its transaction id and pending the number of
-// journal entries a crash may have left. The pool's transaction id must be
-// the recorded one, or ahead of it by no more than the pending entries
-// explain. New says the database has no pool yet and the pool was never used
-// (transaction id 0): the daemon takes it as its own. Otherwise a non-empty
-// mismatch says why the pool may not be the database's.
+// poolOwnership decides whether the pool known by names (poolNames), at
+// transaction id poolTx, is the one the database manages. pi is the
+// database's pool record (zero when it has none), dbTx its transaction id
+// and pending the number of journal entries a crash may have left. The
+// pool's transaction id must be the recorded one, or ahead of it by no more
+// than the pending entries explain. New says the database has no pool yet
+// and the pool was never used (transaction id 0): the daemon takes it as its
+// own. Otherwise a non-empty mismatch says why the pool may not be the
+// database's.
 //
 // The daemon at startup (checkOwnership) and Check's repair both decide with
 // it, so they never disagree.
-func poolOwnership(pi storage.PoolInfo, dbTx uint64, pending int, pool string, poolTx uint64) (isNew bool, mismatch string) {
+func poolOwnership(pi storage.PoolInfo, dbTx uint64, pending int, names []string, poolTx uint64) (isNew bool, mismatch string) {
 	switch {
 	case pi.Name == "" && poolTx != 0:
 		return false, fmt.Sprintf("the database is new but the pool's transaction id is %d (the pool was used before, by another database or daemon)", poolTx)
 	case pi.Name == "":
 		return true, ""
-	case pi.Name != pool:
+	case !slices.Contains(names, pi.Name):
 		return false, fmt.Sprintf("the database belongs to pool %s", pi.Name)
 	case poolTx < dbTx || poolTx > dbTx+uint64(pending):
 		return false, fmt.Sprintf("the pool's transaction id is %d but the database recorded %d with %d operations pending (a re-created pool, or someone else's)", poolTx, dbTx, pending)
@@ -69,7 +71,7 @@ func (s *Snapshotter) checkOwnership(ctx context.Context) error {
 		return err
 	}
 
-	isNew, mismatch := poolOwnership(pi, dbTx, pending, name, st.TransactionID)
+	isNew, mismatch := poolOwnership(pi, dbTx, pending, poolNames(s.pool), st.TransactionID)
 	if mismatch != "" && !s.cfg.AllowAdopt {
 		return fmt.Errorf("pool %s: %s; refusing to use it (set allow_adopt = true under [pool] to take it over): %w", name, mismatch, errdefs.ErrFailedPrecondition)
 	}
@@ -91,13 +93,26 @@ func (s *Snapshotter) checkOwnership(ctx context.Context) error {
 		}
 	}
 	s.txid = st.TransactionID
+	s.recordedPool = pi.Name
 	return nil
+}
+
+// poolNames are the names a database may have recorded for pool: an LVM
+// pool's dm name changes when LVM thin volumes come or go, and a database
+// made with either one keeps it.
+func poolNames(pool Pool) []string {
+	if a, ok := pool.(interface{ Aliases() []string }); ok {
+		return a.Aliases()
+	}
+	return []string{pool.Name()}
 }
 
 // recover finishes or rolls back every operation a crash interrupted, then
 // activates the devices of active snapshots and views that are gone (after a
 // reboot).
 func (s *Snapshotter) recover(ctx context.Context) error {
+	start := time.Now()
+	defer func() { s.recovered(func(r *Recovery) { r.Duration = time.Since(start) }) }()
 	var entries []storage.Entry
 	if err := s.db.View(ctx, func(tx *storage.Tx) (err error) {
 		entries, err = tx.Journal()
@@ -122,15 +137,18 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 			if err := s.rollbackCreate(ctx, e, false); err != nil {
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.RolledBackCreates++ })
 			l.Info("recovery: rolled back an interrupted create")
 		case storage.OpDelete:
 			if err := s.finishDelete(ctx, e); err != nil {
 				if dmsetup.IsBusy(err) {
+					s.recovered(func(r *Recovery) { r.DeferredRemovals++ })
 					l.WithError(err).Warn("recovery: device still open, removal stays pending")
 					continue
 				}
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.FinishedRemovals++ })
 			l.Info("recovery: finished an interrupted removal")
 		default:
 			// An interrupted commit left the snapshot active: its
@@ -138,6 +156,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 			if err := s.db.Update(ctx, func(tx *storage.Tx) error { return tx.FinishJournal(e.Seq) }); err != nil {
 				return err
 			}
+			s.recovered(func(r *Recovery) { r.DroppedOperations++ })
 			l.Info("recovery: dropped an interrupted operation; the snapshot keeps its previous state")
 		}
 	}
@@ -166,6 +185,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 		if err := s.pool.Activate(name, snap.DeviceID, dmsetup.BytesToSectors(snap.Size), snap.Kind == snapshots.KindView); err != nil {
 			return fmt.Errorf("reactivate %q: %w", snap.Key, err)
 		}
+		s.recovered(func(r *Recovery) { r.ReactivatedDevices++ })
 		log.G(ctx).WithField("key", snap.Key).WithField("id", snap.DeviceID).Info("recovery: reactivated device")
 	}
 	return nil

@@ -43,13 +43,15 @@ func (s *Snapshotter) finishDelete(ctx context.Context, e storage.Entry) error {
 		return err
 	}
 
-	if err := s.pool.Deactivate(ctx, s.deviceName(e.DeviceID)); err != nil {
+	if err := s.timed(StepDeactivate, func() error { return s.pool.Deactivate(ctx, s.deviceName(e.DeviceID)) }); err != nil {
 		return err
 	}
 	if s.cfg.discardOnDelete() {
 		s.discardDevice(ctx, e)
 	}
-	next, _, err := s.poolStep(nil, func() error { return ignoreNoData(s.pool.DeleteThin(e.DeviceID)) }, nil)
+	next, _, err := s.poolStep(nil, func() error {
+		return s.timed(StepDelete, func() error { return ignoreNoData(s.pool.DeleteThin(e.DeviceID)) })
+	}, nil)
 	if err != nil {
 		return err
 	}

@@ -35,6 +35,9 @@ type Snapshotter struct {
 	cfg  Config
 	db   *storage.DB
 	pool Pool
+	// recordedPool is the pool's name in the database (devicePool); set
+	// before any device is named, read-only afterwards.
+	recordedPool string
 
 	// poolMu serializes pool metadata messages with the transaction id
 	// that follows each of them; txid is the pool's current one.
@@ -42,6 +45,9 @@ type Snapshotter struct {
 	txid   uint64
 
 	keys keyLocks
+
+	// admin serves Status and the step observer (status.go).
+	admin adminState
 
 	// format makes the base filesystem; replaced in unit tests.
 	format func(ctx context.Context, dev string) error
@@ -67,10 +73,20 @@ type Snapshotter struct {
 var _ snapshots.Snapshotter = (*Snapshotter)(nil)
 var _ snapshots.Cleaner = (*Snapshotter)(nil)
 
+// devicePool names the pool in its devices' names: the name the database
+// recorded, so they keep their names when LVM moves the pool to its other
+// dm name (poolNames); the pool's own name until one is recorded.
+func (s *Snapshotter) devicePool() string {
+	if s.recordedPool != "" {
+		return s.recordedPool
+	}
+	return s.pool.Name()
+}
+
 // deviceName is the dm name of thin id: built from the pool and the id,
 // never from a snapshot key.
 func (s *Snapshotter) deviceName(id uint32) string {
-	return dmsetup.DeviceName(s.pool.Name(), id)
+	return dmsetup.DeviceName(s.devicePool(), id)
 }
 
 // Stat returns the info of a snapshot.
@@ -230,7 +246,9 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	snap, entry, next, txSet := r.snap, r.entry, r.next, r.txSet
 
 	if err == nil {
-		err = s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
+		err = s.timed(StepActivate, func() error {
+			return s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
+		})
 		if err != nil {
 			s.poolMu.Lock()
 			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
@@ -328,7 +346,7 @@ func (s *Snapshotter) snapLocked(id, origin uint32) error {
 			return err
 		}
 	}
-	err = s.pool.CreateSnap(id, origin)
+	err = s.timed(StepCreateSnap, func() error { return s.pool.CreateSnap(id, origin) })
 	if active {
 		err = errors.Join(err, s.pool.Resume(name))
 	}
@@ -397,7 +415,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	st, err := s.pool.ThinStatus(dev)
 	if err == nil {
 		usage = ownUsage(st.MappedSectors, snap.Shared)
-		err = s.pool.Deactivate(ctx, dev)
+		err = s.timed(StepDeactivate, func() error { return s.pool.Deactivate(ctx, dev) })
 	}
 	if err != nil {
 		if dmsetup.IsBusy(err) {

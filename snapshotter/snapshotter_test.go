@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
 )
 
@@ -123,7 +124,7 @@ func TestLifecycle(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if len(m) != 1 || m[0].Type != fs || !strings.HasPrefix(m[0].Source, "/dev/mapper/tp-snap-") {
+			if len(m) != 1 || m[0].Type != fs || !strings.HasPrefix(m[0].Source, "/dev/mapper/"+dmsetup.DeviceNamePrefix("tp")) {
 				t.Fatalf("mounts %+v", m)
 			}
 			wantOpts := []string{"noatime"}
@@ -133,12 +134,12 @@ func TestLifecycle(t *testing.T) {
 			if !slices.Equal(m[0].Options, wantOpts) {
 				t.Errorf("options %v, want %v", m[0].Options, wantOpts)
 			}
-			if strings.Contains(m[0].Source, "a") && !strings.HasPrefix(m[0].Source, "/dev/mapper/tp-snap-") {
+			if strings.Contains(m[0].Source, "a") && !strings.HasPrefix(m[0].Source, "/dev/mapper/"+dmsetup.DeviceNamePrefix("tp")) {
 				t.Errorf("device name built from the key: %s", m[0].Source)
 			}
 			pool.write(strings.TrimPrefix(m[0].Source, "/dev/mapper/"), 16)
 			u, err := s.Usage(ctx, "a")
-			if err != nil || u.Size != 16*512 {
+			if err != nil || u.Size != int64(dmsetup.Sectors(16).Bytes()) {
 				t.Fatalf("usage of active = %+v, %v", u, err)
 			}
 			checkConsistent(t, s, pool)
@@ -146,7 +147,7 @@ func TestLifecycle(t *testing.T) {
 			if err := s.Commit(ctx, "c", "a"); err != nil {
 				t.Fatal(err)
 			}
-			if u, err := s.Usage(ctx, "c"); err != nil || u.Size != 16*512 {
+			if u, err := s.Usage(ctx, "c"); err != nil || u.Size != int64(dmsetup.Sectors(16).Bytes()) {
 				t.Fatalf("usage of committed = %+v, %v", u, err)
 			}
 			if _, err := s.Mounts(ctx, "c"); !errdefs.IsFailedPrecondition(err) {
@@ -176,7 +177,7 @@ func TestLifecycle(t *testing.T) {
 				t.Errorf("usage of a fresh child = %+v, %v; want 0", u, err)
 			}
 			pool.write(strings.TrimPrefix(mb[0].Source, "/dev/mapper/"), 8)
-			if u, err := s.Usage(ctx, "b"); err != nil || u.Size != 8*512 {
+			if u, err := s.Usage(ctx, "b"); err != nil || u.Size != int64(dmsetup.Sectors(8).Bytes()) {
 				t.Errorf("usage of a child after writing 8 sectors = %+v, %v", u, err)
 			}
 			checkConsistent(t, s, pool)
@@ -578,6 +579,14 @@ func TestStaleRemovalEntry(t *testing.T) {
 	checkConsistent(t, s, pool)
 }
 
+// aliasPool is a fake pool with other names, like an LVM pool.
+type aliasPool struct {
+	*fakePool
+	aliases []string
+}
+
+func (p aliasPool) Aliases() []string { return p.aliases }
+
 // TestPoolOwnership is the one rule the daemon (checkOwnership) and Check's
 // repair (poolIsOurs) both apply.
 func TestPoolOwnership(t *testing.T) {
@@ -587,18 +596,21 @@ func TestPoolOwnership(t *testing.T) {
 		pi       storage.PoolInfo
 		dbTx     uint64
 		pending  int
-		pool     string
+		pool     []string // its names; the first is Name()
 		poolTx   uint64
 		isNew    bool
 		mismatch string // substring; "" for ours
 	}{
-		{name: "new database, unused pool", pool: "tp", isNew: true},
-		{name: "new database, used pool", pool: "tp", poolTx: 3, mismatch: "transaction id is 3"},
-		{name: "same ids", pi: ours, dbTx: 5, pool: "tp", poolTx: 5},
-		{name: "ahead by the pending entries", pi: ours, dbTx: 5, pending: 2, pool: "tp", poolTx: 7},
-		{name: "ahead by more", pi: ours, dbTx: 5, pending: 2, pool: "tp", poolTx: 8, mismatch: "recorded 5 with 2 operations pending"},
-		{name: "behind (re-created)", pi: ours, dbTx: 5, pool: "tp", poolTx: 0, mismatch: "re-created"},
-		{name: "another pool", pi: ours, dbTx: 5, pool: "other", poolTx: 5, mismatch: "belongs to pool tp"},
+		{name: "new database, unused pool", pool: []string{"tp"}, isNew: true},
+		{name: "new database, used pool", pool: []string{"tp"}, poolTx: 3, mismatch: "transaction id is 3"},
+		{name: "same ids", pi: ours, dbTx: 5, pool: []string{"tp"}, poolTx: 5},
+		{name: "ahead by the pending entries", pi: ours, dbTx: 5, pending: 2, pool: []string{"tp"}, poolTx: 7},
+		{name: "ahead by more", pi: ours, dbTx: 5, pending: 2, pool: []string{"tp"}, poolTx: 8, mismatch: "recorded 5 with 2 operations pending"},
+		{name: "behind (re-created)", pi: ours, dbTx: 5, pool: []string{"tp"}, poolTx: 0, mismatch: "re-created"},
+		{name: "another pool", pi: ours, dbTx: 5, pool: []string{"other"}, poolTx: 5, mismatch: "belongs to pool tp"},
+		// An LVM pool recorded under its other dm name.
+		{name: "recorded under an alias", pi: ours, dbTx: 5, pool: []string{"tp-lv", "tp-lv-tpool", "tp"}, poolTx: 5},
+		{name: "not among the aliases", pi: ours, dbTx: 5, pool: []string{"tp-lv", "tp-lv-tpool"}, poolTx: 5, mismatch: "belongs to pool tp"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			isNew, mismatch := poolOwnership(tc.pi, tc.dbTx, tc.pending, tc.pool, tc.poolTx)
@@ -606,7 +618,7 @@ func TestPoolOwnership(t *testing.T) {
 				t.Fatalf("poolOwnership = %v, %q; want %v, %q", isNew, mismatch, tc.isNew, tc.mismatch)
 			}
 			// Check repairs exactly the pools the daemon would use as they are.
-			s := &Snapshotter{pool: newFakePool(tc.pool)}
+			s := &Snapshotter{pool: aliasPool{newFakePool(tc.pool[0]), tc.pool}}
 			journal := make([]storage.Entry, tc.pending)
 			ok, _ := s.poolIsOurs(&checkState{pi: tc.pi, dbTx: tc.dbTx, poolTx: tc.poolTx, journal: journal})
 			if ok != (!isNew && mismatch == "") {

@@ -87,12 +87,17 @@ func checkCommand(open checkOpener) *cli.Command {
 			"\n" +
 			"Exit status: 0 clean (also: everything repaired), 1 problems found or left after\n" +
 			"--repair, 2 the check could not run (e.g. the daemon is running).\n" +
-			"--json prints one report object; its fields are documented on snapshotter.Report.",
+			"--json prints one report object; its fields are documented on snapshotter.Report.\n" +
+			"\n" +
+			"--online asks the running daemon (--address) instead: the same report, read-only,\n" +
+			"from a metadata snapshot and a read transaction while it serves. It checks twice\n" +
+			"and reports what both passes found, so operations in flight are not findings.",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "repair", Usage: "fix what is safe to fix"},
 			&cli.BoolFlag{Name: "remove-ghosts", Usage: "with --repair: remove records whose thin device is gone"},
 			&cli.BoolFlag{Name: "release-foreign", Usage: "with --repair: delete devices of foreign thin ids from the pool and free the ids"},
 			&cli.BoolFlag{Name: "json", Usage: "print the report as JSON"},
+			&cli.BoolFlag{Name: "online", Usage: "check the running daemon's state, read-only"},
 		},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
 			if cmd.Args().Len() > 0 {
@@ -103,6 +108,16 @@ func checkCommand(open checkOpener) *cli.Command {
 			}
 			if cmd.Bool("release-foreign") && !cmd.Bool("repair") {
 				return &exitStatus{code: checkError, err: errors.New("--release-foreign needs --repair")}
+			}
+			if cmd.Bool("online") {
+				if cmd.Bool("repair") {
+					return &exitStatus{code: checkError, err: errors.New("--repair needs the daemon stopped: it cannot be --online")}
+				}
+				code, err := runOnlineCheck(ctx, cmd, cmd.Bool("json"), cmd.Root().Writer)
+				if err != nil || code != checkClean {
+					return &exitStatus{code: code, err: err}
+				}
+				return nil
 			}
 			cfg, err := resolveConfig(cmd)
 			if err != nil {

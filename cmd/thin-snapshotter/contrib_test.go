@@ -41,8 +41,9 @@ func TestContribConfigIsDefault(t *testing.T) {
 type containerdConfig struct {
 	Version      int `toml:"version"`
 	ProxyPlugins map[string]struct {
-		Type    string `toml:"type"`
-		Address string `toml:"address"`
+		Type    string            `toml:"type"`
+		Address string            `toml:"address"`
+		Exports map[string]string `toml:"exports"`
 	} `toml:"proxy_plugins"`
 	Plugins struct {
 		Transfer struct {
@@ -53,8 +54,21 @@ type containerdConfig struct {
 			} `toml:"unpack_config"`
 		} `toml:"io.containerd.transfer.v1.local"`
 		CRIImages struct {
-			Snapshotter string `toml:"snapshotter"`
+			Snapshotter      string `toml:"snapshotter"`
+			RuntimePlatforms map[string]struct {
+				Platform    string `toml:"platform"`
+				Snapshotter string `toml:"snapshotter"`
+			} `toml:"runtime_platforms"`
 		} `toml:"io.containerd.cri.v1.images"`
+		CRIRuntime struct {
+			Containerd struct {
+				Runtimes map[string]struct {
+					Type                         string `toml:"runtime_type"`
+					Snapshotter                  string `toml:"snapshotter"`
+					PrivilegedWithoutHostDevices bool   `toml:"privileged_without_host_devices"`
+				} `toml:"runtimes"`
+			} `toml:"containerd"`
+		} `toml:"io.containerd.cri.v1.runtime"`
 	} `toml:"plugins"`
 }
 
@@ -85,19 +99,38 @@ func TestContribContainerdConfigs(t *testing.T) {
 			if !ok || pp.Type != "snapshot" || pp.Address != config.DefaultAddress {
 				t.Errorf("proxy_plugins.thin = %+v (present %v), want type snapshot at %s", pp, ok, config.DefaultAddress)
 			}
-			var thin, overlay bool
+			if root := pp.Exports["root"]; root != config.DefaultRoot {
+				t.Errorf("proxy_plugins.thin.exports.root = %q, want %s (CRI's image filesystem)", root, config.DefaultRoot)
+			}
+			// Both snapshotters on both platforms.
+			have := map[string]bool{}
 			for _, u := range c.Plugins.Transfer.UnpackConfig {
-				if u.Platform != "linux/amd64" || u.Differ != "walking" {
+				if u.Differ != "walking" {
 					t.Errorf("unpack_config entry %+v", u)
 				}
-				thin = thin || u.Snapshotter == "thin"
-				overlay = overlay || u.Snapshotter == "overlayfs"
+				have[u.Platform+" "+u.Snapshotter] = true
 			}
-			if !thin || !overlay {
-				t.Errorf("unpack_config %+v lacks thin or the default overlayfs", c.Plugins.Transfer.UnpackConfig)
+			for _, p := range []string{"linux/amd64", "linux/arm64"} {
+				for _, sn := range []string{"thin", "overlayfs"} {
+					if !have[p+" "+sn] {
+						t.Errorf("unpack_config %+v lacks %s on %s", c.Plugins.Transfer.UnpackConfig, sn, p)
+					}
+				}
 			}
-			if c.Plugins.CRIImages.Snapshotter != "thin" {
-				t.Errorf("CRI images snapshotter = %q", c.Plugins.CRIImages.Snapshotter)
+			// CRI's default stays overlayfs; runtime handlers put pods on
+			// thin, and the image service knows them (pulls, image fs).
+			if c.Plugins.CRIImages.Snapshotter != "" {
+				t.Errorf("CRI images snapshotter = %q, want the default", c.Plugins.CRIImages.Snapshotter)
+			}
+			runtimes := c.Plugins.CRIRuntime.Containerd.Runtimes
+			for name, want := range map[string]string{"runc-thin": "io.containerd.runc.v2", "kata-thin": "io.containerd.kata.v2"} {
+				rt, ok := runtimes[name]
+				if !ok || rt.Type != want || rt.Snapshotter != "thin" {
+					t.Errorf("runtime handler %s = %+v (present %v), want %s on thin", name, rt, ok, want)
+				}
+				if rp := c.Plugins.CRIImages.RuntimePlatforms[name]; rp.Snapshotter != "thin" {
+					t.Errorf("runtime_platforms.%s = %+v, want snapshotter thin", name, rp)
+				}
 			}
 		})
 	}

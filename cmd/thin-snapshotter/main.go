@@ -4,6 +4,9 @@
 //	thin-snapshotter [--config FILE] [--root DIR] [--address SOCKET] [--log-level LEVEL]
 //	thin-snapshotter config default
 //	thin-snapshotter check [--repair [--remove-ghosts] [--release-foreign]] [--json]
+//	thin-snapshotter check --online [--json]
+//	thin-snapshotter status [--json] | devices [--json] | cleanup
+//	thin-snapshotter --version
 package main
 
 import (
@@ -63,6 +66,7 @@ func newApp(run func(context.Context, *config.Config) error, stdout, stderr io.W
 		Description: "Without a subcommand, serves containerd's snapshots API on a unix socket\n" +
 			"(configure containerd with [proxy_plugins.<name>] type = \"snapshot\").\n" +
 			"Flags override the configuration file.",
+		Version:   versionString(),
 		Writer:    stdout,
 		ErrWriter: stderr,
 		Flags: []cli.Flag{
@@ -73,7 +77,7 @@ func newApp(run func(context.Context, *config.Config) error, stdout, stderr io.W
 				Usage:   "configuration `FILE`; the default path may be missing, a path given here must exist",
 			},
 			&cli.StringFlag{Name: "root", Usage: "state `DIR` (overrides root; default " + config.DefaultRoot + ")"},
-			&cli.StringFlag{Name: "address", Aliases: []string{"a"}, Usage: "unix `SOCKET` to serve on (overrides address; default " + config.DefaultAddress + ")"},
+			&cli.StringFlag{Name: "address", Aliases: []string{"a"}, Usage: "unix `SOCKET` to serve on, or of the daemon that status, devices, cleanup and check --online ask (overrides address; default " + config.DefaultAddress + ")"},
 			&cli.StringFlag{Name: "log-level", Usage: "`LEVEL`: trace, debug, info, warn, error (overrides log_level)"},
 		},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
@@ -86,7 +90,10 @@ func newApp(run func(context.Context, *config.Config) error, stdout, stderr io.W
 			}
 			return run(ctx, cfg)
 		},
-		Commands: []*cli.Command{configCommand(), checkCommand(openChecker)},
+		Commands: []*cli.Command{
+			configCommand(), checkCommand(openChecker),
+			statusCommand(), devicesCommand(), cleanupCommand(),
+		},
 	}
 }
 
@@ -116,6 +123,12 @@ func resolveConfig(cmd *cli.Command) (*config.Config, error) {
 		return nil, fmt.Errorf("invalid configuration (%s and flags):\n%w", path, err)
 	}
 	return cfg, nil
+}
+
+// versionString is what --version prints after the name.
+func versionString() string {
+	v, c := buildVersion()
+	return v + " (commit " + c + ")"
 }
 
 func configCommand() *cli.Command {

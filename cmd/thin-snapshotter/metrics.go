@@ -17,11 +17,13 @@ import (
 )
 
 // metrics serves /metrics: gRPC calls by method and status code, their
-// latency, and the Go runtime.
+// latency, the Go runtime, and once watching a snapshotter (watch, in
+// metrics_pool.go) its pool and kernel steps.
 type metrics struct {
 	reg      *prometheus.Registry
 	calls    *prometheus.CounterVec
 	duration *prometheus.HistogramVec
+	steps    *stepMetrics
 	srv      *http.Server
 	done     chan struct{}
 }
@@ -29,25 +31,7 @@ type metrics struct {
 // startMetrics listens on addr before anything is served, so a bad or busy
 // address fails the start.
 func startMetrics(ctx context.Context, addr string) (*metrics, error) {
-	m := &metrics{
-		reg: prometheus.NewRegistry(),
-		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "thin_snapshotter",
-			Name:      "grpc_calls_total",
-			Help:      "Snapshots API calls handled, by method and gRPC status code.",
-		}, []string{"method", "code"}),
-		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Namespace: "thin_snapshotter",
-			Name:      "grpc_call_duration_seconds",
-			Help:      "Time to handle a snapshots API call, by method.",
-			Buckets:   prometheus.ExponentialBuckets(0.0005, 2.5, 12),
-		}, []string{"method"}),
-		done: make(chan struct{}),
-	}
-	m.reg.MustRegister(m.calls, m.duration,
-		collectors.NewGoCollector(),
-		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-
+	m := newMetrics()
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics_address: %w", err)
@@ -63,6 +47,31 @@ func startMetrics(ctx context.Context, addr string) (*metrics, error) {
 	}()
 	log.G(ctx).Infof("serving metrics on http://%s/metrics", l.Addr())
 	return m, nil
+}
+
+// newMetrics is the registry with every collector but the snapshotter's
+// (watch adds those).
+func newMetrics() *metrics {
+	m := &metrics{
+		reg: prometheus.NewRegistry(),
+		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: metricsNamespace,
+			Name:      "grpc_calls_total",
+			Help:      "Snapshots API calls handled, by method and gRPC status code.",
+		}, []string{"method", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: metricsNamespace,
+			Name:      "grpc_call_duration_seconds",
+			Help:      "Time to handle a snapshots API call, by method.",
+			Buckets:   prometheus.ExponentialBuckets(0.0005, 2.5, 12),
+		}, []string{"method"}),
+		steps: newStepMetrics(),
+		done:  make(chan struct{}),
+	}
+	m.reg.MustRegister(m.calls, m.duration, m.steps.duration, m.steps.errors,
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
 }
 
 func (m *metrics) observe(method string, start time.Time, err error) {

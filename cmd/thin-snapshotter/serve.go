@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/thin-snapshotter/thin-snapshotter/cmd/thin-snapshotter/config"
+	adminv1 "github.com/thin-snapshotter/thin-snapshotter/proto/thin/admin/v1"
 )
 
 // SnapshotterFactory opens the snapshotter that the daemon serves. The
@@ -100,14 +101,22 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 		defer m.shutdown(ctx)
 	}
 
-	if cfg.Pool.Name == "" {
+	switch {
+	case cfg.Pool.LVM != "":
+		logger.WithField("pool", cfg.Pool.LVM).Info("using existing LVM thin pool")
+	case cfg.Pool.Name == "":
 		logger.Warn("no [pool] name configured: using the embedded loopback pool under root; loopback pools are for development and trials, use an existing thin pool (e.g. LVM) in production")
-	} else {
+	default:
 		logger.WithField("pool", cfg.Pool.Name).Info("using existing thin pool")
 	}
 	sn, err := open(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("opening snapshotter: %w", err)
+	}
+	if m != nil {
+		if err := m.watch(sn); err != nil {
+			logger.WithError(err).Warn("metrics without the pool's")
+		}
 	}
 	skipClose := false
 	defer func() {
@@ -156,7 +165,8 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 	return nil
 }
 
-// newServer serves sn's snapshots API; m, when not nil, counts the calls.
+// newServer serves sn's snapshots API, and the admin API when sn has it;
+// m, when not nil, counts the calls.
 func newServer(sn snapshots.Snapshotter, m *metrics) *grpc.Server {
 	var unary []grpc.UnaryServerInterceptor
 	var stream []grpc.StreamServerInterceptor
@@ -167,6 +177,9 @@ func newServer(sn snapshots.Snapshotter, m *metrics) *grpc.Server {
 	unary, stream = append(unary, unaryErrors), append(stream, streamErrors)
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+	if a, ok := sn.(adminBackend); ok {
+		adminv1.RegisterAdminServer(srv, &adminServer{sn: a})
+	}
 	return srv
 }
 

@@ -114,37 +114,31 @@ func offlineCheck(ctx context.Context, root, pool string, m *model) ([]string, e
 	if err != nil {
 		return nil, err
 	}
-	prefix := pool + "-snap-"
+	prefix := dmsetup.DeviceNamePrefix(pool)
 	seen := map[uint32]bool{}
 	for _, d := range devs {
 		if !strings.HasPrefix(d.Name, prefix) {
 			continue
 		}
-		id64, err := strconv.ParseUint(strings.TrimPrefix(d.Name, prefix), 10, 32)
-		if err != nil {
-			bad("dm device %s: not <pool>-snap-<id>", d.Name)
+		id, ok := dmsetup.ParseDeviceName(pool, d.Name)
+		if !ok {
+			bad("dm device %s: not %s<id>", d.Name, prefix)
 			continue
 		}
-		id := uint32(id64)
 		seen[id] = true
 		s, ok := active[id]
 		if !ok {
 			bad("dm device %s belongs to no active snapshot or view", d.Name)
 			continue
 		}
-		tbl, err := c.Table(d.Name)
-		if err != nil || len(tbl) != 1 || tbl[0].Type != "thin" {
-			bad("dm device %s of %q: table %v (%v)", d.Name, s.Key, tbl, err)
-			continue
-		}
-		tp, err := dmsetup.ParseThinParams(tbl[0].Params)
-		if err != nil || tp.ID != id || tbl[0].Length != s.Size/512 {
-			bad("dm device %s of %q: table %q (length %d, want id %d length %d): %v", d.Name, s.Key, tbl[0], tbl[0].Length, id, s.Size/512, err)
+		tp, length, err := c.ThinTarget(d.Name)
+		if want := dmsetup.BytesToSectors(s.Size); err != nil || tp.ID != id || length != want {
+			bad("dm device %s of %q: thin id %d length %d, want id %d length %d: %v", d.Name, s.Key, tp.ID, length, id, want, err)
 		}
 	}
 	for id, s := range active {
 		if !seen[id] {
-			bad("%s %q has no dm device %s%d", s.Kind, s.Key, prefix, id)
+			bad("%s %q has no dm device %s", s.Kind, s.Key, dmsetup.DeviceName(pool, id))
 		}
 	}
 

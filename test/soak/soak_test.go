@@ -363,7 +363,7 @@ func crashCheck(t *testing.T, ctx context.Context, d *daemon, round int, seen ma
 // withPool the pool device too (its loop devices detach with it). The next
 // start re-attaches the pool files and reactivates the devices.
 func simulateReboot(ctx context.Context, pool string, withPool bool) error {
-	if err := dmtest.RemoveDevices(ctx, pool+"-snap-"); err != nil {
+	if err := dmtest.RemoveDevices(ctx, dmsetup.DeviceNamePrefix(pool)); err != nil {
 		return err
 	}
 	if !withPool {

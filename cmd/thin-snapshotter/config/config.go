@@ -51,8 +51,11 @@ type Config struct {
 
 // PoolConfig selects the thin pool.
 type PoolConfig struct {
-	// Name of an existing thin pool; empty means the embedded loopback pool.
+	// Name of an existing thin pool; empty (and no LVM) means the embedded
+	// loopback pool.
 	Name string `toml:"name"`
+	// LVM is an LVM thin pool as "vg/lv", instead of Name.
+	LVM string `toml:"lvm"`
 	// DataSize, MetadataSize and BlockSize shape the embedded pool.
 	DataSize     ByteSize `toml:"data_size"`
 	MetadataSize ByteSize `toml:"metadata_size"`
@@ -131,6 +134,7 @@ func (c *Config) Snapshotter() snapshotter.Config {
 	return snapshotter.Config{
 		Root:            c.Root,
 		PoolName:        c.Pool.Name,
+		PoolLVM:         c.Pool.LVM,
 		DataSize:        uint64(c.Pool.DataSize),
 		MetadataSize:    uint64(c.Pool.MetadataSize),
 		BlockSize:       uint64(c.Pool.BlockSize),
@@ -155,6 +159,7 @@ func (c *Config) Snapshotter() snapshotter.Config {
 var snapshotterKeys = map[string]string{
 	"Root":            "root",
 	"PoolName":        "pool.name",
+	"PoolLVM":         "pool.lvm",
 	"DataSize":        "pool.data_size",
 	"MetadataSize":    "pool.metadata_size",
 	"BlockSize":       "pool.block_size",

@@ -125,6 +125,9 @@ func TestValidateAgreesWithSnapshotter(t *testing.T) {
 		{"relative root", func(c *Config) { c.Root = "x" }},
 		{"pool name", func(c *Config) { c.Pool.Name = "vg0-pool-tpool" }},
 		{"bad pool name", func(c *Config) { c.Pool.Name = "a/b" }},
+		{"lvm pool", func(c *Config) { c.Pool.LVM = "vg-0/thin-pool" }},
+		{"bad lvm pool", func(c *Config) { c.Pool.LVM = "vg0-thinpool" }},
+		{"lvm and name", func(c *Config) { c.Pool.LVM, c.Pool.Name = "vg0/thinpool", "vg0-thinpool" }},
 		{"mount options", func(c *Config) { c.Snapshot.MountOptions = []string{"noatime", "rw", "a,b"} }},
 		{"mkfs options", func(c *Config) { c.Snapshot.MkfsOptions = []string{"-m", ""} }},
 		{"everything wrong", func(c *Config) {

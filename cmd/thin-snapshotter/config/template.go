@@ -43,15 +43,24 @@ log_level = {{ value .LogLevel }}
 metrics_address = {{ value .MetricsAddress }}
 
 [pool]
-# An existing device-mapper thin pool (for example an LVM thin pool,
-# "vg-pool-tpool" in "dmsetup ls"). Empty: the embedded pool, made of sparse
-# data and metadata files under root on loop devices, created on the first
-# start and reused later, named after root so daemons with different roots
-# run side by side. The embedded pool is meant for development and trials.
+# The dm name of an existing device-mapper thin pool, as "dmsetup ls" shows
+# it. For an LVM thin pool set lvm instead. Both empty: the embedded pool,
+# made of sparse data and metadata files under root on loop devices, created
+# on the first start and reused later, named after root so daemons with
+# different roots run side by side. The embedded pool is meant for
+# development and trials.
 name = {{ value .Pool.Name }}
 
-# Embedded pool only (ignored when name is set): the size of the sparse data
-# file, which is the pool's capacity; at least {{ .MinDataSize }}.
+# An LVM thin pool as "vg/lv" (e.g. "vg0/thinpool"), instead of name. LVM
+# gives its thin-pool target the dm name "vg-lv" while the pool has no LVM
+# thin volumes and "vg-lv-tpool" once it has some; the daemon looks for it
+# under both at each start. The pool must be dedicated to this daemon: LVM
+# refuses to make thin volumes in a pool whose transaction id the daemon has
+# advanced (lvextend keeps working).
+lvm = {{ value .Pool.LVM }}
+
+# Embedded pool only (ignored when name or lvm is set): the size of the
+# sparse data file, which is the pool's capacity; at least {{ .MinDataSize }}.
 data_size = {{ value .Pool.DataSize }}
 
 # Embedded pool only: the size of the sparse metadata file, {{ .MinMetadataSize }} to {{ .MaxMetadataSize }}.

@@ -1,0 +1,171 @@
+package main
+
+import (
+	"context"
+	"errors"
+
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	adminv1 "github.com/thin-snapshotter/thin-snapshotter/proto/thin/admin/v1"
+	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
+)
+
+// adminBackend is what the admin API and the pool metrics need of the
+// snapshotter; *snapshotter.Snapshotter implements it. A snapshotter that
+// does not (the tests' doubles) is served without them.
+type adminBackend interface {
+	Status(ctx context.Context) (snapshotter.Status, error)
+	Devices(ctx context.Context) ([]snapshotter.Device, error)
+	CheckOnline(ctx context.Context) (*snapshotter.Report, error)
+	Cleanup(ctx context.Context) error
+	SetStepObserver(o snapshotter.StepObserver)
+}
+
+var _ adminBackend = (*snapshotter.Snapshotter)(nil)
+
+// adminServer serves thin.admin.v1.Admin from the snapshotter's plain Go
+// methods. Errors keep their errdefs kinds: the server's interceptor turns
+// them into gRPC codes.
+type adminServer struct {
+	adminv1.UnimplementedAdminServer
+	sn adminBackend
+}
+
+func (a *adminServer) Status(ctx context.Context, _ *adminv1.StatusRequest) (*adminv1.StatusResponse, error) {
+	st, err := a.sn.Status(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return statusToProto(st), nil
+}
+
+func statusToProto(st snapshotter.Status) *adminv1.StatusResponse {
+	v, c := buildVersion()
+	r := st.LastRecovery
+	out := &adminv1.StatusResponse{
+		Version:           v,
+		Commit:            c,
+		Pool:              st.Pool,
+		Mode:              st.Mode,
+		NeedsCheck:        st.NeedsCheck,
+		PoolTransactionId: st.PoolTransactionID,
+		DbTransactionId:   st.DBTransactionID,
+		Data: &adminv1.Space{
+			UsedBytes: st.DataUsed, TotalBytes: st.DataTotal, BlockSizeBytes: st.DataBlockSize,
+			LowWaterMarkBytes: st.DataLowWaterMark, LowWater: st.DataLowWater,
+		},
+		Metadata: &adminv1.Space{
+			UsedBytes: st.MetadataUsed, TotalBytes: st.MetadataTotal, BlockSizeBytes: snapshotter.MetadataBlockSize,
+			LowWaterMarkBytes: st.MetadataLowWaterMark, LowWater: st.MetadataLowWater,
+		},
+		Snapshots:       map[string]uint32{},
+		NotReady:        uint32(st.NotReady),
+		ActiveDevices:   uint32(st.ActiveDevices),
+		PendingJournal:  uint32(st.PendingJournal),
+		PendingRemovals: uint32(st.PendingRemovals),
+		LastRecovery: &adminv1.Recovery{
+			RolledBackCreates:  uint32(r.RolledBackCreates),
+			FinishedRemovals:   uint32(r.FinishedRemovals),
+			DeferredRemovals:   uint32(r.DeferredRemovals),
+			DroppedOperations:  uint32(r.DroppedOperations),
+			ReactivatedDevices: uint32(r.ReactivatedDevices),
+			Duration:           durationpb.New(r.Duration),
+		},
+		Thresholds: &adminv1.Thresholds{
+			MinFreeDataPercent:     st.MinFreeData,
+			MinFreeMetadataPercent: st.MinFreeMetadata,
+			AsyncRemove:            st.AsyncRemove,
+		},
+	}
+	// Every kind, so a client sees zeros rather than missing keys.
+	for _, k := range snapshotter.Kinds {
+		out.Snapshots[k] = uint32(st.Snapshots[k])
+	}
+	return out
+}
+
+func (a *adminServer) ListDevices(ctx context.Context, _ *adminv1.ListDevicesRequest) (*adminv1.ListDevicesResponse, error) {
+	devs, err := a.sn.Devices(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := &adminv1.ListDevicesResponse{Devices: make([]*adminv1.Device, 0, len(devs))}
+	for _, d := range devs {
+		out.Devices = append(out.Devices, &adminv1.Device{
+			Id: d.ID, Name: d.Name, Key: d.Key, Kind: d.Kind, State: d.State,
+			Active: d.Active, OpenCount: d.OpenCount, ReadOnly: d.ReadOnly,
+			MappedBytes: d.MappedBytes, VirtualSizeBytes: d.VirtualSize,
+		})
+	}
+	return out, nil
+}
+
+func (a *adminServer) Check(ctx context.Context, _ *adminv1.CheckRequest) (*adminv1.CheckResponse, error) {
+	r, err := a.sn.CheckOnline(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := &adminv1.CheckResponse{
+		Root: r.Root, Pool: r.Pool,
+		PoolTransactionId: r.PoolTransactionID, DbTransactionId: r.DBTransactionID,
+		BaseDeviceId: r.BaseDeviceID, PoolDevices: r.PoolDevices, Records: uint32(r.Records),
+		Findings: make([]*adminv1.Finding, 0, len(r.Findings)), Clean: r.Clean,
+	}
+	for _, f := range r.Findings {
+		out.Findings = append(out.Findings, &adminv1.Finding{
+			Kind: string(f.Kind), DeviceId: f.DeviceID, Device: f.Device, Key: f.Key,
+			Message: f.Message, Repairable: f.Repairable,
+		})
+	}
+	return out, nil
+}
+
+// reportFromProto is the snapshotter's report of an online check, so the
+// check command prints it as it prints an offline one.
+func reportFromProto(p *adminv1.CheckResponse) *snapshotter.Report {
+	r := &snapshotter.Report{
+		Root: p.GetRoot(), Pool: p.GetPool(),
+		PoolTransactionID: p.GetPoolTransactionId(), DBTransactionID: p.GetDbTransactionId(),
+		BaseDeviceID: p.GetBaseDeviceId(), PoolDevices: p.GetPoolDevices(), Records: int(p.GetRecords()),
+		Findings: []snapshotter.Finding{}, Clean: p.GetClean(), Online: true,
+	}
+	if r.PoolDevices == nil {
+		r.PoolDevices = []uint32{}
+	}
+	for _, f := range p.GetFindings() {
+		r.Findings = append(r.Findings, snapshotter.Finding{
+			Kind: snapshotter.FindingKind(f.GetKind()), DeviceID: f.GetDeviceId(), Device: f.GetDevice(),
+			Key: f.GetKey(), Message: f.GetMessage(), Repairable: f.GetRepairable(),
+		})
+	}
+	r.Remaining = r.Findings
+	return r
+}
+
+func (a *adminServer) Cleanup(ctx context.Context, _ *adminv1.CleanupRequest) (*adminv1.CleanupResponse, error) {
+	before, err := a.sn.Status(ctx)
+	if err != nil {
+		return nil, err
+	}
+	cerr := a.sn.Cleanup(ctx)
+	if cerr != nil && ctx.Err() != nil {
+		return nil, errors.Join(cerr, ctx.Err())
+	}
+	after, err := a.sn.Status(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := &adminv1.CleanupResponse{
+		PendingBefore: uint32(before.PendingRemovals),
+		PendingAfter:  uint32(after.PendingRemovals),
+	}
+	switch {
+	case cerr != nil:
+		// Busy devices stay pending; the counts say how many.
+		out.Error = cerr.Error()
+	case out.PendingAfter > 0:
+		// Taken by the background worker meanwhile, or new ones.
+		out.Error = "still pending: being removed in the background or new; run cleanup again"
+	}
+	return out, nil
+}
