@@ -168,7 +168,7 @@ func (p *LoopPool) Grow(ctx context.Context, opts GrowOptions) error {
 		params.LowWaterMark = opts.LowWaterMark
 	}
 	block := Sectors(params.BlockSizeSectors)
-	length := max(BytesToSectors(max(opts.DataSize, cur.DataSize))/block*block, Sectors(table[0].Length))
+	length := max(BytesToSectors(max(opts.DataSize, cur.DataSize))/block*block, table[0].Length)
 	t, err := PoolTable(length, params)
 	if err != nil {
 		return err
