@@ -82,6 +82,20 @@ type Config struct {
 	// DefaultMinFreeData and DefaultMinFreeMetadata are the recommended
 	// values.
 	MinFreeData, MinFreeMetadata float64
+
+	// Classes are the size classes Class serves: key spaces of their own
+	// on the same pool, whose active snapshots get the class's size.
+	Classes []SizeClass
+}
+
+// SizeClass names a default disk size for the active snapshots of a class.
+type SizeClass struct {
+	// Name is lower-case letters, digits, '-', '_' and '.', starting with
+	// a letter or digit, at most MaxClassNameLen bytes.
+	Name string
+	// Size in bytes: at least BaseSize, at most MaxDeviceSize, a multiple
+	// of BaseSizeAlign.
+	Size uint64
 }
 
 // discardOnDelete is DiscardOnDelete with its default applied.
@@ -132,6 +146,11 @@ const (
 	BaseSizeAlign = 4096
 	// MaxPoolNameLen is DM_NAME_LEN without the NUL.
 	MaxPoolNameLen = 127
+	// MaxDeviceSize bounds the virtual size of a device (1 PiB): far
+	// beyond any pool, small enough that no size arithmetic overflows.
+	MaxDeviceSize = 1 << 50
+	// MaxClassNameLen bounds a size class name.
+	MaxClassNameLen = 64
 )
 
 // FieldError is one invalid Config field; it matches
@@ -252,8 +271,22 @@ func (c *Config) validate() error {
 	default:
 		bad("FSType", "%q is not supported; use %q or %q", c.FSType, FSTypeExt4, FSTypeXFS)
 	}
-	if b := c.BaseSize; b < minBase || b%BaseSizeAlign != 0 {
-		bad("BaseSize", "%d bytes: must be at least %s for %s and a multiple of %d bytes", b, humanSize(minBase), c.FSType, BaseSizeAlign)
+	if b := c.BaseSize; b < minBase || b > MaxDeviceSize || b%BaseSizeAlign != 0 {
+		bad("BaseSize", "%d bytes: must be from %s for %s to %s and a multiple of %d bytes", b, humanSize(minBase), c.FSType, humanSize(MaxDeviceSize), BaseSizeAlign)
+	}
+	seen := map[string]bool{}
+	for i, cl := range c.Classes {
+		field := fmt.Sprintf("Classes[%d]", i)
+		if msg := checkClassName(cl.Name); msg != "" {
+			bad(field+".Name", "%q %s", cl.Name, msg)
+		} else if seen[cl.Name] {
+			bad(field+".Name", "%q is used twice", cl.Name)
+		}
+		seen[cl.Name] = true
+		if cl.Size < c.BaseSize || cl.Size > MaxDeviceSize || cl.Size%BaseSizeAlign != 0 {
+			bad(field+".Size", "%d bytes: must be from the base size (%s) to %s and a multiple of %d bytes",
+				cl.Size, humanSize(c.BaseSize), humanSize(MaxDeviceSize), BaseSizeAlign)
+		}
 	}
 	for i, o := range c.MkfsOptions {
 		if o == "" || strings.ContainsRune(o, 0) {
@@ -298,6 +331,22 @@ func checkPoolName(name string) string {
 	for _, r := range name {
 		if r == '/' || r <= ' ' || r > '~' {
 			return "must be printable ASCII without spaces or '/'"
+		}
+	}
+	return ""
+}
+
+// checkClassName returns why name cannot name a size class, or "".
+func checkClassName(name string) string {
+	if name == "" || len(name) > MaxClassNameLen {
+		return fmt.Sprintf("must be 1 to %d bytes long", MaxClassNameLen)
+	}
+	for i, r := range name {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
+		case i > 0 && (r == '-' || r == '_' || r == '.'):
+		default:
+			return "must be lower-case letters, digits, '-', '_' and '.', starting with a letter or digit"
 		}
 	}
 	return ""

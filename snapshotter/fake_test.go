@@ -177,6 +177,20 @@ func (p *fakePool) Deactivate(ctx context.Context, name string) error {
 	return nil
 }
 
+func (p *fakePool) Resize(name string, id uint32, sectors dmsetup.Sectors) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err := p.step("resize", name); err != nil {
+		return err
+	}
+	d, ok := p.devices[name]
+	if !ok || d.id != id {
+		return errno("table load", name, unix.ENXIO)
+	}
+	d.sectors = sectors
+	return nil
+}
+
 func (p *fakePool) Suspend(name string) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -40,10 +40,10 @@ type grower struct {
 
 // Growths is how many times the embedded pool grew since start.
 func (s *Snapshotter) Growths() uint64 {
-	if s.grow == nil {
+	if s.autogrow == nil {
 		return 0
 	}
-	return s.grow.steps.Load()
+	return s.autogrow.steps.Load()
 }
 
 // growPlan decides the new sizes of the pool's files: data by one step
@@ -88,7 +88,7 @@ func (c *Config) lowWaterBlocks(size uint64) uint64 { return c.lowWater(size) / 
 
 // maybeGrow grows the pool if growPlan says so; it reports whether it did.
 func (s *Snapshotter) maybeGrow(ctx context.Context) (bool, error) {
-	g := s.grow
+	g := s.autogrow
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	st, err := s.pool.Status()
@@ -139,7 +139,7 @@ func (s *Snapshotter) watchGrowth(ctx context.Context) {
 				log.G(ctx).WithError(err).Warn("embedded pool growth")
 			}
 			wctx, cancel := context.WithTimeout(ctx, growPoll)
-			_, err = s.grow.c.WaitEvent(wctx, name, info.EventNr)
+			_, err = s.autogrow.c.WaitEvent(wctx, name, info.EventNr)
 			cancel()
 			if err == nil || errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
 				continue

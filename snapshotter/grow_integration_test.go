@@ -40,7 +40,7 @@ func TestIntegrationGrow(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if s.grow == nil {
+	if s.autogrow == nil {
 		t.Fatal("no grower on the embedded pool with max_data_size set")
 	}
 	m, err := s.Prepare(ctx, "a", "")
@@ -68,7 +68,7 @@ func TestIntegrationGrow(t *testing.T) {
 	written := 0
 	var tooks []time.Duration
 	for i := 0; ; i++ {
-		files, err := s.grow.lp.Files()
+		files, err := s.autogrow.lp.Files()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -100,10 +100,10 @@ func TestIntegrationGrow(t *testing.T) {
 			time.Sleep(100 * time.Millisecond)
 		}
 		if s.Growths() != before {
-			tooks = append(tooks, time.Duration(s.grow.took.Load()))
+			tooks = append(tooks, time.Duration(s.autogrow.took.Load()))
 		}
 	}
-	files, err := s.grow.lp.Files()
+	files, err := s.autogrow.lp.Files()
 	if err != nil {
 		t.Fatal(err)
 	}

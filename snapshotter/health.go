@@ -19,7 +19,7 @@ func (s *Snapshotter) checkPoolHealth() error {
 		return fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
 	}
 	err = poolHealth(s.pool.Name(), st, s.cfg.MinFreeData, s.cfg.MinFreeMetadata)
-	if s.grow == nil || !errdefs.IsResourceExhausted(err) {
+	if s.autogrow == nil || !errdefs.IsResourceExhausted(err) {
 		return err
 	}
 	// Short of space with room to grow: grow now (a few steps if need be)

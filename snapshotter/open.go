@@ -29,7 +29,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 	}
 	s.closers = k.closers
 	if k.loop != nil && cfg.MaxDataSize != 0 {
-		s.grow = &grower{lp: k.loop, c: k.pool.c}
+		s.autogrow = &grower{lp: k.loop, c: k.pool.c}
 		wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 		stopWorker := s.stop
 		s.stop = func() { cancel(); stopWorker() }
@@ -190,6 +190,7 @@ func newSnapshotter(cfg Config, db *storage.DB, pool Pool, format func(context.C
 	if format == nil {
 		s.format = s.mkfs
 	}
+	s.grow = s.growFS
 	return s
 }
 

@@ -27,6 +27,9 @@ type Pool interface {
 	Activate(name string, id uint32, length dmsetup.Sectors, readOnly bool) error
 	// Deactivate removes dm device name; a missing device is not an error.
 	Deactivate(ctx context.Context, name string) error
+	// Resize gives active device name, mapping thin id, a new length:
+	// the table is reloaded and swapped in by a suspend and resume.
+	Resize(name string, id uint32, length dmsetup.Sectors) error
 	Suspend(name string) error
 	Resume(name string) error
 	// Discard discards every block of active dm device name (BLKDISCARD),
@@ -125,6 +128,26 @@ func (p *dmPool) Activate(name string, id uint32, length dmsetup.Sectors, readOn
 func (p *dmPool) Discard(ctx context.Context, name string) error {
 	_, err := p.c.Discard(ctx, name)
 	return err
+}
+
+func (p *dmPool) Resize(name string, id uint32, length dmsetup.Sectors) error {
+	t, err := dmsetup.ThinTable(length, p.dev, id, "")
+	if err != nil {
+		return err
+	}
+	info, err := p.c.Info(name)
+	if err != nil {
+		return err
+	}
+	if err := p.c.Load(name, []dmsetup.Target{t}, info.ReadOnly); err != nil {
+		return err
+	}
+	// Suspending flushes what is in flight; the resume swaps the new
+	// table in.
+	if err := p.c.Suspend(name, dmsetup.SuspendOptions{}); err != nil {
+		return errors.Join(err, p.c.ClearTable(name))
+	}
+	return p.c.Resume(name)
 }
 
 func (p *dmPool) Deactivate(ctx context.Context, name string) error {

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -49,6 +50,13 @@ type Snapshotter struct {
 	// admin serves Status and the step observer (status.go).
 	admin adminState
 
+	// sharedLayers counts unpacks saved by layer sharing.
+	sharedLayers atomic.Uint64
+
+	// grow makes the filesystem on dev fill its device; replaced in
+	// unit tests.
+	grow func(ctx context.Context, dev, fsType string) error
+
 	// format makes the base filesystem; replaced in unit tests.
 	format func(ctx context.Context, dev string) error
 
@@ -57,8 +65,8 @@ type Snapshotter struct {
 	delMu    sync.Mutex
 	deleting map[uint64]bool
 
-	// grow grows the embedded pool (MaxDataSize); nil when it does not.
-	grow *grower
+	// autogrow grows the embedded pool (MaxDataSize); nil when it does not.
+	autogrow *grower
 	// bg counts background goroutines besides the worker.
 	bg sync.WaitGroup
 
@@ -98,22 +106,19 @@ func (s *Snapshotter) Stat(ctx context.Context, key string) (info snapshots.Info
 	return info, err
 }
 
-// Update changes the labels of a snapshot.
-func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (out snapshots.Info, err error) {
-	err = s.db.Update(ctx, func(tx *storage.Tx) error {
-		out, err = tx.UpdateInfo(info, fieldpaths...)
-		return err
-	})
-	return out, err
+// Walk calls fn for every snapshot matching one of the filters.
+// Snapshots of size classes are not listed.
+func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, fs ...string) error {
+	return s.walk(ctx, defaultSpace, fn, fs...)
 }
 
-// Walk calls fn for every snapshot matching one of the filters.
-func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, fs ...string) error {
+// walk is Walk over the stored keys rename maps to a client's keys.
+func (s *Snapshotter) walk(ctx context.Context, rename func(string) (string, bool), fn snapshots.WalkFunc, fs ...string) error {
 	// Collect first: fn may be slow (a gRPC stream) and must not hold a
 	// transaction open.
 	var infos []snapshots.Info
 	if err := s.db.View(ctx, func(tx *storage.Tx) error {
-		return tx.Walk(func(info snapshots.Info) error {
+		return tx.WalkKeys(rename, func(info snapshots.Info) error {
 			infos = append(infos, info)
 			return nil
 		}, fs...)
@@ -192,6 +197,12 @@ func (s *Snapshotter) mounts(snap storage.Snapshot) []mount.Mount {
 		// Every device is a snapshot of one base filesystem: same UUID.
 		opts = append(opts, "nouuid")
 	}
+	if snap.FSType == FSTypeExt4 {
+		// Unwritten thin blocks read as zeros: the kernel's background
+		// zeroing of the inode tables a grow added would only take pool
+		// space (1.5% of the added size).
+		opts = append(opts, "noinit_itable")
+	}
 	if s.cfg.Discard && snap.Kind != snapshots.KindView {
 		opts = append(opts, "discard")
 	}
@@ -205,11 +216,17 @@ func (s *Snapshotter) mounts(snap storage.Snapshot) []mount.Mount {
 
 // Prepare creates an active snapshot of parent (or of the empty base).
 func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	if err := checkDefaultKey(key); err != nil {
+		return nil, err
+	}
 	return s.create(ctx, snapshots.KindActive, key, parent, opts)
 }
 
 // View creates a read-only snapshot of parent.
 func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	if err := checkDefaultKey(key); err != nil {
+		return nil, err
+	}
 	return s.create(ctx, snapshots.KindView, key, parent, opts)
 }
 
@@ -224,6 +241,11 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	defer unlock()
 	if err := s.checkPoolHealth(); err != nil {
 		return nil, err
+	}
+	if chain := base.Labels[snapshots.LabelSnapshotRef]; chain != "" && kind == snapshots.KindActive {
+		if err := s.shareLayer(ctx, key, parent, chain, base.Labels); !errors.Is(err, errNoLayer) {
+			return nil, err
+		}
 	}
 
 	var (
@@ -243,12 +265,21 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			return nil, errForeignIDs(err)
 		}
 	}
-	snap, entry, next, txSet := r.snap, r.entry, r.next, r.txSet
+	snap, entry, next, txSet, grow := r.snap, r.entry, r.next, r.txSet, r.grow
 
 	if err == nil {
+		name := s.deviceName(snap.DeviceID)
 		err = s.timed(StepActivate, func() error {
-			return s.pool.Activate(s.deviceName(snap.DeviceID), snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
+			return s.pool.Activate(name, snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
 		})
+		if err == nil && grow {
+			// The filesystem is its origin's size: it fills the
+			// device before anyone mounts it.
+			err = s.timed(StepGrow, func() error { return s.grow(ctx, s.pool.DevicePath(name), snap.FSType) })
+			if err != nil {
+				err = errors.Join(err, s.pool.Deactivate(ctx, name))
+			}
+		}
 		if err != nil {
 			s.poolMu.Lock()
 			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
@@ -291,6 +322,7 @@ type createResult struct {
 	entry storage.Entry
 	next  uint64 // the transaction id of the step
 	txSet bool   // the pool is at next
+	grow  bool   // the device is larger than its origin's filesystem
 }
 
 // createStep is one poolStep of create: it journals a new record and thin
@@ -310,6 +342,16 @@ func (s *Snapshotter) createStep(ctx context.Context, kind snapshots.Kind, key, 
 					return fmt.Errorf("parent %q: %w", parent, err)
 				}
 				origin, size, fsType = p.DeviceID, p.Size, p.FSType
+			}
+			if kind == snapshots.KindActive {
+				// Views are read-only: their filesystem cannot grow.
+				want, err := requestedSize(labels, size)
+				if err != nil {
+					return err
+				}
+				if r.grow = want > size; r.grow {
+					size = want
+				}
 			}
 			id, err := tx.AllocateID()
 			if err != nil {
@@ -381,6 +423,13 @@ func (s *Snapshotter) rollbackCreate(ctx context.Context, e storage.Entry, txSet
 // Commit turns active snapshot key into committed snapshot name: its device
 // is deactivated and kept as the layer.
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	if err := checkDefaultKey(name); err != nil {
+		return err
+	}
+	return s.commit(ctx, name, key, opts...)
+}
+
+func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
 	unlock := s.keys.lock(key)
 	defer unlock()
 

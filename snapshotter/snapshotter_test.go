@@ -127,7 +127,7 @@ func TestLifecycle(t *testing.T) {
 			if len(m) != 1 || m[0].Type != fs || !strings.HasPrefix(m[0].Source, "/dev/mapper/"+dmsetup.DeviceNamePrefix("tp")) {
 				t.Fatalf("mounts %+v", m)
 			}
-			wantOpts := []string{"noatime"}
+			wantOpts := []string{"noinit_itable", "noatime"}
 			if fs == "xfs" {
 				wantOpts = []string{"nouuid", "noatime"}
 			}
@@ -306,6 +306,27 @@ func TestInjectedFailures(t *testing.T) {
 	}{
 		{"prepare", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", "c"); return err }},
 		{"view", func(s *Snapshotter) error { _, err := s.View(ctx, "new", "c"); return err }},
+		{"prepare-sized", func(s *Snapshotter) error {
+			s.grow = func(context.Context, string, string) error { return nil }
+			_, err := s.Prepare(ctx, "new", "c", snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}))
+			return err
+		}},
+		{"update-grow", func(s *Snapshotter) error {
+			s.grow = func(context.Context, string, string) error { return nil }
+			_, err := s.Update(ctx, snapshots.Info{Name: "a", Labels: map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}})
+			return err
+		}},
+		{"share-layer", func(s *Snapshotter) error {
+			ref := map[string]string{snapshots.LabelSnapshotRef: "chain"}
+			if _, err := s.Update(ctx, snapshots.Info{Name: "c", Labels: ref}); err != nil {
+				return err
+			}
+			// Another parent than c's: a snapshot of c's device is made.
+			if _, err := s.Prepare(ctx, "new", "c", snapshots.WithLabels(ref)); !errdefs.IsAlreadyExists(err) {
+				return fmt.Errorf("share: %w", err)
+			}
+			return nil
+		}},
 		{"commit", func(s *Snapshotter) error { return s.Commit(ctx, "new", "a") }},
 	}
 	injected := 0
@@ -364,6 +385,27 @@ func TestCrashRecovery(t *testing.T) {
 		{"prepare", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", "c"); return err }},
 		{"prepare-base", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", ""); return err }},
 		{"view", func(s *Snapshotter) error { _, err := s.View(ctx, "new", "c"); return err }},
+		{"prepare-sized", func(s *Snapshotter) error {
+			s.grow = func(context.Context, string, string) error { return nil }
+			_, err := s.Prepare(ctx, "new", "c", snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}))
+			return err
+		}},
+		{"update-grow", func(s *Snapshotter) error {
+			s.grow = func(context.Context, string, string) error { return nil }
+			_, err := s.Update(ctx, snapshots.Info{Name: "a", Labels: map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}})
+			return err
+		}},
+		{"share-layer", func(s *Snapshotter) error {
+			ref := map[string]string{snapshots.LabelSnapshotRef: "chain"}
+			if _, err := s.Update(ctx, snapshots.Info{Name: "c", Labels: ref}); err != nil {
+				return err
+			}
+			// Another parent than c's: a snapshot of c's device is made.
+			if _, err := s.Prepare(ctx, "new", "c", snapshots.WithLabels(ref)); !errdefs.IsAlreadyExists(err) {
+				return fmt.Errorf("share: %w", err)
+			}
+			return nil
+		}},
 		{"commit", func(s *Snapshotter) error { return s.Commit(ctx, "new", "a") }},
 		{"remove", func(s *Snapshotter) error { return s.Remove(ctx, "a") }},
 		{"remove-committed", func(s *Snapshotter) error {

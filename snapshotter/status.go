@@ -87,10 +87,12 @@ const (
 	StepDeactivate Step = "deactivate"
 	StepDelete     Step = "delete"
 	StepMkfs       Step = "mkfs"
+	// StepGrow is a filesystem grown to a larger device (max-size).
+	StepGrow Step = "grow"
 )
 
 // Steps lists every Step, for observers that declare them up front.
-var Steps = []Step{StepCreateSnap, StepActivate, StepDeactivate, StepDelete, StepMkfs}
+var Steps = []Step{StepCreateSnap, StepActivate, StepDeactivate, StepDelete, StepMkfs, StepGrow}
 
 // StepObserver is told how long each kernel step took and whether it
 // failed. It is called on the hot path: it must be quick and must not

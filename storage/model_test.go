@@ -127,7 +127,8 @@ func (m *model) parentCheck(parent, notCommitted string) string {
 
 func (m *model) create(s Snapshot) string {
 	switch {
-	case s.Kind != active && s.Kind != kview, s.Key == "", !s.State.valid(), s.DeviceID > MaxDeviceID:
+	case s.Kind != active && s.Kind != kview && (s.Kind != committed || s.State != StateCreating),
+		s.Key == "", !s.State.valid(), s.DeviceID > MaxDeviceID:
 		return "invalid"
 	}
 	if s.Parent != "" {

@@ -146,9 +146,11 @@ func (tx *Tx) committedParent(parent string, notCommitted error) error {
 	return nil
 }
 
-// CreateSnapshot stores a new active or view record and returns it as stored
-// (Created and Updated default to now). Errors: InvalidArgument for a bad
-// kind, key, state or device id, or a parent that is not committed;
+// CreateSnapshot stores a new record and returns it as stored (Created and
+// Updated default to now). A committed record made this way (a layer
+// shared from another snapshot's device) must start in StateCreating.
+// Errors: InvalidArgument for a bad kind, key, state or device id, or a
+// parent that is not committed;
 // NotFound for a missing parent; FailedPrecondition for a parent that is not
 // ready or a device id that is not allocated or already owned;
 // AlreadyExists for a taken key.
@@ -156,8 +158,11 @@ func (tx *Tx) CreateSnapshot(s Snapshot) (Snapshot, error) {
 	if err := tx.checkWritable(); err != nil {
 		return Snapshot{}, err
 	}
-	if s.Kind != snapshots.KindActive && s.Kind != snapshots.KindView {
-		return Snapshot{}, fmt.Errorf("snapshot kind %v invalid, only active or view can be created: %w", s.Kind, errdefs.ErrInvalidArgument)
+	switch {
+	case s.Kind == snapshots.KindActive || s.Kind == snapshots.KindView:
+	case s.Kind == snapshots.KindCommitted && s.State == StateCreating:
+	default:
+		return Snapshot{}, fmt.Errorf("snapshot kind %v in state %v invalid, only active or view (or committed while creating) can be created: %w", s.Kind, s.State, errdefs.ErrInvalidArgument)
 	}
 	if err := checkKey("snapshot key", s.Key); err != nil {
 		return Snapshot{}, err
@@ -265,6 +270,13 @@ func (tx *Tx) UpdateInfo(info snapshots.Info, fieldpaths ...string) (snapshots.I
 // order. A filter syntax error is InvalidArgument. fn must not start another
 // transaction.
 func (tx *Tx) Walk(fn func(snapshots.Info) error, fs ...string) error {
+	return tx.WalkKeys(func(k string) (string, bool) { return k, true }, fn, fs...)
+}
+
+// WalkKeys is Walk over the records whose key rename accepts, seen under
+// the names it returns for their keys and parents (a key space within the
+// database, such as a size class, with its prefix cut off).
+func (tx *Tx) WalkKeys(rename func(key string) (string, bool), fn func(snapshots.Info) error, fs ...string) error {
 	filter, err := filters.ParseAll(fs...)
 	if err != nil {
 		return err
@@ -278,8 +290,16 @@ func (tx *Tx) Walk(fn func(snapshots.Info) error, fs ...string) error {
 		if s.State != StateReady {
 			continue
 		}
+		name, ok := rename(s.Key)
+		if !ok {
+			continue
+		}
+		parent := s.Parent
+		if parent != "" {
+			parent, _ = rename(parent)
+		}
 		// s was just decoded and is not shared, so its labels need no copy.
-		info := snapshots.Info{Kind: s.Kind, Name: s.Key, Parent: s.Parent, Labels: s.Labels, Created: s.Created, Updated: s.Updated}
+		info := snapshots.Info{Kind: s.Kind, Name: name, Parent: parent, Labels: s.Labels, Created: s.Created, Updated: s.Updated}
 		if !filter.Match(adaptInfo(&info)) {
 			continue
 		}
@@ -443,6 +463,19 @@ func (tx *Tx) RemoveSnapshot(key string) (Snapshot, error) {
 		}
 	}
 	return s, nil
+}
+
+// SetSize records a new virtual size of the device of key.
+func (tx *Tx) SetSize(key string, size uint64) (Snapshot, error) {
+	if err := tx.checkWritable(); err != nil {
+		return Snapshot{}, err
+	}
+	s, err := tx.mustGet(key)
+	if err != nil {
+		return Snapshot{}, err
+	}
+	s.Size = size
+	return s, tx.put(&s)
 }
 
 // SetShared records what the device of key shared with its origin when it

@@ -115,6 +115,7 @@ func TestCreateSnapshotErrors(t *testing.T) {
 		want string
 	}{
 		{"committed kind", Snapshot{Key: "x", Kind: committed, State: StateReady}, "invalid"},
+		{"committed kind while creating", Snapshot{Key: "layer-creating", Kind: committed, State: StateCreating}, ""},
 		{"unknown kind", Snapshot{Key: "x", Kind: snapshots.KindUnknown, State: StateReady}, "invalid"},
 		{"empty key", Snapshot{Kind: active, State: StateReady}, "invalid"},
 		{"long key", Snapshot{Key: long, Kind: active, State: StateReady}, "invalid"},

@@ -74,6 +74,20 @@ func newMetrics() *metrics {
 	return m
 }
 
+// watchSnapshotter exports what the snapshotter counts itself: the layer
+// unpacks that sharing saved.
+func (m *metrics) watchSnapshotter(sn any) error {
+	c, ok := sn.(interface{ SharedLayers() uint64 })
+	if !ok {
+		return nil
+	}
+	return m.reg.Register(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Namespace: metricsNamespace,
+		Name:      "shared_layers_total",
+		Help:      "Layer unpacks saved: containerd asked for a layer (by chain id) that a committed snapshot of any class or namespace held already.",
+	}, func() float64 { return float64(c.SharedLayers()) }))
+}
+
 func (m *metrics) observe(method string, start time.Time, err error) {
 	m.calls.WithLabelValues(method, status.Code(err).String()).Inc()
 	m.duration.WithLabelValues(method).Observe(time.Since(start).Seconds())

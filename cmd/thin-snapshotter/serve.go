@@ -24,6 +24,7 @@ import (
 
 	"github.com/thin-snapshotter/thin-snapshotter/cmd/thin-snapshotter/config"
 	adminv1 "github.com/thin-snapshotter/thin-snapshotter/proto/thin/admin/v1"
+	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
 )
 
 // SnapshotterFactory opens the snapshotter that the daemon serves. The
@@ -93,6 +94,21 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 		}
 	}()
 
+	// One more socket per size class, all taken before anything opens.
+	classListeners := make([]net.Listener, len(cfg.Classes))
+	defer func() {
+		for _, cl := range classListeners {
+			if listenerOwned && cl != nil {
+				cl.Close()
+			}
+		}
+	}()
+	for i := range cfg.Classes {
+		if classListeners[i], err = listenUnix(ctx, cfg.ClassAddress(i)); err != nil {
+			return fmt.Errorf("class %s: %w", cfg.Classes[i].Name, err)
+		}
+	}
+
 	var m *metrics
 	if cfg.MetricsAddress != "" {
 		if m, err = startMetrics(ctx, cfg.MetricsAddress); err != nil {
@@ -117,6 +133,9 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 		if err := m.watch(sn); err != nil {
 			logger.WithError(err).Warn("metrics without the pool's")
 		}
+		if err := m.watchSnapshotter(sn); err != nil {
+			logger.WithError(err).Warn("metrics without the shared layers count")
+		}
 	}
 	skipClose := false
 	defer func() {
@@ -131,10 +150,23 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 		log.G(ctx).Info("snapshotter closed")
 	}()
 
+	classes, err := classSnapshotters(sn, cfg)
+	if err != nil {
+		return err
+	}
 	srv := newServer(sn, m)
-	serveErr := make(chan error, 1)
+	servers := []*grpc.Server{srv}
+	for _, c := range classes {
+		servers = append(servers, newServer(c, m))
+	}
+	serveErr := make(chan error, len(servers))
 	listenerOwned = false
 	go func() { serveErr <- srv.Serve(l) }()
+	for i, cl := range classListeners {
+		go func() { serveErr <- servers[i+1].Serve(cl) }()
+		logger.WithField("class", cfg.Classes[i].Name).WithField("class_address", cfg.ClassAddress(i)).
+			WithField("size", cfg.Classes[i].Size).Info("serving size class")
+	}
 
 	logger.Info("serving containerd snapshots API")
 	if err := opts.notify(daemon.SdNotifyReady); err != nil {
@@ -146,14 +178,27 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 		logger.Info("stopping: waiting for in-flight calls")
 	case err := <-serveErr:
 		// Serve only returns on its own when accepting fails.
-		srv.Stop()
-		return fmt.Errorf("serving on %s: %w", cfg.Address, err)
+		for _, srv := range servers {
+			srv.Stop()
+		}
+		for range len(servers) - 1 {
+			<-serveErr
+		}
+		return fmt.Errorf("serving: %w", err)
 	}
 	if err := opts.notify(daemon.SdNotifyStopping); err != nil {
 		logger.WithError(err).Warn("sd_notify STOPPING failed")
 	}
-	drained := stopGracefully(ctx, srv, opts.shutdownTimeout)
-	<-serveErr
+	// All sockets drain at once, each within the same bounds.
+	drainedAll := make(chan bool, len(servers))
+	for _, srv := range servers {
+		go func() { drainedAll <- stopGracefully(ctx, srv, opts.shutdownTimeout) }()
+	}
+	drained := true
+	for range servers {
+		drained = <-drainedAll && drained
+		<-serveErr
+	}
 	if !drained {
 		// A call stuck in the snapshotter may hold the database; closing it
 		// would hang. Committed transactions are on disk already, so exiting
@@ -163,6 +208,28 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 			2*opts.shutdownTimeout, context.DeadlineExceeded)
 	}
 	return nil
+}
+
+// classSnapshotters are the snapshotters of cfg's size classes on sn.
+func classSnapshotters(sn snapshots.Snapshotter, cfg *config.Config) ([]snapshots.Snapshotter, error) {
+	if len(cfg.Classes) == 0 {
+		return nil, nil
+	}
+	c, ok := sn.(interface {
+		Class(name string) (*snapshotter.Class, error)
+	})
+	if !ok {
+		return nil, fmt.Errorf("size classes configured but the snapshotter has none: %w", errdefs.ErrNotImplemented)
+	}
+	var out []snapshots.Snapshotter
+	for _, cl := range cfg.Classes {
+		s, err := c.Class(cl.Name)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, s)
+	}
+	return out, nil
 }
 
 // newServer serves sn's snapshots API, and the admin API when sn has it;

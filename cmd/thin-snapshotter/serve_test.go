@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -665,5 +666,29 @@ func TestMetricsAddressInUse(t *testing.T) {
 	case <-d.opened:
 		t.Error("snapshotter opened although metrics could not start")
 	default:
+	}
+}
+
+// Size classes need the thin snapshotter: with another one the daemon
+// refuses to start, closes it and leaves no class socket behind.
+func TestServeClassesNeedThin(t *testing.T) {
+	root := shortTempDir(t)
+	ts := &testSnapshotter{}
+	factory := func(context.Context, *config.Config) (snapshots.Snapshotter, error) {
+		n, err := native.NewSnapshotter(filepath.Join(root, "native"))
+		ts.Snapshotter = n
+		return ts, err
+	}
+	_, _, err := serveForTest(context.Background(), root, factory, func(c *config.Config) {
+		c.Classes = []config.ClassConfig{{Name: "big", Size: c.Snapshot.BaseSize}}
+	})
+	if !errdefs.IsNotImplemented(err) {
+		t.Fatalf("serve with classes on a snapshotter without them: %v, want NotImplemented", err)
+	}
+	if got := ts.Events(); !slices.Contains(got, "close") {
+		t.Errorf("snapshotter events %v, want it closed", got)
+	}
+	if _, err := os.Stat(filepath.Join(root, "big.sock")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("class socket left behind: %v", err)
 	}
 }

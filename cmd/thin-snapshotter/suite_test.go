@@ -49,11 +49,14 @@ func serveForSuite(newFactory func(root string) SnapshotterFactory) testsuite.Sn
 	}
 }
 
-func serveForTest(ctx context.Context, root string, factory SnapshotterFactory) (snapshots.Snapshotter, func() error, error) {
+func serveForTest(ctx context.Context, root string, factory SnapshotterFactory, mod ...func(*config.Config)) (snapshots.Snapshotter, func() error, error) {
 	cfg := config.Default()
 	cfg.Root = filepath.Join(root, "daemon")
 	cfg.Address = filepath.Join(root, "thin.sock")
 	cfg.LogLevel = "warn"
+	for _, m := range mod {
+		m(cfg)
+	}
 	if err := cfg.Validate(); err != nil {
 		return nil, nil, err
 	}

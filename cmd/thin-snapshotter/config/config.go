@@ -47,6 +47,26 @@ type Config struct {
 	MetricsAddress string         `toml:"metrics_address"`
 	Pool           PoolConfig     `toml:"pool"`
 	Snapshot       SnapshotConfig `toml:"snapshot"`
+	// Classes are extra sockets, one per size class ([[class]] tables).
+	Classes []ClassConfig `toml:"class"`
+}
+
+// ClassConfig is a size class: a socket of its own on the same pool and
+// database, whose containers get Size by default.
+type ClassConfig struct {
+	Name string   `toml:"name"`
+	Size ByteSize `toml:"size"`
+	// Address of the class's socket; empty is ClassAddress's default.
+	Address string `toml:"address,omitempty"`
+}
+
+// ClassAddress is the socket of class i: its address, or <name>.sock next
+// to the main socket.
+func (c *Config) ClassAddress(i int) string {
+	if a := c.Classes[i].Address; a != "" {
+		return a
+	}
+	return filepath.Join(filepath.Dir(c.Address), c.Classes[i].Name+".sock")
 }
 
 // PoolConfig selects the thin pool.
@@ -131,6 +151,10 @@ func Default() *Config {
 
 // Snapshotter maps the configuration to the snapshotter's; nothing else.
 func (c *Config) Snapshotter() snapshotter.Config {
+	var classes []snapshotter.SizeClass
+	for _, cl := range c.Classes {
+		classes = append(classes, snapshotter.SizeClass{Name: cl.Name, Size: uint64(cl.Size)})
+	}
 	return snapshotter.Config{
 		Root:            c.Root,
 		PoolName:        c.Pool.Name,
@@ -151,6 +175,7 @@ func (c *Config) Snapshotter() snapshotter.Config {
 		AsyncRemove:     c.Snapshot.AsyncRemove,
 		Discard:         c.Snapshot.Discard,
 		DiscardOnDelete: c.Snapshot.discardOnDelete(),
+		Classes:         classes,
 	}
 }
 
@@ -176,7 +201,11 @@ var snapshotterKeys = map[string]string{
 	"AsyncRemove":     "snapshot.async_remove",
 	"Discard":         "snapshot.discard",
 	"DiscardOnDelete": "snapshot.discard_on_delete",
+	"Classes":         "class",
 }
+
+// classKeys names the keys of a [[class]] table after SizeClass's fields.
+var classKeys = map[string]string{"Name": "name", "Size": "size"}
 
 // Parse reads a TOML document over the defaults: keys it leaves out keep
 // their default values. It does not validate; call Validate after applying
@@ -255,15 +284,24 @@ func (c *Config) Validate() error {
 		errs = append(errs, fieldErrors(err)...)
 	}
 
-	switch {
-	case c.Address == "":
-		bad("address", "must not be empty")
-	case !filepath.IsAbs(c.Address):
-		bad("address", "%q must be an absolute path to a unix socket", c.Address)
-	case strings.HasSuffix(c.Address, "/"):
-		bad("address", "%q names a directory, not a socket", c.Address)
-	case len(c.Address) > maxUnixSocketPath:
-		bad("address", "%q is %d bytes long; unix socket paths are limited to %d", c.Address, len(c.Address), maxUnixSocketPath)
+	if msg := checkSocketPath(c.Address); msg != "" {
+		bad("address", "%s", msg)
+	}
+	sockets := map[string]string{c.Address: "address"}
+	names := map[string]bool{}
+	for i, cl := range c.Classes {
+		if cl.Address == "" && names[cl.Name] {
+			continue // the twice-used name is reported already
+		}
+		names[cl.Name] = true
+		key := fmt.Sprintf("class[%d].address", i)
+		a := c.ClassAddress(i)
+		if msg := checkSocketPath(a); msg != "" {
+			bad(key, "%s", msg)
+		} else if other, ok := sockets[a]; ok {
+			bad(key, "%q is also the socket of %s", a, other)
+		}
+		sockets[a] = key
 	}
 
 	if !slices.Contains(DiscardOnDeleteValues, c.Snapshot.DiscardOnDelete) {
@@ -296,7 +334,12 @@ func fieldErrors(err error) []error {
 		if !ok {
 			key = fe.Field // a field added to the snapshotter but not mapped here
 		} else if isList {
+			// "Classes[1].Size" is "class[1].size".
+			index, sub, isField := strings.Cut(index, "].")
 			key += "[" + index
+			if isField {
+				key += "]." + classKeys[sub]
+			}
 		}
 		errs = append(errs, &FieldError{Key: key, Msg: fe.Msg})
 	}
@@ -308,6 +351,21 @@ func unjoin(err error) []error {
 		return j.Unwrap()
 	}
 	return []error{err}
+}
+
+// checkSocketPath returns why path cannot be a socket address, or "".
+func checkSocketPath(path string) string {
+	switch {
+	case path == "":
+		return "must not be empty"
+	case !filepath.IsAbs(path):
+		return fmt.Sprintf("%q must be an absolute path to a unix socket", path)
+	case strings.HasSuffix(path, "/"):
+		return fmt.Sprintf("%q names a directory, not a socket", path)
+	case len(path) > maxUnixSocketPath:
+		return fmt.Sprintf("%q is %d bytes long; unix socket paths are limited to %d", path, len(path), maxUnixSocketPath)
+	}
+	return ""
 }
 
 func isLogLevel(s string) bool {

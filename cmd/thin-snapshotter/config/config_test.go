@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -300,6 +301,10 @@ func TestRenderRoundTripNonDefault(t *testing.T) {
 			Discard:         true,
 			DiscardOnDelete: "on",
 		},
+		Classes: []ClassConfig{
+			{Name: "thin-50g", Size: 50 * GiB},
+			{Name: "big", Size: 2 * TiB, Address: "/run/other/big.sock"},
+		},
 	}
 	var buf bytes.Buffer
 	if err := Render(&buf, c); err != nil {
@@ -337,6 +342,11 @@ func TestRenderHasEveryKey(t *testing.T) {
 	walk = func(prefix string, typ reflect.Type) {
 		for f := range typ.Fields() {
 			key := prefix + f.Tag.Get("toml")
+			if f.Type.Kind() == reflect.Slice && f.Type.Elem().Kind() == reflect.Struct {
+				// Arrays of tables ([[class]]): none by default;
+				// TestRenderRoundTripNonDefault covers them.
+				continue
+			}
 			if f.Type.Kind() == reflect.Struct {
 				walk(key+".", f.Type)
 				continue
@@ -352,5 +362,57 @@ func TestRenderHasEveryKey(t *testing.T) {
 	}
 	if len(seen) != len(want) {
 		t.Errorf("rendered config sets %d keys, Config has %d", len(seen), len(want))
+	}
+}
+
+func TestClasses(t *testing.T) {
+	c, err := Parse([]byte(`
+address = "/run/ts/main.sock"
+[snapshot]
+base_size = "1GiB"
+[[class]]
+name = "thin-50g"
+size = "50GiB"
+[[class]]
+name = "big"
+size = "1TiB"
+address = "/run/other/big.sock"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.ClassAddress(0); got != "/run/ts/thin-50g.sock" {
+		t.Errorf("default class address %q", got)
+	}
+	if got := c.ClassAddress(1); got != "/run/other/big.sock" {
+		t.Errorf("class address %q", got)
+	}
+	sc := c.Snapshotter().Classes
+	if len(sc) != 2 || sc[0].Name != "thin-50g" || sc[0].Size != uint64(50*GiB) || sc[1].Size != uint64(TiB) {
+		t.Errorf("snapshotter classes %+v", sc)
+	}
+
+	for _, tc := range []struct {
+		name    string
+		classes []ClassConfig
+		want    []string
+	}{
+		{"address is the main socket", []ClassConfig{{Name: "a", Size: 50 * GiB, Address: "/run/ts/main.sock"}}, []string{"class[0].address"}},
+		{"two classes on one socket", []ClassConfig{{Name: "a", Size: 50 * GiB}, {Name: "b", Size: 50 * GiB, Address: "/run/ts/a.sock"}}, []string{"class[1].address"}},
+		{"relative address", []ClassConfig{{Name: "a", Size: 50 * GiB, Address: "a.sock"}}, []string{"class[0].address"}},
+		{"smaller than the base", []ClassConfig{{Name: "a", Size: 512 * MiB}}, []string{"class[0].size"}},
+		{"bad name", []ClassConfig{{Name: "A/b", Size: 50 * GiB}}, []string{"class[0].name"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c2 := *c
+			c2.Classes = tc.classes
+			err := c2.Validate()
+			if got := keysOf(t, err); !slices.Equal(got, tc.want) {
+				t.Errorf("error names %q, want %q (%v)", got, tc.want, err)
+			}
+		})
 	}
 }

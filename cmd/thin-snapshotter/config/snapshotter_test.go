@@ -63,6 +63,10 @@ func TestSnapshotterMapsEveryField(t *testing.T) {
 			case reflect.Bool:
 				v.SetBool(!v.Bool())
 			case reflect.Slice:
+				if v.Type().Elem().Kind() == reflect.Struct {
+					v.Set(reflect.ValueOf([]ClassConfig{{Name: "changed", Size: 50 * GiB}}))
+					break
+				}
 				v.Set(reflect.ValueOf([]string{"changed"}))
 			default:
 				t.Fatalf("key %s: unexpected kind %s", key, v.Kind())
@@ -130,6 +134,12 @@ func TestValidateAgreesWithSnapshotter(t *testing.T) {
 		{"lvm and name", func(c *Config) { c.Pool.LVM, c.Pool.Name = "vg0/thinpool", "vg0-thinpool" }},
 		{"mount options", func(c *Config) { c.Snapshot.MountOptions = []string{"noatime", "rw", "a,b"} }},
 		{"mkfs options", func(c *Config) { c.Snapshot.MkfsOptions = []string{"-m", ""} }},
+		{"classes", func(c *Config) {
+			c.Classes = []ClassConfig{{Name: "thin-50g", Size: 50 * GiB}, {Name: "big.1", Size: TiB}}
+		}},
+		{"bad classes", func(c *Config) {
+			c.Classes = []ClassConfig{{Name: "Thin", Size: 50 * GiB}, {Name: "small", Size: MiB}, {Name: "small", Size: 50*GiB + 1}, {Name: "-x", Size: 50 * GiB}}
+		}},
 		{"everything wrong", func(c *Config) {
 			c.Root, c.Pool.Name, c.Pool.DataSize, c.Pool.MetadataSize, c.Pool.BlockSize = "", "..", 1, 1, 1
 			c.Pool.MinFreeData, c.Pool.MinFreeMetadata = 100, -1
@@ -160,7 +170,11 @@ func TestValidateAgreesWithSnapshotter(t *testing.T) {
 				field, index, isList := strings.Cut(fe.Field, "[")
 				key := snapshotterKeys[field]
 				if isList {
+					index, sub, isField := strings.Cut(index, "].")
 					key += "[" + index
+					if isField {
+						key += "]." + classKeys[sub]
+					}
 				}
 				want = append(want, key)
 				if !strings.Contains(cmdErr.Error(), key+": "+fe.Msg) {

@@ -132,6 +132,24 @@ discard = {{ value .Snapshot.Discard }}
 # {{ .DiscardOnDeleteValues }}; "auto" is on for the embedded pool and off for
 # an existing pool.
 discard_on_delete = {{ value .Snapshot.DiscardOnDelete }}
+
+# Size classes: one extra socket each, on the same pool and database, whose
+# containers get the class's disk size unless they ask for one (label
+# containerd.io/snapshot/max-size). containerd gets one proxy plugin per
+# class; image layers are shared between classes, not unpacked again.
+# The address defaults to <name>.sock next to the main socket.
+{{- range .Classes }}
+[[class]]
+name = {{ value .Name }}
+size = {{ value .Size }}
+{{- if .Address }}
+address = {{ value .Address }}
+{{- end }}
+{{- else }}
+# [[class]]
+# name = "thin-50g"
+# size = "50GiB"
+{{- end }}
 `
 
 var tmpl = template.Must(template.New("config").Funcs(template.FuncMap{"value": tomlValue}).Parse(fileTemplate))
