@@ -72,7 +72,38 @@ type containerdConfig struct {
 	} `toml:"plugins"`
 }
 
+// contribClass is the size class that contrib/config.toml shows commented
+// out, parsed as the daemon would parse it uncommented.
+func contribClass(t *testing.T) (name, address string) {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(contribDir, "config.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, example, ok := strings.Cut(string(data), "\n# [[class]]\n")
+	if !ok {
+		t.Fatal("contrib/config.toml shows no commented [[class]]")
+	}
+	text := "[[class]]\n"
+	for line := range strings.Lines(example) {
+		l, ok := strings.CutPrefix(line, "# ")
+		if !ok {
+			break
+		}
+		text += l
+	}
+	cfg, err := config.Parse([]byte(text))
+	if err != nil {
+		t.Fatalf("contrib/config.toml's class, uncommented: %v", err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("contrib/config.toml's class, uncommented: %v", err)
+	}
+	return cfg.Classes[0].Name, cfg.ClassAddress(0)
+}
+
 func TestContribContainerdConfigs(t *testing.T) {
+	class, classAddress := contribClass(t)
 	for _, tt := range []struct {
 		file    string
 		version int
@@ -131,6 +162,19 @@ func TestContribContainerdConfigs(t *testing.T) {
 				if rp := c.Plugins.CRIImages.RuntimePlatforms[name]; rp.Snapshotter != "thin" {
 					t.Errorf("runtime_platforms.%s = %+v, want snapshotter thin", name, rp)
 				}
+			}
+			// The size class of contrib/config.toml: its proxy plugin on
+			// its socket and the daemon's root, and a runc handler on it.
+			pp, ok = c.ProxyPlugins[class]
+			if !ok || pp.Type != "snapshot" || pp.Address != classAddress || pp.Exports["root"] != config.DefaultRoot {
+				t.Errorf("proxy_plugins.%s = %+v (present %v), want type snapshot at %s, root %s", class, pp, ok, classAddress, config.DefaultRoot)
+			}
+			handler := "runc-" + class
+			if rt, ok := runtimes[handler]; !ok || rt.Type != "io.containerd.runc.v2" || rt.Snapshotter != class {
+				t.Errorf("runtime handler %s = %+v (present %v), want runc on %s", handler, rt, ok, class)
+			}
+			if rp := c.Plugins.CRIImages.RuntimePlatforms[handler]; rp.Snapshotter != class {
+				t.Errorf("runtime_platforms.%s = %+v, want snapshotter %s", handler, rp, class)
 			}
 		})
 	}

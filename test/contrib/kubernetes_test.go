@@ -235,16 +235,22 @@ func TestKubernetesRuntimeClasses(t *testing.T) {
 		}
 		handlers = append(handlers, rc.Handler)
 	}
-	if !slices.Equal(handlers, []string{"runc-thin", "kata-thin"}) {
+	if !slices.Equal(handlers, []string{"runc-thin", "kata-thin", "runc-thin-50g"}) {
 		t.Errorf("handlers %q", handlers)
 	}
-	// Each handler is one of containerd's, on thin, in both contrib configs.
+	// Each handler is one of containerd's, in both contrib configs, on a
+	// snapshotter that is one of thin-snapshotter's sockets there: thin or
+	// a size class.
 	for _, file := range []string{"config-v3.toml", "config-v4.toml"} {
 		data, err := os.ReadFile(filepath.Join("../../contrib/containerd", file))
 		if err != nil {
 			t.Fatal(err)
 		}
 		var c struct {
+			ProxyPlugins map[string]struct {
+				Type    string `toml:"type"`
+				Address string `toml:"address"`
+			} `toml:"proxy_plugins"`
 			Plugins struct {
 				Runtime struct {
 					Containerd struct {
@@ -259,8 +265,10 @@ func TestKubernetesRuntimeClasses(t *testing.T) {
 			t.Fatalf("%s: %v", file, err)
 		}
 		for _, h := range handlers {
-			if rt, ok := c.Plugins.Runtime.Containerd.Runtimes[h]; !ok || rt.Snapshotter != "thin" {
-				t.Errorf("%s: runtime handler %s is %+v (present %v), want one with snapshotter thin", file, h, rt, ok)
+			rt, ok := c.Plugins.Runtime.Containerd.Runtimes[h]
+			pp := c.ProxyPlugins[rt.Snapshotter]
+			if !ok || pp.Type != "snapshot" || path.Dir(pp.Address) != path.Dir(config.DefaultAddress) {
+				t.Errorf("%s: runtime handler %s is %+v (present %v) on proxy plugin %+v, want one on a thin-snapshotter socket", file, h, rt, ok, pp)
 			}
 		}
 	}

@@ -33,6 +33,10 @@ const (
 	// criHandler is contrib's runtime handler that runs runc containers on
 	// thin devices (the default handler stays on overlayfs).
 	criHandler = "runc-thin"
+	// contribClass is the size class of contrib/containerd's files (its
+	// proxy plugin and runtime handler runc-<class>), as in
+	// contrib/config.toml's commented example.
+	contribClass = "thin-50g"
 	// runtimeHandlerAnnotation names the handler in a pull request's pod
 	// config; crictl pull has no other way to pass it.
 	runtimeHandlerAnnotation = "io.containerd.cri.runtime-handler"
@@ -178,6 +182,12 @@ type criVariant struct {
 	// pod on thin (CRI's default snapshotter); otherwise pods get thin
 	// through contrib's runtime handler runc-thin, and their pulls name it.
 	allThin bool
+	// class, if set, is a size class of classSize bytes configured in the
+	// daemon under this name, in place of contribClass in the contrib
+	// file; one pod runs on its handler. Otherwise the daemon has no class
+	// and contribClass's proxy plugin names a socket nobody serves.
+	class     string
+	classSize int64
 }
 
 func (v criVariant) mode() string {
@@ -196,12 +206,20 @@ metadata_size = '64MiB'
 [snapshot]
 base_size = '%d'
 fs_type = '%s'
-`, v.baseSize, v.fsType)
+`, v.baseSize, v.fsType) + v.classSettings()
+}
+
+func (v criVariant) classSettings() string {
+	if v.class == "" {
+		return ""
+	}
+	return fmt.Sprintf("\n[[class]]\nname = %q\nsize = '%d'\n", v.class, v.classSize)
 }
 
 // contribContainerdConfig is contrib/containerd/<file> with the thin
-// daemon's default socket and root replaced by the test's (each must occur
-// exactly once, so a changed contrib file fails here), plus the test's own
+// daemon's default sockets and root replaced by the test's (each must occur
+// as often as the file has proxy plugins for them, so a changed contrib
+// file fails here) and contribClass renamed to v.class, plus the test's own
 // CRI settings: the pinned sandbox image, the registry's hosts directory
 // and the CNI directories.
 func contribContainerdConfig(t *testing.T, v criVariant, s *stack, sandbox, hostsDir, cniBin, cniConf string) string {
@@ -211,15 +229,34 @@ func contribContainerdConfig(t *testing.T, v criVariant, s *stack, sandbox, host
 		t.Fatal(err)
 	}
 	cfg := string(data)
-	for _, r := range []struct{ key, def, test string }{
-		{"address", config.DefaultAddress, s.thinSock},
-		{"root", config.DefaultRoot, s.thinRoot},
+	class := contribClass
+	if v.class != "" {
+		if !strings.Contains(cfg, "[proxy_plugins."+contribClass+"]") {
+			t.Fatalf("contrib/containerd/%s has no proxy plugin %s", file, contribClass)
+		}
+		cfg = strings.ReplaceAll(cfg, contribClass, v.class)
+		class = v.class
+	}
+	// The class's default socket, next to the main one.
+	classAddress := func(main string) string {
+		c := config.Default()
+		c.Address = main
+		c.Classes = []config.ClassConfig{{Name: class}}
+		return c.ClassAddress(0)
+	}
+	for _, r := range []struct {
+		key, def, test string
+		n              int
+	}{
+		{"address", config.DefaultAddress, s.thinSock, 1},
+		{"address", classAddress(config.DefaultAddress), classAddress(s.thinSock), 1},
+		{"root", config.DefaultRoot, s.thinRoot, 2},
 	} {
 		old := fmt.Sprintf("%s = %q", r.key, r.def)
-		if n := strings.Count(cfg, old); n != 1 {
-			t.Fatalf("contrib/containerd/%s: %d lines %s, want 1", file, n, old)
+		if n := strings.Count(cfg, old); n != r.n {
+			t.Fatalf("contrib/containerd/%s: %d lines %s, want %d", file, n, old, r.n)
 		}
-		cfg = strings.Replace(cfg, old, fmt.Sprintf("%s = %q", r.key, r.test), 1)
+		cfg = strings.ReplaceAll(cfg, old, fmt.Sprintf("%s = %q", r.key, r.test))
 	}
 	if v.allThin {
 		// The switch the contrib file documents. containerd refuses a
@@ -431,7 +468,9 @@ func TestCRI(t *testing.T) {
 	pauseRef, _ := reg.push(t, pause, "thin/pause:1")
 
 	for _, v := range []criVariant{
-		{fsType: "ext4", baseSize: 256 << 20, contrib: "config-v3.toml", allThin: true},
+		// One pod on a size class of 1 GiB; the xfs run keeps the
+		// contrib file's class unconfigured.
+		{fsType: "ext4", baseSize: 256 << 20, contrib: "config-v3.toml", allThin: true, class: "thin-1g", classSize: 1 << 30},
 		// xfs needs at least 300MiB.
 		{fsType: "xfs", baseSize: 320 << 20, contrib: "config-v4.toml"},
 	} {
@@ -658,6 +697,54 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 		t.Errorf("pod B cannot ping pod A at %s over the bridge", ipA)
 	}
 
+	// Pod K on the size class, through its runtime handler: CRI unpacks
+	// the image (and the sandbox image) for the class at runp and create,
+	// which the daemon answers with thin snapshots of the layers thin
+	// already has. The container's / is a device of the class's size.
+	var ctrK, podKID string
+	if v.class != "" {
+		st, err := dm.PoolStatus(s.pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		handler := "runc-" + v.class
+		podK := podConfig(t, dir, "pod-k", v)
+		podKID = strings.TrimSpace(c.must(15*time.Minute, "runp", "--runtime", handler, podK))
+		ctrK = strings.TrimSpace(c.must(15*time.Minute, "create", "--no-pull", podKID, containerConfig(t, dir, "sized", 0, imgRef), podK))
+		c.must(15*time.Minute, "start", ctrK)
+		gotK := parseKV(c.must(5*time.Minute, "exec", "-s", ctrK, "/bin/sh", "-c",
+			`echo "root=$(awk '$2 == "/" { print $1, $3, $4 }' /proc/mounts)"; echo "keep=$(cat /data/keep)"; echo "df=$(df -k / | tail -n 1)"`))
+		sized := v
+		sized.baseSize = v.classSize
+		rootK := s.checkRoot(t, dm, gotK["root"], sized)
+		s.checkFsSize(t, c, ctrK, sized)
+		if rootK == rootA || rootK == rootB || gotK["keep"] != "new" {
+			t.Errorf("pod K on %s: root %s (A %s, B %s), /data/keep %q", handler, rootK, rootA, rootB, gotK["keep"])
+		}
+		// Shared, not unpacked: a second unpack would write the large
+		// file's layer again.
+		tbl, err := dm.Table(s.pool)
+		if err != nil || len(tbl) != 1 {
+			t.Fatalf("table of %s: %v %v", s.pool, tbl, err)
+		}
+		pp, err := dmsetup.ParsePoolParams(tbl[0].Params)
+		if err != nil {
+			t.Fatal(err)
+		}
+		blockBytes := uint64(pp.BlockSizeSectors) * dmsetup.SectorSize
+		grew := (usedDataBlocks(t, dm, s.pool) - st.UsedDataBlocks) * blockBytes
+		t.Logf("pod K on %s: df %s; the pool grew by %d bytes", handler, gotK["df"], grew)
+		if grew >= bigSize/2 {
+			t.Errorf("the pool grew by %d bytes for pod K: the image was unpacked again for %s, not shared", grew, v.class)
+		}
+		out := s.mustCtr(time.Minute, "snapshots", "--snapshotter", v.class, "ls")
+		for _, id := range imgRes.ChainIDs {
+			if !strings.Contains(out, id.String()) {
+				t.Errorf("%s does not list layer %s:\n%s", v.class, id, out)
+			}
+		}
+	}
+
 	// A restart as the kubelet does it: CRI starts a container only once,
 	// so the stopped container stays (its writes on its device) and a new
 	// attempt of it starts on a fresh device.
@@ -712,12 +799,16 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 
 	// Tear down as the kubelet would, then remove the images.
 	start = time.Now()
-	for _, id := range []string{ctrA1, ctrB, ctrC} {
+	running, pods := []string{ctrA1, ctrB, ctrC}, []string{podAID, podBID, podCID}
+	if ctrK != "" {
+		running, pods = append(running, ctrK), append(pods, podKID)
+	}
+	for _, id := range running {
 		c.must(5*time.Minute, "stop", "--timeout", "2", id)
 	}
-	c.must(5*time.Minute, "rm", ctrA, ctrA1, ctrB, ctrC)
+	c.must(5*time.Minute, append([]string{"rm", ctrA}, running...)...)
 	tRm := time.Since(start)
-	for _, id := range []string{podAID, podBID, podCID} {
+	for _, id := range pods {
 		c.must(5*time.Minute, "stopp", id)
 		c.must(5*time.Minute, "rmp", id)
 	}
@@ -749,6 +840,11 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 	if len(left) != 0 {
 		t.Fatalf("thin snapshots left 2 min after removing pods and images:\n%s", formatRows(left))
 	}
+	if v.class != "" {
+		if out := s.mustCtr(time.Minute, "snapshots", "--snapshotter", v.class, "ls"); len(strings.Split(strings.TrimSpace(out), "\n")) > 1 {
+			t.Errorf("%s snapshots left after removing pods and images:\n%s", v.class, out)
+		}
+	}
 	for deadline := time.Now().Add(2 * time.Minute); ; {
 		ids = thinDevices(t, dm, s.pool, tl.thinLs)
 		if len(ids) == 1 || time.Now().After(deadline) {
@@ -774,9 +870,9 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 	}
 	s.check("after the CRI run")
 	s.checkOnlyPool(t, dm)
-	t.Logf("timings (%s, %s): pull %s, runp %s, create %s, start %s, stop+rm of 4 containers %s, total %s", v.fsType, v.mode(),
+	t.Logf("timings (%s, %s): pull %s, runp %s, create %s, start %s, stop+rm of %d containers %s, total %s", v.fsType, v.mode(),
 		tPull.Round(time.Millisecond), tRunp.Round(time.Millisecond), tCreate.Round(time.Millisecond),
-		tStartCtr.Round(time.Millisecond), tRm.Round(time.Millisecond), time.Since(tStart).Round(time.Millisecond))
+		tStartCtr.Round(time.Millisecond), len(running)+1, tRm.Round(time.Millisecond), time.Since(tStart).Round(time.Millisecond))
 }
 
 // checkRoot checks a container's root mount line ("device fstype options"):
