@@ -42,6 +42,11 @@ type Option func(*Client)
 // WithUdev sets how device nodes are managed.
 func WithUdev(mode UdevMode) Option { return func(c *Client) { c.udevMode = mode } }
 
+// WithUdevFlags sets the udev flags every resume (including Create's) and
+// remove of this client passes to the udev rules; 0 (the default) passes
+// none.
+func WithUdevFlags(f UdevFlags) Option { return func(c *Client) { c.udevFlags = f } }
+
 // WithDevDir sets the directory of device nodes (default /dev/mapper).
 func WithDevDir(dir string) Option { return func(c *Client) { c.devDir = dir } }
 
@@ -53,6 +58,8 @@ type Client struct {
 	udevMode UdevMode
 	udev     bool
 	devDir   string
+
+	udevFlags UdevFlags
 }
 
 // Open opens /dev/mapper/control, creating the node from
@@ -317,6 +324,7 @@ func (c *Client) Resume(name string) error {
 	if err != nil {
 		return opError("resume", name, err)
 	}
+	req.setEventNr(c.udevFlags.cookie())
 	rep, err := c.ioctl(unix.DM_DEV_SUSPEND, req)
 	if err != nil {
 		return opError("resume", name, err)
@@ -364,6 +372,7 @@ func (c *Client) Remove(ctx context.Context, name string, opts RemoveOptions) er
 		if err != nil {
 			return opError("remove", name, err)
 		}
+		req.setEventNr(c.udevFlags.cookie())
 		rep, err := c.ioctl(unix.DM_DEV_REMOVE, req)
 		if err == nil {
 			if opts.Deferred && rep.flags()&unix.DM_DEFERRED_REMOVE != 0 {

@@ -93,8 +93,12 @@ func (r *request) setUUID(uuid string) error {
 }
 
 func (r *request) setTargetCount(n uint32) { ne.PutUint32(r.buf[offTargetCount:], n) }
-func (r *request) flags() uint32           { return ne.Uint32(r.buf[offFlags:]) }
-func (r *request) data() []byte            { return r.buf[headerSize:] }
+
+// setEventNr sets event_nr: the udev cookie of a resume or remove, the
+// event number a DM_DEV_WAIT waits past.
+func (r *request) setEventNr(n uint32) { ne.PutUint32(r.buf[offEventNr:], n) }
+func (r *request) flags() uint32       { return ne.Uint32(r.buf[offFlags:]) }
+func (r *request) data() []byte        { return r.buf[headerSize:] }
 
 // reply gives typed access to the header the kernel wrote back.
 type reply struct {

@@ -1,6 +1,8 @@
 package dmsetup
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"strconv"
 	"strings"
@@ -29,6 +31,18 @@ func ParseDeviceName(pool, name string) (uint32, bool) {
 		return 0, false
 	}
 	return uint32(n), true
+}
+
+// UUIDPrefix starts the dm uuid of every device we make, as LVM's start with
+// "LVM-": tools and udev rules can tell our devices from others'.
+const UUIDPrefix = "THIN-"
+
+// DeviceUUID is the dm uuid of thin device id of pool:
+// THIN-<12 hex digits of the pool name's SHA-256>-<id>, unique per pool and
+// id and short for any pool name.
+func DeviceUUID(pool string, id uint32) string {
+	sum := sha256.Sum256([]byte(pool))
+	return UUIDPrefix + hex.EncodeToString(sum[:6]) + "-" + strconv.FormatUint(uint64(id), 10)
 }
 
 // MajorMinor is how tables and sysfs name a block device: "major:minor".

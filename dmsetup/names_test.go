@@ -31,6 +31,44 @@ func TestDeviceName(t *testing.T) {
 	}
 }
 
+func TestDeviceUUID(t *testing.T) {
+	long := string(make([]byte, 127))
+	seen := map[string]bool{}
+	for _, tc := range []struct {
+		pool string
+		id   uint32
+	}{{"tp", 1}, {"tp", 2}, {"tq", 1}, {long, MaxThinID}} {
+		u := DeviceUUID(tc.pool, tc.id)
+		if len(u) >= uuidLen || len(u) < len(UUIDPrefix) || u[:len(UUIDPrefix)] != UUIDPrefix {
+			t.Errorf("DeviceUUID(%q, %d) = %q: want %q prefix, under %d bytes", tc.pool, tc.id, u, UUIDPrefix, uuidLen)
+		}
+		if seen[u] {
+			t.Errorf("DeviceUUID(%q, %d) = %q twice", tc.pool, tc.id, u)
+		}
+		seen[u] = true
+	}
+	if got := DeviceUUID("tp", 7); len(got) != len("THIN-")+12+2 || got[len(got)-2:] != "-7" {
+		t.Errorf("DeviceUUID(tp, 7) = %q, want THIN-<12 hex>-7", got)
+	}
+}
+
+func TestUdevCookie(t *testing.T) {
+	for _, tc := range []struct {
+		f    UdevFlags
+		want uint32
+	}{
+		{0, 0},
+		{UdevDisableDiskRules, 0x0004_0000},
+		// What `dmsetup udevflags 0x4E0000` decodes as primary source,
+		// disable subsystem, disk and other rules.
+		{UdevPrivate, 0x004E_0000},
+	} {
+		if got := tc.f.cookie(); got != tc.want {
+			t.Errorf("cookie(%#x) = %#x, want %#x", tc.f, got, tc.want)
+		}
+	}
+}
+
 func TestMajorMinor(t *testing.T) {
 	if got := MajorMinor(253, 4294967295); got != "253:4294967295" {
 		t.Fatalf("MajorMinor = %q", got)

@@ -39,26 +39,37 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 
 	var (
 		e       storage.Entry
-		journal error
+		next    uint64
+		txSet   bool
 		created bool
+		err     error
 	)
-	next, txSet, err := s.poolStep(func() error {
-		e = storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize}
-		journal = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
-			if e.DeviceID, err = tx.AllocateID(); err != nil {
+	for attempt := 1; ; attempt++ {
+		var journal error
+		next, txSet, err = s.poolStep(func() error {
+			e = storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize}
+			journal = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+				if e.DeviceID, err = tx.AllocateID(); err != nil {
+					return err
+				}
+				e.Seq, err = tx.AddJournal(e)
 				return err
-			}
-			e.Seq, err = tx.AddJournal(e)
+			})
+			return journal
+		}, func() error {
+			err := s.pool.CreateThin(e.DeviceID)
+			created = err == nil
 			return err
-		})
-		return journal
-	}, func() error {
-		err := s.pool.CreateThin(e.DeviceID)
-		created = err == nil
-		return err
-	}, nil)
-	if journal != nil {
-		return journal
+		}, nil)
+		if journal != nil {
+			return journal
+		}
+		if !s.foreignID(ctx, e, err) {
+			break
+		}
+		if attempt == maxIDTries {
+			return errForeignIDs(err)
+		}
 	}
 	e.TxID = next // for a rollback; not journaled
 

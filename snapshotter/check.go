@@ -50,6 +50,10 @@ type poolInspector interface {
 //   - records left creating or removing are removed with their devices;
 //   - orphans are deleted from the pool, journaled like any removal;
 //   - leaked ids are released;
+//   - with opts.ReleaseForeign, foreign ids (thin ids the pool already had
+//     when a create tried them) are freed: a device still in the pool is
+//     deleted first, so only set it when those devices are known to be
+//     unneeded;
 //   - missing devices of active snapshots and views are activated;
 //   - a missing base device is made again.
 //
@@ -106,6 +110,7 @@ type checkState struct {
 	inPool  map[uint32]bool
 	records []storage.Snapshot
 	ids     map[uint32]string // allocated id → owner
+	foreign map[uint32]bool   // ids marked foreign
 	journal []storage.Entry
 	devices map[string]devState // dm devices named <pool>-snap-*
 }
@@ -139,7 +144,7 @@ func (s *Snapshotter) gather(ctx context.Context) (*checkState, error) {
 	if err != nil {
 		return nil, err
 	}
-	st := &checkState{inPool: map[uint32]bool{}, ids: map[uint32]string{}, devices: map[string]devState{}}
+	st := &checkState{inPool: map[uint32]bool{}, ids: map[uint32]string{}, foreign: map[uint32]bool{}, devices: map[string]devState{}}
 	// No pool step runs while the pool and the database are read, so the
 	// metadata snapshot and the read transaction agree (every step journals
 	// before it touches the pool); on a serving snapshotter this holds new
@@ -167,6 +172,13 @@ func (s *Snapshotter) gather(ctx context.Context) (*checkState, error) {
 		}
 		if st.journal, err = tx.Journal(); err != nil {
 			return err
+		}
+		foreign, err := tx.ForeignIDs()
+		if err != nil {
+			return err
+		}
+		for _, id := range foreign {
+			st.foreign[id] = true
 		}
 		if err := tx.WalkIDs(func(id uint32, owner string) error {
 			st.ids[id] = owner
@@ -290,8 +302,19 @@ func (s *Snapshotter) compare(st *checkState) []Finding {
 		}
 	}
 
+	for _, id := range sortedKeys(st.foreign) {
+		f := Finding{Kind: FindingForeign, DeviceID: id, inPool: st.inPool[id]}
+		if f.inPool {
+			f.Message = fmt.Sprintf("thin id %d was already in the pool when a create tried it: a device that is not ours, kept and never used; "+
+				"--repair --release-foreign deletes it from the pool and frees the id", id)
+		} else {
+			f.Message = fmt.Sprintf("thin id %d is marked foreign but is no longer in the pool; --repair --release-foreign frees the id", id)
+		}
+		add(f)
+	}
+
 	for _, id := range st.poolIDs() {
-		if _, ok := owned[id]; ok || id == base || journaled[id] {
+		if _, ok := owned[id]; ok || id == base || journaled[id] || st.foreign[id] {
 			continue
 		}
 		if owner := st.ids[id]; owner != "" {
@@ -305,7 +328,7 @@ func (s *Snapshotter) compare(st *checkState) []Finding {
 	}
 	for _, id := range sortedKeys(st.ids) {
 		owner := st.ids[id]
-		if _, ok := owned[id]; ok || id == base || journaled[id] || st.inPool[id] {
+		if _, ok := owned[id]; ok || id == base || journaled[id] || st.inPool[id] || st.foreign[id] {
 			continue
 		}
 		if owner != "" {

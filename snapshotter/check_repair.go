@@ -90,7 +90,7 @@ func (s *Snapshotter) repair(ctx context.Context, st *checkState, fs []Finding, 
 			if err != nil {
 				return err
 			}
-			e = storage.Entry{Op: storage.OpDelete, DeviceID: sn.DeviceID, Key: f.Key}
+			e = storage.Entry{Op: storage.OpDelete, DeviceID: sn.DeviceID, Key: f.Key, Size: sn.Size}
 			e.Seq, err = tx.AddJournal(e)
 			return err
 		})
@@ -121,6 +121,31 @@ func (s *Snapshotter) repair(ctx context.Context, st *checkState, fs []Finding, 
 			err = s.finishDelete(ctx, e)
 		}
 		done(f, fmt.Sprintf("deleted thin device %d from the pool", f.DeviceID), err)
+	}
+
+	if opts.ReleaseForeign {
+		for _, f := range byKind(FindingForeign) {
+			var e storage.Entry
+			err := s.db.Update(ctx, func(tx *storage.Tx) error {
+				if err := tx.UnmarkForeign(f.DeviceID); err != nil {
+					return err
+				}
+				if !f.inPool {
+					return tx.ReleaseID(f.DeviceID)
+				}
+				// Deleted like an orphan; the id is freed with it.
+				e = storage.Entry{Op: storage.OpDelete, DeviceID: f.DeviceID}
+				var err error
+				e.Seq, err = tx.AddJournal(e)
+				return err
+			})
+			action := fmt.Sprintf("released foreign id %d", f.DeviceID)
+			if err == nil && f.inPool {
+				err = s.finishDelete(ctx, e)
+				action = fmt.Sprintf("deleted foreign thin device %d from the pool and released its id", f.DeviceID)
+			}
+			done(f, action, err)
+		}
 	}
 
 	for _, f := range byKind(FindingLeakedID) {

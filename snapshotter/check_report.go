@@ -27,6 +27,10 @@ const (
 	// FindingLeakedID means an id allocated in the database with no record,
 	// journal entry or base, and not in the pool.
 	FindingLeakedID FindingKind = "leaked_id"
+	// FindingForeign means a thin id recorded as foreign: the pool already
+	// had it when a create tried it, so it is someone else's and never used.
+	// Only --release-foreign repairs it.
+	FindingForeign FindingKind = "foreign_id"
 	// FindingIDConflict means a record's id is not allocated to it, or two
 	// records share an id.
 	FindingIDConflict FindingKind = "id_conflict"
@@ -50,7 +54,8 @@ type Finding struct {
 	Repaired   bool        `json:"repaired"`
 	Error      string      `json:"error"`
 
-	seq uint64 // journal sequence of a pending entry
+	seq    uint64 // journal sequence of a pending entry
+	inPool bool   // a foreign id's device is in the pool
 }
 
 // Report is the outcome of Check. `thin-snapshotter check --json` prints
@@ -107,4 +112,7 @@ type CheckOptions struct {
 	// RemoveGhosts (with Repair) removes the records of snapshots whose
 	// thin device is gone.
 	RemoveGhosts bool
+	// ReleaseForeign (with Repair) frees foreign ids, deleting their
+	// devices from the pool when still there.
+	ReleaseForeign bool
 }

@@ -32,6 +32,19 @@ type Config struct {
 	// Sizes of the embedded loopback pool, used when its files are
 	// created; BlockSize is the pool's data block size in bytes.
 	DataSize, MetadataSize, BlockSize uint64
+	// MaxDataSize lets the embedded pool grow itself up to this many
+	// bytes: when less than GrowStep of its data space is free (the
+	// kernel's low-water event, or a poll), the data file grows by
+	// GrowStep and the pool is reloaded with the new size; its metadata
+	// file doubles when under a quarter of it is free. The pool never
+	// promises more unbacked space than the host file system has free
+	// beyond GrowHostReserve. 0 (the default) never grows it.
+	MaxDataSize uint64
+	// GrowStep is how much the data file grows at a time, and how little
+	// free space makes it grow.
+	GrowStep uint64
+	// GrowHostReserve is the host free space growth never hands out.
+	GrowHostReserve uint64
 	// AllowAdopt lets the database take over a pool whose transaction id
 	// does not match its own (a pool used before, or by someone else).
 	AllowAdopt bool
@@ -47,9 +60,20 @@ type Config struct {
 	// AsyncRemove leaves the deactivation and deletion of removed
 	// snapshots to the background worker and Cleanup.
 	AsyncRemove bool
-	// Discard adds the discard mount option so freed blocks go back to the
-	// pool.
+	// Discard adds the discard mount option (online discard): when a
+	// container deletes files, its filesystem discards their blocks and the
+	// thin device gives them back to the pool at once, instead of keeping
+	// them mapped until the snapshot is removed. Whether the pool passes
+	// them on to its own storage (the embedded pool's sparse file, a thin
+	// LV's disk) depends on the pool's discard passdown and that storage.
 	Discard bool
+	// DiscardOnDelete discards a snapshot's blocks before its thin device
+	// is deleted, so the pool passes them on to its storage: on the
+	// embedded pool this punches holes in the sparse data file and the
+	// host gets the space back. Deleting alone only frees the blocks in
+	// the pool's metadata. It costs time on devices with much data. Nil
+	// means on for the embedded pool and off for an existing pool.
+	DiscardOnDelete *bool
 
 	// MinFreeData and MinFreeMetadata are the percentages of the pool's
 	// data and metadata space that must stay free for Prepare and View to
@@ -74,6 +98,14 @@ type SizeClass struct {
 	Size uint64
 }
 
+// discardOnDelete is DiscardOnDelete with its default applied.
+func (c *Config) discardOnDelete() bool {
+	if c.DiscardOnDelete != nil {
+		return *c.DiscardOnDelete
+	}
+	return c.PoolName == ""
+}
+
 // Filesystems a base device can be formatted with.
 const (
 	FSTypeExt4 = "ext4"
@@ -83,11 +115,13 @@ const (
 // Defaults: the sizes and FSType are what a zero field means; the MinFree
 // thresholds are only recommended, as zero turns them off.
 const (
-	DefaultDataSize     = 100 << 30
-	DefaultMetadataSize = 1 << 30
-	DefaultBlockSize    = MinBlockSize
-	DefaultBaseSize     = 10 << 30
-	DefaultFSType       = FSTypeExt4
+	DefaultDataSize        = 100 << 30
+	DefaultMetadataSize    = 1 << 30
+	DefaultBlockSize       = MinBlockSize
+	DefaultBaseSize        = 10 << 30
+	DefaultFSType          = FSTypeExt4
+	DefaultGrowStep        = 10 << 30
+	DefaultGrowHostReserve = 1 << 30
 	// Room for running containers to finish their writes, and for an
 	// administrator to grow the pool, before it is full. Metadata
 	// exhaustion corrupts nothing but fails every write: more headroom.
@@ -157,6 +191,12 @@ func (c *Config) setDefaults() {
 	if c.FSType == "" {
 		c.FSType = DefaultFSType
 	}
+	if c.GrowStep == 0 {
+		c.GrowStep = DefaultGrowStep
+	}
+	if c.GrowHostReserve == 0 {
+		c.GrowHostReserve = DefaultGrowHostReserve
+	}
 }
 
 // validate checks c after setDefaults.
@@ -199,6 +239,16 @@ func (c *Config) validate() error {
 		bad("DataSize", "%d bytes: must be at least %s and a multiple of %d bytes", ds, humanSize(MinDataSize), dmsetup.SectorSize)
 	case blockOK && ds < bs:
 		bad("DataSize", "%d bytes: smaller than one %d-byte block of the pool", ds, bs)
+	}
+	switch md := c.MaxDataSize; {
+	case md == 0:
+	case c.PoolName != "":
+		bad("MaxDataSize", "only the embedded pool grows itself; grow pool %s with its own tools (LVM: thin_pool_autoextend_threshold)", c.PoolName)
+	case md < c.DataSize || md%dmsetup.SectorSize != 0:
+		bad("MaxDataSize", "%d bytes: must be 0 (no growth) or at least DataSize (%d) and a multiple of %d bytes", md, c.DataSize, dmsetup.SectorSize)
+	}
+	if gs := c.GrowStep; (blockOK && gs < bs) || gs%dmsetup.SectorSize != 0 {
+		bad("GrowStep", "%d bytes: must be at least one %d-byte pool block and a multiple of %d bytes", gs, bs, dmsetup.SectorSize)
 	}
 	if ms := c.MetadataSize; ms < MinMetadataSize || ms > MaxMetadataSize || ms%dmsetup.SectorSize != 0 {
 		bad("MetadataSize", "%d bytes: must be from %s to %s and a multiple of %d bytes", ms, humanSize(MinMetadataSize), humanSize(MaxMetadataSize), dmsetup.SectorSize)

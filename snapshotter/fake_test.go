@@ -219,6 +219,28 @@ func (p *fakePool) Resume(name string) error {
 	return nil
 }
 
+// Discard unmaps every block of the device, as the kernel does for a
+// thin device; a read-only or open device is refused like the real
+// exclusive, writable open.
+func (p *fakePool) Discard(_ context.Context, name string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err := p.step("discard", name); err != nil {
+		return err
+	}
+	d, ok := p.devices[name]
+	switch {
+	case !ok:
+		return errno("discard open", name, unix.ENXIO)
+	case d.readOnly:
+		return errno("discard open", name, unix.EROFS)
+	case d.open > 0:
+		return errno("discard open", name, unix.EBUSY)
+	}
+	p.thins[d.id] = 0
+	return nil
+}
+
 func (p *fakePool) Info(name string) (dmsetup.Info, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()

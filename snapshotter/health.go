@@ -1,6 +1,8 @@
 package snapshotter
 
 import (
+	"context"
+	"errors"
 	"fmt"
 
 	"github.com/containerd/errdefs"
@@ -16,8 +18,29 @@ func (s *Snapshotter) checkPoolHealth() error {
 	if err != nil {
 		return fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
 	}
-	return poolHealth(s.pool.Name(), st, s.cfg.MinFreeData, s.cfg.MinFreeMetadata)
+	err = poolHealth(s.pool.Name(), st, s.cfg.MinFreeData, s.cfg.MinFreeMetadata)
+	if s.autogrow == nil || !errdefs.IsResourceExhausted(err) {
+		return err
+	}
+	// Short of space with room to grow: grow now (a few steps if need be)
+	// rather than fail while the pool's event is on its way.
+	for range maxGrowSteps {
+		grown, gerr := s.maybeGrow(context.Background())
+		if gerr != nil || !grown {
+			return errors.Join(err, gerr)
+		}
+		if st, err = s.pool.Status(); err != nil {
+			return fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
+		}
+		if err = poolHealth(s.pool.Name(), st, s.cfg.MinFreeData, s.cfg.MinFreeMetadata); !errdefs.IsResourceExhausted(err) {
+			return err
+		}
+	}
+	return err
 }
+
+// maxGrowSteps bounds the steps one Prepare waits for.
+const maxGrowSteps = 8
 
 func poolHealth(name string, st dmsetup.PoolStatus, minData, minMeta float64) error {
 	switch {

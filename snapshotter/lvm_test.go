@@ -3,6 +3,7 @@ package snapshotter
 import (
 	"context"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -92,17 +93,29 @@ func TestPoolRenamedKeepsDeviceNames(t *testing.T) {
 }
 
 // Adopting a pool that holds someone else's thin devices (an LVM pool with
-// LVM thin volumes): the base device's create fails on an id that exists,
-// and that device is left alone, never deleted as if it were ours.
+// LVM thin volumes): the base device's create finds id 1 taken, records it
+// as foreign and moves on to id 2; that device is left alone, never deleted
+// as if it were ours.
 func TestAdoptKeepsForeignDevices(t *testing.T) {
 	pool := newFakePool("vg-lv-tpool")
 	pool.thins[1] = 1 << 20 // LVM's first thin volume
 	pool.txid = 1
-	_, err := newFake(t, t.TempDir(), pool, func(c *Config) { c.AllowAdopt = true })
-	if err == nil || !strings.Contains(err.Error(), "file exists") {
-		t.Fatalf("New = %v, want the pool's refusal of thin id 1", err)
-	}
+	s := mustNew(t, t.TempDir(), pool, func(c *Config) { c.AllowAdopt = true })
 	if _, ok := pool.thins[1]; !ok {
 		t.Fatal("the foreign thin device 1 was deleted")
+	}
+	if ids := foreignIDs(t, s.db); !slices.Equal(ids, []uint32{1}) {
+		t.Errorf("foreign ids %v, want [1]", ids)
+	}
+	var base uint32
+	if err := s.db.View(context.Background(), func(tx *storage.Tx) error {
+		pi, err := tx.PoolInfo()
+		base = pi.BaseDeviceID
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if base != 2 {
+		t.Errorf("base device id %d, want 2", base)
 	}
 }

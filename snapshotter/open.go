@@ -28,6 +28,13 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		return nil, k.close(err)
 	}
 	s.closers = k.closers
+	if k.loop != nil && cfg.MaxDataSize != 0 {
+		s.autogrow = &grower{lp: k.loop, c: k.pool.c}
+		wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		stopWorker := s.stop
+		s.stop = func() { cancel(); stopWorker() }
+		s.bg.Go(func() { s.watchGrowth(wctx) })
+	}
 	return s, nil
 }
 
@@ -53,6 +60,7 @@ func OpenForCheck(ctx context.Context, cfg Config) (*Snapshotter, error) {
 type kernel struct {
 	db      *storage.DB
 	pool    *dmPool
+	loop    *dmsetup.LoopPool // the embedded pool; nil for an existing one
 	closers []func() error
 }
 
@@ -85,7 +93,9 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 	} else if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
 		return nil, err
 	}
-	client, err := dmsetup.Open()
+	// With udev running, our devices get /dev/mapper links but no probe:
+	// every snapshot carries the base's filesystem UUID.
+	client, err := dmsetup.Open(dmsetup.WithUdevFlags(dmsetup.UdevPrivate))
 	if err != nil {
 		return nil, fmt.Errorf("device-mapper: %w", err)
 	}
@@ -129,6 +139,10 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 				}
 			}
 		}
+		var lowWater uint64
+		if cfg.MaxDataSize != 0 {
+			lowWater = cfg.lowWaterBlocks(cfg.DataSize)
+		}
 		lp, err := dmsetup.CreateLoopPool(ctx, client, dmsetup.LoopPoolConfig{
 			Dir:              dir,
 			Name:             name,
@@ -138,6 +152,7 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 			// A full pool fails writes at once instead of queueing them
 			// for a minute: containers see ENOSPC/EIO, not a hang.
 			ErrorIfNoSpace: true,
+			LowWaterMark:   lowWater,
 		})
 		if err != nil {
 			return nil, k.close(fmt.Errorf("embedded pool: %w", err))
@@ -145,6 +160,7 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 		if !existing {
 			log.G(ctx).WithField("pool", name).WithField("reused", lp.Reused).Info("embedded pool ready")
 		}
+		k.loop = lp
 	}
 	if k.pool, err = newDMPool(client, name); err != nil {
 		return nil, k.close(err)

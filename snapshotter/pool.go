@@ -32,6 +32,9 @@ type Pool interface {
 	Resize(name string, id uint32, length dmsetup.Sectors) error
 	Suspend(name string) error
 	Resume(name string) error
+	// Discard discards every block of active dm device name (BLKDISCARD),
+	// so the pool can hand the space back to its storage.
+	Discard(ctx context.Context, name string) error
 	Info(name string) (dmsetup.Info, error)
 	ThinStatus(name string) (dmsetup.ThinStatus, error)
 	List() ([]dmsetup.Device, error)
@@ -104,7 +107,7 @@ func (p *dmPool) Activate(name string, id uint32, length dmsetup.Sectors, readOn
 	if err != nil {
 		return err
 	}
-	err = p.c.Create(name, []dmsetup.Target{t}, dmsetup.CreateOptions{ReadOnly: readOnly})
+	err = p.c.Create(name, []dmsetup.Target{t}, dmsetup.CreateOptions{ReadOnly: readOnly, UUID: dmsetup.DeviceUUID(p.name, id)})
 	if err == nil || !dmsetup.IsExist(err) {
 		return err
 	}
@@ -120,6 +123,11 @@ func (p *dmPool) Activate(name string, id uint32, length dmsetup.Sectors, readOn
 		return fmt.Errorf("device %s exists with another table (%w): %w", name, terr, err)
 	}
 	return fmt.Errorf("%w (and reading its table: %w)", err, terr)
+}
+
+func (p *dmPool) Discard(ctx context.Context, name string) error {
+	_, err := p.c.Discard(ctx, name)
+	return err
 }
 
 func (p *dmPool) Resize(name string, id uint32, length dmsetup.Sectors) error {

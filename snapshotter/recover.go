@@ -142,7 +142,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 		case storage.OpCommitSnap:
 			// The caller never heard of success: the active keeps its
 			// device and the new one goes.
-			if err := s.rollbackCommit(ctx, e, false); err != nil {
+			if err := s.rollbackCommit(ctx, e, false, true); err != nil {
 				return err
 			}
 			s.recovered(func(r *Recovery) { r.DroppedOperations++ })
@@ -155,7 +155,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 					if err := tx.FinishJournal(e.Seq); err != nil {
 						return err
 					}
-					e = storage.Entry{Op: storage.OpDelete, DeviceID: e.DeviceID, Key: e.Key}
+					e = storage.Entry{Op: storage.OpDelete, DeviceID: e.DeviceID, Key: e.Key, Size: e.Size}
 					e.Seq, err = tx.AddJournal(e)
 					return err
 				}); err != nil {

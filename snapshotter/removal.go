@@ -9,6 +9,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
 )
 
@@ -45,6 +46,9 @@ func (s *Snapshotter) finishDelete(ctx context.Context, e storage.Entry) error {
 	if err := s.timed(StepDeactivate, func() error { return s.pool.Deactivate(ctx, s.deviceName(e.DeviceID)) }); err != nil {
 		return err
 	}
+	if s.cfg.discardOnDelete() {
+		s.discardDevice(ctx, e)
+	}
 	next, _, err := s.poolStep(nil, func() error {
 		return s.timed(StepDelete, func() error { return ignoreNoData(s.pool.DeleteThin(e.DeviceID)) })
 	}, nil)
@@ -60,6 +64,32 @@ func (s *Snapshotter) finishDelete(ctx context.Context, e storage.Entry) error {
 		}
 		return tx.FinishJournal(e.Seq)
 	})
+}
+
+// discardDevice discards the blocks of the thin device of a removal before
+// it is deleted, on a writable activation of its own, so the pool passes
+// them on to its storage (DiscardOnDelete). It is best effort: the device
+// is deleted anyway, the space then stays with the pool's storage.
+func (s *Snapshotter) discardDevice(ctx context.Context, e storage.Entry) {
+	size := e.Size
+	if size == 0 {
+		// An orphan's size is not recorded; thin devices are sparse, so
+		// discarding past a smaller one's end costs nothing.
+		size = s.cfg.BaseSize
+	}
+	name := s.deviceName(e.DeviceID)
+	start := time.Now()
+	err := s.pool.Activate(name, e.DeviceID, dmsetup.BytesToSectors(size), false)
+	if err == nil {
+		err = s.pool.Discard(ctx, name)
+		err = errors.Join(err, s.pool.Deactivate(ctx, name))
+	}
+	l := log.G(ctx).WithField("id", e.DeviceID).WithField("key", e.Key)
+	if err != nil && !dmsetup.IsNotFound(err) {
+		l.WithError(err).Warn("discarding the blocks of a removed snapshot; deleting it anyway")
+		return
+	}
+	l.WithField("duration", time.Since(start)).Debug("discarded the blocks of a removed snapshot")
 }
 
 // Cleanup deletes the warm devices and finishes every pending removal now.

@@ -71,6 +71,11 @@ type Snapshotter struct {
 	refill    map[string]bool
 	refilling bool
 
+	// autogrow grows the embedded pool (MaxDataSize); nil when it does not.
+	autogrow *grower
+	// bg counts background goroutines besides the worker.
+	bg sync.WaitGroup
+
 	wake      chan struct{}
 	stop      context.CancelFunc
 	done      chan struct{}
@@ -259,60 +264,23 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	}
 
 	var (
-		grow    bool
-		snap    storage.Snapshot
-		entry   storage.Entry
-		journal error
+		r   createResult
+		err error
 	)
-	next, txSet, err := s.poolStep(func() error {
-		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
-			pi, err := tx.PoolInfo()
-			if err != nil {
-				return err
-			}
-			origin, size, fsType := pi.BaseDeviceID, pi.BaseSize, pi.BaseFSType
-			if parent != "" {
-				p, err := tx.GetSnapshot(parent)
-				if err != nil {
-					return fmt.Errorf("parent %q: %w", parent, err)
-				}
-				origin, size, fsType = p.DeviceID, p.Size, p.FSType
-			}
-			if kind == snapshots.KindActive {
-				// Views are read-only: their filesystem cannot grow.
-				want, err := requestedSize(base.Labels, size)
-				if err != nil {
-					return err
-				}
-				if grow = want > size; grow {
-					size = want
-				}
-			}
-			id, err := tx.AllocateID()
-			if err != nil {
-				return err
-			}
-			snap, err = tx.CreateSnapshot(storage.Snapshot{
-				Key: key, Kind: kind, Parent: parent, Labels: base.Labels,
-				State: storage.StateCreating, DeviceID: id, Size: size, FSType: fsType,
-			})
-			if err != nil {
-				return err
-			}
-			entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key}
-			entry.Seq, err = tx.AddJournal(entry)
-			return err
-		})
-		return journal
-	}, func() error {
-		return s.snapLocked(entry.DeviceID, entry.OriginID)
-	}, func() error {
-		return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
-	})
-	if journal != nil {
-		return nil, journal
+	for attempt := 1; ; attempt++ {
+		var journal error
+		r, journal, err = s.createStep(ctx, kind, key, parent, base.Labels)
+		if journal != nil {
+			return nil, journal
+		}
+		if !s.foreignID(ctx, r.entry, err) {
+			break
+		}
+		if attempt == maxIDTries {
+			return nil, errForeignIDs(err)
+		}
 	}
-	entry.TxID = next // for a rollback; not journaled
+	snap, entry, next, txSet, grow := r.snap, r.entry, r.next, r.txSet, r.grow
 
 	if err == nil {
 		name := s.deviceName(snap.DeviceID)
@@ -366,6 +334,67 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		s.wantWarm(parent)
 	}
 	return s.mounts(snap), nil
+}
+
+type createResult struct {
+	snap  storage.Snapshot
+	entry storage.Entry
+	next  uint64 // the transaction id of the step
+	txSet bool   // the pool is at next
+	grow  bool   // the device is larger than its origin's filesystem
+}
+
+// createStep is one poolStep of create: it journals a new record and thin
+// id for key, then snapshots the origin into it. A journal error means the
+// pool was not touched; err is the step's.
+func (s *Snapshotter) createStep(ctx context.Context, kind snapshots.Kind, key, parent string, labels map[string]string) (r createResult, journal, err error) {
+	r.next, r.txSet, err = s.poolStep(func() error {
+		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
+			pi, err := tx.PoolInfo()
+			if err != nil {
+				return err
+			}
+			origin, size, fsType := pi.BaseDeviceID, pi.BaseSize, pi.BaseFSType
+			if parent != "" {
+				p, err := tx.GetSnapshot(parent)
+				if err != nil {
+					return fmt.Errorf("parent %q: %w", parent, err)
+				}
+				origin, size, fsType = p.DeviceID, p.Size, p.FSType
+			}
+			if kind == snapshots.KindActive {
+				// Views are read-only: their filesystem cannot grow.
+				want, err := requestedSize(labels, size)
+				if err != nil {
+					return err
+				}
+				if r.grow = want > size; r.grow {
+					size = want
+				}
+			}
+			id, err := tx.AllocateID()
+			if err != nil {
+				return err
+			}
+			r.snap, err = tx.CreateSnapshot(storage.Snapshot{
+				Key: key, Kind: kind, Parent: parent, Labels: labels,
+				State: storage.StateCreating, DeviceID: id, Size: size, FSType: fsType,
+			})
+			if err != nil {
+				return err
+			}
+			r.entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key}
+			r.entry.Seq, err = tx.AddJournal(r.entry)
+			return err
+		})
+		return journal
+	}, func() error {
+		return s.snapLocked(r.entry.DeviceID, r.entry.OriginID)
+	}, func() error {
+		return ignoreNoData(s.pool.DeleteThin(r.entry.DeviceID))
+	})
+	r.entry.TxID = r.next // for a rollback; not journaled
+	return r, journal, err
 }
 
 // snapLocked snapshots origin into id; an active origin is suspended around
@@ -451,7 +480,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		if err != nil {
 			return err
 		}
-		entry := storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: key}
+		entry := storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: key, Size: removed.Size}
 		if entry.Seq, err = tx.AddJournal(entry); err != nil {
 			return err
 		}
@@ -482,6 +511,7 @@ func (s *Snapshotter) Close() error {
 		if s.stop != nil {
 			s.stop()
 			<-s.done
+			s.bg.Wait()
 			// Leave no warm device nor pending removal behind a clean
 			// stop; what is busy stays journaled for the next start.
 			if err := s.drain(context.Background()); err != nil {

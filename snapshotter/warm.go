@@ -116,7 +116,7 @@ func warmToDelete(tx *storage.Tx, drop func(e storage.Entry, newer int) bool) ([
 		if err := tx.FinishJournal(e.Seq); err != nil {
 			return nil, err
 		}
-		d := storage.Entry{Op: storage.OpDelete, DeviceID: e.DeviceID, Key: e.Key}
+		d := storage.Entry{Op: storage.OpDelete, DeviceID: e.DeviceID, Key: e.Key, Size: e.Size}
 		if d.Seq, err = tx.AddJournal(d); err != nil {
 			return nil, err
 		}
@@ -176,43 +176,55 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 	usage := ownUsage(st.MappedSectors, snap.Shared)
 
 	var (
-		entry   storage.Entry
-		journal error
+		entry storage.Entry
+		next  uint64
+		txSet bool
 	)
-	next, txSet, err := s.poolStep(func() error {
-		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
-			cur, err := tx.GetSnapshot(key)
-			if err != nil {
+	for attempt := 1; ; attempt++ {
+		var journal error
+		next, txSet, err = s.poolStep(func() error {
+			journal = s.db.Update(ctx, func(tx *storage.Tx) error {
+				cur, err := tx.GetSnapshot(key)
+				if err != nil {
+					return err
+				}
+				if cur.DeviceID != snap.DeviceID || cur.State != storage.StateReady || cur.Kind != snapshots.KindActive {
+					return fmt.Errorf("snapshot %q changed during commit: %w", key, errdefs.ErrAborted)
+				}
+				if _, err := tx.GetSnapshot(name); err == nil {
+					return fmt.Errorf("snapshot %q: %w", name, errdefs.ErrAlreadyExists)
+				} else if !errdefs.IsNotFound(err) {
+					return err
+				}
+				id, err := tx.AllocateID()
+				if err != nil {
+					return err
+				}
+				entry = storage.Entry{Op: storage.OpCommitSnap, DeviceID: id, OriginID: snap.DeviceID, Key: key, Name: name, Size: snap.Size}
+				entry.Seq, err = tx.AddJournal(entry)
 				return err
-			}
-			if cur.DeviceID != snap.DeviceID || cur.State != storage.StateReady || cur.Kind != snapshots.KindActive {
-				return fmt.Errorf("snapshot %q changed during commit: %w", key, errdefs.ErrAborted)
-			}
-			if _, err := tx.GetSnapshot(name); err == nil {
-				return fmt.Errorf("snapshot %q: %w", name, errdefs.ErrAlreadyExists)
-			} else if !errdefs.IsNotFound(err) {
-				return err
-			}
-			id, err := tx.AllocateID()
-			if err != nil {
-				return err
-			}
-			entry = storage.Entry{Op: storage.OpCommitSnap, DeviceID: id, OriginID: snap.DeviceID, Key: key, Name: name, Size: snap.Size}
-			entry.Seq, err = tx.AddJournal(entry)
-			return err
+			})
+			return journal
+		}, func() error {
+			return s.snapLocked(entry.DeviceID, entry.OriginID)
+		}, func() error {
+			return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
 		})
-		return journal
-	}, func() error {
-		return s.snapLocked(entry.DeviceID, entry.OriginID)
-	}, func() error {
-		return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
-	})
-	if journal != nil {
-		return journal
+		if journal != nil {
+			return journal
+		}
+		// The new id may be a device the pool already has: skipped.
+		if !s.foreignID(ctx, entry, err) {
+			break
+		}
+		if attempt == maxIDTries {
+			return errForeignIDs(err)
+		}
 	}
 	entry.TxID = next // for a rollback; not journaled
 	if err != nil {
-		return errors.Join(fmt.Errorf("commit %q: %w", key, err), s.rollbackCommit(ctx, entry, txSet))
+		// An id the pool already has is someone else's device.
+		return errors.Join(fmt.Errorf("commit %q: %w", key, err), s.rollbackCommit(ctx, entry, txSet, !dmsetup.IsExist(err)))
 	}
 	var dels []storage.Entry
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
@@ -233,7 +245,7 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 	})
 	if err != nil {
 		// Still active in the records (a name taken meanwhile, say).
-		return errors.Join(err, s.rollbackCommit(ctx, entry, txSet))
+		return errors.Join(err, s.rollbackCommit(ctx, entry, txSet, true))
 	}
 	if len(dels) > 0 {
 		s.kick()
@@ -242,9 +254,10 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 }
 
 // rollbackCommit deletes the committed snapshot's new device of a failed
-// commit and frees its id; the active snapshot keeps its device. When the
-// pool refuses, the journal keeps the entry and recovery finishes it.
-func (s *Snapshotter) rollbackCommit(ctx context.Context, e storage.Entry, txSet bool) error {
+// commit (unless made is false: the pool never made it) and frees its id;
+// the active snapshot keeps its device. When the pool refuses, the journal
+// keeps the entry and recovery finishes it.
+func (s *Snapshotter) rollbackCommit(ctx context.Context, e storage.Entry, txSet, made bool) error {
 	s.poolMu.Lock()
 	// A failed resume (or a crash) after the snapshot left the active's
 	// device suspended: it would hang its users.
@@ -253,7 +266,9 @@ func (s *Snapshotter) rollbackCommit(ctx context.Context, e storage.Entry, txSet
 	if info, ierr := s.pool.Info(origin); ierr == nil && info.Suspended {
 		err = s.pool.Resume(origin)
 	}
-	err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(e.DeviceID)))
+	if made {
+		err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(e.DeviceID)))
+	}
 	s.poolMu.Unlock()
 	if err != nil {
 		return fmt.Errorf("rolling back the commit of %q (recovery finishes it): %w", e.Key, err)
@@ -325,51 +340,63 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
 		return err
 	}
 	var (
-		p       storage.Snapshot
-		entry   storage.Entry
-		journal error
-		skip    bool
+		p     storage.Snapshot
+		entry storage.Entry
+		skip  bool
+		next  uint64
+		txSet bool
+		err   error
 	)
-	next, txSet, err := s.poolStep(func() error {
-		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
-			entries, err := tx.Journal()
-			if err != nil {
-				return err
-			}
-			warm := warmDevices(entries)
-			for _, e := range warm {
-				if e.Key == parent {
-					skip = true
+	for attempt := 1; ; attempt++ {
+		var journal error
+		next, txSet, err = s.poolStep(func() error {
+			journal = s.db.Update(ctx, func(tx *storage.Tx) error {
+				entries, err := tx.Journal()
+				if err != nil {
+					return err
 				}
-			}
-			if skip = skip || len(warm) >= maxWarm; skip {
-				return errSkip
-			}
-			if p, err = tx.GetSnapshot(parent); err != nil {
+				warm := warmDevices(entries)
+				for _, e := range warm {
+					if e.Key == parent {
+						skip = true
+					}
+				}
+				if skip = skip || len(warm) >= maxWarm; skip {
+					return errSkip
+				}
+				if p, err = tx.GetSnapshot(parent); err != nil {
+					return err
+				}
+				if p.Kind != snapshots.KindCommitted || p.State != storage.StateReady {
+					return fmt.Errorf("parent %q is not a ready committed snapshot: %w", parent, errdefs.ErrFailedPrecondition)
+				}
+				id, err := tx.AllocateID()
+				if err != nil {
+					return err
+				}
+				entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: p.DeviceID, Size: p.Size}
+				entry.Seq, err = tx.AddJournal(entry)
 				return err
-			}
-			if p.Kind != snapshots.KindCommitted || p.State != storage.StateReady {
-				return fmt.Errorf("parent %q is not a ready committed snapshot: %w", parent, errdefs.ErrFailedPrecondition)
-			}
-			id, err := tx.AllocateID()
-			if err != nil {
-				return err
-			}
-			entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: p.DeviceID, Size: p.Size}
-			entry.Seq, err = tx.AddJournal(entry)
-			return err
+			})
+			return journal
+		}, func() error {
+			return s.snapLocked(entry.DeviceID, entry.OriginID)
+		}, func() error {
+			return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
 		})
-		return journal
-	}, func() error {
-		return s.snapLocked(entry.DeviceID, entry.OriginID)
-	}, func() error {
-		return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
-	})
-	if skip {
-		return nil
-	}
-	if journal != nil {
-		return journal
+		if skip {
+			return nil
+		}
+		if journal != nil {
+			return journal
+		}
+		// The new id may be a device the pool already has: skipped.
+		if !s.foreignID(ctx, entry, err) {
+			break
+		}
+		if attempt == maxIDTries {
+			return errForeignIDs(err)
+		}
 	}
 	entry.TxID = next // for a rollback; not journaled
 	name := s.deviceName(entry.DeviceID)
@@ -377,12 +404,15 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
 		err = s.timed(StepActivate, func() error {
 			return s.pool.Activate(name, entry.DeviceID, dmsetup.BytesToSectors(p.Size), false)
 		})
+		if err != nil {
+			err = errors.Join(err, s.pool.Deactivate(ctx, name))
+			s.poolMu.Lock()
+			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
+			s.poolMu.Unlock()
+		}
 	}
 	if err != nil {
-		err = errors.Join(err, s.pool.Deactivate(ctx, name))
-		s.poolMu.Lock()
-		err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
-		s.poolMu.Unlock()
+		// A snapshot the pool refused made nothing to delete.
 		return errors.Join(err, s.rollbackCreate(ctx, entry, txSet))
 	}
 	var dels []storage.Entry

@@ -22,14 +22,15 @@ var ErrInUse = errors.New("database is already in use by another process")
 
 // Top-level buckets.
 var (
-	bucketMeta      = []byte("meta")      // schema, txid, next-id, pool
-	bucketSnapshots = []byte("snapshots") // key -> encoded Snapshot
-	bucketChildren  = []byte("children")  // childKey(parent, child) -> nil
-	bucketIDsUsed   = []byte("ids-used")  // idKey -> owner snapshot key ("" if none)
-	bucketIDsFree   = []byte("ids-free")  // idKey -> nil, released ids for reuse
-	bucketJournal   = []byte("journal")   // u64Key(seq) -> encoded Entry
+	bucketMeta      = []byte("meta")        // schema, txid, next-id, pool
+	bucketSnapshots = []byte("snapshots")   // key -> encoded Snapshot
+	bucketChildren  = []byte("children")    // childKey(parent, child) -> nil
+	bucketIDsUsed   = []byte("ids-used")    // idKey -> owner snapshot key ("" if none)
+	bucketIDsFree   = []byte("ids-free")    // idKey -> nil, released ids for reuse
+	bucketJournal   = []byte("journal")     // u64Key(seq) -> encoded Entry
+	bucketForeign   = []byte("ids-foreign") // idKey -> marker, ids the pool had before us (schema 3)
 
-	allBuckets = [][]byte{bucketMeta, bucketSnapshots, bucketChildren, bucketIDsUsed, bucketIDsFree, bucketJournal}
+	allBuckets = [][]byte{bucketMeta, bucketSnapshots, bucketChildren, bucketIDsUsed, bucketIDsFree, bucketJournal, bucketForeign}
 
 	metaSchema = []byte("schema")  // u32: schemaVersion
 	metaTxID   = []byte("txid")    // u64: pool transaction id
@@ -158,6 +159,7 @@ func (d *DB) newTx(btx *bolt.Tx) *Tx {
 		used:      btx.Bucket(bucketIDsUsed),
 		free:      btx.Bucket(bucketIDsFree),
 		journal:   btx.Bucket(bucketJournal),
+		foreign:   btx.Bucket(bucketForeign),
 		meta:      btx.Bucket(bucketMeta),
 	}
 }
@@ -172,6 +174,7 @@ type Tx struct {
 	used      *bolt.Bucket
 	free      *bolt.Bucket
 	journal   *bolt.Bucket
+	foreign   *bolt.Bucket
 	meta      *bolt.Bucket
 }
 

@@ -34,7 +34,10 @@
 // specific one. A record with a device id owns it; removing the record
 // leaves the id allocated but unowned until ReleaseID, which the
 // snapshotter calls only once the pool has deleted the device, so an id is
-// never handed out while a device might still carry it.
+// never handed out while a device might still carry it. MarkForeign keeps
+// an id the pool already had (someone else's device) allocated for good, and
+// ReleaseID refuses it until UnmarkForeign, which only an operator's repair
+// calls.
 //
 // # The journal
 //

@@ -134,6 +134,9 @@ func (tx *Tx) ReleaseID(id uint32) error {
 	if owner != "" {
 		return fmt.Errorf("device id %d is still owned by snapshot %q: %w", id, owner, errdefs.ErrFailedPrecondition)
 	}
+	if tx.isForeign(id) {
+		return fmt.Errorf("device id %d is foreign (the pool had it before us); unmark it first: %w", id, errdefs.ErrFailedPrecondition)
+	}
 	if err := tx.used.Delete(idKey(id)); err != nil {
 		return fmt.Errorf("release device id %d: %w", id, err)
 	}
@@ -199,4 +202,68 @@ func (tx *Tx) claimID(id uint32, key string) error {
 		return fmt.Errorf("attach device id %d to %q: %w", id, key, err)
 	}
 	return nil
+}
+
+// Foreign ids: thin ids the pool already had when we tried to create a
+// device with them (someone else's device, or one of ours the database
+// lost). They stay allocated without owner, so AllocateID never hands them
+// out again, and are listed in ids-foreign so that neither recovery nor a
+// repair takes them for our own leaked ids or orphans.
+
+func (tx *Tx) isForeign(id uint32) bool { return tx.foreign.Get(idKey(id)) != nil }
+
+// MarkForeign records id as foreign. The id must be unowned: allocated for
+// the create that found it taken, or not in use at all (then it is
+// reserved). Marking a foreign id again is a no-op.
+func (tx *Tx) MarkForeign(id uint32) error {
+	if err := tx.checkWritable(); err != nil {
+		return err
+	}
+	if err := checkID(id); err != nil {
+		return err
+	}
+	owner, used := tx.idOwner(id)
+	switch {
+	case owner != "":
+		return fmt.Errorf("device id %d is owned by snapshot %q: %w", id, owner, errdefs.ErrFailedPrecondition)
+	case !used:
+		if err := tx.ReserveID(id); err != nil {
+			return err
+		}
+	}
+	if err := tx.foreign.Put(idKey(id), []byte{idMarker}); err != nil {
+		return fmt.Errorf("mark device id %d foreign: %w", id, err)
+	}
+	return nil
+}
+
+// UnmarkForeign takes the foreign mark off id; it stays allocated without
+// owner until ReleaseID. NotFound if id is not foreign.
+func (tx *Tx) UnmarkForeign(id uint32) error {
+	if err := tx.checkWritable(); err != nil {
+		return err
+	}
+	if err := checkID(id); err != nil {
+		return err
+	}
+	if !tx.isForeign(id) {
+		return fmt.Errorf("device id %d is not foreign: %w", id, errdefs.ErrNotFound)
+	}
+	if err := tx.foreign.Delete(idKey(id)); err != nil {
+		return fmt.Errorf("unmark foreign device id %d: %w", id, err)
+	}
+	return nil
+}
+
+// ForeignIDs returns the foreign ids, ascending.
+func (tx *Tx) ForeignIDs() ([]uint32, error) {
+	var out []uint32
+	c := tx.foreign.Cursor()
+	for k, _ := c.First(); k != nil; k, _ = c.Next() {
+		if len(k) != 4 {
+			return nil, fmt.Errorf("%w: foreign id key has %d bytes: %w", errCorrupt, len(k), errdefs.ErrDataLoss)
+		}
+		out = append(out, binary.BigEndian.Uint32(k))
+	}
+	return out, nil
 }

@@ -10,7 +10,7 @@ import (
 
 // Op names a pool operation recorded in the journal. Values are stored as
 // one byte and are never reused: 4, 5 and 7 belonged to operations schema 1
-// named but nothing ever journaled. Schema 3 added 8 and 9.
+// named but nothing ever journaled. Schema 4 added 8 and 9.
 type Op uint8
 
 // The operations the snapshotter journals.

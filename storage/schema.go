@@ -21,18 +21,20 @@ import (
 // SetMeta. Version 2 drops what nothing ever set or read: records have no
 // format byte (the schema version alone says how they are encoded), entries
 // no Data, pool info only the fields the snapshotter sets, and there is no
-// kv bucket. Version 3 adds journal ops 8 (commit_snap) and 9 (warm, a
-// device made ahead that stays in the journal until handed out); the layout
-// is the same, so the migration only says a version 2 program must not open
-// the file, as it would refuse those entries.
-const schemaVersion uint32 = 3
+// kv bucket. Version 3 adds the ids-foreign bucket: thin ids the pool
+// already had when we tried to create them, kept in ids-used so they are
+// never handed out again. Version 4 adds journal ops 8 (commit_snap) and 9
+// (warm, a device made ahead that stays in the journal until handed out);
+// the layout is the same, so the migration only says a version 3 program
+// must not open the file, as it would refuse those entries.
+const schemaVersion uint32 = 4
 
 // migration upgrades a database from one schema version to the next inside
 // Open's write transaction.
 type migration func(tx *bolt.Tx) error
 
 // migrations[v-1] upgrades version v to v+1.
-var migrations = []migration{migrateSchema1, migrateSchema2}
+var migrations = []migration{migrateSchema1, migrateSchema2, migrateSchema3}
 
 func initSchema(tx *bolt.Tx, want uint32, migs []migration) error {
 	meta := tx.Bucket(bucketMeta)
@@ -122,8 +124,19 @@ func migrateSchema1(tx *bolt.Tx) error {
 	return nil
 }
 
-// migrateSchema2: a version 2 database is a valid version 3 one.
-func migrateSchema2(*bolt.Tx) error { return nil }
+// migrateSchema2 adds the ids-foreign bucket; nothing else changes.
+func migrateSchema2(tx *bolt.Tx) error {
+	if tx.Bucket(bucketForeign) != nil {
+		return fmt.Errorf("schema 2 database already has bucket %s: %w", bucketForeign, errdefs.ErrFailedPrecondition)
+	}
+	if _, err := tx.CreateBucket(bucketForeign); err != nil {
+		return fmt.Errorf("create bucket %s: %w", bucketForeign, err)
+	}
+	return nil
+}
+
+// migrateSchema3: a version 3 database is a valid version 4 one.
+func migrateSchema3(*bolt.Tx) error { return nil }
 
 // rewriteBucket replaces every value of bucket name by fn's result. Values
 // are collected first because bbolt forbids writes during ForEach, and

@@ -409,12 +409,12 @@ func FuzzSchema1Records(f *testing.F) {
 	})
 }
 
-// TestMigrateSchema2 opens a database version 2 wrote: every record stays,
-// and the journal takes the ops version 3 added.
-func TestMigrateSchema2(t *testing.T) {
+// TestMigrateSchema3 opens a database version 3 wrote: every record stays,
+// foreign ids included, and the journal takes the ops version 4 added.
+func TestMigrateSchema3(t *testing.T) {
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "db")
-	db, err := Open(ctx, path, WithNoSync(), withSchema(2, migrations[:1]))
+	db, err := Open(ctx, path, WithNoSync(), withSchema(3, migrations[:2]))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -427,13 +427,16 @@ func TestMigrateSchema2(t *testing.T) {
 		if _, err := tx.CreateSnapshot(Snapshot{Key: "a", Kind: active, State: StateReady, DeviceID: id, Size: 1 << 20, FSType: "ext4"}); err != nil {
 			return err
 		}
+		if err := tx.MarkForeign(5); err != nil {
+			return err
+		}
 		e := Entry{Op: OpDelete, DeviceID: 7, Key: "gone", Created: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
 		e.Seq, err = tx.AddJournal(e)
 		want = append(want, e)
 		return err
 	})
 	db.Close()
-	if v := schemaOf(t, path); v != 2 {
+	if v := schemaOf(t, path); v != 3 {
 		t.Fatalf("fixture has schema %d", v)
 	}
 	db, err = Open(ctx, path, WithNoSync())
@@ -441,12 +444,15 @@ func TestMigrateSchema2(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	if v := schemaOf2(t, db); v != schemaVersion {
+	if v := schemaOf2(t, db); v != 4 {
 		t.Errorf("schema %d after migration, want %d", v, schemaVersion)
 	}
 	update(t, db, func(tx *Tx) error {
 		if s, err := tx.GetSnapshot("a"); err != nil || s.DeviceID != 1 || s.Kind != active {
 			t.Errorf("snapshot a = %+v, %v", s, err)
+		}
+		if ids, err := tx.ForeignIDs(); err != nil || !reflect.DeepEqual(ids, []uint32{5}) {
+			t.Errorf("foreign %v %v, want [5]", ids, err)
 		}
 		if got, err := tx.Journal(); err != nil || !reflect.DeepEqual(got, want) {
 			t.Errorf("journal %+v %v, want %+v", got, err, want)

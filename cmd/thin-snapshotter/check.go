@@ -71,6 +71,7 @@ func checkCommand(open checkOpener) *cli.Command {
 			"  pending_journal operation a crash interrupted\n" +
 			"  not_ready       record left creating or removing with no operation pending\n" +
 			"  leaked_id       device id allocated to nothing and not in the pool\n" +
+			"  foreign_id      thin id the pool already had when a create tried it (not ours)\n" +
 			"  id_conflict     record whose id is not allocated to it, or shared (needs a person)\n" +
 			"  txid_mismatch   the pool's transaction id is not the database's\n" +
 			"  pool_unhealthy  pool failed, read-only or needing thin_check (needs a person)\n" +
@@ -79,7 +80,9 @@ func checkCommand(open checkOpener) *cli.Command {
 			"devices that are not open, removes records left half-made, deletes orphans, releases\n" +
 			"leaked ids, activates missing devices and remakes a missing base, then checks again.\n" +
 			"Ghosts are only reported (their data is gone); --remove-ghosts also removes their\n" +
-			"records. Nothing is repaired when the pool may not be this database's (transaction\n" +
+			"records. Foreign ids are kept (never used, never deleted) unless --release-foreign:\n" +
+			"it deletes their devices from the pool (say so only when nobody needs them) and\n" +
+			"frees the ids. Nothing is repaired when the pool may not be this database's (transaction\n" +
 			"ids that pending operations do not explain) or when it is unhealthy.\n" +
 			"\n" +
 			"Exit status: 0 clean (also: everything repaired), 1 problems found or left after\n" +
@@ -92,6 +95,7 @@ func checkCommand(open checkOpener) *cli.Command {
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "repair", Usage: "fix what is safe to fix"},
 			&cli.BoolFlag{Name: "remove-ghosts", Usage: "with --repair: remove records whose thin device is gone"},
+			&cli.BoolFlag{Name: "release-foreign", Usage: "with --repair: delete devices of foreign thin ids from the pool and free the ids"},
 			&cli.BoolFlag{Name: "json", Usage: "print the report as JSON"},
 			&cli.BoolFlag{Name: "online", Usage: "check the running daemon's state, read-only"},
 		},
@@ -101,6 +105,9 @@ func checkCommand(open checkOpener) *cli.Command {
 			}
 			if cmd.Bool("remove-ghosts") && !cmd.Bool("repair") {
 				return &exitStatus{code: checkError, err: errors.New("--remove-ghosts needs --repair")}
+			}
+			if cmd.Bool("release-foreign") && !cmd.Bool("repair") {
+				return &exitStatus{code: checkError, err: errors.New("--release-foreign needs --repair")}
 			}
 			if cmd.Bool("online") {
 				if cmd.Bool("repair") {
@@ -116,7 +123,7 @@ func checkCommand(open checkOpener) *cli.Command {
 			if err != nil {
 				return &exitStatus{code: checkError, err: err}
 			}
-			opts := snapshotter.CheckOptions{Repair: cmd.Bool("repair"), RemoveGhosts: cmd.Bool("remove-ghosts")}
+			opts := snapshotter.CheckOptions{Repair: cmd.Bool("repair"), RemoveGhosts: cmd.Bool("remove-ghosts"), ReleaseForeign: cmd.Bool("release-foreign")}
 			code, err := runCheck(ctx, cfg, open, opts, cmd.Bool("json"), cmd.Root().Writer)
 			if err != nil || code != checkClean {
 				return &exitStatus{code: code, err: err}

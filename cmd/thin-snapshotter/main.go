@@ -3,7 +3,7 @@
 //
 //	thin-snapshotter [--config FILE] [--root DIR] [--address SOCKET] [--log-level LEVEL]
 //	thin-snapshotter config default
-//	thin-snapshotter check [--repair [--remove-ghosts]] [--json]
+//	thin-snapshotter check [--repair [--remove-ghosts] [--release-foreign]] [--json]
 //	thin-snapshotter check --online [--json]
 //	thin-snapshotter status [--json] | devices [--json] | cleanup
 //	thin-snapshotter --version

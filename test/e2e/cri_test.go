@@ -359,6 +359,30 @@ func (c *crictl) must(timeout time.Duration, args ...string) string {
 	return out
 }
 
+// stop stops a container as the kubelet does and waits until CRI reports it
+// exited: StopContainer can return before containerd has recorded the exit,
+// and a RemoveContainer in that window is refused as "running".
+func (c *crictl) stop(id string) {
+	c.t.Helper()
+	c.must(5*time.Minute, "stop", "--timeout", "2", id)
+	deadline := time.Now().Add(time.Minute)
+	for {
+		var st struct {
+			Status struct {
+				State string `json:"state"`
+			} `json:"status"`
+		}
+		decodeJSON(c.t, "crictl inspect", c.must(time.Minute, "inspect", "-o", "json", id), &st)
+		if st.Status.State == "CONTAINER_EXITED" {
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("container %s is %s a minute after crictl stop", id, st.Status.State)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
 // mustTimed is must that also returns how long the call took.
 func (c *crictl) mustTimed(timeout time.Duration, args ...string) (string, time.Duration) {
 	c.t.Helper()
@@ -748,7 +772,7 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 	// A restart as the kubelet does it: CRI starts a container only once,
 	// so the stopped container stays (its writes on its device) and a new
 	// attempt of it starts on a fresh device.
-	c.must(5*time.Minute, "stop", "--timeout", "2", ctrA)
+	c.stop(ctrA)
 	if _, err := c.run(time.Minute, "start", ctrA); err == nil {
 		t.Errorf("CRI started an exited container again")
 	}
@@ -804,7 +828,7 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 		running, pods = append(running, ctrK), append(pods, podKID)
 	}
 	for _, id := range running {
-		c.must(5*time.Minute, "stop", "--timeout", "2", id)
+		c.stop(id)
 	}
 	c.must(5*time.Minute, append([]string{"rm", ctrA}, running...)...)
 	tRm := time.Since(start)

@@ -80,6 +80,12 @@ type PoolConfig struct {
 	DataSize     ByteSize `toml:"data_size"`
 	MetadataSize ByteSize `toml:"metadata_size"`
 	BlockSize    ByteSize `toml:"block_size"`
+	// MaxDataSize lets the embedded pool grow itself up to it, by
+	// GrowStep at a time, keeping GrowHostReserve of the host free; 0 never
+	// grows it.
+	MaxDataSize     ByteSize `toml:"max_data_size"`
+	GrowStep        ByteSize `toml:"grow_step"`
+	GrowHostReserve ByteSize `toml:"grow_host_reserve"`
 	// AllowAdopt accepts a pool whose transaction id or devices do not
 	// match the database.
 	AllowAdopt bool `toml:"allow_adopt"`
@@ -97,6 +103,24 @@ type SnapshotConfig struct {
 	MountOptions []string `toml:"mount_options"`
 	AsyncRemove  bool     `toml:"async_remove"`
 	Discard      bool     `toml:"discard"`
+	// DiscardOnDelete is one of DiscardOnDeleteValues: "auto" leaves the
+	// choice to the snapshotter (on for the embedded pool only).
+	DiscardOnDelete string `toml:"discard_on_delete"`
+}
+
+// DiscardOnDeleteValues are the accepted snapshot.discard_on_delete values.
+var DiscardOnDeleteValues = []string{"auto", "on", "off"}
+
+// discardOnDelete maps snapshot.discard_on_delete; anything but on and off
+// is auto (Validate refuses other values).
+func (c *SnapshotConfig) discardOnDelete() *bool {
+	switch c.DiscardOnDelete {
+	case "on":
+		return new(true)
+	case "off":
+		return new(false)
+	}
+	return nil
 }
 
 // Default returns the default configuration.
@@ -109,6 +133,8 @@ func Default() *Config {
 			DataSize:        snapshotter.DefaultDataSize,
 			MetadataSize:    snapshotter.DefaultMetadataSize,
 			BlockSize:       snapshotter.DefaultBlockSize,
+			GrowStep:        snapshotter.DefaultGrowStep,
+			GrowHostReserve: snapshotter.DefaultGrowHostReserve,
 			MinFreeData:     snapshotter.DefaultMinFreeData,
 			MinFreeMetadata: snapshotter.DefaultMinFreeMetadata,
 		},
@@ -116,8 +142,9 @@ func Default() *Config {
 			BaseSize: snapshotter.DefaultBaseSize,
 			FSType:   snapshotter.DefaultFSType,
 			// Empty rather than nil: a parsed `[]` compares equal.
-			MkfsOptions:  []string{},
-			MountOptions: []string{},
+			MkfsOptions:     []string{},
+			MountOptions:    []string{},
+			DiscardOnDelete: "auto",
 			// The removal is journaled before Remove returns and
 			// finished by the worker, Cleanup, Close or recovery:
 			// as safe as deleting inline, and ~50 ms faster.
@@ -139,6 +166,9 @@ func (c *Config) Snapshotter() snapshotter.Config {
 		DataSize:        uint64(c.Pool.DataSize),
 		MetadataSize:    uint64(c.Pool.MetadataSize),
 		BlockSize:       uint64(c.Pool.BlockSize),
+		MaxDataSize:     uint64(c.Pool.MaxDataSize),
+		GrowStep:        uint64(c.Pool.GrowStep),
+		GrowHostReserve: uint64(c.Pool.GrowHostReserve),
 		AllowAdopt:      c.Pool.AllowAdopt,
 		MinFreeData:     c.Pool.MinFreeData,
 		MinFreeMetadata: c.Pool.MinFreeMetadata,
@@ -148,6 +178,7 @@ func (c *Config) Snapshotter() snapshotter.Config {
 		MountOptions:    c.Snapshot.MountOptions,
 		AsyncRemove:     c.Snapshot.AsyncRemove,
 		Discard:         c.Snapshot.Discard,
+		DiscardOnDelete: c.Snapshot.discardOnDelete(),
 		Classes:         classes,
 	}
 }
@@ -161,6 +192,9 @@ var snapshotterKeys = map[string]string{
 	"DataSize":        "pool.data_size",
 	"MetadataSize":    "pool.metadata_size",
 	"BlockSize":       "pool.block_size",
+	"MaxDataSize":     "pool.max_data_size",
+	"GrowStep":        "pool.grow_step",
+	"GrowHostReserve": "pool.grow_host_reserve",
 	"AllowAdopt":      "pool.allow_adopt",
 	"MinFreeData":     "pool.min_free_data",
 	"MinFreeMetadata": "pool.min_free_metadata",
@@ -170,6 +204,7 @@ var snapshotterKeys = map[string]string{
 	"MountOptions":    "snapshot.mount_options",
 	"AsyncRemove":     "snapshot.async_remove",
 	"Discard":         "snapshot.discard",
+	"DiscardOnDelete": "snapshot.discard_on_delete",
 	"Classes":         "class",
 }
 
@@ -271,6 +306,10 @@ func (c *Config) Validate() error {
 			bad(key, "%q is also the socket of %s", a, other)
 		}
 		sockets[a] = key
+	}
+
+	if !slices.Contains(DiscardOnDeleteValues, c.Snapshot.DiscardOnDelete) {
+		bad("snapshot.discard_on_delete", "%q is not one of %s", c.Snapshot.DiscardOnDelete, strings.Join(DiscardOnDeleteValues, ", "))
 	}
 
 	if !isLogLevel(c.LogLevel) {

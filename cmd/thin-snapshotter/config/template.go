@@ -71,6 +71,18 @@ metadata_size = {{ value .Pool.MetadataSize }}
 # metadata.
 block_size = {{ value .Pool.BlockSize }}
 
+# Embedded pool only: let the pool grow itself up to this size. When less
+# than grow_step of its data space is free (or less than min_free_data), the
+# data file grows by grow_step and the pool is reloaded with the new size, at
+# once: the kernel signals the low-water mark (polled as well); the metadata
+# file doubles when under a quarter of it is free. The pool never promises
+# more space than the host file system has free beyond grow_host_reserve.
+# Each step is logged. 0: never grow. (An existing pool grows with its own
+# tools, e.g. LVM's thin_pool_autoextend_threshold.)
+max_data_size = {{ value .Pool.MaxDataSize }}
+grow_step = {{ value .Pool.GrowStep }}
+grow_host_reserve = {{ value .Pool.GrowHostReserve }}
+
 # The database records which pool it owns and the pool's transaction id. A
 # pool whose transaction id or thin devices differ from the database (another
 # daemon's pool, or a re-created one) is refused with an error saying what
@@ -108,9 +120,20 @@ mount_options = {{ value .Snapshot.MountOptions }}
 # before Remove returns.
 async_remove = {{ value .Snapshot.AsyncRemove }}
 
-# Pass discards down to the pool's storage so that space freed by removed
-# snapshots goes back to it (sparse loopback files, thin-provisioned disks).
+# Mount snapshots with "discard" (online discard): when a container deletes
+# files, its filesystem discards their blocks and the pool gets them back at
+# once instead of when the snapshot is removed. Whether the pool passes them
+# on to its own storage (the embedded pool's sparse data file, the disk under
+# a thin LV) depends on the pool's discard passdown and on that storage.
 discard = {{ value .Snapshot.Discard }}
+
+# Discard a removed snapshot's blocks before its thin device is deleted, so
+# the pool passes them on to its storage: for the embedded pool the sparse
+# data file shrinks and the host gets the space back. Deleting alone frees
+# them only inside the pool. Costs time on devices holding much data. One of
+# {{ .DiscardOnDeleteValues }}; "auto" is on for the embedded pool and off for
+# an existing pool.
+discard_on_delete = {{ value .Snapshot.DiscardOnDelete }}
 
 # Size classes: one extra socket each, on the same pool and database, whose
 # containers get the class's disk size unless they ask for one (label
@@ -139,21 +162,23 @@ func Render(w io.Writer, cfg *Config) error {
 	data := struct {
 		*Config
 		LogLevels                                     string
+		DiscardOnDeleteValues                         string
 		MinDataSize, MinMetadataSize, MaxMetadataSize ByteSize
 		MinBlockSize, MaxBlockSize                    ByteSize
 		MinBaseSizeExt4, MinBaseSizeXFS               ByteSize
 		BaseSizeAlign                                 int
 	}{
-		Config:          cfg,
-		LogLevels:       strings.Join(LogLevels, ", "),
-		MinDataSize:     snapshotter.MinDataSize,
-		MinMetadataSize: snapshotter.MinMetadataSize,
-		MaxMetadataSize: snapshotter.MaxMetadataSize,
-		MinBlockSize:    snapshotter.MinBlockSize,
-		MaxBlockSize:    snapshotter.MaxBlockSize,
-		MinBaseSizeExt4: snapshotter.MinBaseSizeExt4,
-		MinBaseSizeXFS:  snapshotter.MinBaseSizeXFS,
-		BaseSizeAlign:   snapshotter.BaseSizeAlign,
+		Config:                cfg,
+		LogLevels:             strings.Join(LogLevels, ", "),
+		DiscardOnDeleteValues: strings.Join(DiscardOnDeleteValues, ", "),
+		MinDataSize:           snapshotter.MinDataSize,
+		MinMetadataSize:       snapshotter.MinMetadataSize,
+		MaxMetadataSize:       snapshotter.MaxMetadataSize,
+		MinBlockSize:          snapshotter.MinBlockSize,
+		MaxBlockSize:          snapshotter.MaxBlockSize,
+		MinBaseSizeExt4:       snapshotter.MinBaseSizeExt4,
+		MinBaseSizeXFS:        snapshotter.MinBaseSizeXFS,
+		BaseSizeAlign:         snapshotter.BaseSizeAlign,
 	}
 	return tmpl.Execute(w, data)
 }

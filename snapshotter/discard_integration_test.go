@@ -1,0 +1,98 @@
+package snapshotter
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"golang.org/x/sys/unix"
+
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
+	"github.com/thin-snapshotter/thin-snapshotter/internal/dmtest"
+)
+
+// TestIntegrationDiscardOnDelete writes 100 MiB in a snapshot of the
+// embedded pool and removes it: with discard_on_delete the pool's sparse
+// data file gives the space back to the host, without it the file keeps
+// it.
+func TestIntegrationDiscardOnDelete(t *testing.T) {
+	dmtest.Require(t)
+	const written = 100 << 20
+	on, off := true, false
+	for _, tc := range []struct {
+		name    string
+		discard *bool
+		back    bool // the host gets the space back
+	}{
+		{"default", nil, true},
+		{"off", &off, false},
+		{"on, 10GiB devices", &on, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			root := t.TempDir()
+			cfg := Config{Root: root, DataSize: 2 << 30, BaseSize: 1 << 30, DiscardOnDelete: tc.discard}
+			if tc.name == "on, 10GiB devices" {
+				cfg.DataSize, cfg.BaseSize = 20<<30, 10<<30
+			}
+			t.Cleanup(func() {
+				if err := destroy(root); err != nil {
+					t.Error(err)
+				}
+			})
+			s, err := New(ctx, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			data := filepath.Join(root, poolDir, dmsetup.LoopDataFile)
+			allocated := func() int64 {
+				t.Helper()
+				var st unix.Stat_t
+				if err := unix.Stat(data, &st); err != nil {
+					t.Fatal(err)
+				}
+				return st.Blocks * 512
+			}
+			before := allocated()
+			m, err := s.Prepare(ctx, "a", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			mnt := t.TempDir()
+			if err := mount.All(m, mnt); err != nil {
+				t.Fatal(err)
+			}
+			err = os.WriteFile(filepath.Join(mnt, "f"), bytes.Repeat([]byte{0x5a}, written), 0o644)
+			if err == nil {
+				unix.Sync()
+			}
+			if uerr := mount.UnmountAll(mnt, 0); err == nil {
+				err = uerr
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			full := allocated()
+			if full-before < written {
+				t.Fatalf("data file grew by %d bytes for %d written: the test shows nothing", full-before, written)
+			}
+			start := time.Now()
+			if err := s.Remove(ctx, "a"); err != nil {
+				t.Fatal(err)
+			}
+			took := time.Since(start)
+			after := allocated()
+			t.Logf("data file allocated: before %d MiB, after writing %d MiB, after remove %d MiB; remove took %s",
+				before>>20, (full)>>20, after>>20, took)
+			back := after-before <= written/10
+			if back != tc.back {
+				t.Errorf("space back to the host: %v, want %v (before %d, written %d, after %d)", back, tc.back, before, full, after)
+			}
+		})
+	}
+}

@@ -1,0 +1,181 @@
+package snapshotter
+
+import (
+	"context"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/thin-snapshotter/thin-snapshotter/storage"
+)
+
+// behindOurBack creates thin ids in the fake pool as another program would.
+func (p *fakePool) behindOurBack(ids ...uint32) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, id := range ids {
+		p.thins[id] = 0
+	}
+}
+
+func foreignIDs(t *testing.T, db *storage.DB) []uint32 {
+	t.Helper()
+	var ids []uint32
+	if err := db.View(context.Background(), func(tx *storage.Tx) (err error) {
+		ids, err = tx.ForeignIDs()
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return ids
+}
+
+// TestForeignIDs: a create whose id the pool already has moves on to the
+// next id; the taken ids are never used or deleted, check reports them and
+// only --release-foreign frees them.
+func TestForeignIDs(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	pool := newFakePool("tp")
+	// Base is 1; the next two ids are taken before the base is even made,
+	// and 5 after it.
+	pool.behindOurBack(1, 2)
+	s, err := newFake(t, root, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool.behindOurBack(5)
+	for _, k := range []string{"a", "b", "c"} {
+		if _, err := s.Prepare(ctx, k, ""); err != nil {
+			t.Fatalf("prepare %s: %v", k, err)
+		}
+	}
+	var got []uint32
+	for _, k := range []string{"a", "b", "c"} {
+		snap, err := s.ready(ctx, k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, snap.DeviceID)
+	}
+	// The base took 3; a, b and c skip 5.
+	if want := []uint32{4, 6, 7}; !slices.Equal(got, want) {
+		t.Errorf("device ids %v, want %v", got, want)
+	}
+	if ids := foreignIDs(t, s.db); !slices.Equal(ids, []uint32{1, 2, 5}) {
+		t.Errorf("foreign ids %v, want [1 2 5]", ids)
+	}
+	if !slices.Equal(pool.ids(), []uint32{1, 2, 3, 4, 5, 6, 7}) {
+		t.Errorf("pool ids %v: a foreign device was deleted", pool.ids())
+	}
+	var entries []storage.Entry
+	_ = s.db.View(ctx, func(tx *storage.Tx) (err error) { entries, err = tx.Journal(); return err })
+	if len(entries) != 0 {
+		t.Errorf("journal left %v", entries)
+	}
+
+	// A restart keeps them foreign and leaves their devices alone.
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = mustNew(t, root, pool)
+	if _, err := s.Prepare(ctx, "d", ""); err != nil {
+		t.Fatal(err)
+	}
+	if snap, _ := s.ready(ctx, "d"); snap.DeviceID != 8 {
+		t.Errorf("d got id %d, want 8", snap.DeviceID)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// The owner of 2 deleted it meanwhile.
+	if err := pool.DeleteThin(2); err != nil {
+		t.Fatal(err)
+	}
+	db, err := storage.Open(ctx, filepath.Join(root, dbFile), storage.WithNoSync())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	ck, err := openCheck(ctx, Config{Root: root, BaseSize: 64 << 20}, db, pool, func(context.Context, string) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"foreign_id  1", "foreign_id  2", "foreign_id  5"}
+	for _, opts := range []CheckOptions{{}, {Repair: true}} {
+		r, err := ck.Check(ctx, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := summary(r.Remaining); !slices.Equal(got, want) {
+			t.Errorf("%+v: remaining %v, want %v", opts, got, want)
+		}
+	}
+	if !slices.Equal(pool.ids(), []uint32{1, 3, 4, 5, 6, 7, 8}) {
+		t.Errorf("pool ids %v after a repair without --release-foreign", pool.ids())
+	}
+	r, err := ck.Check(ctx, CheckOptions{Repair: true, ReleaseForeign: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Clean {
+		t.Errorf("not clean after --release-foreign: %+v", r.Remaining)
+	}
+	for _, f := range r.Findings {
+		if !f.Repaired {
+			t.Errorf("%s %d not repaired: %s", f.Kind, f.DeviceID, f.Error)
+		}
+	}
+	if !slices.Equal(pool.ids(), []uint32{3, 4, 6, 7, 8}) {
+		t.Errorf("pool ids %v after --release-foreign, want the foreign devices deleted", pool.ids())
+	}
+	if ids := foreignIDs(t, db); len(ids) != 0 {
+		t.Errorf("foreign ids %v left", ids)
+	}
+	// Freed ids are handed out again.
+	if err := db.Update(ctx, func(tx *storage.Tx) error {
+		id, err := tx.AllocateID()
+		if err == nil && id != 1 {
+			t.Errorf("allocated %d, want the freed 1", id)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestForeignIDsBounded: a create gives up after maxIDTries taken ids with
+// FailedPrecondition and leaves nothing pending.
+func TestForeignIDsBounded(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	var taken []uint32
+	for id := uint32(2); id < 2+maxIDTries; id++ {
+		taken = append(taken, id)
+	}
+	pool.behindOurBack(taken...)
+	_, err := s.Prepare(ctx, "a", "")
+	if !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("prepare: %v, want FailedPrecondition", err)
+	}
+	if _, err := s.Stat(ctx, "a"); !errdefs.IsNotFound(err) {
+		t.Errorf("stat after the failed prepare: %v", err)
+	}
+	if ids := foreignIDs(t, s.db); !slices.Equal(ids, taken) {
+		t.Errorf("foreign %v, want %v", ids, taken)
+	}
+	// The next try starts past them.
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	if snap, _ := s.ready(ctx, "a"); snap.DeviceID != 2+maxIDTries {
+		t.Errorf("id %d, want %d", snap.DeviceID, 2+maxIDTries)
+	}
+	if len(pool.ids()) != maxIDTries+2 {
+		t.Errorf("pool ids %v", pool.ids())
+	}
+}
