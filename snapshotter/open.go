@@ -121,9 +121,15 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 		if name, err = client.FindThinPool(lvmNames...); err != nil {
 			return nil, k.close(fmt.Errorf("LVM thin pool %s (is it active? lvchange -ay %s): %w", cfg.PoolLVM, cfg.PoolLVM, err))
 		}
-		if name == lvmNames[0] && !existing {
+		if name == lvmNames[0] {
+			if !existing {
+				// Taking it over would advance the transaction id LVM keeps
+				// for its own volumes: LVM would never activate the pool again.
+				return nil, k.close(fmt.Errorf("LVM thin pool %s is not dedicated: it has LVM thin volumes (its target is %s); "+
+					"the daemon needs a thin pool of its own (contrib/pool/make-lvm-pool makes one): %w", cfg.PoolLVM, name, errdefs.ErrFailedPrecondition))
+			}
 			log.G(ctx).WithField("pool", cfg.PoolLVM).Warnf("LVM thin pool is not dedicated: it has LVM thin volumes (its target is %s); "+
-				"their thin ids collide with the daemon's, and once the daemon changes the pool's transaction id LVM no longer activates it", name)
+				"their thin ids are recorded as foreign and never used", name)
 		}
 	case name == "":
 		if name, err = LoopPoolName(cfg.Root); err != nil {

@@ -451,12 +451,11 @@ func TestLVMPoolScript(t *testing.T) {
 }
 
 // A pool that has LVM thin volumes is not dedicated: LVM keeps its
-// thin-pool target at <vg>-<lv>-tpool, where the daemon finds it and warns;
-// even with allow_adopt it cannot make its base device on an id LVM's
-// volume holds, and it fails to start leaving the pool as it was: LVM's
-// volume intact and the transaction id unchanged, so LVM still activates
-// the pool. (Had the daemon changed the transaction id, LVM would refuse:
-// "Thin pool ... transaction_id is N, while expected M".)
+// thin-pool target at <vg>-<lv>-tpool, where the daemon finds it; a new
+// database refuses it, even with allow_adopt, and leaves the pool as it
+// was: LVM's volume intact and the transaction id unchanged, so LVM still
+// activates the pool. (Had the daemon changed the transaction id, LVM would
+// refuse: "Thin pool ... transaction_id is N, while expected M".)
 func TestLVMPoolWithLVMThinVolumes(t *testing.T) {
 	disk := requireLVM(t)
 	ctx := context.Background()
@@ -478,11 +477,11 @@ func TestLVMPoolWithLVMThinVolumes(t *testing.T) {
 
 	d := newDaemon(t, poolLines(t, out, "lvm", vg+"/"+lv)+"allow_adopt = true\n")
 	err = d.tryStart(ctx)
-	if err == nil || !strings.Contains(err.Error(), "file exists") {
+	if err == nil || !strings.Contains(err.Error(), "has LVM thin volumes") {
 		t.Fatalf("daemon on a pool with an LVM thin volume: %v", err)
 	}
 	if !strings.Contains(err.Error(), "not dedicated") {
-		t.Errorf("no warning about the pool's LVM thin volumes in the log:\n%v", err)
+		t.Errorf("the refusal does not say the pool is not dedicated:\n%v", err)
 	}
 	if now := poolStatus(t, dmName+"-tpool").TransactionID; now != tx {
 		t.Errorf("transaction id %d after the failed start, %d before", now, tx)
