@@ -121,8 +121,15 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 		if name, err = client.FindThinPool(lvmNames...); err != nil {
 			return nil, k.close(fmt.Errorf("LVM thin pool %s (is it active? lvchange -ay %s): %w", cfg.PoolLVM, cfg.PoolLVM, err))
 		}
-		if name == lvmNames[0] {
-			if !existing {
+		if name == lvmNames[0] && !existing {
+			var pi storage.PoolInfo
+			if err := k.db.View(ctx, func(tx *storage.Tx) (err error) {
+				pi, err = tx.PoolInfo()
+				return err
+			}); err != nil && !errdefs.IsNotFound(err) {
+				return nil, k.close(err)
+			}
+			if pi.Name == "" {
 				// Taking it over would advance the transaction id LVM keeps
 				// for its own volumes: LVM would never activate the pool again.
 				return nil, k.close(fmt.Errorf("LVM thin pool %s is not dedicated: it has LVM thin volumes (its target is %s); "+
