@@ -46,8 +46,8 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 	)
 	for attempt := 1; ; attempt++ {
 		var journal error
-		next, txSet, err = s.poolStep(func(next uint64) error {
-			e = storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize, TxID: next}
+		next, txSet, err = s.poolStep(func() error {
+			e = storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize}
 			journal = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
 				if e.DeviceID, err = tx.AllocateID(); err != nil {
 					return err
@@ -71,6 +71,7 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 			return errForeignIDs(err)
 		}
 	}
+	e.TxID = next // for a rollback; not journaled
 
 	name := s.deviceName(e.DeviceID)
 	if err == nil {

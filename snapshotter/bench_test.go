@@ -3,7 +3,9 @@ package snapshotter
 import (
 	"context"
 	"fmt"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
@@ -48,20 +50,56 @@ func BenchmarkSnapshotter(b *testing.B) {
 		b.Run(impl.name+"/PrepareCommitChain", func(b *testing.B) {
 			ctx := context.Background()
 			s := impl.open(b, b.TempDir())
+			var t opTimes
 			parent := ""
 			i := 0
 			for b.Loop() {
 				key := fmt.Sprintf("active-%d", i)
-				if _, err := s.Prepare(ctx, key, parent); err != nil {
-					b.Fatal(err)
-				}
+				t.time("prepare", func() error { _, err := s.Prepare(ctx, key, parent); return err })
 				name := fmt.Sprintf("layer-%d", i)
-				if err := s.Commit(ctx, name, key); err != nil {
-					b.Fatal(err)
-				}
+				t.time("commit", func() error { return s.Commit(ctx, name, key) })
 				parent = name
 				i++
 			}
+			t.report(b)
+		})
+		b.Run(impl.name+"/ParallelChains4", func(b *testing.B) {
+			ctx := context.Background()
+			s := impl.open(b, b.TempDir())
+			var t opTimes
+			i := 0
+			parents := make([]string, 4)
+			for b.Loop() {
+				var wg sync.WaitGroup
+				for c := range parents {
+					key := fmt.Sprintf("active-%d-%d", c, i)
+					name := fmt.Sprintf("layer-%d-%d", c, i)
+					wg.Go(func() {
+						t.time("prepare", func() error { _, err := s.Prepare(ctx, key, parents[c]); return err })
+						t.time("commit", func() error { return s.Commit(ctx, name, key) })
+						parents[c] = name
+					})
+				}
+				wg.Wait()
+				i++
+			}
+			t.report(b)
+		})
+		b.Run(impl.name+"/ViewRemove", func(b *testing.B) {
+			ctx := context.Background()
+			s := impl.open(b, b.TempDir())
+			if _, err := s.Prepare(ctx, "p", ""); err != nil {
+				b.Fatal(err)
+			}
+			if err := s.Commit(ctx, "image", "p"); err != nil {
+				b.Fatal(err)
+			}
+			var t opTimes
+			for b.Loop() {
+				t.time("view", func() error { _, err := s.View(ctx, "v", "image"); return err })
+				t.time("remove", func() error { return s.Remove(ctx, "v") })
+			}
+			t.report(b)
 		})
 		b.Run(impl.name+"/PrepareRemove", func(b *testing.B) {
 			ctx := context.Background()
@@ -72,17 +110,13 @@ func BenchmarkSnapshotter(b *testing.B) {
 			if err := s.Commit(ctx, "image", "p"); err != nil {
 				b.Fatal(err)
 			}
+			var t opTimes
 			for b.Loop() {
-				if _, err := s.Prepare(ctx, "container", "image"); err != nil {
-					b.Fatal(err)
-				}
-				if _, err := s.Mounts(ctx, "container"); err != nil {
-					b.Fatal(err)
-				}
-				if err := s.Remove(ctx, "container"); err != nil {
-					b.Fatal(err)
-				}
+				t.time("prepare", func() error { _, err := s.Prepare(ctx, "container", "image"); return err })
+				t.time("mounts", func() error { _, err := s.Mounts(ctx, "container"); return err })
+				t.time("remove", func() error { return s.Remove(ctx, "container") })
 			}
+			t.report(b)
 		})
 		b.Run(impl.name+"/Usage", func(b *testing.B) {
 			ctx := context.Background()
@@ -96,5 +130,39 @@ func BenchmarkSnapshotter(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// opTimes collects the latency of each kind of call, reported per call in
+// ms; a failed call fails the benchmark.
+type opTimes struct {
+	mu  sync.Mutex
+	sum map[string]time.Duration
+	n   map[string]int
+	err error
+}
+
+func (t *opTimes) time(op string, fn func() error) {
+	start := time.Now()
+	err := fn()
+	d := time.Since(start)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.sum == nil {
+		t.sum, t.n = map[string]time.Duration{}, map[string]int{}
+	}
+	t.sum[op] += d
+	t.n[op]++
+	if err != nil && t.err == nil {
+		t.err = fmt.Errorf("%s: %w", op, err)
+	}
+}
+
+func (t *opTimes) report(b *testing.B) {
+	if t.err != nil {
+		b.Fatal(t.err)
+	}
+	for op, d := range t.sum {
+		b.ReportMetric(float64(d.Microseconds())/1000/float64(t.n[op]), op+"-ms")
 	}
 }

@@ -242,6 +242,11 @@ func (s *Snapshotter) compare(st *checkState) []Finding {
 	journalKeys := map[string]bool{}
 	for _, e := range st.journal {
 		journaled[e.DeviceID] = true
+		if e.Op == storage.OpWarm {
+			// A device made ahead (Key is its parent), accounted
+			// for; the daemon's start deletes what a crash left.
+			continue
+		}
 		if e.Key != "" {
 			journalKeys[e.Key] = true
 		}

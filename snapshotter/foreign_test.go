@@ -179,3 +179,57 @@ func TestForeignIDsBounded(t *testing.T) {
 		t.Errorf("pool ids %v", pool.ids())
 	}
 }
+
+// TestForeignIDsCommitAndWarm: Commit's new device and the worker's warm
+// devices skip ids the pool already has, like Prepare, and never delete
+// those devices.
+func TestForeignIDsCommitAndWarm(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s, err := newFake(t, t.TempDir(), pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// No worker: the refill runs here.
+	s.stop()
+	<-s.done
+	s.stop = nil
+	t.Cleanup(func() { s.Close() })
+	if _, err := s.Prepare(ctx, "a", ""); err != nil { // base 1, a 2
+		t.Fatal(err)
+	}
+	pool.behindOurBack(3)
+	if err := s.Commit(ctx, "l", "a"); err != nil {
+		t.Fatalf("commit onto a foreign id: %v", err)
+	}
+	if snap, err := s.ready(ctx, "l"); err != nil || snap.DeviceID != 4 {
+		t.Errorf("committed %+v %v, want device 4", snap, err)
+	}
+	if w := warmOf(t, s)["l"]; !slices.Equal(w, []uint32{2}) {
+		t.Errorf("warm devices of l %v, want [2]", w)
+	}
+	if _, err := s.Prepare(ctx, "b", "l"); err != nil { // takes warm 2
+		t.Fatal(err)
+	}
+	pool.behindOurBack(5)
+	if err := s.makeWarm(ctx, "l"); err != nil {
+		t.Fatalf("warm device onto a foreign id: %v", err)
+	}
+	if w := warmOf(t, s)["l"]; !slices.Equal(w, []uint32{6}) {
+		t.Errorf("warm devices of l %v, want [6]", w)
+	}
+	if ids := foreignIDs(t, s.db); !slices.Equal(ids, []uint32{3, 5}) {
+		t.Errorf("foreign ids %v, want [3 5]", ids)
+	}
+	if err := s.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(pool.ids(), []uint32{1, 2, 3, 4, 5}) {
+		t.Errorf("pool ids %v, want [1 2 3 4 5]: a foreign device was deleted or the warm one kept", pool.ids())
+	}
+	var entries []storage.Entry
+	_ = s.db.View(ctx, func(tx *storage.Tx) (err error) { entries, err = tx.Journal(); return err })
+	if len(entries) != 0 {
+		t.Errorf("journal left %v", entries)
+	}
+}

@@ -139,7 +139,29 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 			}
 			s.recovered(func(r *Recovery) { r.RolledBackCreates++ })
 			l.Info("recovery: rolled back an interrupted create")
-		case storage.OpDelete:
+		case storage.OpCommitSnap:
+			// The caller never heard of success: the active keeps its
+			// device and the new one goes.
+			if err := s.rollbackCommit(ctx, e, false, true); err != nil {
+				return err
+			}
+			s.recovered(func(r *Recovery) { r.DroppedOperations++ })
+			l.Info("recovery: rolled back an interrupted commit")
+		case storage.OpDelete, storage.OpWarm:
+			if e.Op == storage.OpWarm {
+				// Left by a crash or a stop that could not delete it:
+				// never handed out now, whatever becomes of it.
+				if err := s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+					if err := tx.FinishJournal(e.Seq); err != nil {
+						return err
+					}
+					e = storage.Entry{Op: storage.OpDelete, DeviceID: e.DeviceID, Key: e.Key, Size: e.Size}
+					e.Seq, err = tx.AddJournal(e)
+					return err
+				}); err != nil {
+					return err
+				}
+			}
 			if err := s.finishDelete(ctx, e); err != nil {
 				if dmsetup.IsBusy(err) {
 					s.recovered(func(r *Recovery) { r.DeferredRemovals++ })
@@ -177,7 +199,15 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 	}
 	for _, snap := range missing {
 		name := s.deviceName(snap.DeviceID)
-		if _, err := s.pool.Info(name); err == nil {
+		if info, err := s.pool.Info(name); err == nil {
+			// A crash between the suspend and the resume around a
+			// snapshot of it (Commit) left it suspended.
+			if info.Suspended {
+				if err := s.pool.Resume(name); err != nil {
+					return fmt.Errorf("resume %q: %w", snap.Key, err)
+				}
+				log.G(ctx).WithField("key", snap.Key).WithField("id", snap.DeviceID).Info("recovery: resumed a suspended device")
+			}
 			continue
 		} else if !dmsetup.IsNotFound(err) {
 			return err

@@ -92,9 +92,14 @@ func (s *Snapshotter) discardDevice(ctx context.Context, e storage.Entry) {
 	l.WithField("duration", time.Since(start)).Debug("discarded the blocks of a removed snapshot")
 }
 
-// Cleanup finishes every pending removal now.
+// Cleanup deletes the warm devices and finishes every pending removal now.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
-	return s.finishRemovals(ctx)
+	return s.drain(ctx)
+}
+
+func (s *Snapshotter) drain(ctx context.Context) error {
+	err := s.reclaimWarm(ctx, func(storage.Entry, int) bool { return true })
+	return errors.Join(err, s.finishRemovals(ctx))
 }
 
 func (s *Snapshotter) finishRemovals(ctx context.Context) error {
@@ -127,20 +132,32 @@ func (s *Snapshotter) kick() {
 }
 
 // worker finishes removals in the background: at once when kicked, and
-// periodically for those that failed (a device still open).
+// periodically for those that failed (a device still open); and deletes
+// warm devices that waited warmIdle for a child.
 func (s *Snapshotter) worker(ctx context.Context) {
 	defer close(s.done)
 	t := time.NewTicker(retryInterval)
 	defer t.Stop()
+	idle := time.NewTicker(warmIdle / 2)
+	defer idle.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-s.wake:
 		case <-t.C:
+		case <-idle.C:
+			cutoff := time.Now().Add(-warmIdle)
+			if err := s.reclaimWarm(ctx, func(e storage.Entry, newer int) bool {
+				return e.Created.Before(cutoff) || newer >= maxWarm
+			}); err != nil && ctx.Err() == nil {
+				log.G(ctx).WithError(err).Warn("idle warm devices not deleted; will retry")
+			}
+			continue
 		}
 		if err := s.finishRemovals(ctx); err != nil && ctx.Err() == nil {
 			log.G(ctx).WithError(err).Warn("pending removals not finished; will retry")
 		}
+		s.refillWarm(ctx)
 	}
 }

@@ -32,7 +32,8 @@ func (s *Snapshotter) shareLayer(ctx context.Context, key, parent, chain string,
 		entry    storage.Entry
 		journal  error
 	)
-	next, txSet, err := s.poolStep(func(next uint64) error {
+	s.poolMu.Lock()
+	next, txSet, err := s.poolStepLocked(func() error {
 		// Under poolMu: a removal of src deletes its device under
 		// poolMu too, so the device is there until create_snap.
 		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
@@ -70,7 +71,7 @@ func (s *Snapshotter) shareLayer(ctx context.Context, key, parent, chain string,
 			}); err != nil {
 				return err
 			}
-			entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: src.DeviceID, Key: key, TxID: next}
+			entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: src.DeviceID, Key: key}
 			entry.Seq, err = tx.AddJournal(entry)
 			return err
 		})
@@ -80,6 +81,8 @@ func (s *Snapshotter) shareLayer(ctx context.Context, key, parent, chain string,
 	}, func() error {
 		return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
 	})
+	s.poolMu.Unlock()
+	entry.TxID = next // for a rollback; not journaled
 	if errors.Is(journal, errSkip) {
 		s.sharedLayers.Add(1)
 		return fmt.Errorf("layer %s held as %q: %w", chain, existing, errdefs.ErrAlreadyExists)

@@ -65,6 +65,12 @@ type Snapshotter struct {
 	delMu    sync.Mutex
 	deleting map[uint64]bool
 
+	// Committed snapshots whose next child should find a warm device:
+	// a Prepare on them found none (warm.go).
+	refillMu  sync.Mutex
+	refill    map[string]bool
+	refilling bool
+
 	// autogrow grows the embedded pool (MaxDataSize); nil when it does not.
 	autogrow *grower
 	// bg counts background goroutines besides the worker.
@@ -247,6 +253,15 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			return nil, err
 		}
 	}
+	if kind == snapshots.KindActive && parent != "" {
+		snap, ok, err := s.takeWarm(ctx, key, parent, base.Labels)
+		if err != nil {
+			return nil, err
+		}
+		if ok {
+			return s.mounts(snap), nil
+		}
+	}
 
 	var (
 		r   createResult
@@ -314,6 +329,10 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		return nil, err
 	}
 	snap.State = storage.StateReady
+	if kind == snapshots.KindActive && parent != "" {
+		// More children may follow (containers of one image).
+		s.wantWarm(parent)
+	}
 	return s.mounts(snap), nil
 }
 
@@ -329,7 +348,7 @@ type createResult struct {
 // id for key, then snapshots the origin into it. A journal error means the
 // pool was not touched; err is the step's.
 func (s *Snapshotter) createStep(ctx context.Context, kind snapshots.Kind, key, parent string, labels map[string]string) (r createResult, journal, err error) {
-	r.next, r.txSet, err = s.poolStep(func(next uint64) error {
+	r.next, r.txSet, err = s.poolStep(func() error {
 		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
 			pi, err := tx.PoolInfo()
 			if err != nil {
@@ -364,7 +383,7 @@ func (s *Snapshotter) createStep(ctx context.Context, kind snapshots.Kind, key, 
 			if err != nil {
 				return err
 			}
-			r.entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key, TxID: next}
+			r.entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key}
 			r.entry.Seq, err = tx.AddJournal(r.entry)
 			return err
 		})
@@ -374,6 +393,7 @@ func (s *Snapshotter) createStep(ctx context.Context, kind snapshots.Kind, key, 
 	}, func() error {
 		return ignoreNoData(s.pool.DeleteThin(r.entry.DeviceID))
 	})
+	r.entry.TxID = r.next // for a rollback; not journaled
 	return r, journal, err
 }
 
@@ -420,8 +440,9 @@ func (s *Snapshotter) rollbackCreate(ctx context.Context, e storage.Entry, txSet
 	})
 }
 
-// Commit turns active snapshot key into committed snapshot name: its device
-// is deactivated and kept as the layer.
+// Commit turns active snapshot key into committed snapshot name: the
+// committed snapshot's device is a new snapshot of the active's, and the
+// active's device, still active, waits for name's next child (warm.go).
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
 	if err := checkDefaultKey(name); err != nil {
 		return err
@@ -432,60 +453,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
 	unlock := s.keys.lock(key)
 	defer unlock()
-
-	var (
-		snap storage.Snapshot
-		seq  uint64
-	)
-	err := s.db.Update(ctx, func(tx *storage.Tx) error {
-		var err error
-		if snap, err = tx.GetSnapshot(key); err != nil {
-			return err
-		}
-		if snap.State != storage.StateReady {
-			return fmt.Errorf("snapshot %q is %s: %w", key, snap.State, errdefs.ErrNotFound)
-		}
-		if snap.Kind != snapshots.KindActive {
-			return fmt.Errorf("snapshot %q is %s, only active snapshots can be committed: %w", key, snap.Kind, errdefs.ErrFailedPrecondition)
-		}
-		if _, err := tx.GetSnapshot(name); err == nil {
-			return fmt.Errorf("snapshot %q: %w", name, errdefs.ErrAlreadyExists)
-		} else if !errdefs.IsNotFound(err) {
-			return err
-		}
-		seq, err = tx.AddJournal(storage.Entry{Op: storage.OpCommit, DeviceID: snap.DeviceID, Key: key, Name: name})
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	dev := s.deviceName(snap.DeviceID)
-	var usage snapshots.Usage
-	st, err := s.pool.ThinStatus(dev)
-	if err == nil {
-		usage = ownUsage(st.MappedSectors, snap.Shared)
-		err = s.timed(StepDeactivate, func() error { return s.pool.Deactivate(ctx, dev) })
-	}
-	if err != nil {
-		if dmsetup.IsBusy(err) {
-			err = fmt.Errorf("device of %q is still open (mounted?): %w: %w", key, err, errdefs.ErrFailedPrecondition)
-		}
-		// Nothing changed: the snapshot stays active.
-		return errors.Join(err, s.db.Update(ctx, func(tx *storage.Tx) error { return tx.FinishJournal(seq) }))
-	}
-	err = s.db.Update(ctx, func(tx *storage.Tx) error {
-		if _, err := tx.CommitActive(key, name, usage, opts...); err != nil {
-			return err
-		}
-		return tx.FinishJournal(seq)
-	})
-	if err != nil {
-		// Still active in the records (a name taken meanwhile, say):
-		// give it its device back.
-		err = errors.Join(err, s.pool.Activate(dev, snap.DeviceID, dmsetup.BytesToSectors(snap.Size), false))
-		err = errors.Join(err, s.db.Update(ctx, func(tx *storage.Tx) error { return tx.FinishJournal(seq) }))
-	}
-	return err
+	return s.commitSnap(ctx, name, key, opts)
 }
 
 // Remove deletes a snapshot. The record goes at once; the device is deleted
@@ -506,14 +474,19 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 			return fmt.Errorf("snapshot %q: device %s is open (mounted?): %w", key, s.deviceName(snap.DeviceID), errdefs.ErrFailedPrecondition)
 		}
 	}
-	var entry storage.Entry
+	var dels []storage.Entry
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
 		removed, err := tx.RemoveSnapshot(key)
 		if err != nil {
 			return err
 		}
-		entry = storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: key, Size: removed.Size}
-		entry.Seq, err = tx.AddJournal(entry)
+		entry := storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: key, Size: removed.Size}
+		if entry.Seq, err = tx.AddJournal(entry); err != nil {
+			return err
+		}
+		// Its warm devices hold its content: they go with it.
+		dels, err = warmToDelete(tx, func(e storage.Entry, _ int) bool { return e.Key == key })
+		dels = append(dels, entry)
 		return err
 	})
 	if err != nil {
@@ -523,7 +496,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		s.kick()
 		return nil
 	}
-	if err := s.finishDelete(ctx, entry); err != nil {
+	if err := s.finishDeletes(ctx, dels); err != nil {
 		// The removal is journaled: the worker retries it.
 		log.G(ctx).WithError(err).WithField("key", key).Warn("device deletion deferred")
 		s.kick()
@@ -531,13 +504,19 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	return nil
 }
 
-// Close stops the worker and closes the database; devices stay as they are.
+// Close stops the worker, deletes the warm devices and finishes pending
+// removals, and closes the database; other devices stay as they are.
 func (s *Snapshotter) Close() error {
 	s.closeOnce.Do(func() {
 		if s.stop != nil {
 			s.stop()
 			<-s.done
 			s.bg.Wait()
+			// Leave no warm device nor pending removal behind a clean
+			// stop; what is busy stays journaled for the next start.
+			if err := s.drain(context.Background()); err != nil {
+				log.L.WithError(err).Warn("closing: devices left for the next start")
+			}
 		}
 		var errs []error
 		if s.closers == nil {

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
@@ -49,12 +50,16 @@ func mustNew(t *testing.T, root string, pool *fakePool, mod ...func(*Config)) *S
 }
 
 // checkConsistent asserts the invariants that must hold whenever no call is
-// in flight: the journal is empty, the pool holds exactly the base and the
-// recorded devices, non-committed snapshots are active (views read-only),
-// committed ones are not, and the recorded transaction id is the pool's.
+// in flight (and the worker has finished what a call handed it): the
+// journal is empty but for warm devices, the pool holds exactly the base,
+// the recorded devices and the warm ones, non-committed snapshots and warm
+// devices are active (views read-only), committed ones are not, a warm
+// device's parent is a committed snapshot, and the recorded transaction id
+// is the pool's.
 func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 	t.Helper()
 	ctx := context.Background()
+	settle(t, s)
 	var (
 		want    = map[uint32]bool{}
 		active  = map[uint32]bool{}
@@ -69,6 +74,18 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 		want[pi.BaseDeviceID] = true
 		if entries, err = tx.Journal(); err != nil {
 			return err
+		}
+		warm := warmDevices(entries)
+		entries = slices.DeleteFunc(entries, func(e storage.Entry) bool { return e.Op == storage.OpWarm })
+		for id, e := range warm {
+			p, err := tx.GetSnapshot(e.Key)
+			if err != nil || p.Kind != snapshots.KindCommitted || p.State != storage.StateReady {
+				return fmt.Errorf("warm device %d of %q: parent %+v: %w", id, e.Key, p, err)
+			}
+			if want[id] {
+				return fmt.Errorf("warm device %d listed twice", id)
+			}
+			want[id], active[id] = true, false
 		}
 		if dbTx, err = tx.TransactionID(); err != nil {
 			return err
@@ -104,8 +121,44 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 	if got := pool.active(); fmt.Sprint(got) != fmt.Sprint(active) {
 		t.Errorf("active devices %v, want %v", got, active)
 	}
+	pool.mu.Lock()
+	for n, d := range pool.devices {
+		if d.suspended {
+			t.Errorf("device %s left suspended", n)
+		}
+	}
+	pool.mu.Unlock()
 	if dbTx != pool.txid {
 		t.Errorf("database transaction id %d, pool %d", dbTx, pool.txid)
+	}
+}
+
+// settle waits for the worker to finish the removals and warm devices a
+// call handed it: the journal holds nothing but warm devices. It finishes nothing itself, so a
+// call that leaves work no one was told about still fails the check.
+func settle(t *testing.T, s *Snapshotter) {
+	t.Helper()
+	for range 200 {
+		pending := false
+		if err := s.db.View(context.Background(), func(tx *storage.Tx) error {
+			entries, err := tx.Journal()
+			for _, e := range entries {
+				pending = pending || e.Op != storage.OpWarm
+			}
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		s.delMu.Lock()
+		busy := len(s.deleting) > 0
+		s.delMu.Unlock()
+		s.refillMu.Lock()
+		busy = busy || s.refilling || len(s.refill) > 0 && s.stop != nil
+		s.refillMu.Unlock()
+		if !pending && !busy {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -334,6 +387,9 @@ func TestInjectedFailures(t *testing.T) {
 		for step := 0; ; step++ {
 			pool := newFakePool("tp")
 			s := mustNew(t, t.TempDir(), pool)
+			s.stop() // no background work counted as the call's steps
+			<-s.done
+			s.stop = nil
 			if _, err := s.Prepare(ctx, "p", ""); err != nil {
 				t.Fatal(err)
 			}

@@ -58,6 +58,9 @@ type Status struct {
 	// interrupted); PendingRemovals the removals among them.
 	PendingJournal  int
 	PendingRemovals int
+	// WarmDevices counts the devices made ahead for a committed
+	// snapshot's next child (not in PendingJournal).
+	WarmDevices int
 
 	LastRecovery Recovery
 
@@ -210,11 +213,15 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 		if err != nil {
 			return err
 		}
-		out.PendingJournal = len(entries)
 		for _, e := range entries {
-			if e.Op == storage.OpDelete {
+			switch e.Op {
+			case storage.OpWarm:
+				out.WarmDevices++
+				continue
+			case storage.OpDelete:
 				out.PendingRemovals++
 			}
+			out.PendingJournal++
 		}
 		return tx.WalkSnapshots(func(sn storage.Snapshot) error {
 			if sn.State != storage.StateReady {
@@ -285,8 +292,9 @@ type Device struct {
 	Key string
 	// Kind is one of the Kind constants; empty for a pending removal.
 	Kind string
-	// State is "ready", "creating", "removing" (a record) or "removing"
-	// for a journaled removal whose record is gone already.
+	// State is "ready", "creating", "removing" (a record), "removing"
+	// for a journaled removal whose record is gone already, or "warm" for
+	// a device made ahead for a child of committed snapshot Key.
 	State string
 	// Active says the dm device exists; OpenCount, ReadOnly and
 	// MappedBytes are only known then.
@@ -297,8 +305,11 @@ type Device struct {
 	VirtualSize uint64
 }
 
-// Devices lists the thin devices of the records, the base device and the
-// pending removals, by id, with the state of their dm devices.
+// DeviceWarm is the State of a warm device.
+const DeviceWarm = "warm"
+
+// Devices lists the thin devices of the records, the base device, the
+// warm devices and the pending removals, by id, with the state of their dm devices.
 func (s *Snapshotter) Devices(ctx context.Context) ([]Device, error) {
 	byID := map[uint32]*Device{}
 	if err := s.db.View(ctx, func(tx *storage.Tx) error {
@@ -314,8 +325,11 @@ func (s *Snapshotter) Devices(ctx context.Context) ([]Device, error) {
 			return err
 		}
 		for _, e := range entries {
-			if e.Op == storage.OpDelete {
+			switch e.Op {
+			case storage.OpDelete:
 				byID[e.DeviceID] = &Device{ID: e.DeviceID, State: storage.StateRemoving.String()}
+			case storage.OpWarm:
+				byID[e.DeviceID] = &Device{ID: e.DeviceID, Key: e.Key, State: DeviceWarm, VirtualSize: e.Size}
 			}
 		}
 		return tx.WalkSnapshots(func(sn storage.Snapshot) error {

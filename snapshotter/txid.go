@@ -7,26 +7,41 @@ import (
 )
 
 // poolStep makes one change to the pool's metadata and moves the pool's
-// transaction id one step to record it, all under poolMu so steps never
-// interleave:
-//   - journal (may be nil) records the intent in the database, knowing next,
-//     the transaction id the step leaves the pool at; its error ends the step
-//     before the pool is touched;
-//   - change sends the pool message;
-//   - the pool's transaction id moves to next; when the pool refuses, undo
-//     (may be nil) takes the change out again so pool and journal agree.
+// transaction id one step to record it:
+//   - journal (may be nil) records the intent in the database; its error
+//     ends the step before the pool is touched. It runs before poolMu is
+//     taken, so one call's database commit (an fsync) overlaps another's
+//     pool messages;
+//   - under poolMu, so steps never interleave, change sends the pool
+//     message and the pool's transaction id moves to next; when the pool
+//     refuses, undo (may be nil) takes the change out again so pool and
+//     journal agree.
 //
 // txSet reports whether the pool is at next; the caller records next in the
-// database with raiseTxID once its outcome is recorded too.
-func (s *Snapshotter) poolStep(journal func(next uint64) error, change, undo func() error) (next uint64, txSet bool, err error) {
-	s.poolMu.Lock()
-	defer s.poolMu.Unlock()
-	next = s.txid + 1
+// database with raiseTxID once its outcome is recorded too. Every journaled
+// step moves the pool at most one ahead, so the pool is never further ahead
+// of the database than its pending entries (poolOwnership).
+func (s *Snapshotter) poolStep(journal, change, undo func() error) (next uint64, txSet bool, err error) {
 	if journal != nil {
-		if err := journal(next); err != nil {
-			return next, false, err
+		if err := journal(); err != nil {
+			return 0, false, err
 		}
 	}
+	s.poolMu.Lock()
+	defer s.poolMu.Unlock()
+	return s.poolStepLocked(nil, change, undo)
+}
+
+// poolStepLocked is poolStep with journal run under poolMu too, for a
+// journal that reads a device nothing else keeps from deletion (removals
+// delete under poolMu). Called with poolMu held.
+func (s *Snapshotter) poolStepLocked(journal, change, undo func() error) (next uint64, txSet bool, err error) {
+	if journal != nil {
+		if err := journal(); err != nil {
+			return 0, false, err
+		}
+	}
+	next = s.txid + 1
 	if err := change(); err != nil {
 		return next, false, err
 	}

@@ -10,7 +10,7 @@ import (
 
 // Op names a pool operation recorded in the journal. Values are stored as
 // one byte and are never reused: 4, 5 and 7 belonged to operations schema 1
-// named but nothing ever journaled.
+// named but nothing ever journaled. Schema 4 added 8 and 9.
 type Op uint8
 
 // The operations the snapshotter journals.
@@ -18,7 +18,15 @@ const (
 	OpCreateThin Op = 1 // create thin device DeviceID of Size bytes
 	OpCreateSnap Op = 2 // snapshot OriginID into DeviceID
 	OpDelete     Op = 3 // delete thin device DeviceID
-	OpCommit     Op = 6 // commit active Key as Name on DeviceID
+	OpCommit     Op = 6 // commit active Key as Name on DeviceID (schema 2)
+	// OpCommitSnap commits active Key as Name: DeviceID, the committed
+	// snapshot's new device, is a snapshot of OriginID, the active's.
+	OpCommitSnap Op = 8
+	// OpWarm is not an operation in flight but a device made ahead:
+	// DeviceID is an active device of Size bytes holding exactly committed
+	// Key, waiting to be handed to Key's next child. Until then no client
+	// sees it; recovery deletes it.
+	OpWarm Op = 9
 )
 
 var opNames = map[Op]string{
@@ -26,6 +34,8 @@ var opNames = map[Op]string{
 	OpCreateSnap: "create_snap",
 	OpDelete:     "delete",
 	OpCommit:     "commit",
+	OpCommitSnap: "commit_snap",
+	OpWarm:       "warm",
 }
 
 func (o Op) valid() bool { _, ok := opNames[o]; return ok }

@@ -126,7 +126,7 @@ func TestJournalInvalid(t *testing.T) {
 func TestOpString(t *testing.T) {
 	for op, want := range map[Op]string{
 		OpCreateThin: "create_thin", OpCreateSnap: "create_snap", OpDelete: "delete", OpCommit: "commit",
-		4: "op(4)", 200: "op(200)",
+		OpCommitSnap: "commit_snap", OpWarm: "warm", 4: "op(4)", 200: "op(200)",
 	} {
 		if got := op.String(); got != want {
 			t.Errorf("%d: %q, want %q", op, got, want)

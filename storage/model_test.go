@@ -459,11 +459,11 @@ func (r *modelRun) step(tx *Tx) {
 		id := r.id()
 		r.check(fmt.Sprintf("release %d", id), tx.ReleaseID(id), m.release(id))
 	case n < 90:
-		e := Entry{Op: Op(r.rng.IntN(9)), DeviceID: r.id(), OriginID: uint32(r.rng.IntN(50)), Key: r.key(), TxID: r.rng.Uint64()}
+		e := Entry{Op: Op(r.rng.IntN(11)), DeviceID: r.id(), OriginID: uint32(r.rng.IntN(50)), Key: r.key(), TxID: r.rng.Uint64()}
 		seq, err := tx.AddJournal(e)
 		want := ""
 		switch {
-		case e.Op != OpCreateThin && e.Op != OpCreateSnap && e.Op != OpDelete && e.Op != OpCommit,
+		case e.Op != OpCreateThin && e.Op != OpCreateSnap && e.Op != OpDelete && e.Op != OpCommit && e.Op != OpCommitSnap && e.Op != OpWarm,
 			e.DeviceID > MaxDeviceID:
 			want = "invalid"
 		}

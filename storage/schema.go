@@ -23,15 +23,18 @@ import (
 // no Data, pool info only the fields the snapshotter sets, and there is no
 // kv bucket. Version 3 adds the ids-foreign bucket: thin ids the pool
 // already had when we tried to create them, kept in ids-used so they are
-// never handed out again.
-const schemaVersion uint32 = 3
+// never handed out again. Version 4 adds journal ops 8 (commit_snap) and 9
+// (warm, a device made ahead that stays in the journal until handed out);
+// the layout is the same, so the migration only says a version 3 program
+// must not open the file, as it would refuse those entries.
+const schemaVersion uint32 = 4
 
 // migration upgrades a database from one schema version to the next inside
 // Open's write transaction.
 type migration func(tx *bolt.Tx) error
 
 // migrations[v-1] upgrades version v to v+1.
-var migrations = []migration{migrateSchema1, migrateSchema2}
+var migrations = []migration{migrateSchema1, migrateSchema2, migrateSchema3}
 
 func initSchema(tx *bolt.Tx, want uint32, migs []migration) error {
 	meta := tx.Bucket(bucketMeta)
@@ -131,6 +134,9 @@ func migrateSchema2(tx *bolt.Tx) error {
 	}
 	return nil
 }
+
+// migrateSchema3: a version 3 database is a valid version 4 one.
+func migrateSchema3(*bolt.Tx) error { return nil }
 
 // rewriteBucket replaces every value of bucket name by fn's result. Values
 // are collected first because bbolt forbids writes during ForEach, and

@@ -408,3 +408,71 @@ func FuzzSchema1Records(f *testing.F) {
 		}
 	})
 }
+
+// TestMigrateSchema3 opens a database version 3 wrote: every record stays,
+// foreign ids included, and the journal takes the ops version 4 added.
+func TestMigrateSchema3(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "db")
+	db, err := Open(ctx, path, WithNoSync(), withSchema(3, migrations[:2]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []Entry
+	update(t, db, func(tx *Tx) error {
+		id, err := tx.AllocateID()
+		if err != nil {
+			return err
+		}
+		if _, err := tx.CreateSnapshot(Snapshot{Key: "a", Kind: active, State: StateReady, DeviceID: id, Size: 1 << 20, FSType: "ext4"}); err != nil {
+			return err
+		}
+		if err := tx.MarkForeign(5); err != nil {
+			return err
+		}
+		e := Entry{Op: OpDelete, DeviceID: 7, Key: "gone", Created: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+		e.Seq, err = tx.AddJournal(e)
+		want = append(want, e)
+		return err
+	})
+	db.Close()
+	if v := schemaOf(t, path); v != 3 {
+		t.Fatalf("fixture has schema %d", v)
+	}
+	db, err = Open(ctx, path, WithNoSync())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if v := schemaOf2(t, db); v != 4 {
+		t.Errorf("schema %d after migration, want %d", v, schemaVersion)
+	}
+	update(t, db, func(tx *Tx) error {
+		if s, err := tx.GetSnapshot("a"); err != nil || s.DeviceID != 1 || s.Kind != active {
+			t.Errorf("snapshot a = %+v, %v", s, err)
+		}
+		if ids, err := tx.ForeignIDs(); err != nil || !reflect.DeepEqual(ids, []uint32{5}) {
+			t.Errorf("foreign %v %v, want [5]", ids, err)
+		}
+		if got, err := tx.Journal(); err != nil || !reflect.DeepEqual(got, want) {
+			t.Errorf("journal %+v %v, want %+v", got, err, want)
+		}
+		if _, err := tx.AddJournal(Entry{Op: OpWarm, DeviceID: 1, Key: "l", Size: 1 << 20}); err != nil {
+			t.Errorf("journal a warm device: %v", err)
+		}
+		_, err := tx.AddJournal(Entry{Op: OpCommitSnap, DeviceID: 2, OriginID: 1, Key: "a", Name: "l"})
+		return err
+	})
+}
+
+// schemaOf2 reads the schema version through an open database.
+func schemaOf2(t *testing.T, db *DB) (v uint32) {
+	t.Helper()
+	if err := db.db.View(func(tx *bolt.Tx) error {
+		v = binary.BigEndian.Uint32(tx.Bucket(bucketMeta).Get(metaSchema))
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}

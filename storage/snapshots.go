@@ -362,6 +362,20 @@ func adaptInfo(info *snapshots.Info) filters.Adaptor {
 // if key is not an active ready snapshot or the parent is not committed,
 // InvalidArgument for changing an existing parent.
 func (tx *Tx) CommitActive(key, name string, usage snapshots.Usage, opts ...snapshots.Opt) (Snapshot, error) {
+	return tx.commitActive(key, name, 0, usage, opts)
+}
+
+// CommitActiveOnto is CommitActive, except that the committed snapshot gets
+// device id (allocated, unowned) and the active's id stays allocated
+// without an owner, for the caller to reuse or release.
+func (tx *Tx) CommitActiveOnto(key, name string, id uint32, usage snapshots.Usage, opts ...snapshots.Opt) (Snapshot, error) {
+	if err := checkID(id); err != nil {
+		return Snapshot{}, err
+	}
+	return tx.commitActive(key, name, id, usage, opts)
+}
+
+func (tx *Tx) commitActive(key, name string, id uint32, usage snapshots.Usage, opts []snapshots.Opt) (Snapshot, error) {
 	if err := tx.checkWritable(); err != nil {
 		return Snapshot{}, err
 	}
@@ -416,17 +430,28 @@ func (tx *Tx) CommitActive(key, name string, usage snapshots.Usage, opts ...snap
 	s.Created = tx.now().UTC()
 	s.Updated = s.Created
 	s.Usage = usage
+	if id != 0 {
+		// Claimed first: the active's own id is owned and refused.
+		if err := tx.claimID(id, name); err != nil {
+			return Snapshot{}, fmt.Errorf("committed snapshot %q: %w", name, err)
+		}
+		if s.DeviceID != 0 {
+			if err := tx.used.Put(idKey(s.DeviceID), ownerValue("")); err != nil {
+				return Snapshot{}, fmt.Errorf("disown device id %d: %w", s.DeviceID, err)
+			}
+		}
+		s.DeviceID = id
+	} else if s.DeviceID != 0 {
+		if err := tx.used.Put(idKey(s.DeviceID), ownerValue(name)); err != nil {
+			return Snapshot{}, fmt.Errorf("move device id %d to %q: %w", s.DeviceID, name, err)
+		}
+	}
 	if err := tx.put(&s); err != nil {
 		return Snapshot{}, err
 	}
 	if s.Parent != "" {
 		if err := tx.children.Put(childKey(s.Parent, name), nil); err != nil {
 			return Snapshot{}, fmt.Errorf("write parent link of %q: %w", name, err)
-		}
-	}
-	if s.DeviceID != 0 {
-		if err := tx.used.Put(idKey(s.DeviceID), ownerValue(name)); err != nil {
-			return Snapshot{}, fmt.Errorf("move device id %d to %q: %w", s.DeviceID, name, err)
 		}
 	}
 	return s, nil

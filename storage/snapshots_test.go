@@ -349,6 +349,51 @@ func TestCommitActive(t *testing.T) {
 	})
 }
 
+// TestCommitActiveOnto: the committed snapshot takes the new id, the
+// active's id stays allocated without an owner; a bad new id changes nothing.
+func TestCommitActiveOnto(t *testing.T) {
+	db, _ := openTestDB(t)
+	populate(t, db)
+	var before Snapshot
+	var fresh uint32
+	update(t, db, func(tx *Tx) (err error) {
+		if before, err = tx.GetSnapshot("active-2"); err != nil {
+			return err
+		}
+		fresh, err = tx.AllocateID()
+		return err
+	})
+	err := db.Update(t.Context(), func(tx *Tx) error {
+		_, err := tx.CommitActiveOnto("active-2", "committed-3", before.DeviceID, snapshots.Usage{})
+		return err
+	})
+	if errKind(err) != "precondition" {
+		t.Errorf("commit onto the active's own (owned) id: %v", err)
+	}
+	update(t, db, func(tx *Tx) error {
+		s, err := tx.CommitActiveOnto("active-2", "committed-3", fresh, snapshots.Usage{Size: 1})
+		if err != nil {
+			return err
+		}
+		if s.DeviceID != fresh || s.Kind != committed || s.Usage.Size != 1 || s.Size != before.Size {
+			t.Errorf("committed %+v", s)
+		}
+		return nil
+	})
+	view(t, db, func(tx *Tx) error {
+		if owner, used, _ := tx.IDOwner(fresh); !used || owner != "committed-3" {
+			t.Errorf("new id owner %q (used %v)", owner, used)
+		}
+		if owner, used, _ := tx.IDOwner(before.DeviceID); !used || owner != "" {
+			t.Errorf("old id owner %q (used %v), want allocated and unowned", owner, used)
+		}
+		if s, err := tx.GetSnapshot("committed-3"); err != nil || s.DeviceID != fresh {
+			t.Errorf("stored %+v %v", s, err)
+		}
+		return nil
+	})
+}
+
 func TestCommitActiveErrors(t *testing.T) {
 	db, _ := openTestDB(t)
 	populate(t, db)

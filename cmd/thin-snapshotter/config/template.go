@@ -115,7 +115,9 @@ mkfs_options = {{ value .Snapshot.MkfsOptions }}
 mount_options = {{ value .Snapshot.MountOptions }}
 
 # Remove snapshots in the background: Remove returns once the removal is
-# recorded; the thin device is deleted afterwards (and by containerd's Cleanup).
+# recorded (journaled, so it survives a crash); the thin device is deleted
+# afterwards by the daemon (and by containerd's Cleanup). false deletes it
+# before Remove returns.
 async_remove = {{ value .Snapshot.AsyncRemove }}
 
 # Mount snapshots with "discard" (online discard): when a container deletes

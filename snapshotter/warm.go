@@ -1,0 +1,451 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
+	"github.com/thin-snapshotter/thin-snapshotter/storage"
+)
+
+// Warm devices. Activating a thin device costs the kernel ~20 ms and
+// removing one ~40 ms, far more than a snapshot (~3 ms). Commit therefore
+// keeps the active snapshot's device: the committed snapshot gets a fresh
+// snapshot of it, and the device, still active and holding exactly the
+// committed content, waits as a warm device (a journal entry, OpWarm) for
+// the committed snapshot's next child. During an unpack every Commit is
+// followed by the Prepare of the next layer, which then takes the device
+// in one database transaction. Warm devices are invisible to clients,
+// bounded in number (maxWarm), deleted by the worker once idle (warmIdle),
+// by Cleanup and Close, with their parent, and by recovery after a crash.
+const (
+	maxWarm  = 8
+	warmIdle = 5 * time.Second
+)
+
+// takeWarm makes active snapshot key, child of committed parent, from a warm
+// device of parent. ok is false when there is none to take: the caller
+// makes a device the slow way.
+func (s *Snapshotter) takeWarm(ctx context.Context, key, parent string, labels map[string]string) (snap storage.Snapshot, ok bool, err error) {
+	var (
+		warm storage.Entry
+		p    storage.Snapshot
+	)
+	if err := s.db.View(ctx, func(tx *storage.Tx) error {
+		entries, err := tx.Journal()
+		if err != nil {
+			return err
+		}
+		for _, e := range entries {
+			if e.Op == storage.OpWarm && e.Key == parent {
+				warm = e
+			}
+		}
+		if warm.Seq == 0 {
+			return nil
+		}
+		p, err = tx.GetSnapshot(parent)
+		return err
+	}); err != nil || warm.Seq == 0 {
+		return snap, false, err
+	}
+	// A larger max-size label needs a larger device: made the slow way.
+	if want, err := requestedSize(labels, p.Size); warm.Size != p.Size || err != nil || want > p.Size {
+		return snap, false, nil
+	}
+	// Handed out it is mounted by its new owner: it must not be open
+	// now, and what it maps now is all shared with parent.
+	dev := s.deviceName(warm.DeviceID)
+	if info, err := s.pool.Info(dev); err != nil || info.OpenCount > 0 || info.Suspended {
+		return snap, false, nil
+	}
+	st, err := s.pool.ThinStatus(dev)
+	if err != nil {
+		return snap, false, nil
+	}
+	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		// The worker may have taken it for deletion meanwhile.
+		if e, err := tx.GetJournal(warm.Seq); err != nil || e.Op != storage.OpWarm {
+			if err != nil && !errdefs.IsNotFound(err) {
+				return err
+			}
+			return nil
+		}
+		if err := tx.FinishJournal(warm.Seq); err != nil {
+			return err
+		}
+		snap, err = tx.CreateSnapshot(storage.Snapshot{
+			Key: key, Kind: snapshots.KindActive, Parent: parent, Labels: labels,
+			State: storage.StateReady, DeviceID: warm.DeviceID, Size: p.Size, FSType: p.FSType,
+			Shared: uint64(st.MappedSectors),
+		})
+		if err != nil {
+			return err
+		}
+		ok = true
+		return nil
+	})
+	return snap, ok && err == nil, err
+}
+
+// warmToDelete turns the warm entries drop picks into removals in tx; drop
+// sees each entry with the number of warm entries newer than it. The
+// caller finishes the returned removals.
+func warmToDelete(tx *storage.Tx, drop func(e storage.Entry, newer int) bool) ([]storage.Entry, error) {
+	entries, err := tx.Journal()
+	if err != nil {
+		return nil, err
+	}
+	var warm []storage.Entry
+	for _, e := range entries {
+		if e.Op == storage.OpWarm {
+			warm = append(warm, e)
+		}
+	}
+	var out []storage.Entry
+	for i, e := range warm { // oldest first
+		if !drop(e, len(warm)-1-i) {
+			continue
+		}
+		if err := tx.FinishJournal(e.Seq); err != nil {
+			return nil, err
+		}
+		d := storage.Entry{Op: storage.OpDelete, DeviceID: e.DeviceID, Key: e.Key, Size: e.Size}
+		if d.Seq, err = tx.AddJournal(d); err != nil {
+			return nil, err
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// overBound picks the warm entries beyond the newest maxWarm.
+func overBound(_ storage.Entry, newer int) bool { return newer >= maxWarm }
+
+// reclaimWarm deletes the warm devices drop picks.
+func (s *Snapshotter) reclaimWarm(ctx context.Context, drop func(e storage.Entry, newer int) bool) error {
+	var dels []storage.Entry
+	if err := s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+		dels, err = warmToDelete(tx, drop)
+		return err
+	}); err != nil {
+		return err
+	}
+	return s.finishDeletes(ctx, dels)
+}
+
+func (s *Snapshotter) finishDeletes(ctx context.Context, dels []storage.Entry) error {
+	var errs []error
+	for _, e := range dels {
+		if err := s.finishDelete(ctx, e); err != nil && !errdefs.IsUnavailable(err) {
+			errs = append(errs, fmt.Errorf("device %d (%s of %q): %w", e.DeviceID, e.Op, e.Key, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// commitSnap is Commit: the committed snapshot gets a new device, a
+// snapshot of the active's, and the active's device stays as a warm
+// device of the committed snapshot.
+func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []snapshots.Opt) error {
+	snap, err := s.ready(ctx, key)
+	if err != nil {
+		return err
+	}
+	if snap.Kind != snapshots.KindActive {
+		return fmt.Errorf("snapshot %q is %s, only active snapshots can be committed: %w", key, snap.Kind, errdefs.ErrFailedPrecondition)
+	}
+	dev := s.deviceName(snap.DeviceID)
+	info, err := s.pool.Info(dev)
+	if err != nil {
+		return fmt.Errorf("device of %q: %w", key, err)
+	}
+	if info.OpenCount > 0 {
+		return fmt.Errorf("device %s of %q is still open (mounted?): %w", dev, key, errdefs.ErrFailedPrecondition)
+	}
+	st, err := s.pool.ThinStatus(dev)
+	if err != nil {
+		return fmt.Errorf("usage of %q: %w", key, err)
+	}
+	usage := ownUsage(st.MappedSectors, snap.Shared)
+
+	var (
+		entry storage.Entry
+		next  uint64
+		txSet bool
+	)
+	for attempt := 1; ; attempt++ {
+		var journal error
+		next, txSet, err = s.poolStep(func() error {
+			journal = s.db.Update(ctx, func(tx *storage.Tx) error {
+				cur, err := tx.GetSnapshot(key)
+				if err != nil {
+					return err
+				}
+				if cur.DeviceID != snap.DeviceID || cur.State != storage.StateReady || cur.Kind != snapshots.KindActive {
+					return fmt.Errorf("snapshot %q changed during commit: %w", key, errdefs.ErrAborted)
+				}
+				if _, err := tx.GetSnapshot(name); err == nil {
+					return fmt.Errorf("snapshot %q: %w", name, errdefs.ErrAlreadyExists)
+				} else if !errdefs.IsNotFound(err) {
+					return err
+				}
+				id, err := tx.AllocateID()
+				if err != nil {
+					return err
+				}
+				entry = storage.Entry{Op: storage.OpCommitSnap, DeviceID: id, OriginID: snap.DeviceID, Key: key, Name: name, Size: snap.Size}
+				entry.Seq, err = tx.AddJournal(entry)
+				return err
+			})
+			return journal
+		}, func() error {
+			return s.snapLocked(entry.DeviceID, entry.OriginID)
+		}, func() error {
+			return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
+		})
+		if journal != nil {
+			return journal
+		}
+		// The new id may be a device the pool already has: skipped.
+		if !s.foreignID(ctx, entry, err) {
+			break
+		}
+		if attempt == maxIDTries {
+			return errForeignIDs(err)
+		}
+	}
+	entry.TxID = next // for a rollback; not journaled
+	if err != nil {
+		// An id the pool already has is someone else's device.
+		return errors.Join(fmt.Errorf("commit %q: %w", key, err), s.rollbackCommit(ctx, entry, txSet, !dmsetup.IsExist(err)))
+	}
+	var dels []storage.Entry
+	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		if _, err := tx.CommitActiveOnto(key, name, entry.DeviceID, usage, opts...); err != nil {
+			return err
+		}
+		if err := tx.FinishJournal(entry.Seq); err != nil {
+			return err
+		}
+		if _, err := tx.AddJournal(storage.Entry{Op: storage.OpWarm, DeviceID: snap.DeviceID, Key: name, Size: snap.Size}); err != nil {
+			return err
+		}
+		var err error
+		if dels, err = warmToDelete(tx, overBound); err != nil {
+			return err
+		}
+		return s.raiseTxID(tx, next)
+	})
+	if err != nil {
+		// Still active in the records (a name taken meanwhile, say).
+		return errors.Join(err, s.rollbackCommit(ctx, entry, txSet, true))
+	}
+	if len(dels) > 0 {
+		s.kick()
+	}
+	return nil
+}
+
+// rollbackCommit deletes the committed snapshot's new device of a failed
+// commit (unless made is false: the pool never made it) and frees its id;
+// the active snapshot keeps its device. When the pool refuses, the journal
+// keeps the entry and recovery finishes it.
+func (s *Snapshotter) rollbackCommit(ctx context.Context, e storage.Entry, txSet, made bool) error {
+	s.poolMu.Lock()
+	// A failed resume (or a crash) after the snapshot left the active's
+	// device suspended: it would hang its users.
+	origin := s.deviceName(e.OriginID)
+	var err error
+	if info, ierr := s.pool.Info(origin); ierr == nil && info.Suspended {
+		err = s.pool.Resume(origin)
+	}
+	if made {
+		err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(e.DeviceID)))
+	}
+	s.poolMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("rolling back the commit of %q (recovery finishes it): %w", e.Key, err)
+	}
+	return s.db.Update(ctx, func(tx *storage.Tx) error {
+		if err := tx.ReleaseID(e.DeviceID); err != nil && !errdefs.IsNotFound(err) {
+			return err
+		}
+		if txSet {
+			if err := s.raiseTxID(tx, e.TxID); err != nil {
+				return err
+			}
+		}
+		return tx.FinishJournal(e.Seq)
+	})
+}
+
+// warmDevices lists the warm entries, for tests and Check.
+func warmDevices(entries []storage.Entry) map[uint32]storage.Entry {
+	out := map[uint32]storage.Entry{}
+	for _, e := range entries {
+		if e.Op == storage.OpWarm {
+			out[e.DeviceID] = e
+		}
+	}
+	return out
+}
+
+// wantWarm asks the worker for a warm device of parent.
+func (s *Snapshotter) wantWarm(parent string) {
+	s.refillMu.Lock()
+	if s.refill == nil {
+		s.refill = map[string]bool{}
+	}
+	s.refill[parent] = true
+	s.refillMu.Unlock()
+	s.kick()
+}
+
+// refillWarm makes the warm devices wantWarm asked for, while fewer than
+// maxWarm wait and the pool is healthy.
+func (s *Snapshotter) refillWarm(ctx context.Context) {
+	s.refillMu.Lock()
+	parents := s.refill
+	s.refill, s.refilling = nil, true
+	s.refillMu.Unlock()
+	defer func() {
+		s.refillMu.Lock()
+		s.refilling = false
+		s.refillMu.Unlock()
+	}()
+	for parent := range parents {
+		if ctx.Err() != nil {
+			return
+		}
+		// Once begun, finished even when Close stops the worker: a
+		// half-made device would stay journaled until the next start.
+		if err := s.makeWarm(context.WithoutCancel(ctx), parent); err != nil {
+			log.G(ctx).WithError(err).WithField("parent", parent).Debug("no warm device made")
+		}
+	}
+}
+
+// makeWarm makes one warm device of committed parent, unless it has one or
+// maxWarm wait. It is journaled like a Prepare's device without a record
+// (recovery deletes it) until it becomes a warm entry.
+func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
+	if err := s.checkPoolHealth(); err != nil {
+		return err
+	}
+	var (
+		p     storage.Snapshot
+		entry storage.Entry
+		skip  bool
+		next  uint64
+		txSet bool
+		err   error
+	)
+	for attempt := 1; ; attempt++ {
+		var journal error
+		next, txSet, err = s.poolStep(func() error {
+			journal = s.db.Update(ctx, func(tx *storage.Tx) error {
+				entries, err := tx.Journal()
+				if err != nil {
+					return err
+				}
+				warm := warmDevices(entries)
+				for _, e := range warm {
+					if e.Key == parent {
+						skip = true
+					}
+				}
+				if skip = skip || len(warm) >= maxWarm; skip {
+					return errSkip
+				}
+				if p, err = tx.GetSnapshot(parent); err != nil {
+					return err
+				}
+				if p.Kind != snapshots.KindCommitted || p.State != storage.StateReady {
+					return fmt.Errorf("parent %q is not a ready committed snapshot: %w", parent, errdefs.ErrFailedPrecondition)
+				}
+				id, err := tx.AllocateID()
+				if err != nil {
+					return err
+				}
+				entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: p.DeviceID, Size: p.Size}
+				entry.Seq, err = tx.AddJournal(entry)
+				return err
+			})
+			return journal
+		}, func() error {
+			return s.snapLocked(entry.DeviceID, entry.OriginID)
+		}, func() error {
+			return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
+		})
+		if skip {
+			return nil
+		}
+		if journal != nil {
+			return journal
+		}
+		// The new id may be a device the pool already has: skipped.
+		if !s.foreignID(ctx, entry, err) {
+			break
+		}
+		if attempt == maxIDTries {
+			return errForeignIDs(err)
+		}
+	}
+	entry.TxID = next // for a rollback; not journaled
+	name := s.deviceName(entry.DeviceID)
+	if err == nil {
+		err = s.timed(StepActivate, func() error {
+			return s.pool.Activate(name, entry.DeviceID, dmsetup.BytesToSectors(p.Size), false)
+		})
+		if err != nil {
+			err = errors.Join(err, s.pool.Deactivate(ctx, name))
+			s.poolMu.Lock()
+			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
+			s.poolMu.Unlock()
+		}
+	}
+	if err != nil {
+		// A snapshot the pool refused made nothing to delete.
+		return errors.Join(err, s.rollbackCreate(ctx, entry, txSet))
+	}
+	var dels []storage.Entry
+	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		if err := tx.FinishJournal(entry.Seq); err != nil {
+			return err
+		}
+		if err := s.raiseTxID(tx, next); err != nil {
+			return err
+		}
+		// Removed (or replaced) meanwhile: the device goes too.
+		op := storage.OpWarm
+		if cur, err := tx.GetSnapshot(parent); err != nil || cur.DeviceID != p.DeviceID || cur.State != storage.StateReady {
+			if err != nil && !errdefs.IsNotFound(err) {
+				return err
+			}
+			op = storage.OpDelete
+		}
+		w := storage.Entry{Op: op, DeviceID: entry.DeviceID, Key: parent, Size: p.Size}
+		var err error
+		if w.Seq, err = tx.AddJournal(w); err != nil {
+			return err
+		}
+		if op == storage.OpDelete {
+			dels = append(dels, w)
+			return nil
+		}
+		more, err := warmToDelete(tx, overBound)
+		dels = append(dels, more...)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return s.finishDeletes(ctx, dels)
+}

@@ -1,0 +1,304 @@
+package snapshotter
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/containerd/errdefs"
+
+	"github.com/thin-snapshotter/thin-snapshotter/storage"
+)
+
+// warmOf lists the warm devices by parent.
+func warmOf(t *testing.T, s *Snapshotter) map[string][]uint32 {
+	t.Helper()
+	out := map[string][]uint32{}
+	if err := s.db.View(context.Background(), func(tx *storage.Tx) error {
+		entries, err := tx.Journal()
+		for id, e := range warmDevices(entries) {
+			out[e.Key] = append(out[e.Key], id)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// opsDuring returns the pool steps fn made.
+func opsDuring(pool *fakePool, fn func()) []string {
+	pool.mu.Lock()
+	n := len(pool.ops)
+	pool.mu.Unlock()
+	fn()
+	pool.mu.Lock()
+	defer pool.mu.Unlock()
+	return slices.Clone(pool.ops[n:])
+}
+
+// TestWarmHandOff: Commit keeps the active's device as a warm device of the
+// layer and the layer's next Prepare takes it without a pool step; views,
+// other parents and a second child do not.
+func TestWarmHandOff(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	m, err := s.Prepare(ctx, "a", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool.write(strings.TrimPrefix(m[0].Source, "/dev/mapper/"), 16)
+	ops := opsDuring(pool, func() {
+		if err := s.Commit(ctx, "c", "a"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if slices.Contains(ops, "deactivate") || slices.Contains(ops, "activate") {
+		t.Errorf("commit made pool steps %v, want no (de)activation", ops)
+	}
+	if u, err := s.Usage(ctx, "c"); err != nil || u.Size != 16*512 {
+		t.Errorf("usage of committed = %+v, %v", u, err)
+	}
+	if w := warmOf(t, s); len(w["c"]) != 1 {
+		t.Fatalf("warm devices %v, want one of c", w)
+	}
+	checkConsistent(t, s, pool)
+
+	// Not for a view: its device must be read-only.
+	if _, err := s.View(ctx, "v", "c"); err != nil {
+		t.Fatal(err)
+	}
+	if w := warmOf(t, s); len(w["c"]) != 1 {
+		t.Fatalf("view took the warm device: %v", w)
+	}
+	var mb []string
+	ops = opsDuring(pool, func() {
+		got, err := s.Prepare(ctx, "b", "c")
+		if err != nil {
+			t.Fatal(err)
+		}
+		mb = []string{got[0].Source}
+	})
+	if ops = slices.DeleteFunc(ops, func(op string) bool { return op == "status" }); len(ops) != 0 {
+		t.Errorf("prepare on a warm device made pool steps %v", ops)
+	}
+	if mb[0] != m[0].Source {
+		t.Errorf("prepare got %s, want the warm device %s", mb[0], m[0].Source)
+	}
+	if u, err := s.Usage(ctx, "b"); err != nil || u.Size != 0 {
+		t.Errorf("usage of a child on a warm device = %+v, %v; want 0", u, err)
+	}
+	pool.write(strings.TrimPrefix(mb[0], "/dev/mapper/"), 8)
+	if u, err := s.Usage(ctx, "b"); err != nil || u.Size != 8*512 {
+		t.Errorf("usage after writing 8 sectors = %+v, %v", u, err)
+	}
+	if w := warmOf(t, s); len(w) != 0 {
+		t.Fatalf("warm devices left %v", w)
+	}
+	// A second child is made the slow way.
+	ops = opsDuring(pool, func() {
+		if _, err := s.Prepare(ctx, "b2", "c"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if !slices.Contains(ops, "activate") {
+		t.Errorf("second child: pool steps %v", ops)
+	}
+	checkConsistent(t, s, pool)
+}
+
+// TestWarmLifetime: the warm devices of a removed layer go with it, no more
+// than maxWarm wait, Cleanup deletes them, and so does Close.
+func TestWarmLifetime(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	root := t.TempDir()
+	s, err := newFake(t, root, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	commit := func(name string) {
+		t.Helper()
+		if _, err := s.Prepare(ctx, name+"-a", ""); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Commit(ctx, name, name+"-a"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	commit("x")
+	if err := s.Remove(ctx, "x"); err != nil {
+		t.Fatal(err)
+	}
+	if w := warmOf(t, s); len(w) != 0 {
+		t.Fatalf("warm devices of a removed layer: %v", w)
+	}
+	checkConsistent(t, s, pool)
+
+	for i := range maxWarm + 3 {
+		commit(fmt.Sprintf("l%d", i))
+	}
+	checkConsistent(t, s, pool)
+	w := warmOf(t, s)
+	if len(w) != maxWarm || len(w["l0"]) != 0 || len(w[fmt.Sprintf("l%d", maxWarm+2)]) != 1 {
+		t.Fatalf("warm devices %v: want the newest %d", w, maxWarm)
+	}
+	if err := s.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if w := warmOf(t, s); len(w) != 0 {
+		t.Fatalf("warm devices after Cleanup: %v", w)
+	}
+	checkConsistent(t, s, pool)
+
+	commit("y")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = mustNew(t, root, pool)
+	if w := warmOf(t, s); len(w) != 0 {
+		t.Fatalf("warm devices after Close: %v", w)
+	}
+	checkConsistent(t, s, pool)
+}
+
+// TestWarmAfterCrash: warm devices a crash leaves behind are deleted at the
+// next start, and a busy one is not handed out.
+func TestWarmAfterCrash(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	root := t.TempDir()
+	s, err := newFake(t, root, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.stop()
+	<-s.done
+	s.stop = nil
+	m, err := s.Prepare(ctx, "a", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(ctx, "c", "a"); err != nil {
+		t.Fatal(err)
+	}
+	// Someone opened the warm device behind our back: not handed out.
+	dev := strings.TrimPrefix(m[0].Source, "/dev/mapper/")
+	pool.setOpen(dev, 1)
+	if mb, err := s.Prepare(ctx, "b", "c"); err != nil || mb[0].Source == m[0].Source {
+		t.Fatalf("prepare = %v, %v: handed out an open warm device", mb, err)
+	}
+	pool.setOpen(dev, 0)
+	s.db.Close() // crash: no Close
+	s2 := mustNew(t, root, pool)
+	if w := warmOf(t, s2); len(w) != 0 {
+		t.Fatalf("warm devices after the restart: %v", w)
+	}
+	if _, ok := pool.active()[idOfDev(t, dev)]; ok {
+		t.Errorf("warm device %s still active after the restart", dev)
+	}
+	checkConsistent(t, s2, pool)
+	if err := s2.Remove(ctx, "c"); !errdefs.IsFailedPrecondition(err) {
+		t.Fatalf("Remove(parent of b) = %v", err)
+	}
+}
+
+func idOfDev(t *testing.T, dev string) uint32 {
+	t.Helper()
+	var id uint32
+	if _, err := fmt.Sscanf(dev, "tp-snap-%d", &id); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// TestWarmRefill: a Prepare that found no warm device has the worker make
+// one for the next child; a crash at any step of making it is recovered.
+func TestWarmRefill(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	if _, err := s.Prepare(ctx, "p", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(ctx, "c", "p"); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"a", "b"} { // the warm one, then a miss
+		if _, err := s.Prepare(ctx, k, "c"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checkConsistent(t, s, pool)
+	if w := warmOf(t, s); len(w["c"]) != 1 {
+		t.Fatalf("warm devices %v, want one of c made after the miss", w)
+	}
+	ops := opsDuring(pool, func() {
+		if _, err := s.Prepare(ctx, "d", "c"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if slices.Contains(ops, "activate") {
+		t.Errorf("prepare after the refill activated a device: %v", ops)
+	}
+
+	points := 0
+	for step := 0; ; step++ {
+		root := t.TempDir()
+		pool := newFakePool("tp")
+		s, err := newFake(t, root, pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.stop()
+		<-s.done
+		s.stop = nil
+		if _, err := s.Prepare(ctx, "p", ""); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Commit(ctx, "c", "p"); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Cleanup(ctx); err != nil { // no warm device of c
+			t.Fatal(err)
+		}
+		n := 0
+		pool.hook = func(string) error {
+			if n++; n == step+1 {
+				panic(crash{})
+			}
+			return nil
+		}
+		crashed := func() (crashed bool) {
+			defer func() {
+				if r := recover(); r != nil {
+					if _, ok := r.(crash); !ok {
+						panic(r)
+					}
+					crashed = true
+				}
+			}()
+			if err := s.makeWarm(ctx, "c"); err != nil {
+				t.Fatal(err)
+			}
+			return false
+		}()
+		pool.hook = nil
+		s.db.Close()
+		if !crashed {
+			if len(warmOf(t, mustNew(t, root, pool))) != 0 {
+				t.Error("warm device survived a restart")
+			}
+			break
+		}
+		points++
+		s2 := mustNew(t, root, pool)
+		checkConsistent(t, s2, pool)
+	}
+	if points < 3 {
+		t.Fatalf("only %d crash points", points)
+	}
+}
