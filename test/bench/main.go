@@ -52,27 +52,27 @@ type sizes struct {
 }
 
 type config struct {
-	snapshotters    []string
-	std, dm         sizes // dm: devmapper's, which is 10-50x slower
-	walks           int
-	containers      int
-	fillPar         int
-	imageFiles      int
-	imageBigMiB     int
-	gcTimeout       time.Duration
-	gcSettle        time.Duration
-	thinBin         string
-	ctrdDir         string
-	busybox         string
-	disk            string
-	dir             string
-	out             string
-	thinData        string
-	thinBase        string
-	dmData          int64
-	thinAsyncRemove bool
-	workloads       []string
-	debug           bool
+	snapshotters   []string
+	std, dm        sizes // dm: devmapper's, which is 10-50x slower
+	walks          int
+	containers     int
+	fillPar        int
+	imageFiles     int
+	imageBigMiB    int
+	gcTimeout      time.Duration
+	gcSettle       time.Duration
+	thinBin        string
+	ctrdDir        string
+	busybox        string
+	disk           string
+	dir            string
+	out            string
+	thinData       string
+	thinBase       string
+	dmData         int64
+	thinSyncRemove bool
+	workloads      []string
+	debug          bool
 }
 
 func (c *config) sizes(sn string) sizes {
@@ -117,7 +117,7 @@ func parseFlags() *config {
 	flag.StringVar(&c.out, "out", defOut, "file to write the table to (besides stdout)")
 	flag.StringVar(&c.thinData, "thin-data-size", "8GiB", "thin-snapshotter's embedded pool size")
 	flag.StringVar(&c.thinBase, "base-size", "256MiB", "snapshot size, thin's base_size and devmapper's base_image_size")
-	flag.BoolVar(&c.thinAsyncRemove, "thin-async-remove", false, "thin-snapshotter's async_remove")
+	flag.BoolVar(&c.thinSyncRemove, "thin-sync-remove", false, "thin-snapshotter with async_remove = false (else the daemon's default)")
 	flag.Int64Var(&c.dmData, "dm-data-gib", 8, "devmapper's pool size in GiB")
 	wls := flag.String("workloads", "chain,parallel,image,scale", "workloads to run, comma-separated")
 	flag.BoolVar(&c.debug, "debug", false, "debug logs from containerd and thin-snapshotter (slows both)")

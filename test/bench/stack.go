@@ -285,14 +285,16 @@ metadata_size = '256MiB'
 
 [snapshot]
 base_size = %q
-async_remove = %t
 `
 
 // startThin starts thin-snapshotter with its embedded loopback pool and
 // waits until it serves.
 func (b *bench) startThin(sock string) error {
 	cfgPath := filepath.Join(b.dir, "thin.toml")
-	cfg := fmt.Sprintf(thinConfig, filepath.Join(b.dir, "thin"), sock, b.logLevel(), b.cfg.thinData, b.cfg.thinBase, b.cfg.thinAsyncRemove)
+	cfg := fmt.Sprintf(thinConfig, filepath.Join(b.dir, "thin"), sock, b.logLevel(), b.cfg.thinData, b.cfg.thinBase)
+	if b.cfg.thinSyncRemove {
+		cfg += "async_remove = false\n"
+	}
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		return err
 	}
