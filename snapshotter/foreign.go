@@ -55,3 +55,41 @@ func errForeignIDs(err error) error {
 	return fmt.Errorf("%d thin ids in a row are already in the pool, held by devices that are not ours (see thin-snapshotter check): %w: %w",
 		maxIDTries, err, errdefs.ErrFailedPrecondition)
 }
+
+// snapStep is one journaled create_snap onto a new thin id: journal picks
+// the id and returns the entry to journal in tx, then the pool snapshots
+// entry.OriginID into entry.DeviceID (a poolStep). While the pool already
+// has the id picked, it is recorded as foreign and the step is tried again.
+// The journal's error comes back as journalErr, the pool's as err; entry.TxID
+// is the step's transaction id (for a rollback; not journaled), txSet tells
+// whether the pool is at it.
+func (s *Snapshotter) snapStep(ctx context.Context, journal func(tx *storage.Tx) (storage.Entry, error)) (entry storage.Entry, txSet bool, journalErr, err error) {
+	for attempt := 1; ; attempt++ {
+		var next uint64
+		next, txSet, err = s.poolStep(func() error {
+			journalErr = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+				if entry, err = journal(tx); err != nil {
+					return err
+				}
+				entry.Seq, err = tx.AddJournal(entry)
+				return err
+			})
+			return journalErr
+		}, func() error {
+			return s.snapLocked(entry.DeviceID, entry.OriginID)
+		}, func() error {
+			return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
+		})
+		if journalErr != nil {
+			return entry, false, journalErr, nil
+		}
+		entry.TxID = next
+		// The new id may be a device the pool already has: skipped.
+		if !s.foreignID(ctx, entry, err) {
+			return entry, txSet, nil, err
+		}
+		if attempt == maxIDTries {
+			return entry, false, errForeignIDs(err), nil
+		}
+	}
+}

@@ -263,24 +263,11 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		}
 	}
 
-	var (
-		r   createResult
-		err error
-	)
-	for attempt := 1; ; attempt++ {
-		var journal error
-		r, journal, err = s.createStep(ctx, kind, key, parent, base.Labels)
-		if journal != nil {
-			return nil, journal
-		}
-		if !s.foreignID(ctx, r.entry, err) {
-			break
-		}
-		if attempt == maxIDTries {
-			return nil, errForeignIDs(err)
-		}
+	r, journal, err := s.createStep(ctx, kind, key, parent, base.Labels)
+	if journal != nil {
+		return nil, journal
 	}
-	snap, entry, next, txSet, grow := r.snap, r.entry, r.next, r.txSet, r.grow
+	snap, entry, txSet, grow := r.snap, r.entry, r.txSet, r.grow
 
 	if err == nil {
 		name := s.deviceName(snap.DeviceID)
@@ -320,7 +307,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		if _, err := tx.SetShared(key, shared); err != nil {
 			return err
 		}
-		if err := s.raiseTxID(tx, next); err != nil {
+		if err := s.raiseTxID(tx, entry.TxID); err != nil {
 			return err
 		}
 		return tx.FinishJournal(entry.Seq)
@@ -339,61 +326,47 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 type createResult struct {
 	snap  storage.Snapshot
 	entry storage.Entry
-	next  uint64 // the transaction id of the step
-	txSet bool   // the pool is at next
-	grow  bool   // the device is larger than its origin's filesystem
+	txSet bool // the pool is at entry.TxID
+	grow  bool // the device is larger than its origin's filesystem
 }
 
-// createStep is one poolStep of create: it journals a new record and thin
-// id for key, then snapshots the origin into it. A journal error means the
-// pool was not touched; err is the step's.
+// createStep is the pool step of create: it journals a new record and thin
+// device of parent (or of the base) and makes the device's snapshot.
 func (s *Snapshotter) createStep(ctx context.Context, kind snapshots.Kind, key, parent string, labels map[string]string) (r createResult, journal, err error) {
-	r.next, r.txSet, err = s.poolStep(func() error {
-		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
-			pi, err := tx.PoolInfo()
+	r.entry, r.txSet, journal, err = s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
+		pi, err := tx.PoolInfo()
+		if err != nil {
+			return storage.Entry{}, err
+		}
+		origin, size, fsType := pi.BaseDeviceID, pi.BaseSize, pi.BaseFSType
+		if parent != "" {
+			p, err := tx.GetSnapshot(parent)
 			if err != nil {
-				return err
+				return storage.Entry{}, fmt.Errorf("parent %q: %w", parent, err)
 			}
-			origin, size, fsType := pi.BaseDeviceID, pi.BaseSize, pi.BaseFSType
-			if parent != "" {
-				p, err := tx.GetSnapshot(parent)
-				if err != nil {
-					return fmt.Errorf("parent %q: %w", parent, err)
-				}
-				origin, size, fsType = p.DeviceID, p.Size, p.FSType
-			}
-			if kind == snapshots.KindActive {
-				// Views are read-only: their filesystem cannot grow.
-				want, err := requestedSize(labels, size)
-				if err != nil {
-					return err
-				}
-				if r.grow = want > size; r.grow {
-					size = want
-				}
-			}
-			id, err := tx.AllocateID()
+			origin, size, fsType = p.DeviceID, p.Size, p.FSType
+		}
+		r.grow = false
+		if kind == snapshots.KindActive {
+			// Views are read-only: their filesystem cannot grow.
+			want, err := requestedSize(labels, size)
 			if err != nil {
-				return err
+				return storage.Entry{}, err
 			}
-			r.snap, err = tx.CreateSnapshot(storage.Snapshot{
-				Key: key, Kind: kind, Parent: parent, Labels: labels,
-				State: storage.StateCreating, DeviceID: id, Size: size, FSType: fsType,
-			})
-			if err != nil {
-				return err
+			if r.grow = want > size; r.grow {
+				size = want
 			}
-			r.entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key}
-			r.entry.Seq, err = tx.AddJournal(r.entry)
-			return err
+		}
+		id, err := tx.AllocateID()
+		if err != nil {
+			return storage.Entry{}, err
+		}
+		r.snap, err = tx.CreateSnapshot(storage.Snapshot{
+			Key: key, Kind: kind, Parent: parent, Labels: labels,
+			State: storage.StateCreating, DeviceID: id, Size: size, FSType: fsType,
 		})
-		return journal
-	}, func() error {
-		return s.snapLocked(r.entry.DeviceID, r.entry.OriginID)
-	}, func() error {
-		return ignoreNoData(s.pool.DeleteThin(r.entry.DeviceID))
+		return storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key}, err
 	})
-	r.entry.TxID = r.next // for a rollback; not journaled
 	return r, journal, err
 }
 

@@ -175,53 +175,25 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 	}
 	usage := ownUsage(st.MappedSectors, snap.Shared)
 
-	var (
-		entry storage.Entry
-		next  uint64
-		txSet bool
-	)
-	for attempt := 1; ; attempt++ {
-		var journal error
-		next, txSet, err = s.poolStep(func() error {
-			journal = s.db.Update(ctx, func(tx *storage.Tx) error {
-				cur, err := tx.GetSnapshot(key)
-				if err != nil {
-					return err
-				}
-				if cur.DeviceID != snap.DeviceID || cur.State != storage.StateReady || cur.Kind != snapshots.KindActive {
-					return fmt.Errorf("snapshot %q changed during commit: %w", key, errdefs.ErrAborted)
-				}
-				if _, err := tx.GetSnapshot(name); err == nil {
-					return fmt.Errorf("snapshot %q: %w", name, errdefs.ErrAlreadyExists)
-				} else if !errdefs.IsNotFound(err) {
-					return err
-				}
-				id, err := tx.AllocateID()
-				if err != nil {
-					return err
-				}
-				entry = storage.Entry{Op: storage.OpCommitSnap, DeviceID: id, OriginID: snap.DeviceID, Key: key, Name: name, Size: snap.Size}
-				entry.Seq, err = tx.AddJournal(entry)
-				return err
-			})
-			return journal
-		}, func() error {
-			return s.snapLocked(entry.DeviceID, entry.OriginID)
-		}, func() error {
-			return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
-		})
-		if journal != nil {
-			return journal
+	entry, txSet, journal, err := s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
+		cur, err := tx.GetSnapshot(key)
+		if err != nil {
+			return storage.Entry{}, err
 		}
-		// The new id may be a device the pool already has: skipped.
-		if !s.foreignID(ctx, entry, err) {
-			break
+		if cur.DeviceID != snap.DeviceID || cur.State != storage.StateReady || cur.Kind != snapshots.KindActive {
+			return storage.Entry{}, fmt.Errorf("snapshot %q changed during commit: %w", key, errdefs.ErrAborted)
 		}
-		if attempt == maxIDTries {
-			return errForeignIDs(err)
+		if _, err := tx.GetSnapshot(name); err == nil {
+			return storage.Entry{}, fmt.Errorf("snapshot %q: %w", name, errdefs.ErrAlreadyExists)
+		} else if !errdefs.IsNotFound(err) {
+			return storage.Entry{}, err
 		}
+		id, err := tx.AllocateID()
+		return storage.Entry{Op: storage.OpCommitSnap, DeviceID: id, OriginID: snap.DeviceID, Key: key, Name: name, Size: snap.Size}, err
+	})
+	if journal != nil {
+		return journal
 	}
-	entry.TxID = next // for a rollback; not journaled
 	if err != nil {
 		// An id the pool already has is someone else's device.
 		return errors.Join(fmt.Errorf("commit %q: %w", key, err), s.rollbackCommit(ctx, entry, txSet, !dmsetup.IsExist(err)))
@@ -241,7 +213,7 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 		if dels, err = warmToDelete(tx, overBound); err != nil {
 			return err
 		}
-		return s.raiseTxID(tx, next)
+		return s.raiseTxID(tx, entry.TxID)
 	})
 	if err != nil {
 		// Still active in the records (a name taken meanwhile, say).
@@ -339,66 +311,36 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
 	if err := s.checkPoolHealth(); err != nil {
 		return err
 	}
-	var (
-		p     storage.Snapshot
-		entry storage.Entry
-		skip  bool
-		next  uint64
-		txSet bool
-		err   error
-	)
-	for attempt := 1; ; attempt++ {
-		var journal error
-		next, txSet, err = s.poolStep(func() error {
-			journal = s.db.Update(ctx, func(tx *storage.Tx) error {
-				entries, err := tx.Journal()
-				if err != nil {
-					return err
-				}
-				warm := warmDevices(entries)
-				for _, e := range warm {
-					if e.Key == parent {
-						skip = true
-					}
-				}
-				if skip = skip || len(warm) >= maxWarm; skip {
-					return errSkip
-				}
-				if p, err = tx.GetSnapshot(parent); err != nil {
-					return err
-				}
-				if p.Kind != snapshots.KindCommitted || p.State != storage.StateReady {
-					return fmt.Errorf("parent %q is not a ready committed snapshot: %w", parent, errdefs.ErrFailedPrecondition)
-				}
-				id, err := tx.AllocateID()
-				if err != nil {
-					return err
-				}
-				entry = storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: p.DeviceID, Size: p.Size}
-				entry.Seq, err = tx.AddJournal(entry)
-				return err
-			})
-			return journal
-		}, func() error {
-			return s.snapLocked(entry.DeviceID, entry.OriginID)
-		}, func() error {
-			return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
-		})
-		if skip {
-			return nil
+	var p storage.Snapshot
+	entry, txSet, journal, err := s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
+		entries, err := tx.Journal()
+		if err != nil {
+			return storage.Entry{}, err
 		}
-		if journal != nil {
-			return journal
+		warm := warmDevices(entries)
+		if len(warm) >= maxWarm {
+			return storage.Entry{}, errSkip
 		}
-		// The new id may be a device the pool already has: skipped.
-		if !s.foreignID(ctx, entry, err) {
-			break
+		for _, e := range warm {
+			if e.Key == parent {
+				return storage.Entry{}, errSkip
+			}
 		}
-		if attempt == maxIDTries {
-			return errForeignIDs(err)
+		if p, err = tx.GetSnapshot(parent); err != nil {
+			return storage.Entry{}, err
 		}
+		if p.Kind != snapshots.KindCommitted || p.State != storage.StateReady {
+			return storage.Entry{}, fmt.Errorf("parent %q is not a ready committed snapshot: %w", parent, errdefs.ErrFailedPrecondition)
+		}
+		id, err := tx.AllocateID()
+		return storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: p.DeviceID, Size: p.Size}, err
+	})
+	if errors.Is(journal, errSkip) {
+		return nil
 	}
-	entry.TxID = next // for a rollback; not journaled
+	if journal != nil {
+		return journal
+	}
 	name := s.deviceName(entry.DeviceID)
 	if err == nil {
 		err = s.timed(StepActivate, func() error {
@@ -420,7 +362,7 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
 		if err := tx.FinishJournal(entry.Seq); err != nil {
 			return err
 		}
-		if err := s.raiseTxID(tx, next); err != nil {
+		if err := s.raiseTxID(tx, entry.TxID); err != nil {
 			return err
 		}
 		// Removed (or replaced) meanwhile: the device goes too.
