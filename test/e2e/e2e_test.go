@@ -112,7 +112,7 @@ func TestEndToEnd(t *testing.T) {
 	if !sameRows(rows, want) {
 		t.Fatalf("snapshots after import:\n%s\nwant:\n%s", formatRows(rows), formatRows(want))
 	}
-	ids = thinDevices(t, dm, s.pool, tl.thinLs)
+	ids = s.settledDevices(dm, 1+len(res.Layers))
 	t.Logf("pool after import: %d thin devices %v; active: %v; %d data blocks used (%d after start)",
 		len(ids), ids, activeThins(t, dm, s.pool), usedDataBlocks(t, dm, s.pool), usedAtStart)
 	if len(ids) != 1+len(res.Layers) {
@@ -265,7 +265,7 @@ func TestEndToEnd(t *testing.T) {
 			t.Errorf("/persist of the kept container: %q, %v", data, err)
 		}
 	})
-	ids = thinDevices(t, dm, s.pool, tl.thinLs)
+	ids = s.settledDevices(dm, 2+len(res.Layers))
 	t.Logf("pool with the kept container: %d thin devices %v; active: %v", len(ids), ids, activeThins(t, dm, s.pool))
 	if len(ids) != 2+len(res.Layers) {
 		t.Errorf("pool holds %d thin devices with one container, want base + %d layers + 1", len(ids), len(res.Layers))

@@ -503,6 +503,29 @@ func (s *stack) listSnapshotsRetry() []snapRow {
 	}
 }
 
+// settledDevices is thinDevices once the pool holds want devices besides
+// warm ones: thin-snapshotter keeps a committed layer's last device active
+// for the layer's next child ("warm", invisible to clients, deleted when
+// idle) and its worker may be making one now, so it is asked to drop them
+// (`thin-snapshotter cleanup`) until the count settles or a minute passes;
+// the caller checks the count.
+func (s *stack) settledDevices(c *dmsetup.Client, want int) []string {
+	s.t.Helper()
+	var ids []string
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		out, err := exec.CommandContext(ctx, s.tl.thin, "cleanup", "--address", s.thinSock).CombinedOutput()
+		cancel()
+		if err != nil {
+			s.t.Fatalf("thin-snapshotter cleanup: %v\n%s", err, out)
+		}
+		ids = thinDevices(s.t, c, s.pool, s.tl.thinLs)
+		if len(ids) == want || time.Now().After(deadline) {
+			return ids
+		}
+	}
+}
+
 // thinDevices lists the thin device ids in the pool's metadata: thin_ls on
 // a metadata snapshot (the pool stays live).
 func thinDevices(t *testing.T, c *dmsetup.Client, pool, thinLs string) []string {

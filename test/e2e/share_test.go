@@ -66,7 +66,7 @@ func TestEndToEndSharedLayers(t *testing.T) {
 	start := time.Now()
 	s.mustCtr(10*time.Minute, "images", "import", "--snapshotter", "thin", tarPath)
 	tFirst := time.Since(start)
-	devs := thinDevices(t, dm, s.pool, tl.thinLs)
+	devs := s.settledDevices(dm, 1+len(res.Layers))
 	if len(devs) != 1+len(res.Layers) {
 		t.Fatalf("after the first import the pool holds %v, want the base and %d layers", devs, len(res.Layers))
 	}
@@ -166,7 +166,7 @@ func TestEndToEndSizeClass(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.mustCtr(10*time.Minute, "images", "import", "--snapshotter", "thin", tarPath)
-	devs := thinDevices(t, dm, s.pool, tl.thinLs)
+	devs := s.settledDevices(dm, 1+len(res.Layers))
 
 	// ctr run unpacks the image for the class first: by sharing.
 	out := s.mustCtr(5*time.Minute, "run", "--rm", "--snapshotter", class, ref, "class-1",
@@ -188,14 +188,8 @@ func TestEndToEndSizeClass(t *testing.T) {
 	// The class holds the layers as thin snapshots of the main socket's:
 	// one device each, no more, once containerd's garbage collection has
 	// removed the container's.
-	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
-		got := thinDevices(t, dm, s.pool, tl.thinLs)
-		if len(got) == len(devs)+len(res.Layers) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pool holds %v after the class run, want %d devices (%d before, one shared snapshot per layer)", got, len(devs)+len(res.Layers), len(devs))
-		}
+	if got := s.settledDevices(dm, len(devs)+len(res.Layers)); len(got) != len(devs)+len(res.Layers) {
+		t.Fatalf("pool holds %v after the class run, want %d devices (%d before, one shared snapshot per layer)", got, len(devs)+len(res.Layers), len(devs))
 	}
 	out = s.mustCtr(time.Minute, "snapshots", "--snapshotter", class, "ls")
 	for _, c := range res.ChainIDs {
