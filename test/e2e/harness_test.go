@@ -514,13 +514,16 @@ func (s *stack) settledDevices(c *dmsetup.Client, want int) []string {
 	var ids []string
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		// It exits 1 while the worker is removing something: then the
+		// next round sees the outcome.
 		out, err := exec.CommandContext(ctx, s.tl.thin, "cleanup", "--address", s.thinSock).CombinedOutput()
 		cancel()
-		if err != nil {
-			s.t.Fatalf("thin-snapshotter cleanup: %v\n%s", err, out)
-		}
 		ids = thinDevices(s.t, c, s.pool, s.tl.thinLs)
-		if len(ids) == want || time.Now().After(deadline) {
+		if len(ids) == want {
+			return ids
+		}
+		if time.Now().After(deadline) {
+			s.t.Logf("pool devices %v; last thin-snapshotter cleanup: %v\n%s", ids, err, out)
 			return ids
 		}
 	}
