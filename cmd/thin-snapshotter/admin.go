@@ -63,6 +63,7 @@ func statusToProto(st snapshotter.Status) *adminv1.StatusResponse {
 		ActiveDevices:   uint32(st.ActiveDevices),
 		PendingJournal:  uint32(st.PendingJournal),
 		PendingRemovals: uint32(st.PendingRemovals),
+		WarmDevices:     uint32(st.WarmDevices),
 		LastRecovery: &adminv1.Recovery{
 			RolledBackCreates:  uint32(r.RolledBackCreates),
 			FinishedRemovals:   uint32(r.FinishedRemovals),

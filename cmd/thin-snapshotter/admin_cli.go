@@ -233,7 +233,7 @@ func printStatus(w io.Writer, st *adminv1.StatusResponse) {
 		kinds = append(kinds, fmt.Sprintf("%d %s", st.GetSnapshots()[k], k))
 	}
 	row("snapshots", "%s; %d not ready", strings.Join(kinds, ", "), st.GetNotReady())
-	row("dm devices", "%d active", st.GetActiveDevices())
+	row("dm devices", "%d active, %d of them warm", st.GetActiveDevices(), st.GetWarmDevices())
 	row("journal", "%d pending entries, %d pending removals", st.GetPendingJournal(), st.GetPendingRemovals())
 	r := st.GetLastRecovery()
 	row("last start", "recovery took %s: %d creates rolled back, %d removals finished, %d deferred (busy), %d commits dropped, %d devices reactivated",

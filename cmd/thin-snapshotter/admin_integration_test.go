@@ -88,7 +88,7 @@ func TestIntegrationAdmin(t *testing.T) {
 	code, out, errOut = cli("status")
 	t.Logf("thin-snapshotter status:\n%s", out)
 	if code != 0 || !strings.Contains(out, "snapshots       1 active, 1 view, 2 committed; 0 not ready") ||
-		!strings.Contains(out, "dm devices      3 active") || !strings.Contains(out, "journal         0 pending entries, 0 pending removals") {
+		!strings.Contains(out, "dm devices      3 active, 1 of them warm") || !strings.Contains(out, "journal         0 pending entries, 0 pending removals") {
 		t.Errorf("status: exit %d:\n%s%s", code, out, errOut)
 	}
 	code, out, _ = cli("status", "--json")

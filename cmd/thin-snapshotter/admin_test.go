@@ -33,6 +33,10 @@ type adminSnapshotter struct {
 	observer  snapshotter.StepObserver
 }
 
+// The snapshotter's own counters (snapshotterCounters).
+func (a *adminSnapshotter) SharedLayers() uint64 { return 7 }
+func (a *adminSnapshotter) Growths() uint64      { return 2 }
+
 func (a *adminSnapshotter) Status(context.Context) (snapshotter.Status, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -75,7 +79,7 @@ func testStatus() snapshotter.Status {
 		DataBlockSize: 64 << 10, DataUsed: 3 << 30, DataTotal: 100 << 30, DataLowWaterMark: 1 << 30,
 		MetadataUsed: 12 << 20, MetadataTotal: 1 << 30, MetadataLowWater: true,
 		Snapshots:     map[string]int{snapshotter.KindActive: 2, snapshotter.KindCommitted: 5},
-		ActiveDevices: 2, PendingJournal: 3, PendingRemovals: 2,
+		ActiveDevices: 2, WarmDevices: 1, PendingJournal: 3, PendingRemovals: 2,
 		LastRecovery: snapshotter.Recovery{RolledBackCreates: 1, ReactivatedDevices: 4, Duration: 1500 * time.Microsecond},
 		MinFreeData:  5, MinFreeMetadata: 10,
 	}
@@ -123,6 +127,7 @@ func TestAdminCommands(t *testing.T) {
 		"transaction id  pool 12, database 12",
 		"snapshots       2 active, 0 view, 5 committed; 0 not ready",
 		"journal         3 pending entries, 2 pending removals",
+		"dm devices      2 active, 1 of them warm",
 		"recovery took 1.5ms: 1 creates rolled back, 0 removals finished, 0 deferred (busy), 0 commits dropped, 4 devices reactivated",
 		"new devices refused below 5% free data, 10% free metadata; async_remove false",
 	} {
@@ -289,6 +294,7 @@ func TestPoolMetrics(t *testing.T) {
 		`thin_snapshotter_dm_devices 2`,
 		`thin_snapshotter_journal_pending_entries 3`,
 		`thin_snapshotter_pending_removals 2`,
+		`thin_snapshotter_warm_devices 1`,
 		`thin_snapshotter_recovery_actions{action="reactivated_device"} 4`,
 		`thin_snapshotter_recovery_duration_seconds 0.0015`,
 		`thin_snapshotter_kernel_step_duration_seconds_count{step="create_snap"} 1`,
@@ -296,6 +302,8 @@ func TestPoolMetrics(t *testing.T) {
 		`thin_snapshotter_kernel_step_errors_total{step="mkfs"} 1`,
 		`thin_snapshotter_kernel_step_errors_total{step="create_snap"} 0`,
 		`thin_snapshotter_build_info{`,
+		`thin_snapshotter_shared_layers_total 7`,
+		`thin_snapshotter_pool_growths_total 2`,
 	} {
 		if !strings.Contains(body, want+"\n") && !strings.Contains(body, want) {
 			t.Errorf("metrics lack %q", want)

@@ -74,18 +74,43 @@ func newMetrics() *metrics {
 	return m
 }
 
-// watchSnapshotter exports what the snapshotter counts itself: the layer
-// unpacks that sharing saved.
+// snapshotterCounters are what the snapshotter counts itself, exported
+// when it has the method.
+var snapshotterCounters = []struct {
+	name, help string
+	get        func(sn any) (func() uint64, bool)
+}{
+	{"shared_layers_total", "Layer unpacks saved: containerd asked for a layer (by chain id) that a committed snapshot of any class or namespace held already.",
+		func(sn any) (func() uint64, bool) {
+			c, ok := sn.(interface{ SharedLayers() uint64 })
+			if !ok {
+				return nil, false
+			}
+			return c.SharedLayers, true
+		}},
+	{"pool_growths_total", "Times the embedded pool grew itself (max_data_size) since the daemon started.",
+		func(sn any) (func() uint64, bool) {
+			c, ok := sn.(interface{ Growths() uint64 })
+			if !ok {
+				return nil, false
+			}
+			return c.Growths, true
+		}},
+}
+
+// watchSnapshotter exports snapshotterCounters.
 func (m *metrics) watchSnapshotter(sn any) error {
-	c, ok := sn.(interface{ SharedLayers() uint64 })
-	if !ok {
-		return nil
+	var errs []error
+	for _, c := range snapshotterCounters {
+		get, ok := c.get(sn)
+		if !ok {
+			continue
+		}
+		errs = append(errs, m.reg.Register(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: metricsNamespace, Name: c.name, Help: c.help,
+		}, func() float64 { return float64(get()) })))
 	}
-	return m.reg.Register(prometheus.NewCounterFunc(prometheus.CounterOpts{
-		Namespace: metricsNamespace,
-		Name:      "shared_layers_total",
-		Help:      "Layer unpacks saved: containerd asked for a layer (by chain id) that a committed snapshot of any class or namespace held already.",
-	}, func() float64 { return float64(c.SharedLayers()) }))
+	return errors.Join(errs...)
 }
 
 func (m *metrics) observe(method string, start time.Time, err error) {

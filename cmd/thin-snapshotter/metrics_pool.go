@@ -25,7 +25,7 @@ type poolCollector struct {
 	up, mode, needsCheck                    *prometheus.Desc
 	data, metadata                          spaceDescs
 	snaps, notReady, devices                *prometheus.Desc
-	journal, removals                       *prometheus.Desc
+	journal, removals, warm                 *prometheus.Desc
 	recoveryActions, recoveryDuration, info *prometheus.Desc
 }
 
@@ -76,6 +76,7 @@ func newPoolCollector(sn adminBackend) *poolCollector {
 		devices:    d("dm_devices", "Active dm devices of the pool's thin volumes."),
 		journal:    d("journal_pending_entries", "Journal entries: operations in flight or interrupted."),
 		removals:   d("pending_removals", "Removals decided but not finished (a busy device, or async_remove)."),
+		warm:       d("warm_devices", "Devices made ahead for a committed snapshot's next child (counted in dm_devices too)."),
 		recoveryActions: d("recovery_actions",
 			"What the recovery at this process's start did, by action.", "action"),
 		recoveryDuration: d("recovery_duration_seconds", "How long the recovery at this process's start took."),
@@ -84,7 +85,7 @@ func newPoolCollector(sn adminBackend) *poolCollector {
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	descs := []*prometheus.Desc{c.up, c.mode, c.needsCheck, c.snaps, c.notReady, c.devices, c.journal, c.removals,
+	descs := []*prometheus.Desc{c.up, c.mode, c.needsCheck, c.snaps, c.notReady, c.devices, c.journal, c.removals, c.warm,
 		c.recoveryActions, c.recoveryDuration, c.info}
 	for _, d := range append(append(descs, c.data.descs()...), c.metadata.descs()...) {
 		ch <- d
@@ -120,6 +121,7 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.devices, float64(st.ActiveDevices))
 	gauge(c.journal, float64(st.PendingJournal))
 	gauge(c.removals, float64(st.PendingRemovals))
+	gauge(c.warm, float64(st.WarmDevices))
 	r := st.LastRecovery
 	for action, n := range map[string]int{
 		"rolled_back_create": r.RolledBackCreates,

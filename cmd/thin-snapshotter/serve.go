@@ -134,7 +134,7 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 			logger.WithError(err).Warn("metrics without the pool's")
 		}
 		if err := m.watchSnapshotter(sn); err != nil {
-			logger.WithError(err).Warn("metrics without the shared layers count")
+			logger.WithError(err).Warn("metrics without the snapshotter's own counters")
 		}
 	}
 	skipClose := false

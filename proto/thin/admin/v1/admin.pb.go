@@ -87,8 +87,11 @@ type StatusResponse struct {
 	// Removals decided but not finished (device busy, or async_remove).
 	PendingRemovals uint32 `protobuf:"varint,14,opt,name=pending_removals,json=pendingRemovals,proto3" json:"pending_removals,omitempty"`
 	// What the recovery at the daemon's start did.
-	LastRecovery  *Recovery   `protobuf:"bytes,15,opt,name=last_recovery,json=lastRecovery,proto3" json:"last_recovery,omitempty"`
-	Thresholds    *Thresholds `protobuf:"bytes,16,opt,name=thresholds,proto3" json:"thresholds,omitempty"`
+	LastRecovery *Recovery   `protobuf:"bytes,15,opt,name=last_recovery,json=lastRecovery,proto3" json:"last_recovery,omitempty"`
+	Thresholds   *Thresholds `protobuf:"bytes,16,opt,name=thresholds,proto3" json:"thresholds,omitempty"`
+	// Devices made ahead for a committed snapshot's next child (counted in
+	// active_devices too): handed out by Prepare, deleted when idle.
+	WarmDevices   uint32 `protobuf:"varint,17,opt,name=warm_devices,json=warmDevices,proto3" json:"warm_devices,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -233,6 +236,13 @@ func (x *StatusResponse) GetThresholds() *Thresholds {
 		return x.Thresholds
 	}
 	return nil
+}
+
+func (x *StatusResponse) GetWarmDevices() uint32 {
+	if x != nil {
+		return x.WarmDevices
+	}
+	return 0
 }
 
 // Space is one of the pool's two spaces, in bytes.
@@ -999,7 +1009,7 @@ var File_thin_admin_v1_admin_proto protoreflect.FileDescriptor
 const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x19thin/admin/v1/admin.proto\x12\rthin.admin.v1\x1a\x1egoogle/protobuf/duration.proto\"\x0f\n" +
-	"\rStatusRequest\"\xde\x05\n" +
+	"\rStatusRequest\"\x81\x06\n" +
 	"\x0eStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x16\n" +
 	"\x06commit\x18\x02 \x01(\tR\x06commit\x12\x12\n" +
@@ -1020,7 +1030,8 @@ const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\rlast_recovery\x18\x0f \x01(\v2\x17.thin.admin.v1.RecoveryR\flastRecovery\x129\n" +
 	"\n" +
 	"thresholds\x18\x10 \x01(\v2\x19.thin.admin.v1.ThresholdsR\n" +
-	"thresholds\x1a<\n" +
+	"thresholds\x12!\n" +
+	"\fwarm_devices\x18\x11 \x01(\rR\vwarmDevices\x1a<\n" +
 	"\x0eSnapshotsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xbf\x01\n" +
