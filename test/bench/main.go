@@ -34,6 +34,8 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/thin-snapshotter/thin-snapshotter/internal/daemontest"
 )
 
 const (
@@ -167,8 +169,8 @@ type bench struct {
 	sn       map[string]snapshots.Snapshotter
 	be       map[string]backend
 	image    imageInfo
-	thin     *daemon
-	ctrd     *daemon
+	thin     *daemontest.Daemon
+	ctrd     *daemontest.Daemon
 
 	mu      sync.Mutex
 	samples Samples
@@ -252,13 +254,13 @@ func runBench(c *config) (err error) {
 	defer func() {
 		// Teardown: containerd first (it holds devmapper's devices), then
 		// the daemon, then whatever dm devices and loops this run made.
-		if b.ctrd != nil && !b.ctrd.exited() {
-			if serr := b.ctrd.stop(time.Minute); serr != nil {
+		if b.ctrd != nil && !b.ctrd.Exited() {
+			if serr := b.ctrd.Stop(time.Minute); serr != nil {
 				logf("containerd: %v", serr)
 			}
 		}
-		if b.thin != nil && !b.thin.exited() {
-			if serr := b.thin.stop(time.Minute); serr != nil {
+		if b.thin != nil && !b.thin.Exited() {
+			if serr := b.thin.Stop(time.Minute); serr != nil {
 				logf("thin-snapshotter: %v", serr)
 			}
 		}
@@ -269,10 +271,10 @@ func runBench(c *config) (err error) {
 			dm.detach(setupCtx)
 		}
 		if out := os.Getenv("THIN_VM_OUT"); out != "" {
-			for _, d := range []*daemon{b.thin, b.ctrd} {
+			for _, d := range []*daemontest.Daemon{b.thin, b.ctrd} {
 				if d != nil {
-					if data, rerr := os.ReadFile(d.log); rerr == nil {
-						_ = os.WriteFile(filepath.Join(out, filepath.Base(d.log)), data, 0o644)
+					if data, rerr := os.ReadFile(d.Log); rerr == nil {
+						_ = os.WriteFile(filepath.Join(out, filepath.Base(d.Log)), data, 0o644)
 					}
 				}
 			}
@@ -399,10 +401,10 @@ func runBench(c *config) (err error) {
 func (b *bench) logTails(sn string) string {
 	var s []string
 	if sn == "thin" && b.thin != nil {
-		s = append(s, b.thin.tail(30))
+		s = append(s, b.thin.Tail(30))
 	}
 	if b.ctrd != nil {
-		s = append(s, b.ctrd.tail(30))
+		s = append(s, b.ctrd.Tail(30))
 	}
 	return strings.Join(s, "\n")
 }

@@ -8,122 +8,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/thin-snapshotter/thin-snapshotter/internal/daemontest"
 )
-
-// daemon is a started background process logging to a file.
-type daemon struct {
-	name string
-	cmd  *exec.Cmd
-	log  string
-	done chan struct{}
-	err  error
-}
-
-func startDaemon(name, logPath string, env []string, bin string, args ...string) (*daemon, error) {
-	lf, err := os.Create(logPath)
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = lf, lf
-	cmd.Env = append(os.Environ(), env...)
-	if err := cmd.Start(); err != nil {
-		lf.Close()
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	d := &daemon{name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
-	go func() {
-		d.err = cmd.Wait()
-		lf.Close()
-		close(d.done)
-	}()
-	return d, nil
-}
-
-func (d *daemon) exited() bool {
-	select {
-	case <-d.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// stop sends SIGTERM and waits; after timeout it kills the process.
-func (d *daemon) stop(timeout time.Duration) error {
-	if d.exited() {
-		return fmt.Errorf("%s had already exited: %w", d.name, d.err)
-	}
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.done:
-		return d.err
-	case <-time.After(timeout):
-		_ = d.cmd.Process.Kill()
-		<-d.done
-		return fmt.Errorf("%s did not stop within %s after SIGTERM; killed", d.name, timeout)
-	}
-}
-
-// tail returns the last lines of the daemon's log.
-func (d *daemon) tail(lines int) string {
-	data, err := os.ReadFile(d.log)
-	if err != nil {
-		return err.Error()
-	}
-	all := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
-	if len(all) > lines {
-		all = all[len(all)-lines:]
-	}
-	return fmt.Sprintf("--- last %d lines of %s:\n%s", len(all), d.log, strings.Join(all, "\n"))
-}
-
-func waitSocket(d *daemon, sock string, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		c, err := net.DialTimeout("unix", sock, time.Second)
-		if err == nil {
-			c.Close()
-			return nil
-		}
-		if d.exited() {
-			return fmt.Errorf("%s exited before serving %s: %w\n%s", d.name, sock, d.err, d.tail(40))
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s does not serve %s after %s: %w\n%s", d.name, sock, timeout, err, d.tail(40))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// waitReady waits for READY=1 from d on the notify socket: the daemon's word
-// that its pool and base device are set up.
-func waitReady(d *daemon, notify *net.UnixConn, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	buf := make([]byte, 4096)
-	for {
-		if err := notify.SetReadDeadline(time.Now().Add(200 * time.Millisecond)); err != nil {
-			return err
-		}
-		n, err := notify.Read(buf)
-		if err == nil && slices.Contains(strings.Split(string(buf[:n]), "\n"), "READY=1") {
-			return nil
-		}
-		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
-			return fmt.Errorf("notify socket: %w", err)
-		}
-		if d.exited() {
-			return fmt.Errorf("%s exited before READY=1: %w\n%s", d.name, d.err, d.tail(40))
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s sent no READY=1 within %s\n%s", d.name, timeout, d.tail(40))
-		}
-	}
-}
 
 // run runs a command and returns its combined output; errors carry it.
 func run(ctx context.Context, name string, args ...string) (string, error) {
@@ -305,15 +195,15 @@ func (b *bench) startThin(sock string) error {
 	}
 	// Kept open: the daemon also says STOPPING=1 at the end.
 	start := time.Now()
-	b.thin, err = startDaemon("thin-snapshotter", filepath.Join(b.dir, "thin-snapshotter.log"),
+	b.thin, err = daemontest.Start("thin-snapshotter", filepath.Join(b.dir, "thin-snapshotter.log"),
 		[]string{"NOTIFY_SOCKET=" + notifyPath}, b.cfg.thinBin, "--config", cfgPath)
 	if err != nil {
 		return err
 	}
-	if err := waitReady(b.thin, notify, 3*time.Minute); err != nil {
+	if err := b.thin.WaitReady(notify, 3*time.Minute); err != nil {
 		return err
 	}
-	if err := waitSocket(b.thin, sock, time.Minute); err != nil {
+	if err := b.thin.WaitSocket(sock, time.Minute); err != nil {
 		return err
 	}
 	logf("thin-snapshotter ready after %s", time.Since(start).Round(time.Millisecond))
@@ -379,12 +269,12 @@ func (b *bench) startContainerd(thinSock, root string, thin, devmapper bool) err
 	// containerd finds the shim, and the shim runc, in PATH.
 	path := "PATH=" + b.cfg.ctrdDir + ":" + os.Getenv("PATH")
 	var err error
-	b.ctrd, err = startDaemon("containerd", filepath.Join(b.dir, "containerd.log"), []string{path},
+	b.ctrd, err = daemontest.Start("containerd", filepath.Join(b.dir, "containerd.log"), []string{path},
 		filepath.Join(b.cfg.ctrdDir, "containerd"), "--config", cfgPath)
 	if err != nil {
 		return err
 	}
-	return waitSocket(b.ctrd, b.ctrdSock, 3*time.Minute)
+	return b.ctrd.WaitSocket(b.ctrdSock, 3*time.Minute)
 }
 
 // ctr runs containerd's ctr in the bench's namespace.

@@ -74,9 +74,8 @@ func startRegistry(t *testing.T, crane string) *registry {
 	dir := t.TempDir()
 	d := startDaemon(t, "registry", filepath.Join(dir, "registry.log"), nil, crane, "registry", "serve", "--address", addr)
 	t.Cleanup(func() {
-		if !d.exited() {
-			_ = d.cmd.Process.Kill()
-			<-d.done
+		if !d.Exited() {
+			d.Kill()
 		}
 	})
 	for deadline := time.Now().Add(time.Minute); ; {
@@ -85,8 +84,8 @@ func startRegistry(t *testing.T, crane string) *registry {
 			c.Close()
 			break
 		}
-		if d.exited() || time.Now().After(deadline) {
-			d.tail(t, 20)
+		if d.Exited() || time.Now().After(deadline) {
+			tail(t, d, 20)
 			t.Fatalf("registry does not serve %s: %v", addr, err)
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -886,10 +885,10 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 		t.Errorf("pool uses %d data blocks after removal, %d after start", used, usedAtStart)
 	}
 
-	if err := s.ctrd.stop(time.Minute); err != nil {
+	if err := s.ctrd.Stop(time.Minute); err != nil {
 		t.Errorf("containerd: %v", err)
 	}
-	if err := s.thin.stop(time.Minute); err != nil {
+	if err := s.thin.Stop(time.Minute); err != nil {
 		t.Errorf("thin-snapshotter did not exit cleanly: %v", err)
 	}
 	s.check("after the CRI run")

@@ -146,7 +146,7 @@ func TestEndToEnd(t *testing.T) {
 	// containerd reconnects, and a running container does not notice.
 	top := res.ChainIDs[len(res.ChainIDs)-1].String()
 	s.mustCtr(10*time.Minute, "run", "-d", "--snapshotter", "thin", imageRef, "e2e-sleeper", "/bin/sleep", "3600")
-	if err := s.thin.stop(time.Minute); err != nil {
+	if err := s.thin.Stop(time.Minute); err != nil {
 		t.Fatalf("stopping thin-snapshotter: %v", err)
 	}
 	s.check("with the image and a running container")
@@ -313,10 +313,10 @@ func TestEndToEnd(t *testing.T) {
 
 	// Stop both daemons: thin-snapshotter exits cleanly and leaves only
 	// the pool.
-	if err := s.ctrd.stop(time.Minute); err != nil {
+	if err := s.ctrd.Stop(time.Minute); err != nil {
 		t.Errorf("containerd: %v", err)
 	}
-	if err := s.thin.stop(time.Minute); err != nil {
+	if err := s.thin.Stop(time.Minute); err != nil {
 		t.Errorf("thin-snapshotter did not exit cleanly: %v", err)
 	}
 	s.check("after GC and shutdown")

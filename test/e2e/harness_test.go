@@ -25,7 +25,6 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -33,7 +32,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -46,6 +44,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
+	"github.com/thin-snapshotter/thin-snapshotter/internal/daemontest"
 	"github.com/thin-snapshotter/thin-snapshotter/internal/dmtest"
 	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
 )
@@ -118,18 +117,10 @@ func findTools(t *testing.T) tools {
 	return tl
 }
 
-// daemon is a started background process with its output in a log file.
-type daemon struct {
-	name string
-	cmd  *exec.Cmd
-	log  string
-	done chan struct{}
-	err  error
-}
-
-func startDaemon(t *testing.T, name, logPath string, env []string, bin string, args ...string) *daemon {
+// startDaemon starts a daemon for t; at the end its log is copied to
+// $THIN_VM_OUT, which the VM bench copies to the host (test/vm/run --out).
+func startDaemon(t *testing.T, name, logPath string, env []string, bin string, args ...string) *daemontest.Daemon {
 	t.Helper()
-	// The VM bench copies $THIN_VM_OUT to the host (test/vm/run --out).
 	if out := os.Getenv("THIN_VM_OUT"); out != "" {
 		t.Cleanup(func() {
 			if data, err := os.ReadFile(logPath); err == nil {
@@ -137,110 +128,30 @@ func startDaemon(t *testing.T, name, logPath string, env []string, bin string, a
 			}
 		})
 	}
-	lf, err := os.Create(logPath)
+	d, err := daemontest.Start(name, logPath, env, bin, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = lf, lf
-	cmd.Env = append(os.Environ(), env...)
-	if err := cmd.Start(); err != nil {
-		lf.Close()
-		t.Fatalf("start %s: %v", name, err)
-	}
-	d := &daemon{name: name, cmd: cmd, log: logPath, done: make(chan struct{})}
-	go func() {
-		d.err = cmd.Wait()
-		lf.Close()
-		close(d.done)
-	}()
 	return d
 }
 
-func (d *daemon) exited() bool {
-	select {
-	case <-d.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// stop sends SIGTERM and waits; after timeout it kills the process.
-func (d *daemon) stop(timeout time.Duration) error {
-	if d.exited() {
-		return fmt.Errorf("%s had already exited: %w", d.name, d.err)
-	}
-	_ = d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-d.done:
-		return d.err
-	case <-time.After(timeout):
-		_ = d.cmd.Process.Kill()
-		<-d.done
-		return fmt.Errorf("%s did not stop within %s after SIGTERM; killed", d.name, timeout)
-	}
-}
-
-// tail logs the last lines of the daemon's log.
-func (d *daemon) tail(t *testing.T, lines int) {
-	data, err := os.ReadFile(d.log)
-	if err != nil {
-		t.Logf("%s log: %v", d.name, err)
-		return
-	}
-	all := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
-	if len(all) > lines {
-		all = all[len(all)-lines:]
-	}
-	t.Logf("last %d lines of the %s log:\n%s", len(all), d.name, strings.Join(all, "\n"))
-}
-
-func waitSocket(t *testing.T, d *daemon, sock string, timeout time.Duration) {
+// tail logs the last lines of d's log.
+func tail(t *testing.T, d *daemontest.Daemon, lines int) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		c, err := net.DialTimeout("unix", sock, time.Second)
-		if err == nil {
-			c.Close()
-			return
-		}
-		if d.exited() {
-			d.tail(t, 40)
-			t.Fatalf("%s exited before serving %s: %v", d.name, sock, d.err)
-		}
-		if time.Now().After(deadline) {
-			d.tail(t, 40)
-			t.Fatalf("%s does not serve %s after %s: %v", d.name, sock, timeout, err)
-		}
-		time.Sleep(100 * time.Millisecond)
+	t.Log(d.Tail(lines))
+}
+
+func waitSocket(t *testing.T, d *daemontest.Daemon, sock string, timeout time.Duration) {
+	t.Helper()
+	if err := d.WaitSocket(sock, timeout); err != nil {
+		t.Fatal(err)
 	}
 }
 
-// waitReady waits for READY=1 from d on the notify socket.
-func waitReady(t *testing.T, d *daemon, notify *net.UnixConn, timeout time.Duration) {
+func waitReady(t *testing.T, d *daemontest.Daemon, notify *net.UnixConn, timeout time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	buf := make([]byte, 4096)
-	for {
-		if err := notify.SetReadDeadline(time.Now().Add(200 * time.Millisecond)); err != nil {
-			t.Fatal(err)
-		}
-		n, err := notify.Read(buf)
-		if err == nil && slices.Contains(strings.Split(string(buf[:n]), "\n"), "READY=1") {
-			return
-		}
-		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
-			t.Fatalf("notify socket: %v", err)
-		}
-		if d.exited() {
-			d.tail(t, 40)
-			t.Fatalf("%s exited before READY=1: %v", d.name, d.err)
-		}
-		if time.Now().After(deadline) {
-			d.tail(t, 40)
-			t.Fatalf("%s sent no READY=1 within %s", d.name, timeout)
-		}
+	if err := d.WaitReady(notify, timeout); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -277,7 +188,7 @@ type stack struct {
 	thinCfg    string
 	thinSock   string
 	ctrdSock   string
-	thin, ctrd *daemon
+	thin, ctrd *daemontest.Daemon
 }
 
 func (s *stack) ctr(timeout time.Duration, args ...string) (string, error) {
@@ -295,8 +206,8 @@ func (s *stack) mustCtr(timeout time.Duration, args ...string) string {
 	s.t.Helper()
 	out, err := s.ctr(timeout, args...)
 	if err != nil {
-		s.thin.tail(s.t, 30)
-		s.ctrd.tail(s.t, 30)
+		tail(s.t, s.thin, 30)
+		tail(s.t, s.ctrd, 30)
 		s.t.Fatal(err)
 	}
 	return out
@@ -410,11 +321,11 @@ func startStackWith(t *testing.T, tl tools, opts stackOptions) *stack {
 		if s.thin == nil {
 			return
 		}
-		if !s.thin.exited() {
-			_ = s.thin.stop(30 * time.Second)
+		if !s.thin.Exited() {
+			_ = s.thin.Stop(30 * time.Second)
 		}
 		if t.Failed() {
-			s.thin.tail(t, 60)
+			tail(t, s.thin, 60)
 		}
 	})
 	s.startThin("thin.log")
@@ -430,16 +341,16 @@ func startStackWith(t *testing.T, tl tools, opts stackOptions) *stack {
 	s.ctrd = startDaemon(t, "containerd", filepath.Join(dir, "containerd.log"), []string{path}, tl.containerd,
 		append([]string{"--config", ctrdCfg}, args...)...)
 	t.Cleanup(func() {
-		if !s.ctrd.exited() {
+		if !s.ctrd.Exited() {
 			// After a failure, containers may still run on thin devices:
 			// remove them so the pool can go.
 			if opts.cleanup != nil {
 				opts.cleanup(s)
 			}
-			_ = s.ctrd.stop(30 * time.Second)
+			_ = s.ctrd.Stop(30 * time.Second)
 		}
 		if t.Failed() {
-			s.ctrd.tail(t, 60)
+			tail(t, s.ctrd, 60)
 		}
 	})
 	waitSocket(t, s.ctrd, s.ctrdSock, 2*time.Minute)
