@@ -432,7 +432,11 @@ func (c *Client) Message(name string, sector uint64, msg string) (string, error)
 
 // Status returns the status line of each target of the live table.
 func (c *Client) Status(name string) ([]TargetStatus, error) {
-	ts, err := c.tableStatus("status", name, 0)
+	return c.status(name, 0)
+}
+
+func (c *Client) status(name string, flags uint32) ([]TargetStatus, error) {
+	ts, err := c.tableStatus("status", name, flags)
 	if err != nil {
 		return nil, err
 	}

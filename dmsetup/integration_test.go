@@ -377,6 +377,15 @@ func TestIntegrationThinLoopPool(t *testing.T) {
 	mnt := mount(t, originDev)
 	fileA := writeRandom(t, filepath.Join(mnt, "a"), 1<<20)
 	unmount(t, mnt)
+	// Right after a commit (PoolStatus makes one) the status without one
+	// says the same.
+	committed, err := c.PoolStatus(pool.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if nc, err := c.PoolStatusNoCommit(pool.Name); err != nil || nc != committed || nc.UsedDataBlocks < 1<<20/(128*SectorSize) {
+		t.Errorf("status without commit %+v %v, with one %+v", nc, err, committed)
+	}
 	ts, err := c.ThinStatus(origin)
 	if err != nil || ts.MappedSectors < 1<<20/SectorSize || !ts.HasHighest || ts.HighestMapped >= thinSectors {
 		t.Errorf("thin status after writing: %+v %v", ts, err)

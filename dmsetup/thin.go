@@ -408,8 +408,8 @@ func ParseThinStatus(s string) (ThinStatus, error) {
 
 // singleTargetStatus returns the status of a device whose table is exactly
 // one target of type typ.
-func (c *Client) singleTargetStatus(name, typ string) (string, error) {
-	sts, err := c.Status(name)
+func (c *Client) singleTargetStatus(name, typ string, flags uint32) (string, error) {
+	sts, err := c.status(name, flags)
 	if err != nil {
 		return "", err
 	}
@@ -426,7 +426,19 @@ func (c *Client) singleTargetStatus(name, typ string) (string, error) {
 // PoolStatus returns the parsed status of thin-pool device pool. The kernel
 // commits pending metadata before answering.
 func (c *Client) PoolStatus(pool string) (PoolStatus, error) {
-	s, err := c.singleTargetStatus(pool, "thin-pool")
+	return c.poolStatus(pool, 0)
+}
+
+// PoolStatusNoCommit is PoolStatus without the metadata commit, which costs
+// the kernel about as much as a pool message: the used space may lag by
+// the blocks mapped since the last commit (every pool message commits, and
+// the pool at least once a second).
+func (c *Client) PoolStatusNoCommit(pool string) (PoolStatus, error) {
+	return c.poolStatus(pool, unix.DM_NOFLUSH_FLAG)
+}
+
+func (c *Client) poolStatus(pool string, flags uint32) (PoolStatus, error) {
+	s, err := c.singleTargetStatus(pool, "thin-pool", flags)
 	if err != nil {
 		return PoolStatus{}, err
 	}
@@ -436,7 +448,7 @@ func (c *Client) PoolStatus(pool string) (PoolStatus, error) {
 
 // ThinStatus returns the parsed status of thin device name.
 func (c *Client) ThinStatus(name string) (ThinStatus, error) {
-	s, err := c.singleTargetStatus(name, "thin")
+	s, err := c.singleTargetStatus(name, "thin", 0)
 	if err != nil {
 		return ThinStatus{}, err
 	}

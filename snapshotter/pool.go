@@ -16,6 +16,9 @@ import (
 type Pool interface {
 	// Name is the dm name of the thin pool.
 	Name() string
+	// Status is the pool's status as of its last metadata commit: every
+	// Prepare and View reads it, and a commit per call would cost as much
+	// as a pool message.
 	Status() (dmsetup.PoolStatus, error)
 	CreateThin(id uint32) error
 	CreateSnap(id, origin uint32) error
@@ -84,7 +87,7 @@ func (p *dmPool) Aliases() []string {
 	return []string{p.name}
 }
 
-func (p *dmPool) Status() (dmsetup.PoolStatus, error) { return p.c.PoolStatus(p.name) }
+func (p *dmPool) Status() (dmsetup.PoolStatus, error) { return p.c.PoolStatusNoCommit(p.name) }
 func (p *dmPool) CreateThin(id uint32) error          { return p.c.CreateThin(p.name, id) }
 func (p *dmPool) CreateSnap(id, origin uint32) error  { return p.c.CreateSnap(p.name, id, origin) }
 func (p *dmPool) DeleteThin(id uint32) error          { return p.c.DeleteThin(p.name, id) }
