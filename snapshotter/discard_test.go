@@ -21,15 +21,15 @@ func TestDiscardOnDelete(t *testing.T) {
 		wantRemove string // pool ops of removing a view, from its deactivation
 	}{
 		{name: "embedded pool default", mod: func(*Config) {},
-			wantRemove: "deactivate activate discard deactivate delete set_transaction_id"},
+			wantRemove: "deactivate activate discard deactivate delete"},
 		{name: "existing pool default", mod: func(c *Config) { c.PoolName = "tp" },
-			wantRemove: "deactivate delete set_transaction_id"},
+			wantRemove: "deactivate delete"},
 		{name: "existing pool on", mod: func(c *Config) { c.PoolName = "tp"; c.DiscardOnDelete = &on },
-			wantRemove: "deactivate activate discard deactivate delete set_transaction_id"},
+			wantRemove: "deactivate activate discard deactivate delete"},
 		{name: "embedded pool off", mod: func(c *Config) { c.DiscardOnDelete = &off },
-			wantRemove: "deactivate delete set_transaction_id"},
+			wantRemove: "deactivate delete"},
 		{name: "discard fails", mod: func(*Config) {}, failing: true,
-			wantRemove: "deactivate activate discard deactivate delete set_transaction_id"},
+			wantRemove: "deactivate activate discard deactivate delete"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -58,15 +58,12 @@ func errForeignIDs(err error) error {
 
 // snapStep is one journaled create_snap onto a new thin id: journal picks
 // the id and returns the entry to journal in tx, then the pool snapshots
-// entry.OriginID into entry.DeviceID (a poolStep). While the pool already
+// entry.OriginID into entry.DeviceID (a poolChange). While the pool already
 // has the id picked, it is recorded as foreign and the step is tried again.
-// The journal's error comes back as journalErr, the pool's as err; entry.TxID
-// is the step's transaction id (for a rollback; not journaled), txSet tells
-// whether the pool is at it.
-func (s *Snapshotter) snapStep(ctx context.Context, journal func(tx *storage.Tx) (storage.Entry, error)) (entry storage.Entry, txSet bool, journalErr, err error) {
+// The journal's error comes back as journalErr, the pool's as err.
+func (s *Snapshotter) snapStep(ctx context.Context, journal func(tx *storage.Tx) (storage.Entry, error)) (entry storage.Entry, journalErr, err error) {
 	for attempt := 1; ; attempt++ {
-		var next uint64
-		next, txSet, err = s.poolStep(func() error {
+		err = s.poolChange(func() error {
 			journalErr = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
 				if entry, err = journal(tx); err != nil {
 					return err
@@ -77,19 +74,16 @@ func (s *Snapshotter) snapStep(ctx context.Context, journal func(tx *storage.Tx)
 			return journalErr
 		}, func() error {
 			return s.snapLocked(entry.DeviceID, entry.OriginID)
-		}, func() error {
-			return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
 		})
 		if journalErr != nil {
-			return entry, false, journalErr, nil
+			return entry, journalErr, nil
 		}
-		entry.TxID = next
 		// The new id may be a device the pool already has: skipped.
 		if !s.foreignID(ctx, entry, err) {
-			return entry, txSet, nil, err
+			return entry, nil, err
 		}
 		if attempt == maxIDTries {
-			return entry, false, errForeignIDs(err), nil
+			return entry, errForeignIDs(err), nil
 		}
 	}
 }

@@ -142,7 +142,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 		case storage.OpCommitSnap:
 			// The caller never heard of success: the active keeps its
 			// device and the new one goes.
-			if err := s.rollbackCommit(ctx, e, false, true); err != nil {
+			if err := s.rollbackCommit(ctx, e, true); err != nil {
 				return err
 			}
 			s.recovered(func(r *Recovery) { r.DroppedOperations++ })

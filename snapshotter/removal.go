@@ -49,17 +49,13 @@ func (s *Snapshotter) finishDelete(ctx context.Context, e storage.Entry) error {
 	if s.cfg.discardOnDelete() {
 		s.discardDevice(ctx, e)
 	}
-	next, _, err := s.poolStep(nil, func() error {
+	if err := s.poolChange(nil, func() error {
 		return s.timed(StepDelete, func() error { return ignoreNoData(s.pool.DeleteThin(e.DeviceID)) })
-	}, nil)
-	if err != nil {
+	}); err != nil {
 		return err
 	}
 	return s.db.Update(ctx, func(tx *storage.Tx) error {
 		if err := tx.ReleaseID(e.DeviceID); err != nil && !errdefs.IsNotFound(err) {
-			return err
-		}
-		if err := s.raiseTxID(tx, next); err != nil {
 			return err
 		}
 		return tx.FinishJournal(e.Seq)

@@ -33,7 +33,7 @@ func (s *Snapshotter) shareLayer(ctx context.Context, key, parent, chain string,
 		journal  error
 	)
 	s.poolMu.Lock()
-	next, txSet, err := s.poolStepLocked(func() error {
+	err := func() error {
 		// Under poolMu: a removal of src deletes its device under
 		// poolMu too, so the device is there until create_snap.
 		journal = s.db.Update(ctx, func(tx *storage.Tx) error {
@@ -75,14 +75,12 @@ func (s *Snapshotter) shareLayer(ctx context.Context, key, parent, chain string,
 			entry.Seq, err = tx.AddJournal(entry)
 			return err
 		})
-		return journal
-	}, func() error {
+		if journal != nil {
+			return journal
+		}
 		return s.snapLocked(entry.DeviceID, entry.OriginID)
-	}, func() error {
-		return ignoreNoData(s.pool.DeleteThin(entry.DeviceID))
-	})
+	}()
 	s.poolMu.Unlock()
-	entry.TxID = next // for a rollback; not journaled
 	if errors.Is(journal, errSkip) {
 		s.sharedLayers.Add(1)
 		return fmt.Errorf("layer %s held as %q: %w", chain, existing, errdefs.ErrAlreadyExists)
@@ -91,16 +89,13 @@ func (s *Snapshotter) shareLayer(ctx context.Context, key, parent, chain string,
 		return journal
 	}
 	if err != nil {
-		if rerr := s.rollbackCreate(ctx, entry, txSet); rerr != nil {
+		if rerr := s.rollbackCreate(ctx, entry, false); rerr != nil {
 			log.G(ctx).WithError(rerr).WithField("key", key).Error("rolling back a failed layer share")
 		}
 		return fmt.Errorf("share layer %s from %q: %w", chain, src.Key, err)
 	}
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
 		if _, err := tx.SetState(key, storage.StateReady); err != nil {
-			return err
-		}
-		if err := s.raiseTxID(tx, next); err != nil {
 			return err
 		}
 		return tx.FinishJournal(entry.Seq)

@@ -40,8 +40,9 @@ type Snapshotter struct {
 	// before any device is named, read-only afterwards.
 	recordedPool string
 
-	// poolMu serializes pool metadata messages with the transaction id
-	// that follows each of them; txid is the pool's current one.
+	// poolMu serializes pool metadata messages (and, while the pool is
+	// set up, the transaction id that follows them: poolStep); txid is
+	// the pool's current one.
 	poolMu sync.Mutex
 	txid   uint64
 
@@ -267,7 +268,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	if journal != nil {
 		return nil, journal
 	}
-	snap, entry, txSet, grow := r.snap, r.entry, r.txSet, r.grow
+	snap, entry, grow := r.snap, r.entry, r.grow
 
 	if err == nil {
 		name := s.deviceName(snap.DeviceID)
@@ -289,7 +290,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		}
 	}
 	if err != nil {
-		if rerr := s.rollbackCreate(ctx, entry, txSet); rerr != nil {
+		if rerr := s.rollbackCreate(ctx, entry, false); rerr != nil {
 			// The journal keeps the entry; recovery finishes it.
 			log.G(ctx).WithError(rerr).WithField("key", key).Error("rolling back a failed prepare")
 		}
@@ -305,9 +306,6 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			return err
 		}
 		if _, err := tx.SetShared(key, shared); err != nil {
-			return err
-		}
-		if err := s.raiseTxID(tx, entry.TxID); err != nil {
 			return err
 		}
 		return tx.FinishJournal(entry.Seq)
@@ -326,14 +324,13 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 type createResult struct {
 	snap  storage.Snapshot
 	entry storage.Entry
-	txSet bool // the pool is at entry.TxID
 	grow  bool // the device is larger than its origin's filesystem
 }
 
 // createStep is the pool step of create: it journals a new record and thin
 // device of parent (or of the base) and makes the device's snapshot.
 func (s *Snapshotter) createStep(ctx context.Context, kind snapshots.Kind, key, parent string, labels map[string]string) (r createResult, journal, err error) {
-	r.entry, r.txSet, journal, err = s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
+	r.entry, journal, err = s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
 		pi, err := tx.PoolInfo()
 		if err != nil {
 			return storage.Entry{}, err

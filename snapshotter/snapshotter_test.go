@@ -725,3 +725,41 @@ func TestPoolOwnership(t *testing.T) {
 		})
 	}
 }
+
+// TestTransactionIDMarksThePool: only setting the pool up (the base device)
+// moves its transaction id, so a re-created pool (id 0) is told apart;
+// snapshot calls send one pool message each, without a set_transaction_id
+// (a second metadata commit).
+func TestTransactionIDMarksThePool(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	set := pool.txid
+	if set == 0 {
+		t.Fatal("setting up the pool left its transaction id at 0")
+	}
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(ctx, "c", "a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.View(ctx, "v", "c"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Prepare(ctx, "b", "c"); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"v", "b", "c"} {
+		if err := s.Remove(ctx, k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if pool.txid != set {
+		t.Errorf("transaction id %d after snapshot calls, %d after set-up", pool.txid, set)
+	}
+	checkConsistent(t, s, pool)
+}

@@ -175,7 +175,7 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 	}
 	usage := ownUsage(st.MappedSectors, snap.Shared)
 
-	entry, txSet, journal, err := s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
+	entry, journal, err := s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
 		cur, err := tx.GetSnapshot(key)
 		if err != nil {
 			return storage.Entry{}, err
@@ -196,7 +196,7 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 	}
 	if err != nil {
 		// An id the pool already has is someone else's device.
-		return errors.Join(fmt.Errorf("commit %q: %w", key, err), s.rollbackCommit(ctx, entry, txSet, !dmsetup.IsExist(err)))
+		return errors.Join(fmt.Errorf("commit %q: %w", key, err), s.rollbackCommit(ctx, entry, !dmsetup.IsExist(err)))
 	}
 	var dels []storage.Entry
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
@@ -210,14 +210,12 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 			return err
 		}
 		var err error
-		if dels, err = warmToDelete(tx, overBound); err != nil {
-			return err
-		}
-		return s.raiseTxID(tx, entry.TxID)
+		dels, err = warmToDelete(tx, overBound)
+		return err
 	})
 	if err != nil {
 		// Still active in the records (a name taken meanwhile, say).
-		return errors.Join(err, s.rollbackCommit(ctx, entry, txSet, true))
+		return errors.Join(err, s.rollbackCommit(ctx, entry, true))
 	}
 	if len(dels) > 0 {
 		s.kick()
@@ -229,7 +227,7 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 // commit (unless made is false: the pool never made it) and frees its id;
 // the active snapshot keeps its device. When the pool refuses, the journal
 // keeps the entry and recovery finishes it.
-func (s *Snapshotter) rollbackCommit(ctx context.Context, e storage.Entry, txSet, made bool) error {
+func (s *Snapshotter) rollbackCommit(ctx context.Context, e storage.Entry, made bool) error {
 	s.poolMu.Lock()
 	// A failed resume (or a crash) after the snapshot left the active's
 	// device suspended: it would hang its users.
@@ -248,11 +246,6 @@ func (s *Snapshotter) rollbackCommit(ctx context.Context, e storage.Entry, txSet
 	return s.db.Update(ctx, func(tx *storage.Tx) error {
 		if err := tx.ReleaseID(e.DeviceID); err != nil && !errdefs.IsNotFound(err) {
 			return err
-		}
-		if txSet {
-			if err := s.raiseTxID(tx, e.TxID); err != nil {
-				return err
-			}
 		}
 		return tx.FinishJournal(e.Seq)
 	})
@@ -312,7 +305,7 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
 		return err
 	}
 	var p storage.Snapshot
-	entry, txSet, journal, err := s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
+	entry, journal, err := s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
 		entries, err := tx.Journal()
 		if err != nil {
 			return storage.Entry{}, err
@@ -355,14 +348,11 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
 	}
 	if err != nil {
 		// A snapshot the pool refused made nothing to delete.
-		return errors.Join(err, s.rollbackCreate(ctx, entry, txSet))
+		return errors.Join(err, s.rollbackCreate(ctx, entry, false))
 	}
 	var dels []storage.Entry
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
 		if err := tx.FinishJournal(entry.Seq); err != nil {
-			return err
-		}
-		if err := s.raiseTxID(tx, entry.TxID); err != nil {
 			return err
 		}
 		// Removed (or replaced) meanwhile: the device goes too.
