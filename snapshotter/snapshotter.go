@@ -67,10 +67,12 @@ type Snapshotter struct {
 	deleting map[uint64]bool
 
 	// Committed snapshots whose next child should find a warm device:
-	// a Prepare on them found none (warm.go).
+	// a Prepare on them found none, or took one and they had children
+	// before (warm.go). children counts the Prepares on each.
 	refillMu  sync.Mutex
 	refill    map[string]bool
 	refilling bool
+	children  map[string]int
 
 	// autogrow grows the embedded pool (MaxDataSize); nil when it does not.
 	autogrow *grower
@@ -260,6 +262,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			return nil, err
 		}
 		if ok {
+			s.tookWarm(parent)
 			return s.mounts(snap), nil
 		}
 	}
@@ -316,6 +319,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	snap.State = storage.StateReady
 	if kind == snapshots.KindActive && parent != "" {
 		// More children may follow (containers of one image).
+		s.countChild(parent)
 		s.wantWarm(parent)
 	}
 	return s.mounts(snap), nil

@@ -262,6 +262,31 @@ func warmDevices(entries []storage.Entry) map[uint32]storage.Entry {
 	return out
 }
 
+// maxChildCounts bounds the map of Prepares per parent: past it, the
+// counts start again.
+const maxChildCounts = 4096
+
+// tookWarm notes that a Prepare on parent took its warm device, and asks
+// for the next one when it was not parent's first child: a layer in an
+// unpack gets one child (its next layer), an image's top layer many (its
+// containers), and they should not wait for an activation either.
+func (s *Snapshotter) tookWarm(parent string) {
+	if s.countChild(parent) > 1 {
+		s.wantWarm(parent)
+	}
+}
+
+// countChild counts a Prepare on parent and returns how many it made.
+func (s *Snapshotter) countChild(parent string) int {
+	s.refillMu.Lock()
+	defer s.refillMu.Unlock()
+	if s.children == nil || len(s.children) >= maxChildCounts {
+		s.children = map[string]int{}
+	}
+	s.children[parent]++
+	return s.children[parent]
+}
+
 // wantWarm asks the worker for a warm device of parent.
 func (s *Snapshotter) wantWarm(parent string) {
 	s.refillMu.Lock()

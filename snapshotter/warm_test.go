@@ -244,6 +244,24 @@ func TestWarmRefill(t *testing.T) {
 	if slices.Contains(ops, "activate") {
 		t.Errorf("prepare after the refill activated a device: %v", ops)
 	}
+	// d, c's third child, took the warm device: c has children, the next
+	// container finds one too.
+	checkConsistent(t, s, pool)
+	if w := warmOf(t, s); len(w["c"]) != 1 {
+		t.Fatalf("warm devices %v, want the next one of c after a take by its third child", w)
+	}
+	// A layer's first child (an unpack's next layer) takes the commit's
+	// warm device and nothing is made ahead for it.
+	if err := s.Commit(ctx, "c2", "d"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Prepare(ctx, "e", "c2"); err != nil {
+		t.Fatal(err)
+	}
+	checkConsistent(t, s, pool)
+	if w := warmOf(t, s); len(w["c2"]) != 0 {
+		t.Fatalf("warm devices %v: one made for c2 after its first child", w)
+	}
 
 	points := 0
 	for step := 0; ; step++ {
