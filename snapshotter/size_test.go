@@ -10,7 +10,6 @@ import (
 	"github.com/containerd/errdefs"
 
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
-	"github.com/thin-snapshotter/thin-snapshotter/storage"
 )
 
 func TestRequestedSize(t *testing.T) {
@@ -60,14 +59,7 @@ func (g *grown) hook(s *Snapshotter) {
 
 func sizeOf(t *testing.T, s *Snapshotter, key string) uint64 {
 	t.Helper()
-	var snap storage.Snapshot
-	if err := s.db.View(context.Background(), func(tx *storage.Tx) (err error) {
-		snap, err = tx.GetSnapshot(key)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	return snap.Size
+	return snapOf(t, s, key).Size
 }
 
 func deviceSectors(p *fakePool, s *Snapshotter, key string) dmsetup.Sectors {
