@@ -414,14 +414,25 @@ func (s *stack) listSnapshotsRetry() []snapRow {
 	}
 }
 
+// collectGarbage runs containerd's garbage collector now and waits for it,
+// as `ctr leases rm --sync` does: snapshots its clients dropped (ctr run
+// --rm) reach our Remove only through it, and it waits up to 49 times its
+// last run between runs (pause_threshold 0.02), a minute in the VM.
+func (s *stack) collectGarbage() {
+	s.t.Helper()
+	id := strings.TrimSpace(s.mustCtr(time.Minute, "leases", "create", "--expires", "1m"))
+	s.mustCtr(5*time.Minute, "leases", "rm", "--sync", id)
+}
+
 // settledDevices is thinDevices once the pool holds want devices besides
 // warm ones: thin-snapshotter keeps a committed layer's last device active
 // for the layer's next child ("warm", invisible to clients, deleted when
-// idle) and its worker may be making one now, so it is asked to drop them
-// (`thin-snapshotter cleanup`) until the count settles or a minute passes;
-// the caller checks the count.
+// idle) and its worker may be making one now, so after containerd's
+// garbage collection it is asked to drop them (`thin-snapshotter cleanup`)
+// until the count settles or a minute passes; the caller checks the count.
 func (s *stack) settledDevices(c *dmsetup.Client, want int) []string {
 	s.t.Helper()
+	s.collectGarbage()
 	var ids []string
 	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
