@@ -16,9 +16,10 @@ import (
 )
 
 // TestIntegrationDiscardOnDelete writes 100 MiB in a snapshot of the
-// embedded pool and removes it: with discard_on_delete the pool's sparse
-// data file gives the space back to the host, without it the file keeps
-// it.
+// embedded pool and removes it, active or committed (with its warm device,
+// which is never discarded: the layer's discard must still find the blocks
+// unshared): with discard_on_delete the pool's sparse data file gives the
+// space back to the host, without it the file keeps it.
 func TestIntegrationDiscardOnDelete(t *testing.T) {
 	dmtest.Require(t)
 	const written = 100 << 20
@@ -26,11 +27,13 @@ func TestIntegrationDiscardOnDelete(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		discard *bool
+		commit  bool // removed as a committed layer
 		back    bool // the host gets the space back
 	}{
-		{"default", nil, true},
-		{"off", &off, false},
-		{"on, 10GiB devices", &on, true},
+		{"default", nil, false, true},
+		{"off", &off, false, false},
+		{"on, 10GiB devices", &on, false, true},
+		{"committed", nil, true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
@@ -81,8 +84,18 @@ func TestIntegrationDiscardOnDelete(t *testing.T) {
 			if full-before < written {
 				t.Fatalf("data file grew by %d bytes for %d written: the test shows nothing", full-before, written)
 			}
+			key := "a"
+			if tc.commit {
+				key = "c"
+				if err := s.Commit(ctx, key, "a"); err != nil {
+					t.Fatal(err)
+				}
+				if n := len(warmOf(t, s)[key]); n != 1 {
+					t.Fatalf("%d warm devices of the committed layer, want 1", n)
+				}
+			}
 			start := time.Now()
-			if err := s.Remove(ctx, "a"); err != nil {
+			if err := s.Remove(ctx, key); err != nil {
 				t.Fatal(err)
 			}
 			took := time.Since(start)

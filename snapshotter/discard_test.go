@@ -8,28 +8,37 @@ import (
 	"testing"
 )
 
-// TestDiscardOnDelete: a removed snapshot's device is activated writable
-// and discarded before its thin id is deleted, when DiscardOnDelete (by
-// default: the embedded pool) says so; a failing discard does not stop the
-// removal.
+// TestDiscardOnDelete: a removed snapshot's blocks are discarded before
+// its thin id is deleted, when DiscardOnDelete (by default: the embedded
+// pool) says so: on its own activation when it is active and writable,
+// else on one made for it; never for a device whose blocks another holds
+// (a view, a warm device); a failing discard does not stop the removal.
 func TestDiscardOnDelete(t *testing.T) {
 	on, off := true, false
+	embedded := func(*Config) {}
 	tests := []struct {
-		name       string
-		mod        func(*Config)
-		failing    bool
-		wantRemove string // pool ops of removing a view, from its deactivation
+		name    string
+		subject string // "active", "view" or "committed"
+		mod     func(*Config)
+		failing bool
+		want    string // pool ops of the removal, from the first discard or deactivation
 	}{
-		{name: "embedded pool default", mod: func(*Config) {},
-			wantRemove: "deactivate activate discard deactivate delete"},
-		{name: "existing pool default", mod: func(c *Config) { c.PoolName = "tp" },
-			wantRemove: "deactivate delete"},
-		{name: "existing pool on", mod: func(c *Config) { c.PoolName = "tp"; c.DiscardOnDelete = &on },
-			wantRemove: "deactivate activate discard deactivate delete"},
-		{name: "embedded pool off", mod: func(c *Config) { c.DiscardOnDelete = &off },
-			wantRemove: "deactivate delete"},
-		{name: "discard fails", mod: func(*Config) {}, failing: true,
-			wantRemove: "deactivate activate discard deactivate delete"},
+		{name: "active, embedded pool default", subject: "active", mod: embedded,
+			want: "discard deactivate delete"},
+		{name: "active, existing pool default", subject: "active", mod: func(c *Config) { c.PoolName = "tp" },
+			want: "deactivate delete"},
+		{name: "active, existing pool on", subject: "active", mod: func(c *Config) { c.PoolName = "tp"; c.DiscardOnDelete = &on },
+			want: "discard deactivate delete"},
+		{name: "active, embedded pool off", subject: "active", mod: func(c *Config) { c.DiscardOnDelete = &off },
+			want: "deactivate delete"},
+		{name: "active, discard fails", subject: "active", mod: embedded, failing: true,
+			want: "discard deactivate activate discard deactivate delete"},
+		{name: "view", subject: "view", mod: embedded,
+			want: "deactivate delete"},
+		// The warm device goes first, undiscarded: then the layer's
+		// blocks are its own when it is discarded.
+		{name: "committed with its warm device", subject: "committed", mod: embedded,
+			want: "deactivate delete deactivate activate discard deactivate delete"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -42,15 +51,26 @@ func TestDiscardOnDelete(t *testing.T) {
 			if err := s.Commit(ctx, "c", "a"); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := s.View(ctx, "v", "c"); err != nil {
-				t.Fatal(err)
+			key := "c"
+			switch tc.subject {
+			case "view":
+				key = "v"
+				_, err := s.View(ctx, key, "c")
+				if err != nil {
+					t.Fatal(err)
+				}
+			case "active":
+				key = "w"
+				if _, err := s.Prepare(ctx, key, "c"); err != nil {
+					t.Fatal(err)
+				}
 			}
-			v, err := s.ready(ctx, "v")
+			snap, err := s.ready(ctx, key)
 			if err != nil {
 				t.Fatal(err)
 			}
 			pool.mu.Lock()
-			pool.thins[v.DeviceID] = 1234 // blocks of its own
+			pool.thins[snap.DeviceID] = 1234 // blocks of its own
 			if tc.failing {
 				pool.hook = func(op string) error {
 					if op == "discard" {
@@ -61,22 +81,22 @@ func TestDiscardOnDelete(t *testing.T) {
 			}
 			pool.ops = nil
 			pool.mu.Unlock()
-			if err := s.Remove(ctx, "v"); err != nil {
+			if err := s.Remove(ctx, key); err != nil {
 				t.Fatal(err)
 			}
 			pool.mu.Lock()
 			ops := slices.Clone(pool.ops)
 			pool.mu.Unlock()
 			// Remove looks the device up first.
-			i := slices.Index(ops, "deactivate")
+			i := slices.IndexFunc(ops, func(op string) bool { return op == "discard" || op == "deactivate" })
 			if i < 0 {
 				t.Fatalf("ops %v", ops)
 			}
-			if got := strings.Join(ops[i:], " "); got != tc.wantRemove {
-				t.Errorf("removal ops %q, want %q", got, tc.wantRemove)
+			if got := strings.Join(ops[i:], " "); got != tc.want {
+				t.Errorf("removal ops %q, want %q", got, tc.want)
 			}
-			if slices.Contains(pool.ids(), v.DeviceID) {
-				t.Errorf("device %d not deleted", v.DeviceID)
+			if slices.Contains(pool.ids(), snap.DeviceID) {
+				t.Errorf("device %d not deleted", snap.DeviceID)
 			}
 			checkConsistent(t, s, pool)
 		})

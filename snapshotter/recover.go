@@ -155,7 +155,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 					if err := tx.FinishJournal(e.Seq); err != nil {
 						return err
 					}
-					e = storage.Entry{Op: storage.OpDelete, DeviceID: e.DeviceID, Key: e.Key, Size: e.Size}
+					e = storage.Entry{Op: storage.OpDelete, DeviceID: e.DeviceID, OriginID: e.OriginID, Key: e.Key, Size: e.Size}
 					e.Seq, err = tx.AddJournal(e)
 					return err
 				}); err != nil {

@@ -43,10 +43,16 @@ func (s *Snapshotter) finishDelete(ctx context.Context, e storage.Entry) error {
 		return err
 	}
 
+	// A device whose blocks another device holds needs no discard: the
+	// pool passes on only blocks no device maps any more.
+	discard := s.cfg.discardOnDelete() && e.OriginID == 0
+	if discard && s.discardActive(ctx, e) {
+		discard = false
+	}
 	if err := s.timed(StepDeactivate, func() error { return s.pool.Deactivate(ctx, s.deviceName(e.DeviceID)) }); err != nil {
 		return err
 	}
-	if s.cfg.discardOnDelete() {
+	if discard {
 		s.discardDevice(ctx, e)
 	}
 	if err := s.poolChange(nil, func() error {
@@ -60,6 +66,26 @@ func (s *Snapshotter) finishDelete(ctx context.Context, e storage.Entry) error {
 		}
 		return tx.FinishJournal(e.Seq)
 	})
+}
+
+// discardActive discards the blocks of the device of a removal on its
+// activation, when it is active, writable and closed: that saves the
+// activation and removal discardDevice pays (~60 ms). It reports whether
+// it did; if not, discardDevice does it after the deactivation.
+func (s *Snapshotter) discardActive(ctx context.Context, e storage.Entry) bool {
+	name := s.deviceName(e.DeviceID)
+	info, err := s.pool.Info(name)
+	if err != nil || info.OpenCount > 0 || info.ReadOnly || info.Suspended {
+		return false
+	}
+	start := time.Now()
+	// Opened exclusively: a mount since Info fails it (EBUSY).
+	if err := s.pool.Discard(ctx, name); err != nil {
+		return false
+	}
+	log.G(ctx).WithField("id", e.DeviceID).WithField("key", e.Key).WithField("duration", time.Since(start)).
+		Debug("discarded the blocks of a removed snapshot on its activation")
+	return true
 }
 
 // discardDevice discards the blocks of the thin device of a removal before

@@ -454,14 +454,29 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		if err != nil {
 			return err
 		}
+		// Its warm devices hold its content: they go with it, and
+		// first, so its own discard finds their blocks no longer shared
+		// and passes them on to the pool's storage.
+		if dels, err = warmToDelete(tx, func(e storage.Entry, _ int) bool { return e.Key == key }); err != nil {
+			return err
+		}
 		entry := storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: key, Size: removed.Size}
+		if removed.Kind == snapshots.KindView && removed.Parent != "" {
+			// Read-only since its snapshot, unless its filesystem was
+			// grown to a larger size: then its parent holds its blocks.
+			p, err := tx.GetSnapshot(removed.Parent)
+			if err != nil {
+				return err
+			}
+			if p.Size == removed.Size {
+				entry.OriginID = p.DeviceID
+			}
+		}
 		if entry.Seq, err = tx.AddJournal(entry); err != nil {
 			return err
 		}
-		// Its warm devices hold its content: they go with it.
-		dels, err = warmToDelete(tx, func(e storage.Entry, _ int) bool { return e.Key == key })
 		dels = append(dels, entry)
-		return err
+		return nil
 	})
 	if err != nil {
 		return err

@@ -116,7 +116,8 @@ func warmToDelete(tx *storage.Tx, drop func(e storage.Entry, newer int) bool) ([
 		if err := tx.FinishJournal(e.Seq); err != nil {
 			return nil, err
 		}
-		d := storage.Entry{Op: storage.OpDelete, DeviceID: e.DeviceID, Key: e.Key, Size: e.Size}
+		// Never written: its blocks are its layer's.
+		d := storage.Entry{Op: storage.OpDelete, DeviceID: e.DeviceID, OriginID: e.OriginID, Key: e.Key, Size: e.Size}
 		if d.Seq, err = tx.AddJournal(d); err != nil {
 			return nil, err
 		}
@@ -206,7 +207,7 @@ func (s *Snapshotter) commitSnap(ctx context.Context, name, key string, opts []s
 		if err := tx.FinishJournal(entry.Seq); err != nil {
 			return err
 		}
-		if _, err := tx.AddJournal(storage.Entry{Op: storage.OpWarm, DeviceID: snap.DeviceID, Key: name, Size: snap.Size}); err != nil {
+		if _, err := tx.AddJournal(storage.Entry{Op: storage.OpWarm, DeviceID: snap.DeviceID, OriginID: entry.DeviceID, Key: name, Size: snap.Size}); err != nil {
 			return err
 		}
 		var err error
@@ -389,6 +390,11 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
 			op = storage.OpDelete
 		}
 		w := storage.Entry{Op: op, DeviceID: entry.DeviceID, Key: parent, Size: p.Size}
+		if op == storage.OpWarm {
+			// Not when parent's device is gone already: then this one
+			// may be the last to hold its blocks, and is discarded.
+			w.OriginID = p.DeviceID
+		}
 		var err error
 		if w.Seq, err = tx.AddJournal(w); err != nil {
 			return err

@@ -17,15 +17,20 @@ type Op uint8
 const (
 	OpCreateThin Op = 1 // create thin device DeviceID of Size bytes
 	OpCreateSnap Op = 2 // snapshot OriginID into DeviceID
-	OpDelete     Op = 3 // delete thin device DeviceID
-	OpCommit     Op = 6 // commit active Key as Name on DeviceID (schema 2)
+	// OpDelete deletes thin device DeviceID. A non-zero OriginID names a
+	// device that held all of DeviceID's blocks when it was journaled (a
+	// view's or a warm device's origin, never written since): its blocks
+	// need no discard of their own.
+	OpDelete Op = 3
+	OpCommit Op = 6 // commit active Key as Name on DeviceID (schema 2)
 	// OpCommitSnap commits active Key as Name: DeviceID, the committed
 	// snapshot's new device, is a snapshot of OriginID, the active's.
 	OpCommitSnap Op = 8
 	// OpWarm is not an operation in flight but a device made ahead:
 	// DeviceID is an active device of Size bytes holding exactly committed
-	// Key, waiting to be handed to Key's next child. Until then no client
-	// sees it; recovery deletes it.
+	// Key (device OriginID, 0 in entries before it was recorded), waiting
+	// to be handed to Key's next child. Until then no client sees it;
+	// recovery deletes it.
 	OpWarm Op = 9
 )
 
@@ -54,7 +59,7 @@ type Entry struct {
 	Seq      uint64 // assigned by AddJournal, increasing
 	Op       Op
 	DeviceID uint32
-	OriginID uint32 // source device of OpCreateSnap
+	OriginID uint32 // source device of OpCreateSnap (see the ops)
 	Key      string // snapshot key concerned
 	Name     string // second key, e.g. the committed name of OpCommit
 	TxID     uint64 // pool transaction id the operation will set
