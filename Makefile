@@ -167,10 +167,11 @@ SOAK_FLAGS ?= -test.skip 'SoakKill9/containerd-testsuite/128LayersMount'
 test-soak: build
 	$(call on-kernel,test/soak,$(SOAK_FLAGS),--timeout 1800 --out $(BENCHDIR)/soak-logs)
 
-# Benchmarks: storage on the host; dm and snapshotter ones on the real kernel
-# (in the VM unless this host has dm-thin), where they compare our client with
-# the dmsetup CLI and thin with overlayfs in the same run.
-BENCH_PKGS := dmsetup snapshotter
+# Benchmarks: storage on the host; dm, snapshotter and daemon ones on the real
+# kernel (in the VM unless this host has dm-thin), where they compare our
+# client with the dmsetup CLI, thin with overlayfs, and a call through our
+# socket with one in-process, in the same run.
+BENCH_PKGS := dmsetup snapshotter cmd/thin-snapshotter
 BENCHTIME  ?= 3s
 bench: bench-go bench-containerd
 

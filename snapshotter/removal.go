@@ -121,10 +121,12 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 
 func (s *Snapshotter) drain(ctx context.Context) error {
 	err := s.reclaimWarm(ctx, func(storage.Entry, int) bool { return true })
-	return errors.Join(err, s.finishRemovals(ctx))
+	return errors.Join(err, s.finishRemovals(ctx, false))
 }
 
-func (s *Snapshotter) finishRemovals(ctx context.Context) error {
+// finishRemovals finishes the pending removals; paced, each waits for a
+// pause between calls first (pace.go).
+func (s *Snapshotter) finishRemovals(ctx context.Context, paced bool) error {
 	var pending []storage.Entry
 	if err := s.db.View(ctx, func(tx *storage.Tx) error {
 		entries, err := tx.Journal()
@@ -139,6 +141,9 @@ func (s *Snapshotter) finishRemovals(ctx context.Context) error {
 	}
 	var errs []error
 	for _, e := range pending {
+		if paced {
+			s.calls.pause(ctx, e.Created.Add(maxDefer))
+		}
 		if err := s.finishDelete(ctx, e); err != nil && !errdefs.IsUnavailable(err) {
 			errs = append(errs, fmt.Errorf("device %d of removed %q: %w", e.DeviceID, e.Key, err))
 		}
@@ -153,9 +158,10 @@ func (s *Snapshotter) kick() {
 	}
 }
 
-// worker finishes removals in the background: at once when kicked, and
-// periodically for those that failed (a device still open); and deletes
-// warm devices that waited warmIdle for a child.
+// worker finishes removals in the background: when kicked, and
+// periodically for those that failed (a device still open); deletes warm
+// devices that waited warmIdle for a child, and makes those asked for. It
+// starts each in a pause between snapshot calls (pace.go).
 func (s *Snapshotter) worker(ctx context.Context) {
 	defer close(s.done)
 	t := time.NewTicker(retryInterval)
@@ -169,6 +175,7 @@ func (s *Snapshotter) worker(ctx context.Context) {
 		case <-s.wake:
 		case <-t.C:
 		case <-idle.C:
+			s.calls.pause(ctx, time.Now().Add(maxDefer))
 			cutoff := time.Now().Add(-warmIdle)
 			if err := s.reclaimWarm(ctx, func(e storage.Entry, newer int) bool {
 				return e.Created.Before(cutoff) || newer >= maxWarm
@@ -177,7 +184,7 @@ func (s *Snapshotter) worker(ctx context.Context) {
 			}
 			continue
 		}
-		if err := s.finishRemovals(ctx); err != nil && ctx.Err() == nil {
+		if err := s.finishRemovals(ctx, true); err != nil && ctx.Err() == nil {
 			log.G(ctx).WithError(err).Warn("pending removals not finished; will retry")
 		}
 		s.refillWarm(ctx)

@@ -47,6 +47,9 @@ type Snapshotter struct {
 	txid   uint64
 
 	keys keyLocks
+	// calls tracks Prepare, View, Commit and Remove, which background
+	// work gives way to (pace.go).
+	calls activity
 
 	// admin serves Status and the step observer (status.go).
 	admin adminState
@@ -246,6 +249,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			return nil, err
 		}
 	}
+	defer s.calls.begin()()
 	unlock := s.keys.lock(key)
 	defer unlock()
 	if err := s.checkPoolHealth(); err != nil {
@@ -425,6 +429,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 }
 
 func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	defer s.calls.begin()()
 	unlock := s.keys.lock(key)
 	defer unlock()
 	return s.commitSnap(ctx, name, key, opts)
@@ -434,6 +439,7 @@ func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snap
 // now, or by the worker and Cleanup when async_remove is set or the device
 // is briefly busy.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	defer s.calls.begin()()
 	unlock := s.keys.lock(key)
 	defer unlock()
 

@@ -315,6 +315,10 @@ func (s *Snapshotter) refillWarm(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		s.calls.pause(ctx, time.Now().Add(maxDefer))
+		if ctx.Err() != nil {
+			return
+		}
 		// Once begun, finished even when Close stops the worker: a
 		// half-made device would stay journaled until the next start.
 		if err := s.makeWarm(context.WithoutCancel(ctx), parent); err != nil {
