@@ -1,11 +1,12 @@
 // Command bench answers "is every snapshot call within 2x of overlayfs":
-// it starts containerd with three snapshotters — overlayfs, thin (the
+// it starts containerd with four snapshotters — overlayfs, the same
+// overlayfs served as a proxy plugin (ovlproxy.go), thin (the
 // thin-snapshotter daemon as a proxy plugin, embedded loopback pool) and
 // containerd's built-in devmapper (on a loop thin pool of its own) — and
 // runs the same workloads on each through containerd's snapshots service
 // over containerd's socket, as ctr and CRI call it. It prints one table:
 // median and p95 per operation per snapshotter, and the ratios
-// thin/overlayfs and devmapper/thin.
+// thin/overlayfs, thin/overlayfs-proxy and devmapper/thin.
 //
 // It needs root and dm-thin: `make bench` runs it in the VM bench
 // (test/vm/run) unless the host has dm-thin. A benchmark, not a test: it
@@ -87,7 +88,7 @@ func (c *config) sizes(sn string) sizes {
 func parseFlags() *config {
 	c := &config{}
 	root := repoRoot()
-	sns := flag.String("snapshotters", "overlayfs,thin,devmapper", "snapshotters to measure, comma-separated, in table order")
+	sns := flag.String("snapshotters", "overlayfs,"+ovlProxy+",thin,devmapper", "snapshotters to measure, comma-separated, in table order")
 	flag.IntVar(&c.std.Layers, "layers", 20, "layers in the chain workload")
 	flag.IntVar(&c.dm.Layers, "dm-layers", 4, "layers in the chain workload for devmapper")
 	flag.IntVar(&c.std.Chains, "chains", 4, "chains built at once in the parallel workload")
@@ -151,6 +152,13 @@ func logf(format string, args ...any) {
 }
 
 func main() {
+	if len(os.Args) == 4 && os.Args[1] == serveOverlayArg {
+		if err := serveOverlayProxy(os.Args[2], os.Args[3]); err != nil {
+			fmt.Fprintf(os.Stderr, "%s: %v\n", ovlProxy, err)
+			os.Exit(1)
+		}
+		return
+	}
 	c := parseFlags()
 	if err := runBench(c); err != nil {
 		fmt.Fprintf(os.Stderr, "bench: FAILED: %v\n", err)
@@ -170,6 +178,7 @@ type bench struct {
 	be       map[string]backend
 	image    imageInfo
 	thin     *daemontest.Daemon
+	ovlProxy *daemontest.Daemon
 	ctrd     *daemontest.Daemon
 
 	mu      sync.Mutex
@@ -207,8 +216,8 @@ func runBench(c *config) (err error) {
 		return fmt.Errorf("needs root (and dm-thin): run it with make bench")
 	}
 	for _, sn := range c.snapshotters {
-		if sn != "overlayfs" && sn != "thin" && sn != "devmapper" {
-			return fmt.Errorf("unknown snapshotter %q (want overlayfs, thin, devmapper)", sn)
+		if sn != "overlayfs" && sn != ovlProxy && sn != "thin" && sn != "devmapper" {
+			return fmt.Errorf("unknown snapshotter %q (want overlayfs, %s, thin, devmapper)", sn, ovlProxy)
 		}
 	}
 	for _, p := range []string{filepath.Join(c.ctrdDir, "containerd"), filepath.Join(c.ctrdDir, "ctr"), filepath.Join(c.ctrdDir, "containerd-shim-runc-v2"), c.thinBin, c.busybox} {
@@ -259,9 +268,11 @@ func runBench(c *config) (err error) {
 				logf("containerd: %v", serr)
 			}
 		}
-		if b.thin != nil && !b.thin.Exited() {
-			if serr := b.thin.Stop(time.Minute); serr != nil {
-				logf("thin-snapshotter: %v", serr)
+		for _, d := range []*daemontest.Daemon{b.thin, b.ovlProxy} {
+			if d != nil && !d.Exited() {
+				if serr := d.Stop(time.Minute); serr != nil {
+					logf("%s: %v", d.Name, serr)
+				}
 			}
 		}
 		if rerr := removeNewDevices(setupCtx, before); rerr != nil {
@@ -271,7 +282,7 @@ func runBench(c *config) (err error) {
 			dm.detach(setupCtx)
 		}
 		if out := os.Getenv("THIN_VM_OUT"); out != "" {
-			for _, d := range []*daemontest.Daemon{b.thin, b.ctrd} {
+			for _, d := range []*daemontest.Daemon{b.thin, b.ovlProxy, b.ctrd} {
 				if d != nil {
 					if data, rerr := os.ReadFile(d.Log); rerr == nil {
 						_ = os.WriteFile(filepath.Join(out, filepath.Base(d.Log)), data, 0o644)
@@ -288,6 +299,12 @@ func runBench(c *config) (err error) {
 			return err
 		}
 	}
+	ovlProxySock, ovlProxyRoot := filepath.Join(dir, ovlProxy+".sock"), filepath.Join(dir, ovlProxy)
+	if has(ovlProxy) {
+		if err := b.startOverlayProxy(ovlProxyRoot, ovlProxySock); err != nil {
+			return err
+		}
+	}
 	if has("devmapper") {
 		dm, err = createDMPool(setupCtx, filepath.Join(dir, "devmapper-pool"), dmPoolName, c.dmData<<30, 256<<20)
 		if err != nil {
@@ -296,7 +313,14 @@ func runBench(c *config) (err error) {
 	}
 	b.ctrdSock = filepath.Join(dir, "containerd.sock")
 	ctrdRoot := filepath.Join(dir, "containerd", "root")
-	if err := b.startContainerd(thinSock, ctrdRoot, has("thin"), has("devmapper")); err != nil {
+	proxies := map[string]string{}
+	if has("thin") {
+		proxies["thin"] = thinSock
+	}
+	if has(ovlProxy) {
+		proxies[ovlProxy] = ovlProxySock
+	}
+	if err := b.startContainerd(proxies, ctrdRoot, has("devmapper")); err != nil {
 		return err
 	}
 	logf("stack up in %s: containerd %s, work dir %s", time.Since(t0).Round(time.Millisecond), b.ctrdSock, dir)
@@ -332,6 +356,8 @@ func runBench(c *config) (err error) {
 		switch sn {
 		case "overlayfs":
 			b.be[sn] = overlayBackend(filepath.Join(ctrdRoot, "io.containerd.snapshotter.v1.overlayfs", "snapshots"))
+		case ovlProxy:
+			b.be[sn] = overlayBackend(filepath.Join(ovlProxyRoot, "snapshots"))
 		case "devmapper":
 			b.be[sn] = devmapperBackend(dm)
 		case "thin":
@@ -422,6 +448,9 @@ func (b *bench) report(total time.Duration) string {
 	}
 	if has["thin"] && has["overlayfs"] {
 		ratios = append(ratios, Ratio{"thin", "overlayfs"})
+	}
+	if has["thin"] && has[ovlProxy] {
+		ratios = append(ratios, Ratio{"thin", ovlProxy})
 	}
 	if has["devmapper"] && has["thin"] {
 		ratios = append(ratios, Ratio{"devmapper", "thin"})

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -229,14 +231,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", 
   snapshotter = "overlayfs"
 `
 
-const containerdThin = `
-[proxy_plugins.thin]
+const containerdProxy = `
+[proxy_plugins.%q]
   type = "snapshot"
   address = %q
 
 [[plugins."io.containerd.transfer.v1.local".unpack_config]]
   platform = "linux/amd64"
-  snapshotter = "thin"
+  snapshotter = %q
   differ = "walking"
 `
 
@@ -253,17 +255,20 @@ const containerdDevmapper = `
   differ = "walking"
 `
 
-func (b *bench) startContainerd(thinSock, root string, thin, devmapper bool) error {
-	cfg := fmt.Sprintf(containerdConfig, root, filepath.Join(b.dir, "containerd", "state"), b.logLevel(), b.ctrdSock)
-	if thin {
-		cfg += fmt.Sprintf(containerdThin, thinSock)
+// startContainerd starts containerd with proxies, snapshotter name to
+// socket, and devmapper if asked.
+func (b *bench) startContainerd(proxies map[string]string, root string, devmapper bool) error {
+	var cfg strings.Builder
+	fmt.Fprintf(&cfg, containerdConfig, root, filepath.Join(b.dir, "containerd", "state"), b.logLevel(), b.ctrdSock)
+	for _, name := range slices.Sorted(maps.Keys(proxies)) {
+		fmt.Fprintf(&cfg, containerdProxy, name, proxies[name], name)
 	}
 	if devmapper {
 		// go-units reads "256MiB" as 256MiB too.
-		cfg += fmt.Sprintf(containerdDevmapper, dmPoolName, filepath.Join(b.dir, "devmapper"), b.cfg.thinBase)
+		fmt.Fprintf(&cfg, containerdDevmapper, dmPoolName, filepath.Join(b.dir, "devmapper"), b.cfg.thinBase)
 	}
 	cfgPath := filepath.Join(b.dir, "containerd.toml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+	if err := os.WriteFile(cfgPath, []byte(cfg.String()), 0o644); err != nil {
 		return err
 	}
 	// containerd finds the shim, and the shim runc, in PATH.

@@ -147,6 +147,8 @@ func short(name string) string {
 		return "ovl"
 	case "devmapper":
 		return "dm"
+	case ovlProxy:
+		return "ovlproxy"
 	}
 	return name
 }
