@@ -471,10 +471,10 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 			// Read-only since its snapshot, unless its filesystem was
 			// grown to a larger size: then its parent holds its blocks.
 			p, err := tx.GetSnapshot(removed.Parent)
-			if err != nil {
+			if err != nil && !errdefs.IsNotFound(err) {
 				return err
 			}
-			if p.Size == removed.Size {
+			if err == nil && p.Size == removed.Size {
 				entry.OriginID = p.DeviceID
 			}
 		}
