@@ -56,7 +56,9 @@
 //
 // MetadataThinIDs lists the thin ids in a running pool's metadata: it
 // reserves a metadata snapshot, runs thin_ls (or thin_dump) on the metadata
-// device, and always releases the snapshot.
+// device, and always releases the snapshot. ReserveMetadataSnapshot does
+// the same in steps, for a caller that must hold other work back only while
+// the snapshot is taken, not while it is read.
 //
 // # Loopback pool
 //

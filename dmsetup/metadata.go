@@ -33,20 +33,41 @@ var metadataTools = []struct {
 const metadataToolTimeout = 5 * time.Minute
 
 // MetadataThinIDs lists, ascending, the thin device ids in the metadata of
-// thin pool. They are read with thin_ls (or thin_dump) from a metadata
-// snapshot, which stays consistent while the pool runs; the snapshot is
-// always released afterwards. Without either tool in PATH the error is
-// errdefs.ErrNotImplemented.
+// thin pool: ReserveMetadataSnapshot, ThinIDs, Release.
 func (c *Client) MetadataThinIDs(ctx context.Context, pool string) ([]uint32, error) {
-	tool := -1
-	var bin string
+	m, err := c.ReserveMetadataSnapshot(pool)
+	if err != nil {
+		return nil, err
+	}
+	ids, err := m.ThinIDs(ctx)
+	return ids, errors.Join(err, m.Release())
+}
+
+// MetadataSnapshot is a reserved metadata snapshot of a thin pool: the
+// pool's metadata as it was when reserved, readable with thin_ls (or
+// thin_dump) while the pool goes on. A pool holds one at a time; Release
+// drops it.
+type MetadataSnapshot struct {
+	c       *Client
+	pool    string
+	node    string // the metadata device
+	cleanup func()
+	tool    int // index in metadataTools
+	bin     string
+}
+
+// ReserveMetadataSnapshot reserves a metadata snapshot of pool. Without
+// thin_ls or thin_dump in PATH the error is errdefs.ErrNotImplemented, and
+// nothing is reserved.
+func (c *Client) ReserveMetadataSnapshot(pool string) (*MetadataSnapshot, error) {
+	m := &MetadataSnapshot{c: c, pool: pool, tool: -1}
 	for i, t := range metadataTools {
 		if path, err := exec.LookPath(t.bin); err == nil {
-			tool, bin = i, path
+			m.tool, m.bin = i, path
 			break
 		}
 	}
-	if tool < 0 {
+	if m.tool < 0 {
 		return nil, fmt.Errorf("neither thin_ls nor thin_dump found in PATH: install thin-provisioning-tools: %w", errdefs.ErrNotImplemented)
 	}
 	params, _, err := c.PoolTarget(pool)
@@ -55,24 +76,25 @@ func (c *Client) MetadataThinIDs(ctx context.Context, pool string) ([]uint32, er
 	} else if err != nil {
 		return nil, fmt.Errorf("table of pool %s: %w", pool, err)
 	}
-	node, cleanup, err := blockNode(params.MetadataDev)
-	if err != nil {
+	if m.node, m.cleanup, err = blockNode(params.MetadataDev); err != nil {
 		return nil, fmt.Errorf("metadata device of pool %s: %w", pool, err)
 	}
-	defer cleanup()
-
 	if err := c.ReserveMetadataSnap(pool); err != nil {
+		m.cleanup()
 		if IsBusy(err) {
 			return nil, fmt.Errorf("pool %s already has a metadata snapshot (held by another tool, or left by an interrupted check: `dmsetup message %s 0 release_metadata_snap` drops it): %w", pool, pool, err)
 		}
 		return nil, fmt.Errorf("reserve_metadata_snap on %s: %w", pool, err)
 	}
-	defer func() { _ = c.ReleaseMetadataSnap(pool) }()
+	return m, nil
+}
 
-	t := metadataTools[tool]
+// ThinIDs lists, ascending, the thin device ids in the snapshot.
+func (m *MetadataSnapshot) ThinIDs(ctx context.Context) ([]uint32, error) {
+	t := metadataTools[m.tool]
 	tctx, cancel := context.WithTimeout(ctx, metadataToolTimeout)
 	defer cancel()
-	cmd := exec.CommandContext(tctx, bin, append(slices.Clone(t.args), node)...)
+	cmd := exec.CommandContext(tctx, m.bin, append(slices.Clone(t.args), m.node)...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
@@ -84,6 +106,15 @@ func (c *Client) MetadataThinIDs(ctx context.Context, pool string) ([]uint32, er
 		return nil, fmt.Errorf("%s output: %w", t.bin, err)
 	}
 	return ids, nil
+}
+
+// Release drops the snapshot.
+func (m *MetadataSnapshot) Release() error {
+	defer m.cleanup()
+	if err := m.c.ReleaseMetadataSnap(m.pool); err != nil {
+		return fmt.Errorf("release_metadata_snap on %s: %w", m.pool, err)
+	}
+	return nil
 }
 
 // blockNode finds a block device node for dev, a path or major:minor as

@@ -2,6 +2,7 @@ package snapshotter
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -17,8 +18,9 @@ import (
 // poolInspector is what Check needs from the kernel beyond Pool. dmPool
 // implements it; the fake pool of the unit tests too.
 type poolInspector interface {
-	// MetadataThinIDs lists the thin ids in the pool metadata.
-	MetadataThinIDs(ctx context.Context) ([]uint32, error)
+	// ReserveMetadata takes a snapshot of the pool metadata, whose thin
+	// ids can be listed while the pool goes on.
+	ReserveMetadata() (metadataSnapshot, error)
 	// ThinTarget returns the thin target parameters and length in sectors
 	// of dm device name; ErrMalformed-wrapped when it is not one thin
 	// target.
@@ -101,7 +103,8 @@ func (s *Snapshotter) Check(ctx context.Context, opts CheckOptions) (*Report, er
 	return r, nil
 }
 
-// checkState is everything Check compares, read with no operation running.
+// checkState is everything Check compares, as of one moment with no pool
+// step running (the pool's thin ids from a metadata snapshot taken then).
 type checkState struct {
 	status  dmsetup.PoolStatus
 	poolTx  uint64
@@ -145,23 +148,42 @@ func (s *Snapshotter) gather(ctx context.Context) (*checkState, error) {
 		return nil, err
 	}
 	st := &checkState{inPool: map[uint32]bool{}, ids: map[uint32]string{}, foreign: map[uint32]bool{}, devices: map[string]devState{}}
-	// No pool step runs while the pool and the database are read, so the
-	// metadata snapshot and the read transaction agree (every step journals
-	// before it touches the pool); on a serving snapshotter this holds new
-	// pool steps back for the time of thin_ls.
+	// No pool step runs while the metadata snapshot is taken and the
+	// database and the devices are read, so they agree (every step
+	// journals before it touches the pool). thin_ls reads the snapshot
+	// afterwards, while pool steps go on.
+	meta, err := s.gatherLocked(ctx, in, st)
+	if err != nil {
+		return nil, err
+	}
+	ids, err := meta.ThinIDs(ctx)
+	if err = errors.Join(err, meta.Release()); err != nil {
+		return nil, err
+	}
+	for _, id := range ids {
+		st.inPool[id] = true
+	}
+	return st, nil
+}
+
+// gatherLocked fills st but for the pool's thin ids, under poolMu, and
+// returns the metadata snapshot taken with it.
+func (s *Snapshotter) gatherLocked(ctx context.Context, in poolInspector, st *checkState) (meta metadataSnapshot, err error) {
 	s.poolMu.Lock()
 	defer s.poolMu.Unlock()
 	if st.status, err = s.pool.Status(); err != nil {
 		return nil, fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
 	}
 	st.poolTx = st.status.TransactionID
-	ids, err := in.MetadataThinIDs(ctx)
+	m, err := in.ReserveMetadata()
 	if err != nil {
 		return nil, err
 	}
-	for _, id := range ids {
-		st.inPool[id] = true
-	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, m.Release())
+		}
+	}()
 	if err := s.db.View(ctx, func(tx *storage.Tx) error {
 		var err error
 		if st.pi, err = tx.PoolInfo(); err != nil && !errdefs.IsNotFound(err) {
@@ -211,7 +233,7 @@ func (s *Snapshotter) gather(ctx context.Context) (*checkState, error) {
 		ds.params, ds.sectors, ds.err = in.ThinTarget(d.Name)
 		st.devices[d.Name] = ds
 	}
-	return st, nil
+	return m, nil
 }
 
 // compare turns the state into findings, in a stable order.

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
@@ -22,7 +23,39 @@ import (
 
 const fakePoolDev = "253:0"
 
-func (p *fakePool) MetadataThinIDs(context.Context) ([]uint32, error) { return p.ids(), nil }
+// ReserveMetadata keeps the ids of the moment, as a metadata snapshot does;
+// one at a time, as the kernel allows.
+func (p *fakePool) ReserveMetadata() (metadataSnapshot, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.metaSnap {
+		return nil, errno("message reserve_metadata_snap", p.name, unix.EBUSY)
+	}
+	p.metaSnap = true
+	return &fakeMetaSnap{p: p, ids: p.idsLocked()}, nil
+}
+
+type fakeMetaSnap struct {
+	p   *fakePool
+	ids []uint32
+}
+
+func (m *fakeMetaSnap) ThinIDs(context.Context) ([]uint32, error) {
+	m.p.mu.Lock()
+	during := m.p.onThinIDs
+	m.p.mu.Unlock()
+	if during != nil {
+		during()
+	}
+	return m.ids, nil
+}
+
+func (m *fakeMetaSnap) Release() error {
+	m.p.mu.Lock()
+	defer m.p.mu.Unlock()
+	m.p.metaSnap = false
+	return nil
+}
 
 func (p *fakePool) ThinTarget(name string) (dmsetup.ThinParams, dmsetup.Sectors, error) {
 	p.mu.Lock()
@@ -465,5 +498,50 @@ func TestIDOfName(t *testing.T) {
 	}
 	if !strings.HasPrefix(s.deviceName(1), "tp-snap-") {
 		t.Fatal(s.deviceName(1))
+	}
+}
+
+// TestCheckReadsMetadataOutsidePoolLock: thin_ls reads the metadata
+// snapshot (seconds on a large pool) while snapshot calls go on, and the
+// snapshot is released after.
+func TestCheckReadsMetadataOutsidePoolLock(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(ctx, "c", "a"); err != nil {
+		t.Fatal(err)
+	}
+	pool.mu.Lock()
+	pool.onThinIDs = func() {
+		// A View makes a snapshot of c under poolMu.
+		done := make(chan error, 1)
+		go func() {
+			_, err := s.View(ctx, "v", "c")
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("View while check reads the metadata: %v", err)
+			}
+		case <-time.After(time.Minute):
+			t.Error("View waited for check's metadata read")
+		}
+	}
+	pool.mu.Unlock()
+	r, err := s.CheckOnline(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Clean {
+		t.Errorf("check with a View made during its metadata read: %+v", r.Findings)
+	}
+	pool.mu.Lock()
+	defer pool.mu.Unlock()
+	if pool.metaSnap {
+		t.Error("metadata snapshot still reserved after check")
 	}
 }

@@ -27,6 +27,10 @@ type fakePool struct {
 	// panic to simulate a crash at that point.
 	hook func(op string) error
 	ops  []string
+	// metaSnap: a metadata snapshot is reserved; onThinIDs runs while
+	// one is read (check_test.go).
+	metaSnap  bool
+	onThinIDs func()
 }
 
 type fakeDev struct {
@@ -290,6 +294,10 @@ func (p *fakePool) setOpen(name string, n int32) {
 func (p *fakePool) ids() []uint32 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	return p.idsLocked()
+}
+
+func (p *fakePool) idsLocked() []uint32 {
 	var out []uint32
 	for id := range p.thins {
 		out = append(out, id)

@@ -161,9 +161,18 @@ func (p *dmPool) Deactivate(ctx context.Context, name string) error {
 	return err
 }
 
-// MetadataThinIDs lists the thin ids in the pool metadata.
-func (p *dmPool) MetadataThinIDs(ctx context.Context) ([]uint32, error) {
-	return p.c.MetadataThinIDs(ctx, p.name)
+// ReserveMetadata takes a snapshot of the pool metadata.
+func (p *dmPool) ReserveMetadata() (metadataSnapshot, error) {
+	return p.c.ReserveMetadataSnapshot(p.name)
+}
+
+// metadataSnapshot is a pool's metadata as it was when reserved
+// (dmsetup.MetadataSnapshot).
+type metadataSnapshot interface {
+	// ThinIDs lists the thin ids in it.
+	ThinIDs(ctx context.Context) ([]uint32, error)
+	// Release drops it.
+	Release() error
 }
 
 // ThinTarget reads the table of a thin device.

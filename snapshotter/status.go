@@ -361,8 +361,9 @@ func (s *Snapshotter) Devices(ctx context.Context) ([]Device, error) {
 }
 
 // CheckOnline is Check without repair on a serving snapshotter. Each pass
-// reads the pool's metadata snapshot and the database with no pool step
-// running (gather holds poolMu), but creates, commits and removals between
+// takes the pool's metadata snapshot and reads the database with no pool
+// step running (gather holds poolMu for that, not while thin_ls reads the
+// snapshot), but creates, commits and removals between
 // their steps still look like pending entries, and dm devices change
 // outside poolMu. So it checks twice and reports only the findings seen
 // the same both times: what an operation in flight causes passes.
