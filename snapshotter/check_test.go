@@ -508,12 +508,7 @@ func TestCheckReadsMetadataOutsidePoolLock(t *testing.T) {
 	ctx := context.Background()
 	pool := newFakePool("tp")
 	s := mustNew(t, t.TempDir(), pool)
-	if _, err := s.Prepare(ctx, "a", ""); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Commit(ctx, "c", "a"); err != nil {
-		t.Fatal(err)
-	}
+	mustLayer(ctx, t, s, "c", "a", "")
 	pool.mu.Lock()
 	pool.onThinIDs = func() {
 		// A View makes a snapshot of c under poolMu.

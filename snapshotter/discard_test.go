@@ -45,12 +45,7 @@ func TestDiscardOnDelete(t *testing.T) {
 			ctx := context.Background()
 			pool := newFakePool("tp")
 			s := mustNew(t, t.TempDir(), pool, tc.mod)
-			if _, err := s.Prepare(ctx, "a", ""); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Commit(ctx, "c", "a"); err != nil {
-				t.Fatal(err)
-			}
+			mustLayer(ctx, t, s, "c", "a", "")
 			key := "c"
 			switch tc.subject {
 			case "view":

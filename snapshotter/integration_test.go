@@ -192,12 +192,7 @@ func TestIntegrationFullPool(t *testing.T) {
 			t.Error(err)
 		}
 	})
-	if _, err := s.Prepare(ctx, "p", ""); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Commit(ctx, "image", "p"); err != nil {
-		t.Fatal(err)
-	}
+	mustLayer(ctx, t, s, "image", "p", "")
 	m, err := s.Prepare(ctx, "container", "image")
 	if err != nil {
 		t.Fatal(err)

@@ -193,12 +193,7 @@ func TestClasses(t *testing.T) {
 	}
 	// The same keys in three spaces.
 	for _, sn := range []snapshots.Snapshotter{s, big, huge} {
-		if _, err := sn.Prepare(ctx, "k", ""); err != nil {
-			t.Fatal(err)
-		}
-		if err := sn.Commit(ctx, "layer", "k"); err != nil {
-			t.Fatal(err)
-		}
+		mustLayer(ctx, t, sn, "layer", "k", "")
 		if _, err := sn.Prepare(ctx, "k", "layer"); err != nil {
 			t.Fatal(err)
 		}

@@ -390,12 +390,7 @@ func TestInjectedFailures(t *testing.T) {
 			s.stop() // no background work counted as the call's steps
 			<-s.done
 			s.stop = nil
-			if _, err := s.Prepare(ctx, "p", ""); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Commit(ctx, "c", "p"); err != nil {
-				t.Fatal(err)
-			}
+			mustLayer(ctx, t, s, "c", "p", "")
 			if _, err := s.Prepare(ctx, "a", "c"); err != nil {
 				t.Fatal(err)
 			}
@@ -483,12 +478,7 @@ func TestCrashRecovery(t *testing.T) {
 			s.stop() // no background removals racing the crash
 			<-s.done
 			s.stop = nil
-			if _, err := s.Prepare(ctx, "p", ""); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Commit(ctx, "c", "p"); err != nil {
-				t.Fatal(err)
-			}
+			mustLayer(ctx, t, s, "c", "p", "")
 			if _, err := s.Prepare(ctx, "a", "c"); err != nil {
 				t.Fatal(err)
 			}
@@ -549,12 +539,7 @@ func TestReactivateAfterReboot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Prepare(ctx, "p", ""); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Commit(ctx, "c", "p"); err != nil {
-		t.Fatal(err)
-	}
+	mustLayer(ctx, t, s, "c", "p", "")
 	if _, err := s.Prepare(ctx, "a", "c"); err != nil {
 		t.Fatal(err)
 	}
@@ -601,12 +586,7 @@ func TestParallel(t *testing.T) {
 	ctx := context.Background()
 	pool := newFakePool("tp")
 	s := mustNew(t, t.TempDir(), pool)
-	if _, err := s.Prepare(ctx, "p", ""); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Commit(ctx, "c", "p"); err != nil {
-		t.Fatal(err)
-	}
+	mustLayer(ctx, t, s, "c", "p", "")
 	var wg sync.WaitGroup
 	errs := make(chan error, 64)
 	for i := range 16 {
@@ -738,12 +718,7 @@ func TestTransactionIDMarksThePool(t *testing.T) {
 	if set == 0 {
 		t.Fatal("setting up the pool left its transaction id at 0")
 	}
-	if _, err := s.Prepare(ctx, "a", ""); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Commit(ctx, "c", "a"); err != nil {
-		t.Fatal(err)
-	}
+	mustLayer(ctx, t, s, "c", "a", "")
 	if _, err := s.View(ctx, "v", "c"); err != nil {
 		t.Fatal(err)
 	}
@@ -762,4 +737,15 @@ func TestTransactionIDMarksThePool(t *testing.T) {
 		t.Errorf("transaction id %d after snapshot calls, %d after set-up", pool.txid, set)
 	}
 	checkConsistent(t, s, pool)
+}
+
+// mustLayer prepares key on parent and commits it as name.
+func mustLayer(ctx context.Context, t *testing.T, s snapshots.Snapshotter, name, key, parent string) {
+	t.Helper()
+	if _, err := s.Prepare(ctx, key, parent); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(ctx, name, key); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -40,12 +40,7 @@ func TestStatusAndDevices(t *testing.T) {
 	log := &stepLog{}
 	s.SetStepObserver(log)
 
-	if _, err := s.Prepare(ctx, "a", ""); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Commit(ctx, "c", "a"); err != nil {
-		t.Fatal(err)
-	}
+	mustLayer(ctx, t, s, "c", "a", "")
 	if _, err := s.View(ctx, "v", "c"); err != nil {
 		t.Fatal(err)
 	}
@@ -284,12 +279,7 @@ func TestStatusWarm(t *testing.T) {
 	ctx := context.Background()
 	pool := newFakePool("tp")
 	s := mustNew(t, t.TempDir(), pool)
-	if _, err := s.Prepare(ctx, "a", ""); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Commit(ctx, "c", "a"); err != nil {
-		t.Fatal(err)
-	}
+	mustLayer(ctx, t, s, "c", "a", "")
 	st, err := s.Status(ctx)
 	if err != nil || st.WarmDevices != 1 || st.PendingJournal != 0 {
 		t.Fatalf("status: %d warm, %d pending, %v", st.WarmDevices, st.PendingJournal, err)

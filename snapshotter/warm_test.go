@@ -221,12 +221,7 @@ func TestWarmRefill(t *testing.T) {
 	ctx := context.Background()
 	pool := newFakePool("tp")
 	s := mustNew(t, t.TempDir(), pool)
-	if _, err := s.Prepare(ctx, "p", ""); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Commit(ctx, "c", "p"); err != nil {
-		t.Fatal(err)
-	}
+	mustLayer(ctx, t, s, "c", "p", "")
 	for _, k := range []string{"a", "b"} { // the warm one, then a miss
 		if _, err := s.Prepare(ctx, k, "c"); err != nil {
 			t.Fatal(err)
@@ -275,12 +270,7 @@ func TestWarmRefill(t *testing.T) {
 		s.stop()
 		<-s.done
 		s.stop = nil
-		if _, err := s.Prepare(ctx, "p", ""); err != nil {
-			t.Fatal(err)
-		}
-		if err := s.Commit(ctx, "c", "p"); err != nil {
-			t.Fatal(err)
-		}
+		mustLayer(ctx, t, s, "c", "p", "")
 		if err := s.Cleanup(ctx); err != nil { // no warm device of c
 			t.Fatal(err)
 		}
