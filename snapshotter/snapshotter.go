@@ -468,8 +468,9 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		}
 		entry := storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: key, Size: removed.Size}
 		if removed.Kind == snapshots.KindView && removed.Parent != "" {
-			// Read-only since its snapshot, unless its filesystem was
-			// grown to a larger size: then its parent holds its blocks.
+			// Unless its filesystem was grown to a larger size (writes
+			// of its own), it has been read-only since its snapshot:
+			// its parent holds all its blocks.
 			p, err := tx.GetSnapshot(removed.Parent)
 			if err != nil && !errdefs.IsNotFound(err) {
 				return err
