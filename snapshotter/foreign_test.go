@@ -221,7 +221,7 @@ func TestForeignIDsCommitAndWarm(t *testing.T) {
 	if ids := foreignIDs(t, s.db); !slices.Equal(ids, []uint32{3, 5}) {
 		t.Errorf("foreign ids %v, want [3 5]", ids)
 	}
-	if err := s.Cleanup(ctx); err != nil {
+	if err := s.Drain(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if !slices.Equal(pool.ids(), []uint32{1, 2, 3, 4, 5}) {

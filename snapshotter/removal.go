@@ -114,12 +114,18 @@ func (s *Snapshotter) discardDevice(ctx context.Context, e storage.Entry) {
 	l.WithField("duration", time.Since(start)).Debug("discarded the blocks of a removed snapshot")
 }
 
-// Cleanup deletes the warm devices and finishes every pending removal now.
+// Cleanup finishes every pending removal now. containerd calls it after
+// each garbage collection that removed snapshots; the warm devices stay,
+// or the next container of an image would wait for an activation after
+// every other container's removal.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
-	return s.drain(ctx)
+	return s.finishRemovals(ctx, false)
 }
 
-func (s *Snapshotter) drain(ctx context.Context) error {
+// Drain deletes the warm devices and finishes every pending removal now:
+// the pool then holds only the snapshots' devices (an administrator's
+// cleanup, and Close).
+func (s *Snapshotter) Drain(ctx context.Context) error {
 	err := s.reclaimWarm(ctx, func(storage.Entry, int) bool { return true })
 	return errors.Join(err, s.finishRemovals(ctx, false))
 }

@@ -510,7 +510,7 @@ func (s *Snapshotter) Close() error {
 			s.bg.Wait()
 			// Leave no warm device nor pending removal behind a clean
 			// stop; what is busy stays journaled for the next start.
-			if err := s.drain(context.Background()); err != nil {
+			if err := s.Drain(context.Background()); err != nil {
 				log.L.WithError(err).Warn("closing: devices left for the next start")
 			}
 		}

@@ -23,10 +23,13 @@ import (
 // followed by the Prepare of the next layer, which then takes the device
 // in one database transaction. Warm devices are invisible to clients,
 // bounded in number (maxWarm), deleted by the worker once idle (warmIdle),
-// by Cleanup and Close, with their parent, and by recovery after a crash.
+// by Drain and Close, with their parent, and by recovery after a crash.
+// Unused, one costs an active dm device and no pool space, so it waits
+// minutes: containers of one image (every pod's pause image) are seldom
+// started seconds apart.
 const (
 	maxWarm  = 8
-	warmIdle = 5 * time.Second
+	warmIdle = 10 * time.Minute
 )
 
 // takeWarm makes active snapshot key, child of committed parent, from a warm

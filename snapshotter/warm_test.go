@@ -111,7 +111,8 @@ func TestWarmHandOff(t *testing.T) {
 }
 
 // TestWarmLifetime: the warm devices of a removed layer go with it, no more
-// than maxWarm wait, Cleanup deletes them, and so does Close.
+// than maxWarm wait, containerd's Cleanup keeps them, Drain deletes them,
+// and so does Close.
 func TestWarmLifetime(t *testing.T) {
 	ctx := context.Background()
 	pool := newFakePool("tp")
@@ -149,8 +150,14 @@ func TestWarmLifetime(t *testing.T) {
 	if err := s.Cleanup(ctx); err != nil {
 		t.Fatal(err)
 	}
+	if got := warmOf(t, s); len(got) != maxWarm {
+		t.Fatalf("warm devices after Cleanup: %v, want %v", got, w)
+	}
+	if err := s.Drain(ctx); err != nil {
+		t.Fatal(err)
+	}
 	if w := warmOf(t, s); len(w) != 0 {
-		t.Fatalf("warm devices after Cleanup: %v", w)
+		t.Fatalf("warm devices after Drain: %v", w)
 	}
 	checkConsistent(t, s, pool)
 
@@ -271,7 +278,7 @@ func TestWarmRefill(t *testing.T) {
 		<-s.done
 		s.stop = nil
 		mustLayer(ctx, t, s, "c", "p", "")
-		if err := s.Cleanup(ctx); err != nil { // no warm device of c
+		if err := s.Drain(ctx); err != nil { // no warm device of c
 			t.Fatal(err)
 		}
 		n := 0

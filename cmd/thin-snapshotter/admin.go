@@ -17,7 +17,7 @@ type adminBackend interface {
 	Status(ctx context.Context) (snapshotter.Status, error)
 	Devices(ctx context.Context) ([]snapshotter.Device, error)
 	CheckOnline(ctx context.Context) (*snapshotter.Report, error)
-	Cleanup(ctx context.Context) error
+	Drain(ctx context.Context) error
 	SetStepObserver(o snapshotter.StepObserver)
 }
 
@@ -148,7 +148,7 @@ func (a *adminServer) Cleanup(ctx context.Context, _ *adminv1.CleanupRequest) (*
 	if err != nil {
 		return nil, err
 	}
-	cerr := a.sn.Cleanup(ctx)
+	cerr := a.sn.Drain(ctx)
 	if cerr != nil && ctx.Err() != nil {
 		return nil, errors.Join(cerr, ctx.Err())
 	}

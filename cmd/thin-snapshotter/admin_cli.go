@@ -151,7 +151,7 @@ func devicesCommand() *cli.Command {
 func cleanupCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "cleanup",
-		Usage: "make the running daemon finish pending removals now",
+		Usage: "make the running daemon delete its warm devices and finish pending removals now",
 		Action: func(ctx context.Context, cmd *cli.Command) error {
 			if cmd.Args().Len() > 0 {
 				return fmt.Errorf("unexpected argument %q (see --help)", cmd.Args().First())

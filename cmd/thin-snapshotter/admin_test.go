@@ -54,7 +54,7 @@ func (a *adminSnapshotter) CheckOnline(context.Context) (*snapshotter.Report, er
 	return a.report, nil
 }
 
-func (a *adminSnapshotter) Cleanup(context.Context) error {
+func (a *adminSnapshotter) Drain(context.Context) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.cleanups++

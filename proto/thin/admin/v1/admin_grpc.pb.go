@@ -34,7 +34,8 @@ const (
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 //
 // Admin shows and steers a running thin-snapshotter. Nothing here changes a
-// snapshot; Cleanup only finishes removals already decided.
+// snapshot; Cleanup only finishes removals already decided and deletes the
+// warm devices (made ahead, never handed out).
 type AdminClient interface {
 	// Status reports the pool and the snapshotter's bookkeeping.
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
@@ -43,7 +44,7 @@ type AdminClient interface {
 	// Check compares the database with the pool while the daemon serves:
 	// read-only, the report of `thin-snapshotter check`. Repair is offline.
 	Check(ctx context.Context, in *CheckRequest, opts ...grpc.CallOption) (*CheckResponse, error)
-	// Cleanup finishes pending removals now.
+	// Cleanup deletes the warm devices and finishes pending removals now.
 	Cleanup(ctx context.Context, in *CleanupRequest, opts ...grpc.CallOption) (*CleanupResponse, error)
 }
 
@@ -100,7 +101,8 @@ func (c *adminClient) Cleanup(ctx context.Context, in *CleanupRequest, opts ...g
 // for forward compatibility.
 //
 // Admin shows and steers a running thin-snapshotter. Nothing here changes a
-// snapshot; Cleanup only finishes removals already decided.
+// snapshot; Cleanup only finishes removals already decided and deletes the
+// warm devices (made ahead, never handed out).
 type AdminServer interface {
 	// Status reports the pool and the snapshotter's bookkeeping.
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
@@ -109,7 +111,7 @@ type AdminServer interface {
 	// Check compares the database with the pool while the daemon serves:
 	// read-only, the report of `thin-snapshotter check`. Repair is offline.
 	Check(context.Context, *CheckRequest) (*CheckResponse, error)
-	// Cleanup finishes pending removals now.
+	// Cleanup deletes the warm devices and finishes pending removals now.
 	Cleanup(context.Context, *CleanupRequest) (*CleanupResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
