@@ -178,8 +178,10 @@ type bench struct {
 	be       map[string]backend
 	image    imageInfo
 	thin     *daemontest.Daemon
-	ovlProxy *daemontest.Daemon
-	ctrd     *daemontest.Daemon
+	// thinMetrics is thin's metrics_address (thintimes.go).
+	thinMetrics string
+	ovlProxy    *daemontest.Daemon
+	ctrd        *daemontest.Daemon
 
 	mu      sync.Mutex
 	samples Samples
@@ -397,6 +399,12 @@ func runBench(c *config) (err error) {
 			continue
 		}
 		for _, sn := range c.snapshotters {
+			var before thinTimes
+			if sn == "thin" {
+				if before, err = scrapeThin(b.nsCtx, b.thinMetrics); err != nil {
+					return err
+				}
+			}
 			start := time.Now()
 			logf("%s on %s ...", w.name, sn)
 			if err := w.fn(sn); err != nil {
@@ -404,6 +412,13 @@ func runBench(c *config) (err error) {
 			}
 			logf("%s on %s done in %s", w.name, sn, time.Since(start).Round(time.Millisecond))
 			b.note("%s on %s: %s wall", w.name, sn, time.Since(start).Round(100*time.Millisecond))
+			if before != nil {
+				after, err := scrapeThin(b.nsCtx, b.thinMetrics)
+				if err != nil {
+					return err
+				}
+				b.note("%s on thin, by the daemon: %s", w.name, after.since(before))
+			}
 		}
 	}
 

@@ -170,6 +170,7 @@ func kernelRelease() string {
 const thinConfig = `root = %q
 address = %q
 log_level = %q
+metrics_address = %q
 
 [pool]
 data_size = %q
@@ -183,7 +184,11 @@ base_size = %q
 // waits until it serves.
 func (b *bench) startThin(sock string) error {
 	cfgPath := filepath.Join(b.dir, "thin.toml")
-	cfg := fmt.Sprintf(thinConfig, filepath.Join(b.dir, "thin"), sock, b.logLevel(), b.cfg.thinData, b.cfg.thinBase)
+	var err error
+	if b.thinMetrics, err = freeLocalAddr(); err != nil {
+		return err
+	}
+	cfg := fmt.Sprintf(thinConfig, filepath.Join(b.dir, "thin"), sock, b.logLevel(), b.thinMetrics, b.cfg.thinData, b.cfg.thinBase)
 	if b.cfg.thinSyncRemove {
 		cfg += "async_remove = false\n"
 	}
