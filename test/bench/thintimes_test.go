@@ -61,8 +61,13 @@ func TestScrapeThin(t *testing.T) {
 		t.Errorf("since itself: %s", got)
 	}
 
+	// Before the first call: steps only.
+	page.Store(exposition(0, 0)[strings.Index(exposition(0, 0), "# TYPE "+stepsMetric):])
+	if got, err := scrapeThin(ctx, addr); err != nil || len(got) != 2 {
+		t.Errorf("a page without calls: %v, %v", got, err)
+	}
 	page.Store("# TYPE other counter\nother 1\n")
-	if _, err := scrapeThin(ctx, addr); err == nil || !strings.Contains(err.Error(), "no "+callsMetric) {
+	if _, err := scrapeThin(ctx, addr); err == nil || !strings.Contains(err.Error(), "no "+stepsMetric) {
 		t.Errorf("a page without the daemon's histograms: %v", err)
 	}
 }
