@@ -58,7 +58,7 @@ type Config struct {
 	// MountOptions are added to every returned mount.
 	MountOptions []string
 	// AsyncRemove leaves the deactivation and deletion of removed
-	// snapshots to the background worker and Cleanup.
+	// snapshots to the background worker.
 	AsyncRemove bool
 	// Discard adds the discard mount option (online discard): when a
 	// container deletes files, its filesystem discards their blocks and the

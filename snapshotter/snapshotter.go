@@ -436,8 +436,8 @@ func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snap
 }
 
 // Remove deletes a snapshot. The record goes at once; the device is deleted
-// now, or by the worker and Cleanup when async_remove is set or the device
-// is briefly busy.
+// now, or by the worker when async_remove is set or the device is briefly
+// busy.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	defer s.calls.begin()()
 	unlock := s.keys.lock(key)

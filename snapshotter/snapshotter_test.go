@@ -13,6 +13,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
@@ -320,7 +321,7 @@ func TestAsyncRemove(t *testing.T) {
 	ctx := context.Background()
 	pool := newFakePool("tp")
 	s := mustNew(t, t.TempDir(), pool, func(c *Config) { c.AsyncRemove = true })
-	// Stop the worker so only Cleanup can finish the removal.
+	// Stop the worker: nothing else finishes a removal behind the test.
 	s.stop()
 	<-s.done
 	s.stop = nil
@@ -334,7 +335,7 @@ func TestAsyncRemove(t *testing.T) {
 		t.Fatalf("Stat after async remove = %v", err)
 	}
 	if n := len(pool.ids()); n != 2 {
-		t.Fatalf("pool holds %d devices before Cleanup, want 2", n)
+		t.Fatalf("pool holds %d devices after Remove, want 2", n)
 	}
 	// The key is free at once.
 	if _, err := s.Prepare(ctx, "a", ""); err != nil {
@@ -343,14 +344,63 @@ func TestAsyncRemove(t *testing.T) {
 	if err := s.Remove(ctx, "a"); err != nil {
 		t.Fatal(err)
 	}
+	// containerd's Cleanup ends its garbage collection: it only wakes the
+	// worker, and does no kernel step itself.
+	if err := s.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(pool.ids()); n != 3 {
+		t.Fatalf("pool holds %d devices after Cleanup, want 3", n)
+	}
+	if err := s.Drain(ctx); err != nil {
+		t.Fatal(err)
+	}
+	checkConsistent(t, s, pool)
+
+	// With the worker running, the removals finish without a call.
+	s2 := mustNew(t, t.TempDir(), newFakePool("tp2"), func(c *Config) { c.AsyncRemove = true })
+	if _, err := s2.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s2.Remove(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	settle(t, s2)
+	checkConsistent(t, s2, s2.pool.(*fakePool))
+}
+
+// TestSyncRemoveCleanup: without async_remove, Cleanup finishes a removal
+// a busy device deferred.
+func TestSyncRemoveCleanup(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	s.stop()
+	<-s.done
+	s.stop = nil
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	// Busy between Remove's check and its deletion (udev probing it).
+	pool.hook = func(op string) error {
+		if op == "deactivate" {
+			pool.hook = nil
+			return unix.EBUSY
+		}
+		return nil
+	}
+	if err := s.Remove(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(pool.ids()); n != 2 {
+		t.Fatalf("pool holds %d devices after a busy Remove, want 2", n)
+	}
 	if err := s.Cleanup(ctx); err != nil {
 		t.Fatal(err)
 	}
 	checkConsistent(t, s, pool)
 }
 
-// TestInjectedFailures fails every pool step of every call once and checks
-// that the call reports an error and leaves records and pool consistent.
 func TestInjectedFailures(t *testing.T) {
 	ctx := context.Background()
 	calls := []struct {

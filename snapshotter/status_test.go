@@ -122,15 +122,15 @@ func TestStatusAndDevices(t *testing.T) {
 		t.Errorf("last device is %d, want the pending removal %d", devs[len(devs)-1].ID, goneID)
 	}
 
-	if err := s.Cleanup(ctx); err != nil {
+	if err := s.Drain(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if st, err = s.Status(ctx); err != nil || st.PendingRemovals != 0 || st.ActiveDevices != 2 {
-		t.Errorf("after Cleanup: %d pending removals, %d devices, %v", st.PendingRemovals, st.ActiveDevices, err)
+		t.Errorf("after Drain: %d pending removals, %d devices, %v", st.PendingRemovals, st.ActiveDevices, err)
 	}
 
 	// a: snap+activate; commit c: snap; v: snap+activate; b: the warm
-	// device, no step; gone: snap+activate; Cleanup: deactivate+delete.
+	// device, no step; gone: snap+activate; Drain: deactivate+delete.
 	wantSteps := "create_snap activate, create_snap, create_snap activate, create_snap activate, deactivate delete"
 	if g := strings.Join(log.steps, " "); g != strings.ReplaceAll(wantSteps, ",", "") {
 		t.Errorf("steps:\n got %s\nwant %s", g, wantSteps)
