@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 )
@@ -13,13 +14,29 @@ import (
 // checkPoolHealth refuses new devices when the pool cannot take them: failed,
 // read-only, needing a check, out of data space, or below the configured
 // free-space thresholds. Existing snapshots stay usable.
-func (s *Snapshotter) checkPoolHealth() error {
+func (s *Snapshotter) checkPoolHealth(ctx context.Context) error {
 	st, err := s.pool.Status()
 	if err != nil {
 		return fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
 	}
 	err = poolHealth(s.pool.Name(), st, s.cfg.MinFreeData, s.cfg.MinFreeMetadata)
-	if s.autogrow == nil || !errdefs.IsResourceExhausted(err) {
+	if !errdefs.IsResourceExhausted(err) {
+		return err
+	}
+	// Short of space while removals wait for the worker (containerd's GC
+	// returns before they are done): their space comes back first.
+	if freed, ferr := s.finishRemovals(ctx, false); freed > 0 {
+		if ferr != nil {
+			log.G(ctx).WithError(ferr).Warn("pool short of space: pending removals not all finished")
+		}
+		if st, err = s.pool.Status(); err != nil {
+			return fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
+		}
+		if err = poolHealth(s.pool.Name(), st, s.cfg.MinFreeData, s.cfg.MinFreeMetadata); !errdefs.IsResourceExhausted(err) {
+			return err
+		}
+	}
+	if s.autogrow == nil {
 		return err
 	}
 	// Short of space with room to grow: grow now (a few steps if need be)

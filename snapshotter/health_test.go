@@ -61,3 +61,52 @@ func TestFullPoolRefusesNewDevices(t *testing.T) {
 	}
 	checkConsistent(t, s, pool)
 }
+
+// TestFullPoolFinishesPendingRemovals: a Prepare short of space finishes
+// the removals still waiting for the worker (their space comes back) before
+// it refuses.
+func TestFullPoolFinishesPendingRemovals(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool, func(c *Config) {
+		c.MinFreeData = DefaultMinFreeData
+		c.AsyncRemove = true
+	})
+	// Stop the worker: the removal stays pending.
+	s.stop()
+	<-s.done
+	s.stop = nil
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	full := dmsetup.PoolStatus{Mode: dmsetup.PoolModeRW, UsedDataBlocks: 99, TotalDataBlocks: 100, UsedMetaBlocks: 1, TotalMetaBlocks: 100}
+	pool.mu.Lock()
+	pool.status = full
+	pool.mu.Unlock()
+	// Deleting a's device gives its blocks back.
+	pool.hook = func(op string) error {
+		if op == "delete" {
+			pool.mu.Lock()
+			pool.status.UsedDataBlocks = 50
+			pool.mu.Unlock()
+		}
+		return nil
+	}
+	if _, err := s.Prepare(ctx, "b", ""); err != nil {
+		t.Fatalf("Prepare with a removal pending on a full pool: %v", err)
+	}
+	pool.hook = nil
+	checkConsistent(t, s, pool)
+
+	// Nothing pending: refused.
+	pool.mu.Lock()
+	pool.status = full
+	pool.mu.Unlock()
+	if _, err := s.Prepare(ctx, "c", ""); !errdefs.IsResourceExhausted(err) {
+		t.Fatalf("Prepare on a full pool = %v, want ResourceExhausted", err)
+	}
+	checkConsistent(t, s, pool)
+}

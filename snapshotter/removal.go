@@ -127,7 +127,8 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		s.kick()
 		return nil
 	}
-	return s.finishRemovals(ctx, false)
+	_, err := s.finishRemovals(ctx, false)
+	return err
 }
 
 // Drain deletes the warm devices and finishes every pending removal now:
@@ -135,12 +136,13 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 // cleanup, and Close).
 func (s *Snapshotter) Drain(ctx context.Context) error {
 	err := s.reclaimWarm(ctx, func(storage.Entry, int) bool { return true })
-	return errors.Join(err, s.finishRemovals(ctx, false))
+	_, ferr := s.finishRemovals(ctx, false)
+	return errors.Join(err, ferr)
 }
 
 // finishRemovals finishes the pending removals; paced, each waits for a
-// pause between calls first (pace.go).
-func (s *Snapshotter) finishRemovals(ctx context.Context, paced bool) error {
+// pause between calls first (pace.go). It returns how many it found.
+func (s *Snapshotter) finishRemovals(ctx context.Context, paced bool) (int, error) {
 	var pending []storage.Entry
 	if err := s.db.View(ctx, func(tx *storage.Tx) error {
 		entries, err := tx.Journal()
@@ -151,7 +153,7 @@ func (s *Snapshotter) finishRemovals(ctx context.Context, paced bool) error {
 		}
 		return err
 	}); err != nil {
-		return err
+		return 0, err
 	}
 	var errs []error
 	for _, e := range pending {
@@ -162,7 +164,7 @@ func (s *Snapshotter) finishRemovals(ctx context.Context, paced bool) error {
 			errs = append(errs, fmt.Errorf("device %d of removed %q: %w", e.DeviceID, e.Key, err))
 		}
 	}
-	return errors.Join(errs...)
+	return len(pending), errors.Join(errs...)
 }
 
 func (s *Snapshotter) kick() {
@@ -198,7 +200,7 @@ func (s *Snapshotter) worker(ctx context.Context) {
 			}
 			continue
 		}
-		if err := s.finishRemovals(ctx, true); err != nil && ctx.Err() == nil {
+		if _, err := s.finishRemovals(ctx, true); err != nil && ctx.Err() == nil {
 			log.G(ctx).WithError(err).Warn("pending removals not finished; will retry")
 		}
 		s.refillWarm(ctx)

@@ -252,7 +252,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	defer s.calls.begin()()
 	unlock := s.keys.lock(key)
 	defer unlock()
-	if err := s.checkPoolHealth(); err != nil {
+	if err := s.checkPoolHealth(ctx); err != nil {
 		return nil, err
 	}
 	if chain := base.Labels[snapshots.LabelSnapshotRef]; chain != "" && kind == snapshots.KindActive {

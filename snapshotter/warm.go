@@ -334,7 +334,7 @@ func (s *Snapshotter) refillWarm(ctx context.Context) {
 // maxWarm wait. It is journaled like a Prepare's device without a record
 // (recovery deletes it) until it becomes a warm entry.
 func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
-	if err := s.checkPoolHealth(); err != nil {
+	if err := s.checkPoolHealth(ctx); err != nil {
 		return err
 	}
 	var p storage.Snapshot
