@@ -191,9 +191,7 @@ func TestForeignIDsCommitAndWarm(t *testing.T) {
 		t.Fatal(err)
 	}
 	// No worker: the refill runs here.
-	s.stop()
-	<-s.done
-	s.stop = nil
+	stopWorker(s)
 	t.Cleanup(func() { s.Close() })
 	if _, err := s.Prepare(ctx, "a", ""); err != nil { // base 1, a 2
 		t.Fatal(err)

@@ -73,9 +73,7 @@ func TestFullPoolFinishesPendingRemovals(t *testing.T) {
 		c.AsyncRemove = true
 	})
 	// Stop the worker: the removal stays pending.
-	s.stop()
-	<-s.done
-	s.stop = nil
+	stopWorker(s)
 	if _, err := s.Prepare(ctx, "a", ""); err != nil {
 		t.Fatal(err)
 	}

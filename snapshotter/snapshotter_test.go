@@ -50,6 +50,14 @@ func mustNew(t *testing.T, root string, pool *fakePool, mod ...func(*Config)) *S
 	return s
 }
 
+// stopWorker stops s's background worker: nothing then finishes a removal
+// or makes a warm device behind the test.
+func stopWorker(s *Snapshotter) {
+	s.stop()
+	<-s.done
+	s.stop = nil
+}
+
 // checkConsistent asserts the invariants that must hold whenever no call is
 // in flight (and the worker has finished what a call handed it): the
 // journal is empty but for warm devices, the pool holds exactly the base,
@@ -322,9 +330,7 @@ func TestAsyncRemove(t *testing.T) {
 	pool := newFakePool("tp")
 	s := mustNew(t, t.TempDir(), pool, func(c *Config) { c.AsyncRemove = true })
 	// Stop the worker: nothing else finishes a removal behind the test.
-	s.stop()
-	<-s.done
-	s.stop = nil
+	stopWorker(s)
 	if _, err := s.Prepare(ctx, "a", ""); err != nil {
 		t.Fatal(err)
 	}
@@ -375,9 +381,7 @@ func TestSyncRemoveCleanup(t *testing.T) {
 	ctx := context.Background()
 	pool := newFakePool("tp")
 	s := mustNew(t, t.TempDir(), pool)
-	s.stop()
-	<-s.done
-	s.stop = nil
+	stopWorker(s)
 	if _, err := s.Prepare(ctx, "a", ""); err != nil {
 		t.Fatal(err)
 	}
@@ -437,9 +441,7 @@ func TestInjectedFailures(t *testing.T) {
 		for step := 0; ; step++ {
 			pool := newFakePool("tp")
 			s := mustNew(t, t.TempDir(), pool)
-			s.stop() // no background work counted as the call's steps
-			<-s.done
-			s.stop = nil
+			stopWorker(s) // no background work counted as the call's steps
 			mustLayer(ctx, t, s, "c", "p", "")
 			if _, err := s.Prepare(ctx, "a", "c"); err != nil {
 				t.Fatal(err)
@@ -525,9 +527,7 @@ func TestCrashRecovery(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			s.stop() // no background removals racing the crash
-			<-s.done
-			s.stop = nil
+			stopWorker(s) // no background removals racing the crash
 			mustLayer(ctx, t, s, "c", "p", "")
 			if _, err := s.Prepare(ctx, "a", "c"); err != nil {
 				t.Fatal(err)

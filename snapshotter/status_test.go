@@ -34,9 +34,7 @@ func TestStatusAndDevices(t *testing.T) {
 		c.BlockSize = 64 << 10
 		c.MinFreeData, c.MinFreeMetadata = 5, 10
 	})
-	s.stop() // only Cleanup finishes removals
-	<-s.done
-	s.stop = nil
+	stopWorker(s) // only Drain finishes removals
 	log := &stepLog{}
 	s.SetStepObserver(log)
 

@@ -182,9 +182,7 @@ func TestWarmAfterCrash(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.stop()
-	<-s.done
-	s.stop = nil
+	stopWorker(s)
 	m, err := s.Prepare(ctx, "a", "")
 	if err != nil {
 		t.Fatal(err)
@@ -274,9 +272,7 @@ func TestWarmRefill(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s.stop()
-		<-s.done
-		s.stop = nil
+		stopWorker(s)
 		mustLayer(ctx, t, s, "c", "p", "")
 		if err := s.Drain(ctx); err != nil { // no warm device of c
 			t.Fatal(err)
