@@ -4,6 +4,7 @@ package snapshotter
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -174,14 +175,23 @@ func TestIntegrationBaseAndRestart(t *testing.T) {
 // TestIntegrationFullPool fills a tiny pool from a container's mount until
 // it runs out: new snapshots are refused with ResourceExhausted naming the
 // pool, the existing ones stay usable, removing one gives the space back,
-// and the database stays consistent throughout.
+// and the database stays consistent throughout. With async_remove the
+// removal waits for a worker that never comes: the next Prepare, short of
+// space, finishes it itself.
 func TestIntegrationFullPool(t *testing.T) {
 	dmtest.Require(t)
+	for _, async := range []bool{false, true} {
+		t.Run(fmt.Sprintf("async_remove=%v", async), func(t *testing.T) { testFullPool(t, async) })
+	}
+}
+
+func testFullPool(t *testing.T, async bool) {
 	ctx := context.Background()
 	root := t.TempDir()
 	cfg := testConfig(root)
 	cfg.DataSize = 96 << 20
 	cfg.BaseSize = 256 << 20 // larger than the pool: the pool fills, not the filesystem
+	cfg.AsyncRemove = async
 	s, err := New(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -259,13 +269,26 @@ func TestIntegrationFullPool(t *testing.T) {
 		t.Error(err)
 	}
 	// Removing the container gives the space back.
+	if async {
+		stopWorker(s)
+	}
 	if err := s.Remove(ctx, "container"); err != nil {
 		t.Fatal(err)
 	}
 	st, _ = s.pool.Status()
 	t.Logf("after remove: %s", st)
+	if async && st.Mode != dmsetup.PoolModeOutOfDataSpace {
+		t.Fatalf("pool mode %s with the removal pending, want %s", st.Mode, dmsetup.PoolModeOutOfDataSpace)
+	}
 	if _, err := s.Prepare(ctx, "again", "image"); err != nil {
 		t.Fatalf("Prepare after freeing space: %v", err)
+	}
+	if st, err = s.pool.Status(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("after Prepare: %s", st)
+	if sst, err := s.Status(ctx); err != nil || sst.PendingRemovals != 0 {
+		t.Errorf("%d removals still pending (%v)", sst.PendingRemovals, err)
 	}
 }
 
