@@ -36,61 +36,17 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 		log.G(ctx).WithField("old_id", pi.BaseDeviceID).Infof("base settings changed (%s %d bytes → %s %d bytes): making a new base device",
 			pi.BaseFSType, pi.BaseSize, s.cfg.FSType, s.cfg.BaseSize)
 	}
-
-	var (
-		e       storage.Entry
-		next    uint64
-		txSet   bool
-		created bool
-		err     error
-	)
-	for attempt := 1; ; attempt++ {
-		var journal error
-		next, txSet, err = s.poolStep(func() error {
-			e = storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize}
-			journal = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
-				if e.DeviceID, err = tx.AllocateID(); err != nil {
-					return err
-				}
-				e.Seq, err = tx.AddJournal(e)
-				return err
-			})
-			return journal
-		}, func() error {
-			err := s.pool.CreateThin(e.DeviceID)
-			created = err == nil
-			return err
-		}, nil)
-		if journal != nil {
-			return journal
-		}
-		if !s.foreignID(ctx, e, err) {
-			break
-		}
-		if attempt == maxIDTries {
-			return errForeignIDs(err)
-		}
-	}
-	e.TxID = next // for a rollback; not journaled
-
-	name := s.deviceName(e.DeviceID)
+	e, err := s.createBaseThin(ctx)
 	if err == nil {
-		if err = s.pool.Activate(name, e.DeviceID, dmsetup.BytesToSectors(s.cfg.BaseSize), false); err == nil {
-			err = s.timed(StepMkfs, func() error { return s.format(ctx, s.pool.DevicePath(name)) })
-			err = errors.Join(err, s.pool.Deactivate(ctx, name))
-		}
+		err = s.formatBase(ctx, e.DeviceID)
 	}
 	if err != nil {
-		// A create the pool refused made nothing to delete: an id that
-		// exists already belongs to someone else (an adopted pool's
-		// devices, LVM's thin volumes).
-		if created {
-			err = errors.Join(err, s.pool.Deactivate(ctx, name))
-			s.poolMu.Lock()
-			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(e.DeviceID)))
-			s.poolMu.Unlock()
+		if e.Seq == 0 {
+			return err // nothing journaled
 		}
-		return errors.Join(err, s.rollbackCreate(ctx, e, txSet))
+		// A create the pool refused with EEXIST made nothing of ours
+		// to delete: the id is someone else's.
+		return errors.Join(err, s.undo(ctx, e, !dmsetup.IsExist(err)))
 	}
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
 		pi, err := tx.PoolInfo()
@@ -101,15 +57,71 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 		if err := tx.SetPoolInfo(pi); err != nil {
 			return err
 		}
-		if err := s.raiseTxID(tx, next); err != nil {
-			return err
-		}
 		return tx.FinishJournal(e.Seq)
 	})
 	if err == nil {
 		log.G(ctx).WithField("id", e.DeviceID).Infof("base device ready: %s, %d bytes", s.cfg.FSType, s.cfg.BaseSize)
 	}
 	return err
+}
+
+// createBaseThin journals and creates the base's thin device, and moves
+// the pool's transaction id one step. The moved id marks the pool as this
+// database's (a re-created pool has id 0); it is recorded at once, so the
+// pool is never ahead of the database by more than its pending entries
+// (poolOwnership). Ids the pool already has are skipped as foreign. On an
+// error, the entry's Seq is 0 when nothing was journaled.
+func (s *Snapshotter) createBaseThin(ctx context.Context) (storage.Entry, error) {
+	for attempt := 1; ; attempt++ {
+		e := storage.Entry{Op: storage.OpCreateThin, Size: s.cfg.BaseSize}
+		if err := s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+			if e.DeviceID, err = tx.AllocateID(); err != nil {
+				return err
+			}
+			e.Seq, err = tx.AddJournal(e)
+			return err
+		}); err != nil {
+			return storage.Entry{}, err
+		}
+		next, err := s.createThinLocked(e.DeviceID)
+		if s.foreignID(ctx, e, err) {
+			if attempt == maxIDTries {
+				return storage.Entry{}, errForeignIDs(err)
+			}
+			continue
+		}
+		if err == nil {
+			err = s.db.Update(ctx, func(tx *storage.Tx) error { return raiseTxID(tx, next) })
+		}
+		return e, err
+	}
+}
+
+// createThinLocked creates thin id and moves the pool's transaction id to
+// next, under poolMu.
+func (s *Snapshotter) createThinLocked(id uint32) (next uint64, err error) {
+	s.poolMu.Lock()
+	defer s.poolMu.Unlock()
+	next = s.txid + 1
+	if err := s.pool.CreateThin(id); err != nil {
+		return next, err
+	}
+	if err := s.pool.SetTransactionID(s.txid, next); err != nil {
+		return next, err
+	}
+	s.txid = next
+	return next, nil
+}
+
+// formatBase activates the base's device id, makes its filesystem and
+// deactivates it again: only snapshots of it are ever mounted.
+func (s *Snapshotter) formatBase(ctx context.Context, id uint32) error {
+	name := s.deviceName(id)
+	if err := s.activate(name, id, s.cfg.BaseSize, false); err != nil {
+		return err
+	}
+	err := s.timed(StepMkfs, func() error { return s.format(ctx, s.pool.DevicePath(name)) })
+	return errors.Join(err, s.deactivate(ctx, id))
 }
 
 // mkfs makes the base filesystem with its metadata initialised up front

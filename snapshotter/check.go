@@ -6,16 +6,14 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-	"time"
 
-	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
 
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
 )
 
-// poolInspector is what Check needs from the kernel beyond Pool. dmPool
+// poolInspector is what Check needs from the kernel beyond thinPool. dmPool
 // implements it; the fake pool of the unit tests too.
 type poolInspector interface {
 	// ReserveMetadata takes a snapshot of the pool metadata, whose thin
@@ -68,7 +66,7 @@ type poolInspector interface {
 // race with calls in flight. A read-only Check of a serving snapshotter
 // works but may report operations in flight as pending journal entries.
 func (s *Snapshotter) Check(ctx context.Context, opts CheckOptions) (*Report, error) {
-	if opts.Repair && s.stop != nil {
+	if opts.Repair && !s.forCheck {
 		return nil, fmt.Errorf("repair needs a snapshotter opened with OpenForCheck (the daemon stopped): %w", errdefs.ErrFailedPrecondition)
 	}
 	st, err := s.gather(ctx)
@@ -115,6 +113,7 @@ type checkState struct {
 	ids     map[uint32]string // allocated id → owner
 	foreign map[uint32]bool   // ids marked foreign
 	journal []storage.Entry
+	warm    []storage.Warm
 	devices map[string]devState // dm devices named <pool>-snap-*
 }
 
@@ -195,6 +194,9 @@ func (s *Snapshotter) gatherLocked(ctx context.Context, in poolInspector, st *ch
 		if st.journal, err = tx.Journal(); err != nil {
 			return err
 		}
+		if st.warm, err = tx.WarmDevices(); err != nil {
+			return err
+		}
 		foreign, err := tx.ForeignIDs()
 		if err != nil {
 			return err
@@ -234,187 +236,6 @@ func (s *Snapshotter) gatherLocked(ctx context.Context, in poolInspector, st *ch
 		st.devices[d.Name] = ds
 	}
 	return m, nil
-}
-
-// compare turns the state into findings, in a stable order.
-func (s *Snapshotter) compare(st *checkState) []Finding {
-	out := []Finding{}
-	add := func(f Finding) { out = append(out, f) }
-	poolDev := ""
-	if in, err := s.inspector(); err == nil {
-		poolDev = in.PoolDevice()
-	}
-
-	if err := poolHealth(s.pool.Name(), st.status, -1, -1); err != nil && !errdefs.IsResourceExhausted(err) {
-		add(Finding{Kind: FindingPoolUnhealthy, Message: err.Error()})
-	}
-	if ok, why := s.poolIsOurs(st); !ok || st.poolTx != st.dbTx {
-		f := Finding{Kind: FindingTxIDMismatch, Repairable: ok,
-			Message: fmt.Sprintf("pool transaction id %d, database %d", st.poolTx, st.dbTx)}
-		if why != "" {
-			f.Message += ": " + why
-		} else {
-			f.Message += fmt.Sprintf(" (explained by %d pending journal entries)", len(st.journal))
-		}
-		add(f)
-	}
-
-	// Ids the journal explains are in flight: not orphans, leaks or ghosts.
-	journaled := map[uint32]bool{}
-	journalKeys := map[string]bool{}
-	for _, e := range st.journal {
-		journaled[e.DeviceID] = true
-		if e.Op == storage.OpWarm {
-			// A device made ahead (Key is its parent), accounted
-			// for; the daemon's start deletes what a crash left.
-			continue
-		}
-		if e.Key != "" {
-			journalKeys[e.Key] = true
-		}
-		f := Finding{Kind: FindingPendingJournal, DeviceID: e.DeviceID, Key: e.Key, Repairable: true, seq: e.Seq,
-			Message: fmt.Sprintf("interrupted %s of thin device %d (journal entry %d, %s)", e.Op, e.DeviceID, e.Seq, e.Created.UTC().Format(time.RFC3339))}
-		if e.Name != "" {
-			f.Message += fmt.Sprintf(" as %q", e.Name)
-		}
-		add(f)
-	}
-
-	base := st.pi.BaseDeviceID
-	if base != 0 && !st.inPool[base] && !journaled[base] {
-		add(Finding{Kind: FindingBaseMissing, DeviceID: base, Repairable: true,
-			Message: fmt.Sprintf("base device %d is not in the pool", base)})
-	}
-
-	owned := map[uint32]string{} // id → key of its record
-	// want: dm devices that must exist, by name.
-	want := map[string]storage.Snapshot{}
-	settled := map[string]bool{} // devices another finding's repair removes
-	for _, sn := range st.records {
-		name := s.deviceName(sn.DeviceID)
-		if prev, dup := owned[sn.DeviceID]; dup {
-			add(Finding{Kind: FindingIDConflict, DeviceID: sn.DeviceID, Key: sn.Key,
-				Message: fmt.Sprintf("records %q and %q share thin device %d", prev, sn.Key, sn.DeviceID)})
-			continue
-		}
-		owned[sn.DeviceID] = sn.Key
-		if owner, ok := st.ids[sn.DeviceID]; !ok || owner != sn.Key {
-			msg := fmt.Sprintf("thin device %d of %q is not allocated in the id table (it could be handed out twice)", sn.DeviceID, sn.Key)
-			if ok {
-				msg = fmt.Sprintf("thin device %d of %q is allocated to %q in the id table", sn.DeviceID, sn.Key, owner)
-			}
-			add(Finding{Kind: FindingIDConflict, DeviceID: sn.DeviceID, Key: sn.Key, Message: msg})
-		}
-		if journalKeys[sn.Key] || journaled[sn.DeviceID] {
-			continue
-		}
-		if sn.State != storage.StateReady {
-			settled[name] = true // its removal takes the device too
-			add(Finding{Kind: FindingNotReady, DeviceID: sn.DeviceID, Key: sn.Key, Device: name, Repairable: true,
-				Message: fmt.Sprintf("record %q is %s with no operation pending", sn.Key, sn.State)})
-			continue
-		}
-		if !st.inPool[sn.DeviceID] {
-			add(Finding{Kind: FindingGhost, DeviceID: sn.DeviceID, Key: sn.Key, Device: name,
-				Message: fmt.Sprintf("%s snapshot %q: thin device %d is not in the pool (its data is lost)", sn.Kind, sn.Key, sn.DeviceID)})
-			continue
-		}
-		if sn.Kind != snapshots.KindCommitted {
-			want[name] = sn
-		}
-	}
-
-	for _, id := range sortedKeys(st.foreign) {
-		f := Finding{Kind: FindingForeign, DeviceID: id, inPool: st.inPool[id]}
-		if f.inPool {
-			f.Message = fmt.Sprintf("thin id %d was already in the pool when a create tried it: a device that is not ours, kept and never used; "+
-				"--repair --release-foreign deletes it from the pool and frees the id", id)
-		} else {
-			f.Message = fmt.Sprintf("thin id %d is marked foreign but is no longer in the pool; --repair --release-foreign frees the id", id)
-		}
-		add(f)
-	}
-
-	for _, id := range st.poolIDs() {
-		if _, ok := owned[id]; ok || id == base || journaled[id] || st.foreign[id] {
-			continue
-		}
-		if owner := st.ids[id]; owner != "" {
-			// Deleting it would leave an id no release can free.
-			add(Finding{Kind: FindingIDConflict, DeviceID: id, Key: owner,
-				Message: fmt.Sprintf("thin device %d is in the pool and allocated to %q, which has no record", id, owner)})
-			continue
-		}
-		add(Finding{Kind: FindingOrphan, DeviceID: id, Device: s.deviceName(id), Repairable: true,
-			Message: fmt.Sprintf("thin device %d is in the pool but in no record, journal entry or the base", id)})
-	}
-	for _, id := range sortedKeys(st.ids) {
-		owner := st.ids[id]
-		if _, ok := owned[id]; ok || id == base || journaled[id] || st.inPool[id] || st.foreign[id] {
-			continue
-		}
-		if owner != "" {
-			add(Finding{Kind: FindingIDConflict, DeviceID: id, Key: owner,
-				Message: fmt.Sprintf("id %d is allocated to %q, which has no record", id, owner)})
-			continue
-		}
-		add(Finding{Kind: FindingLeakedID, DeviceID: id, Repairable: true,
-			Message: fmt.Sprintf("id %d is allocated but in no record, journal entry or the pool", id)})
-	}
-
-	for _, name := range sortedKeys(st.devices) {
-		d := st.devices[name]
-		id, numbered := s.idOfName(name)
-		if (numbered && journaled[id]) || settled[name] {
-			continue
-		}
-		sn, needed := want[name]
-		if !needed {
-			why := "no record has thin device " + strings.TrimPrefix(name, dmsetup.DeviceNamePrefix(s.devicePool()))
-			if k, ok := owned[id]; ok && numbered {
-				why = fmt.Sprintf("%q is not an active snapshot or view", k)
-			} else if numbered && id == base {
-				why = "the base device is only active while it is made"
-			}
-			add(Finding{Kind: FindingStaleDevice, DeviceID: id, Device: name, Repairable: d.info.OpenCount == 0,
-				Message: fmt.Sprintf("dm device %s is active but %s%s", name, why, openNote(d.info))})
-			continue
-		}
-		var wrong []string
-		switch {
-		case d.err != nil:
-			wrong = append(wrong, d.err.Error())
-		default:
-			if d.params.ID != sn.DeviceID {
-				wrong = append(wrong, fmt.Sprintf("maps thin id %d", d.params.ID))
-			}
-			if poolDev != "" && d.params.PoolDev != poolDev {
-				wrong = append(wrong, fmt.Sprintf("maps pool %s, not %s", d.params.PoolDev, poolDev))
-			}
-			if d.params.ExternalOrigin != "" {
-				wrong = append(wrong, "has external origin "+d.params.ExternalOrigin)
-			}
-			if want := dmsetup.BytesToSectors(sn.Size); d.sectors != want {
-				wrong = append(wrong, fmt.Sprintf("is %d sectors, not %d", d.sectors, want))
-			}
-		}
-		if view := sn.Kind == snapshots.KindView; d.info.ReadOnly != view {
-			wrong = append(wrong, fmt.Sprintf("read-only is %v for a %s snapshot", d.info.ReadOnly, sn.Kind))
-		}
-		if len(wrong) > 0 {
-			add(Finding{Kind: FindingWrongDevice, DeviceID: sn.DeviceID, Device: name, Key: sn.Key, Repairable: d.info.OpenCount == 0,
-				Message: fmt.Sprintf("dm device %s of %q %s%s", name, sn.Key, strings.Join(wrong, ", "), openNote(d.info))})
-		}
-	}
-	for _, name := range sortedKeys(want) {
-		if _, ok := st.devices[name]; ok {
-			continue
-		}
-		sn := want[name]
-		add(Finding{Kind: FindingMissingDevice, DeviceID: sn.DeviceID, Device: name, Key: sn.Key, Repairable: true,
-			Message: fmt.Sprintf("%s snapshot %q has no dm device %s", sn.Kind, sn.Key, name)})
-	}
-	return out
 }
 
 func openNote(info dmsetup.Info) string {

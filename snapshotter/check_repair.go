@@ -26,139 +26,169 @@ func (s *Snapshotter) repair(ctx context.Context, st *checkState, fs []Finding, 
 			return
 		}
 	}
-	done := func(f *Finding, action string, err error) {
-		f.Action = action
-		if err != nil {
-			f.Error = err.Error()
-			return
-		}
-		f.Repaired = true
+	r := repairs{s: s, fs: fs}
+	r.journal(ctx)
+	r.devices(ctx)
+	r.notReady(ctx)
+	r.orphans(ctx)
+	if opts.ReleaseForeign {
+		r.foreign(ctx)
 	}
-	byKind := func(k FindingKind) []*Finding {
-		var out []*Finding
-		for i := range fs {
-			if fs[i].Kind == k {
-				out = append(out, &fs[i])
-			}
-		}
-		return out
+	r.leakedIDs(ctx)
+	r.missingDevices(ctx)
+	r.base(ctx)
+	if opts.RemoveGhosts {
+		r.ghosts(ctx)
 	}
+}
 
-	// The journal first, with the startup recovery itself. Its
-	// reactivation pass may fail on a ghost; what it left pending shows.
-	if pend := byKind(FindingPendingJournal); len(pend) > 0 || len(byKind(FindingTxIDMismatch)) > 0 {
-		rerr := s.recover(ctx)
-		left := map[uint64]bool{}
-		_ = s.db.View(ctx, func(tx *storage.Tx) error {
-			entries, err := tx.Journal()
-			for _, e := range entries {
-				left[e.Seq] = true
-			}
-			return err
-		})
-		for _, f := range pend {
-			err := rerr
-			if !left[f.seq] {
-				err = nil
-			} else if err == nil {
-				err = errors.New("still pending (device open?)")
-			}
-			done(f, "ran recovery for the entry", err)
-		}
-		for _, f := range byKind(FindingTxIDMismatch) {
-			done(f, "recorded the pool's transaction id after recovery", nil)
+// repairs is one repair in progress over the findings fs.
+type repairs struct {
+	s  *Snapshotter
+	fs []Finding
+}
+
+// of returns the findings of kind k.
+func (r *repairs) of(k FindingKind) []*Finding {
+	var out []*Finding
+	for i := range r.fs {
+		if r.fs[i].Kind == k {
+			out = append(out, &r.fs[i])
 		}
 	}
+	return out
+}
 
-	for _, f := range append(byKind(FindingStaleDevice), byKind(FindingWrongDevice)...) {
+// done records what was done about f, and whether it worked.
+func done(f *Finding, action string, err error) {
+	f.Action = action
+	if err != nil {
+		f.Error = err.Error()
+		return
+	}
+	f.Repaired = true
+}
+
+// journal runs the startup recovery for the pending entries, which also
+// aligns the database's transaction id. Its reactivation pass may fail on
+// a ghost; the entries it left pending show.
+func (r *repairs) journal(ctx context.Context) {
+	pend, mismatch := r.of(FindingPendingJournal), r.of(FindingTxIDMismatch)
+	if len(pend) == 0 && len(mismatch) == 0 {
+		return
+	}
+	rerr := r.s.recover(ctx)
+	left := map[uint64]bool{}
+	_ = r.s.db.View(ctx, func(tx *storage.Tx) error {
+		entries, err := tx.Journal()
+		for _, e := range entries {
+			left[e.Seq] = true
+		}
+		return err
+	})
+	for _, f := range pend {
+		err := rerr
+		if !left[f.seq] {
+			err = nil
+		} else if err == nil {
+			err = errors.New("still pending (device open?)")
+		}
+		done(f, "ran recovery for the entry", err)
+	}
+	for _, f := range mismatch {
+		done(f, "recorded the pool's transaction id after recovery", nil)
+	}
+}
+
+// devices removes stale and wrong dm devices unless open, and activates a
+// wrong one again with the right table.
+func (r *repairs) devices(ctx context.Context) {
+	for _, f := range append(r.of(FindingStaleDevice), r.of(FindingWrongDevice)...) {
 		if !f.Repairable {
 			continue
 		}
-		err := s.deactivateIdle(ctx, f.Device)
+		err := r.s.deactivateIdle(ctx, f.Device)
 		action := "removed dm device " + f.Device
 		if err == nil && f.Kind == FindingWrongDevice {
-			err = s.activateRecord(ctx, f.Key)
+			err = r.s.activateRecord(ctx, f.Key)
 			action += " and activated it again"
 		}
 		done(f, action, err)
 	}
+}
 
-	for _, f := range byKind(FindingNotReady) {
-		var e storage.Entry
-		err := s.db.Update(ctx, func(tx *storage.Tx) error {
+// notReady removes the records left creating or removing, with their
+// devices.
+func (r *repairs) notReady(ctx context.Context) {
+	for _, f := range r.of(FindingNotReady) {
+		err := r.s.journaledDelete(ctx, func(tx *storage.Tx) (storage.Entry, error) {
 			sn, err := tx.RemoveSnapshot(f.Key)
-			if err != nil {
-				return err
-			}
-			e = storage.Entry{Op: storage.OpDelete, DeviceID: sn.DeviceID, Key: f.Key, Size: sn.Size}
-			e.Seq, err = tx.AddJournal(e)
-			return err
+			return storage.Entry{Op: storage.OpDelete, DeviceID: sn.DeviceID, Key: f.Key, Size: sn.Size}, err
 		})
-		if err == nil {
-			err = s.finishDelete(ctx, e)
-		}
 		done(f, fmt.Sprintf("removed record %q and thin device %d", f.Key, f.DeviceID), err)
 	}
+}
 
-	for _, f := range byKind(FindingOrphan) {
-		var e storage.Entry
-		err := s.db.Update(ctx, func(tx *storage.Tx) error {
+// orphans deletes the pool's thin devices that nothing explains.
+func (r *repairs) orphans(ctx context.Context) {
+	for _, f := range r.of(FindingOrphan) {
+		err := r.s.journaledDelete(ctx, func(tx *storage.Tx) (storage.Entry, error) {
 			// Reserved first so the allocator cannot hand it out while
 			// the delete is in flight.
 			if used, err := tx.IDInUse(f.DeviceID); err != nil {
-				return err
+				return storage.Entry{}, err
 			} else if !used {
 				if err := tx.ReserveID(f.DeviceID); err != nil {
-					return err
+					return storage.Entry{}, err
 				}
 			}
-			e = storage.Entry{Op: storage.OpDelete, DeviceID: f.DeviceID}
-			var err error
-			e.Seq, err = tx.AddJournal(e)
-			return err
+			return storage.Entry{Op: storage.OpDelete, DeviceID: f.DeviceID}, nil
 		})
-		if err == nil {
-			err = s.finishDelete(ctx, e)
-		}
 		done(f, fmt.Sprintf("deleted thin device %d from the pool", f.DeviceID), err)
 	}
+}
 
-	if opts.ReleaseForeign {
-		for _, f := range byKind(FindingForeign) {
-			var e storage.Entry
-			err := s.db.Update(ctx, func(tx *storage.Tx) error {
+// foreign frees the foreign ids, deleting their devices like orphans when
+// the pool still has them.
+func (r *repairs) foreign(ctx context.Context) {
+	for _, f := range r.of(FindingForeign) {
+		if !f.inPool {
+			err := r.s.db.Update(ctx, func(tx *storage.Tx) error {
 				if err := tx.UnmarkForeign(f.DeviceID); err != nil {
 					return err
 				}
-				if !f.inPool {
-					return tx.ReleaseID(f.DeviceID)
-				}
-				// Deleted like an orphan; the id is freed with it.
-				e = storage.Entry{Op: storage.OpDelete, DeviceID: f.DeviceID}
-				var err error
-				e.Seq, err = tx.AddJournal(e)
-				return err
+				return tx.ReleaseID(f.DeviceID)
 			})
-			action := fmt.Sprintf("released foreign id %d", f.DeviceID)
-			if err == nil && f.inPool {
-				err = s.finishDelete(ctx, e)
-				action = fmt.Sprintf("deleted foreign thin device %d from the pool and released its id", f.DeviceID)
-			}
-			done(f, action, err)
+			done(f, fmt.Sprintf("released foreign id %d", f.DeviceID), err)
+			continue
 		}
+		err := r.s.journaledDelete(ctx, func(tx *storage.Tx) (storage.Entry, error) {
+			return storage.Entry{Op: storage.OpDelete, DeviceID: f.DeviceID}, tx.UnmarkForeign(f.DeviceID)
+		})
+		done(f, fmt.Sprintf("deleted foreign thin device %d from the pool and released its id", f.DeviceID), err)
 	}
+}
 
-	for _, f := range byKind(FindingLeakedID) {
-		err := s.db.Update(ctx, func(tx *storage.Tx) error { return tx.ReleaseID(f.DeviceID) })
+// leakedIDs releases allocated ids that nothing explains.
+func (r *repairs) leakedIDs(ctx context.Context) {
+	for _, f := range r.of(FindingLeakedID) {
+		err := r.s.db.Update(ctx, func(tx *storage.Tx) error { return tx.ReleaseID(f.DeviceID) })
 		done(f, fmt.Sprintf("released id %d", f.DeviceID), err)
 	}
+}
 
-	for _, f := range byKind(FindingMissingDevice) {
-		done(f, "activated dm device "+f.Device, s.activateRecord(ctx, f.Key))
+// missingDevices activates the missing devices of active snapshots and
+// views.
+func (r *repairs) missingDevices(ctx context.Context) {
+	for _, f := range r.of(FindingMissingDevice) {
+		done(f, "activated dm device "+f.Device, r.s.activateRecord(ctx, f.Key))
 	}
+}
 
-	for _, f := range byKind(FindingBaseMissing) {
-		err := s.db.Update(ctx, func(tx *storage.Tx) error {
+// base makes a missing base device again.
+func (r *repairs) base(ctx context.Context) {
+	for _, f := range r.of(FindingBaseMissing) {
+		err := r.s.db.Update(ctx, func(tx *storage.Tx) error {
 			pi, err := tx.PoolInfo()
 			if err != nil {
 				return err
@@ -170,32 +200,50 @@ func (s *Snapshotter) repair(ctx context.Context, st *checkState, fs []Finding, 
 			return tx.SetPoolInfo(pi)
 		})
 		if err == nil {
-			err = s.ensureBase(ctx)
+			err = r.s.ensureBase(ctx)
 		}
 		done(f, "made a new base device", err)
 	}
+}
 
-	if opts.RemoveGhosts {
-		ghosts := byKind(FindingGhost)
-		// Leaves first: a parent goes once its ghost children went.
-		for progress := true; progress; {
-			progress = false
-			for _, f := range ghosts {
-				if f.Repaired {
-					continue
-				}
-				err := s.db.Update(ctx, func(tx *storage.Tx) error {
-					sn, err := tx.RemoveSnapshot(f.Key)
-					if err != nil {
-						return err
-					}
-					return tx.ReleaseID(sn.DeviceID)
-				})
-				done(f, fmt.Sprintf("removed the record of %q (its device was gone)", f.Key), err)
-				progress = progress || err == nil
+// ghosts removes the records of snapshots whose device is gone, leaves
+// first: a parent goes once its ghost children went.
+func (r *repairs) ghosts(ctx context.Context) {
+	ghosts := r.of(FindingGhost)
+	for progress := true; progress; {
+		progress = false
+		for _, f := range ghosts {
+			if f.Repaired {
+				continue
 			}
+			err := r.s.db.Update(ctx, func(tx *storage.Tx) error {
+				sn, err := tx.RemoveSnapshot(f.Key)
+				if err != nil {
+					return err
+				}
+				return tx.ReleaseID(sn.DeviceID)
+			})
+			done(f, fmt.Sprintf("removed the record of %q (its device was gone)", f.Key), err)
+			progress = progress || err == nil
 		}
 	}
+}
+
+// journaledDelete journals the removal entry returns, in the same
+// transaction as what entry changes, and finishes it.
+func (s *Snapshotter) journaledDelete(ctx context.Context, entry func(tx *storage.Tx) (storage.Entry, error)) error {
+	var e storage.Entry
+	err := s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+		if e, err = entry(tx); err != nil {
+			return err
+		}
+		e.Seq, err = tx.AddJournal(e)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return s.finishDelete(ctx, e)
 }
 
 // refuse marks every finding as left for a person.

@@ -340,7 +340,7 @@ func TestCheck(t *testing.T) {
 					if _, err := tx.CreateSnapshot(storage.Snapshot{Key: "n", Kind: snapshots.KindActive, State: storage.StateCreating, DeviceID: id, Size: 64 << 20, FSType: "ext4"}); err != nil {
 						return err
 					}
-					_, err = tx.AddJournal(storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: f.base, Key: "n", TxID: f.pool.txid + 1})
+					_, err = tx.AddJournal(storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: f.base, Key: "n"})
 					return err
 				})
 				f.pool.thins[id] = 0

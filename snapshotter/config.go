@@ -91,9 +91,9 @@ type Config struct {
 // SizeClass names a default disk size for the active snapshots of a class.
 type SizeClass struct {
 	// Name is lower-case letters, digits, '-', '_' and '.', starting with
-	// a letter or digit, at most MaxClassNameLen bytes.
+	// a letter or digit, at most 64 bytes.
 	Name string
-	// Size in bytes: at least BaseSize, at most MaxDeviceSize, a multiple
+	// Size in bytes: at least BaseSize, at most 1 PiB, a multiple
 	// of BaseSizeAlign.
 	Size uint64
 }
@@ -144,13 +144,13 @@ const (
 	// BaseSizeAlign keeps the base device a whole number of filesystem
 	// blocks.
 	BaseSizeAlign = 4096
-	// MaxPoolNameLen is DM_NAME_LEN without the NUL.
-	MaxPoolNameLen = 127
-	// MaxDeviceSize bounds the virtual size of a device (1 PiB): far
+	// maxPoolNameLen is DM_NAME_LEN without the NUL.
+	maxPoolNameLen = 127
+	// maxDeviceSize bounds the virtual size of a device (1 PiB): far
 	// beyond any pool, small enough that no size arithmetic overflows.
-	MaxDeviceSize = 1 << 50
-	// MaxClassNameLen bounds a size class name.
-	MaxClassNameLen = 64
+	maxDeviceSize = 1 << 50
+	// maxClassNameLen bounds a size class name.
+	maxClassNameLen = 64
 )
 
 // FieldError is one invalid Config field; it matches
@@ -201,57 +201,74 @@ func (c *Config) setDefaults() {
 
 // validate checks c after setDefaults.
 func (c *Config) validate() error {
-	var errs []error
-	bad := func(field, format string, args ...any) {
-		errs = append(errs, &FieldError{Field: field, Msg: fmt.Sprintf(format, args...)})
-	}
+	var v fieldErrors
+	c.validatePool(&v)
+	c.validatePoolSizes(&v)
+	c.validateSnapshot(&v)
+	c.validateClasses(&v)
+	c.validateOptions(&v)
+	return errors.Join(v...)
+}
 
+// fieldErrors collects the invalid fields of a Config.
+type fieldErrors []error
+
+func (v *fieldErrors) bad(field, format string, args ...any) {
+	*v = append(*v, &FieldError{Field: field, Msg: fmt.Sprintf(format, args...)})
+}
+
+// validatePool checks where the database and the pool are.
+func (c *Config) validatePool(v *fieldErrors) {
 	switch {
 	case c.Root == "":
-		bad("Root", "must not be empty")
+		v.bad("Root", "must not be empty")
 	case !filepath.IsAbs(c.Root):
-		bad("Root", "%q must be an absolute path", c.Root)
+		v.bad("Root", "%q must be an absolute path", c.Root)
 	case filepath.Clean(c.Root) == "/":
-		bad("Root", "must not be /")
+		v.bad("Root", "must not be /")
 	}
 	if c.PoolName != "" {
 		if msg := checkPoolName(c.PoolName); msg != "" {
-			bad("PoolName", "%q %s", c.PoolName, msg)
+			v.bad("PoolName", "%q %s", c.PoolName, msg)
 		}
 	}
 	if c.PoolLVM != "" {
 		if _, _, err := dmsetup.ParseLVMName(c.PoolLVM); err != nil {
-			bad("PoolLVM", "%v", err)
+			v.bad("PoolLVM", "%v", err)
 		}
 		if c.PoolName != "" {
-			bad("PoolLVM", "set either it or PoolName, not both")
+			v.bad("PoolLVM", "set either it or PoolName, not both")
 		}
 	}
+}
 
+// validatePoolSizes checks the embedded pool's sizes and growth, and the
+// free space kept.
+func (c *Config) validatePoolSizes(v *fieldErrors) {
 	bs := c.BlockSize
 	blockOK := bs%dmsetup.SectorSize == 0 && bs <= MaxBlockSize && dmsetup.ValidateBlockSize(uint32(dmsetup.BytesToSectors(bs))) == nil
 	if !blockOK {
-		bad("BlockSize", "%d bytes: must be a multiple of %s from %s to %s",
+		v.bad("BlockSize", "%d bytes: must be a multiple of %s from %s to %s",
 			bs, humanSize(dmsetup.BlockSizeMultiple*dmsetup.SectorSize), humanSize(MinBlockSize), humanSize(MaxBlockSize))
 	}
 	switch ds := c.DataSize; {
 	case ds < MinDataSize || ds%dmsetup.SectorSize != 0:
-		bad("DataSize", "%d bytes: must be at least %s and a multiple of %d bytes", ds, humanSize(MinDataSize), dmsetup.SectorSize)
+		v.bad("DataSize", "%d bytes: must be at least %s and a multiple of %d bytes", ds, humanSize(MinDataSize), dmsetup.SectorSize)
 	case blockOK && ds < bs:
-		bad("DataSize", "%d bytes: smaller than one %d-byte block of the pool", ds, bs)
+		v.bad("DataSize", "%d bytes: smaller than one %d-byte block of the pool", ds, bs)
 	}
 	switch md := c.MaxDataSize; {
 	case md == 0:
 	case c.PoolName != "":
-		bad("MaxDataSize", "only the embedded pool grows itself; grow pool %s with its own tools (LVM: thin_pool_autoextend_threshold)", c.PoolName)
+		v.bad("MaxDataSize", "only the embedded pool grows itself; grow pool %s with its own tools (LVM: thin_pool_autoextend_threshold)", c.PoolName)
 	case md < c.DataSize || md%dmsetup.SectorSize != 0:
-		bad("MaxDataSize", "%d bytes: must be 0 (no growth) or at least DataSize (%d) and a multiple of %d bytes", md, c.DataSize, dmsetup.SectorSize)
+		v.bad("MaxDataSize", "%d bytes: must be 0 (no growth) or at least DataSize (%d) and a multiple of %d bytes", md, c.DataSize, dmsetup.SectorSize)
 	}
 	if gs := c.GrowStep; (blockOK && gs < bs) || gs%dmsetup.SectorSize != 0 {
-		bad("GrowStep", "%d bytes: must be at least one %d-byte pool block and a multiple of %d bytes", gs, bs, dmsetup.SectorSize)
+		v.bad("GrowStep", "%d bytes: must be at least one %d-byte pool block and a multiple of %d bytes", gs, bs, dmsetup.SectorSize)
 	}
 	if ms := c.MetadataSize; ms < MinMetadataSize || ms > MaxMetadataSize || ms%dmsetup.SectorSize != 0 {
-		bad("MetadataSize", "%d bytes: must be from %s to %s and a multiple of %d bytes", ms, humanSize(MinMetadataSize), humanSize(MaxMetadataSize), dmsetup.SectorSize)
+		v.bad("MetadataSize", "%d bytes: must be from %s to %s and a multiple of %d bytes", ms, humanSize(MinMetadataSize), humanSize(MaxMetadataSize), dmsetup.SectorSize)
 	}
 	for _, f := range []struct {
 		field string
@@ -259,52 +276,62 @@ func (c *Config) validate() error {
 	}{{"MinFreeData", c.MinFreeData}, {"MinFreeMetadata", c.MinFreeMetadata}} {
 		// Written so that NaN fails too.
 		if !(f.v >= 0 && f.v < 100) {
-			bad(f.field, "%v must be a percentage from 0 (off) to below 100", f.v)
+			v.bad(f.field, "%v must be a percentage from 0 (off) to below 100", f.v)
 		}
 	}
+}
 
+// validateSnapshot checks the snapshots' filesystem and size.
+func (c *Config) validateSnapshot(v *fieldErrors) {
 	minBase := uint64(MinBaseSizeExt4)
 	switch c.FSType {
 	case FSTypeExt4:
 	case FSTypeXFS:
 		minBase = MinBaseSizeXFS
 	default:
-		bad("FSType", "%q is not supported; use %q or %q", c.FSType, FSTypeExt4, FSTypeXFS)
+		v.bad("FSType", "%q is not supported; use %q or %q", c.FSType, FSTypeExt4, FSTypeXFS)
 	}
-	if b := c.BaseSize; b < minBase || b > MaxDeviceSize || b%BaseSizeAlign != 0 {
-		bad("BaseSize", "%d bytes: must be from %s for %s to %s and a multiple of %d bytes", b, humanSize(minBase), c.FSType, humanSize(MaxDeviceSize), BaseSizeAlign)
+	if b := c.BaseSize; b < minBase || b > maxDeviceSize || b%BaseSizeAlign != 0 {
+		v.bad("BaseSize", "%d bytes: must be from %s for %s to %s and a multiple of %d bytes", b, humanSize(minBase), c.FSType, humanSize(maxDeviceSize), BaseSizeAlign)
 	}
+}
+
+// validateClasses checks the size classes.
+func (c *Config) validateClasses(v *fieldErrors) {
 	seen := map[string]bool{}
 	for i, cl := range c.Classes {
 		field := fmt.Sprintf("Classes[%d]", i)
 		if msg := checkClassName(cl.Name); msg != "" {
-			bad(field+".Name", "%q %s", cl.Name, msg)
+			v.bad(field+".Name", "%q %s", cl.Name, msg)
 		} else if seen[cl.Name] {
-			bad(field+".Name", "%q is used twice", cl.Name)
+			v.bad(field+".Name", "%q is used twice", cl.Name)
 		}
 		seen[cl.Name] = true
-		if cl.Size < c.BaseSize || cl.Size > MaxDeviceSize || cl.Size%BaseSizeAlign != 0 {
-			bad(field+".Size", "%d bytes: must be from the base size (%s) to %s and a multiple of %d bytes",
-				cl.Size, humanSize(c.BaseSize), humanSize(MaxDeviceSize), BaseSizeAlign)
+		if cl.Size < c.BaseSize || cl.Size > maxDeviceSize || cl.Size%BaseSizeAlign != 0 {
+			v.bad(field+".Size", "%d bytes: must be from the base size (%s) to %s and a multiple of %d bytes",
+				cl.Size, humanSize(c.BaseSize), humanSize(maxDeviceSize), BaseSizeAlign)
 		}
 	}
+}
+
+// validateOptions checks the mkfs and mount options.
+func (c *Config) validateOptions(v *fieldErrors) {
 	for i, o := range c.MkfsOptions {
 		if o == "" || strings.ContainsRune(o, 0) {
-			bad(fmt.Sprintf("MkfsOptions[%d]", i), "%q must be a non-empty argument without NUL bytes", o)
+			v.bad(fmt.Sprintf("MkfsOptions[%d]", i), "%q must be a non-empty argument without NUL bytes", o)
 		}
 	}
 	for i, o := range c.MountOptions {
 		field := fmt.Sprintf("MountOptions[%d]", i)
 		switch {
 		case o == "" || strings.ContainsRune(o, 0):
-			bad(field, "%q must be a non-empty option without NUL bytes", o)
+			v.bad(field, "%q must be a non-empty option without NUL bytes", o)
 		case strings.Contains(o, ","):
-			bad(field, "%q: give one option per entry instead of a comma-separated list", o)
+			v.bad(field, "%q: give one option per entry instead of a comma-separated list", o)
 		case o == "ro" || o == "rw":
-			bad(field, "%q is chosen by the snapshotter (views are read-only, active snapshots writable)", o)
+			v.bad(field, "%q is chosen by the snapshotter (views are read-only, active snapshots writable)", o)
 		}
 	}
-	return errors.Join(errs...)
 }
 
 // humanSize writes a limit for a message.
@@ -323,8 +350,8 @@ func humanSize(n uint64) string {
 // checkPoolName returns why name cannot name an existing pool, or "".
 func checkPoolName(name string) string {
 	switch {
-	case len(name) > MaxPoolNameLen:
-		return fmt.Sprintf("is longer than %d bytes", MaxPoolNameLen)
+	case len(name) > maxPoolNameLen:
+		return fmt.Sprintf("is longer than %d bytes", maxPoolNameLen)
 	case name == "." || name == "..":
 		return "is not a device name"
 	}
@@ -338,8 +365,8 @@ func checkPoolName(name string) string {
 
 // checkClassName returns why name cannot name a size class, or "".
 func checkClassName(name string) string {
-	if name == "" || len(name) > MaxClassNameLen {
-		return fmt.Sprintf("must be 1 to %d bytes long", MaxClassNameLen)
+	if name == "" || len(name) > maxClassNameLen {
+		return fmt.Sprintf("must be 1 to %d bytes long", maxClassNameLen)
 	}
 	for i, r := range name {
 		switch {

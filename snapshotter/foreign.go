@@ -26,14 +26,8 @@ func (s *Snapshotter) foreignID(ctx context.Context, e storage.Entry, err error)
 		return false
 	}
 	uerr := s.db.Update(ctx, func(tx *storage.Tx) error {
-		if e.Key != "" {
-			if snap, err := tx.GetSnapshot(e.Key); err == nil && snap.DeviceID == e.DeviceID && snap.State == storage.StateCreating {
-				if _, err := tx.RemoveSnapshot(e.Key); err != nil {
-					return err
-				}
-			} else if err != nil && !errdefs.IsNotFound(err) {
-				return err
-			}
+		if err := dropCreating(tx, e); err != nil {
+			return err
 		}
 		if err := tx.MarkForeign(e.DeviceID); err != nil {
 			return err
@@ -54,36 +48,4 @@ func (s *Snapshotter) foreignID(ctx context.Context, e storage.Entry, err error)
 func errForeignIDs(err error) error {
 	return fmt.Errorf("%d thin ids in a row are already in the pool, held by devices that are not ours (see thin-snapshotter check): %w: %w",
 		maxIDTries, err, errdefs.ErrFailedPrecondition)
-}
-
-// snapStep is one journaled create_snap onto a new thin id: journal picks
-// the id and returns the entry to journal in tx, then the pool snapshots
-// entry.OriginID into entry.DeviceID (a poolChange). While the pool already
-// has the id picked, it is recorded as foreign and the step is tried again.
-// The journal's error comes back as journalErr, the pool's as err.
-func (s *Snapshotter) snapStep(ctx context.Context, journal func(tx *storage.Tx) (storage.Entry, error)) (entry storage.Entry, journalErr, err error) {
-	for attempt := 1; ; attempt++ {
-		err = s.poolChange(func() error {
-			journalErr = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
-				if entry, err = journal(tx); err != nil {
-					return err
-				}
-				entry.Seq, err = tx.AddJournal(entry)
-				return err
-			})
-			return journalErr
-		}, func() error {
-			return s.snapLocked(entry.DeviceID, entry.OriginID)
-		})
-		if journalErr != nil {
-			return entry, journalErr, nil
-		}
-		// The new id may be a device the pool already has: skipped.
-		if !s.foreignID(ctx, entry, err) {
-			return entry, nil, err
-		}
-		if attempt == maxIDTries {
-			return entry, errForeignIDs(err), nil
-		}
-	}
 }

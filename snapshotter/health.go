@@ -13,47 +13,47 @@ import (
 
 // checkPoolHealth refuses new devices when the pool cannot take them: failed,
 // read-only, needing a check, out of data space, or below the configured
-// free-space thresholds. Existing snapshots stay usable.
+// free-space thresholds. Existing snapshots stay usable. Short of space, it
+// first finishes the removals waiting for the worker (containerd's garbage
+// collection returns before they are done), then grows a pool that can
+// grow, and checks again after each.
 func (s *Snapshotter) checkPoolHealth(ctx context.Context) error {
-	st, err := s.pool.Status()
-	if err != nil {
-		return fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
-	}
-	err = poolHealth(s.pool.Name(), st, s.cfg.MinFreeData, s.cfg.MinFreeMetadata)
+	err := s.poolHealthNow()
 	if !errdefs.IsResourceExhausted(err) {
 		return err
 	}
-	// Short of space while removals wait for the worker (containerd's GC
-	// returns before they are done): their space comes back first.
 	if freed, ferr := s.finishRemovals(ctx, false); freed > 0 {
 		if ferr != nil {
 			log.G(ctx).WithError(ferr).Warn("pool short of space: pending removals not all finished")
 		}
-		if st, err = s.pool.Status(); err != nil {
-			return fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
-		}
-		if err = poolHealth(s.pool.Name(), st, s.cfg.MinFreeData, s.cfg.MinFreeMetadata); !errdefs.IsResourceExhausted(err) {
+		if err = s.poolHealthNow(); !errdefs.IsResourceExhausted(err) {
 			return err
 		}
 	}
 	if s.autogrow == nil {
 		return err
 	}
-	// Short of space with room to grow: grow now (a few steps if need be)
-	// rather than fail while the pool's event is on its way.
+	// Grow now (a few steps if need be) rather than fail while the
+	// pool's low-water event is on its way.
 	for range maxGrowSteps {
 		grown, gerr := s.maybeGrow(context.Background())
 		if gerr != nil || !grown {
 			return errors.Join(err, gerr)
 		}
-		if st, err = s.pool.Status(); err != nil {
-			return fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
-		}
-		if err = poolHealth(s.pool.Name(), st, s.cfg.MinFreeData, s.cfg.MinFreeMetadata); !errdefs.IsResourceExhausted(err) {
+		if err = s.poolHealthNow(); !errdefs.IsResourceExhausted(err) {
 			return err
 		}
 	}
 	return err
+}
+
+// poolHealthNow reads the pool's status and judges it (poolHealth).
+func (s *Snapshotter) poolHealthNow() error {
+	st, err := s.pool.Status()
+	if err != nil {
+		return fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
+	}
+	return poolHealth(s.pool.Name(), st, s.cfg.MinFreeData, s.cfg.MinFreeMetadata)
 }
 
 // maxGrowSteps bounds the steps one Prepare waits for.

@@ -29,7 +29,7 @@ func TestPoolRenamedKeepsDeviceNames(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	open := func(p Pool) (*Snapshotter, error) {
+	open := func(p thinPool) (*Snapshotter, error) {
 		db, err := storage.Open(ctx, filepath.Join(root, dbFile), storage.WithNoSync())
 		if err != nil {
 			t.Fatal(err)

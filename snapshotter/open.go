@@ -16,30 +16,27 @@ import (
 )
 
 // New opens (or creates) the snapshotter state under cfg.Root, sets up or
-// checks the pool, recovers from an earlier crash and makes sure the base
-// device exists.
+// checks the pool, recovers from an earlier crash, makes sure the base
+// device exists and starts the background work.
 func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 	k, err := openKernel(ctx, &cfg, false)
 	if err != nil {
 		return nil, err
 	}
-	s, err := newWithPool(ctx, cfg, k.db, k.pool, nil)
-	if err != nil {
-		return nil, k.close(err)
-	}
+	s := newSnapshotter(cfg, k.db, k.pool, nil)
 	s.closers = k.closers
 	if k.loop != nil && cfg.MaxDataSize != 0 {
 		s.autogrow = &grower{lp: k.loop, c: k.pool.c}
-		wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-		stopWorker := s.stop
-		s.stop = func() { cancel(); stopWorker() }
-		s.bg.Go(func() { s.watchGrowth(wctx) })
 	}
+	if err := s.setUp(ctx); err != nil {
+		return nil, k.close(err)
+	}
+	s.startBackground(ctx)
 	return s, nil
 }
 
 // OpenForCheck opens the snapshotter state under cfg.Root for Check without
-// changing anything: no recovery, no base device, no background worker.
+// changing anything: no recovery, no base device, no background work.
 // The embedded pool is set up when missing (after a reboot), from its
 // existing files only. Fails with a clear error while the daemon runs.
 func OpenForCheck(ctx context.Context, cfg Config) (*Snapshotter, error) {
@@ -52,6 +49,70 @@ func OpenForCheck(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		return nil, k.close(err)
 	}
 	s.closers = k.closers
+	return s, nil
+}
+
+// newSnapshotter is the snapshotter on an open database and pool, before
+// any of the work New or OpenForCheck do; format nil is mkfs.
+func newSnapshotter(cfg Config, db *storage.DB, pool thinPool, format func(context.Context, string) error) *Snapshotter {
+	cfg.setDefaults()
+	s := &Snapshotter{cfg: cfg, db: db, pool: pool, format: format}
+	s.bg.wake = make(chan struct{}, 1)
+	if format == nil {
+		s.format = s.mkfs
+	}
+	s.growFS = s.fillDevice
+	return s
+}
+
+// setUp checks the pool is the database's, recovers from an earlier crash
+// and makes sure the base device exists.
+func (s *Snapshotter) setUp(ctx context.Context) error {
+	if err := s.checkOwnership(ctx); err != nil {
+		return err
+	}
+	if err := s.recover(ctx); err != nil {
+		return fmt.Errorf("recovery: %w", err)
+	}
+	if err := s.ensureBase(ctx); err != nil {
+		return fmt.Errorf("base device: %w", err)
+	}
+	return nil
+}
+
+// newWithPool is New after the kernel side is open; unit tests call it with
+// a fake pool and a format function that needs no kernel (nil is mkfs).
+func newWithPool(ctx context.Context, cfg Config, db *storage.DB, pool thinPool, format func(context.Context, string) error) (*Snapshotter, error) {
+	s := newSnapshotter(cfg, db, pool, format)
+	if err := s.setUp(ctx); err != nil {
+		return nil, err
+	}
+	s.startBackground(ctx)
+	return s, nil
+}
+
+// openCheck is OpenForCheck after the kernel side is open (unit tests pass
+// a fake pool).
+func openCheck(ctx context.Context, cfg Config, db *storage.DB, pool thinPool, format func(context.Context, string) error) (*Snapshotter, error) {
+	s := newSnapshotter(cfg, db, pool, format)
+	s.forCheck = true
+	st, err := pool.Status()
+	if err != nil {
+		return nil, fmt.Errorf("status of pool %s: %w", pool.Name(), err)
+	}
+	s.txid = st.TransactionID
+	if err := db.View(ctx, func(tx *storage.Tx) error {
+		pi, err := tx.PoolInfo()
+		if err == nil && slices.Contains(poolNames(pool), pi.Name) {
+			s.recordedPool = pi.Name
+		}
+		if errdefs.IsNotFound(err) {
+			return nil
+		}
+		return err
+	}); err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -73,9 +134,9 @@ func (k *kernel) close(err error) error {
 }
 
 // openKernel applies cfg's defaults and rules, then opens the dm client, the
-// database under cfg.Root and the pool: cfg.PoolName, or the embedded
-// loopback pool, set up again from its files when a reboot took it down.
-// With existing (a check), nothing new is made: the database and the
+// database under cfg.Root and the pool: cfg.PoolLVM, cfg.PoolName, or the
+// embedded loopback pool, set up again from its files when a reboot took it
+// down. With existing (a check), nothing new is made: the database and the
 // embedded pool's files must be there already.
 func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error) {
 	cfg.setDefaults()
@@ -83,14 +144,7 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 		return nil, err
 	}
 	dbPath := filepath.Join(cfg.Root, dbFile)
-	if existing {
-		if _, err := os.Stat(dbPath); err != nil {
-			if errors.Is(err, os.ErrNotExist) {
-				return nil, fmt.Errorf("no database at %s (has the daemon ever run with this root?): %w", dbPath, errdefs.ErrNotFound)
-			}
-			return nil, err
-		}
-	} else if err := os.MkdirAll(cfg.Root, 0o700); err != nil {
+	if err := prepareRoot(cfg.Root, dbPath, existing); err != nil {
 		return nil, err
 	}
 	// With udev running, our devices get /dev/mapper links but no probe:
@@ -111,69 +165,17 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 	}
 	k.closers = append(k.closers, k.db.Close)
 
-	name := cfg.PoolName
-	var lvmID string
-	var lvmNames []string
+	name, lvmID, lvmNames := cfg.PoolName, "", []string(nil)
 	switch {
 	case cfg.PoolLVM != "":
-		vg, lv, _ := dmsetup.ParseLVMName(cfg.PoolLVM) // validated
-		lvmID, lvmNames = dmsetup.LVMDeviceName(vg, lv), dmsetup.LVMThinPoolNames(vg, lv)
-		if name, err = client.FindThinPool(lvmNames...); err != nil {
-			return nil, k.close(fmt.Errorf("LVM thin pool %s (is it active? lvchange -ay %s): %w", cfg.PoolLVM, cfg.PoolLVM, err))
-		}
-		if name == lvmNames[0] && !existing {
-			var pi storage.PoolInfo
-			if err := k.db.View(ctx, func(tx *storage.Tx) (err error) {
-				pi, err = tx.PoolInfo()
-				return err
-			}); err != nil && !errdefs.IsNotFound(err) {
-				return nil, k.close(err)
-			}
-			if pi.Name == "" {
-				// Taking it over would advance the transaction id LVM keeps
-				// for its own volumes: LVM would never activate the pool again.
-				return nil, k.close(fmt.Errorf("LVM thin pool %s is not dedicated: it has LVM thin volumes (its target is %s); "+
-					"the daemon needs a thin pool of its own (contrib/pool/make-lvm-pool makes one): %w", cfg.PoolLVM, name, errdefs.ErrFailedPrecondition))
-			}
-			log.G(ctx).WithField("pool", cfg.PoolLVM).Warnf("LVM thin pool is not dedicated: it has LVM thin volumes (its target is %s); "+
-				"their thin ids are recorded as foreign and never used", name)
-		}
-	case name == "":
-		if name, err = LoopPoolName(cfg.Root); err != nil {
+		if name, lvmID, lvmNames, err = findLVMPool(ctx, client, k.db, cfg.PoolLVM, existing); err != nil {
 			return nil, k.close(err)
 		}
-		dir := filepath.Join(cfg.Root, poolDir)
-		if existing {
-			for _, f := range []string{dmsetup.LoopDataFile, dmsetup.LoopMetadataFile} {
-				// A missing file would be created empty: a new pool,
-				// and every record a ghost.
-				if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
-					return nil, k.close(fmt.Errorf("embedded pool file: %w", err))
-				}
-			}
+	case name == "":
+		if k.loop, err = embeddedPool(ctx, client, cfg, existing); err != nil {
+			return nil, k.close(err)
 		}
-		var lowWater uint64
-		if cfg.MaxDataSize != 0 {
-			lowWater = cfg.lowWaterBlocks(cfg.DataSize)
-		}
-		lp, err := dmsetup.CreateLoopPool(ctx, client, dmsetup.LoopPoolConfig{
-			Dir:              dir,
-			Name:             name,
-			DataSize:         cfg.DataSize,
-			MetadataSize:     cfg.MetadataSize,
-			BlockSizeSectors: uint32(dmsetup.BytesToSectors(cfg.BlockSize)),
-			// A full pool fails writes at once instead of queueing them
-			// for a minute: containers see ENOSPC/EIO, not a hang.
-			ErrorIfNoSpace: true,
-			LowWaterMark:   lowWater,
-		})
-		if err != nil {
-			return nil, k.close(fmt.Errorf("embedded pool: %w", err))
-		}
-		if !existing {
-			log.G(ctx).WithField("pool", name).WithField("reused", lp.Reused).Info("embedded pool ready")
-		}
-		k.loop = lp
+		name = k.loop.Name
 	}
 	if k.pool, err = newDMPool(client, name); err != nil {
 		return nil, k.close(err)
@@ -187,66 +189,90 @@ func openKernel(ctx context.Context, cfg *Config, existing bool) (*kernel, error
 	return k, nil
 }
 
-// newSnapshotter is the snapshotter on an open database and pool, before
-// any of the work New or OpenForCheck do; format nil is mkfs.
-func newSnapshotter(cfg Config, db *storage.DB, pool Pool, format func(context.Context, string) error) *Snapshotter {
-	cfg.setDefaults()
-	s := &Snapshotter{
-		cfg:      cfg,
-		db:       db,
-		pool:     pool,
-		deleting: map[uint64]bool{},
-		wake:     make(chan struct{}, 1),
-		done:     make(chan struct{}),
-		format:   format,
+// prepareRoot makes root for a new database at dbPath; for a check
+// (existing), the database must be there already.
+func prepareRoot(root, dbPath string, existing bool) error {
+	if !existing {
+		return os.MkdirAll(root, 0o700)
 	}
-	if format == nil {
-		s.format = s.mkfs
-	}
-	s.grow = s.growFS
-	return s
-}
-
-// newWithPool is New after the kernel side is open; unit tests call it with
-// a fake pool and a format function that needs no kernel (nil is mkfs).
-func newWithPool(ctx context.Context, cfg Config, db *storage.DB, pool Pool, format func(context.Context, string) error) (*Snapshotter, error) {
-	s := newSnapshotter(cfg, db, pool, format)
-	if err := s.checkOwnership(ctx); err != nil {
-		return nil, err
-	}
-	if err := s.recover(ctx); err != nil {
-		return nil, fmt.Errorf("recovery: %w", err)
-	}
-	if err := s.ensureBase(ctx); err != nil {
-		return nil, fmt.Errorf("base device: %w", err)
-	}
-	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	s.stop = cancel
-	go s.worker(wctx)
-	return s, nil
-}
-
-// openCheck is OpenForCheck after the kernel side is open (unit tests pass
-// a fake pool). The snapshotter has no worker: stop stays nil, which is
-// what lets Check repair.
-func openCheck(ctx context.Context, cfg Config, db *storage.DB, pool Pool, format func(context.Context, string) error) (*Snapshotter, error) {
-	s := newSnapshotter(cfg, db, pool, format)
-	st, err := pool.Status()
-	if err != nil {
-		return nil, fmt.Errorf("status of pool %s: %w", pool.Name(), err)
-	}
-	s.txid = st.TransactionID
-	if err := db.View(ctx, func(tx *storage.Tx) error {
-		pi, err := tx.PoolInfo()
-		if err == nil && slices.Contains(poolNames(pool), pi.Name) {
-			s.recordedPool = pi.Name
-		}
-		if errdefs.IsNotFound(err) {
-			return nil
+	if _, err := os.Stat(dbPath); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("no database at %s (has the daemon ever run with this root?): %w", dbPath, errdefs.ErrNotFound)
 		}
 		return err
-	}); err != nil {
+	}
+	return nil
+}
+
+// findLVMPool finds the dm device carrying LVM thin pool vg/lv and returns
+// its name, the pool's stable name and every dm name LVM may give it. A
+// pool that has LVM thin volumes is refused unless the database already
+// manages it.
+func findLVMPool(ctx context.Context, client *dmsetup.Client, db *storage.DB, vgLV string, existing bool) (name, id string, names []string, err error) {
+	vg, lv, _ := dmsetup.ParseLVMName(vgLV) // validated
+	id, names = dmsetup.LVMDeviceName(vg, lv), dmsetup.LVMThinPoolNames(vg, lv)
+	if name, err = client.FindThinPool(names...); err != nil {
+		return "", "", nil, fmt.Errorf("LVM thin pool %s (is it active? lvchange -ay %s): %w", vgLV, vgLV, err)
+	}
+	if name != names[0] || existing {
+		return name, id, names, nil
+	}
+	var pi storage.PoolInfo
+	if err := db.View(ctx, func(tx *storage.Tx) (err error) {
+		pi, err = tx.PoolInfo()
+		return err
+	}); err != nil && !errdefs.IsNotFound(err) {
+		return "", "", nil, err
+	}
+	if pi.Name == "" {
+		// Taking it over would advance the transaction id LVM keeps
+		// for its own volumes: LVM would never activate the pool again.
+		return "", "", nil, fmt.Errorf("LVM thin pool %s is not dedicated: it has LVM thin volumes (its target is %s); "+
+			"the daemon needs a thin pool of its own (contrib/pool/make-lvm-pool makes one): %w", vgLV, name, errdefs.ErrFailedPrecondition)
+	}
+	log.G(ctx).WithField("pool", vgLV).Warnf("LVM thin pool is not dedicated: it has LVM thin volumes (its target is %s); "+
+		"their thin ids are recorded as foreign and never used", name)
+	return name, id, names, nil
+}
+
+// embeddedPool sets up the embedded loopback pool under cfg.Root: made on
+// the first start, set up again from its files after a reboot. For a check
+// (existing) its files must be there already.
+func embeddedPool(ctx context.Context, client *dmsetup.Client, cfg *Config, existing bool) (*dmsetup.LoopPool, error) {
+	name, err := LoopPoolName(cfg.Root)
+	if err != nil {
 		return nil, err
 	}
-	return s, nil
+	dir := filepath.Join(cfg.Root, poolDir)
+	if existing {
+		for _, f := range []string{dmsetup.LoopDataFile, dmsetup.LoopMetadataFile} {
+			// A missing file would be created empty: a new pool,
+			// and every record a ghost.
+			if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+				return nil, fmt.Errorf("embedded pool file: %w", err)
+			}
+		}
+	}
+	var lowWater uint64
+	if cfg.MaxDataSize != 0 {
+		lowWater = cfg.lowWaterBlocks(cfg.DataSize)
+	}
+	lp, err := dmsetup.CreateLoopPool(ctx, client, dmsetup.LoopPoolConfig{
+		Dir:              dir,
+		Name:             name,
+		DataSize:         cfg.DataSize,
+		MetadataSize:     cfg.MetadataSize,
+		BlockSizeSectors: uint32(dmsetup.BytesToSectors(cfg.BlockSize)),
+		// A full pool fails writes at once instead of queueing them
+		// for a minute: containers see ENOSPC/EIO, not a hang.
+		ErrorIfNoSpace: true,
+		LowWaterMark:   lowWater,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("embedded pool: %w", err)
+	}
+	if !existing {
+		log.G(ctx).WithField("pool", name).WithField("reused", lp.Reused).Info("embedded pool ready")
+	}
+	return lp, nil
 }

@@ -10,10 +10,10 @@ import (
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 )
 
-// Pool is what the snapshotter needs from the kernel: thin-pool messages on
-// one pool and the dm devices of its thin volumes. The real one is dmPool;
-// tests use a fake to inject failures and crashes.
-type Pool interface {
+// thinPool is what the snapshotter needs from the kernel: thin-pool
+// messages on one pool and the dm devices of its thin volumes. The real one
+// is dmPool; tests use a fake to inject failures and crashes.
+type thinPool interface {
 	// Name is the dm name of the thin pool.
 	Name() string
 	// Status is the pool's status as of its last metadata commit: every
@@ -44,7 +44,7 @@ type Pool interface {
 	DevicePath(name string) string
 }
 
-// dmPool implements Pool with the pure-Go dm client.
+// dmPool implements thinPool with the pure-Go dm client.
 type dmPool struct {
 	c    *dmsetup.Client
 	name string // the dm device with the thin-pool target
@@ -161,6 +161,24 @@ func (p *dmPool) Deactivate(ctx context.Context, name string) error {
 	return err
 }
 
+// poolGeometry reads the pool's table; dmPool implements it. Without it
+// (the unit tests' fake pool) Status reports blocks of Config.BlockSize.
+type poolGeometry interface {
+	PoolParams() (dmsetup.PoolParams, error)
+}
+
+// PoolParams reads the thin-pool table of the pool.
+func (p *dmPool) PoolParams() (dmsetup.PoolParams, error) {
+	t, err := p.c.Table(p.name)
+	if err != nil {
+		return dmsetup.PoolParams{}, err
+	}
+	if len(t) != 1 || t[0].Type != "thin-pool" {
+		return dmsetup.PoolParams{}, fmt.Errorf("device %s is not a thin pool (table %v): %w", p.name, t, errdefs.ErrFailedPrecondition)
+	}
+	return dmsetup.ParsePoolParams(t[0].Params)
+}
+
 // ReserveMetadata takes a snapshot of the pool metadata.
 func (p *dmPool) ReserveMetadata() (metadataSnapshot, error) {
 	return p.c.ReserveMetadataSnapshot(p.name)
@@ -183,4 +201,8 @@ func (p *dmPool) ThinTarget(name string) (dmsetup.ThinParams, dmsetup.Sectors, e
 // PoolDevice is the pool's major:minor, as thin tables name it.
 func (p *dmPool) PoolDevice() string { return p.dev }
 
-var _ poolInspector = (*dmPool)(nil)
+var (
+	_ thinPool      = (*dmPool)(nil)
+	_ poolInspector = (*dmPool)(nil)
+	_ poolGeometry  = (*dmPool)(nil)
+)

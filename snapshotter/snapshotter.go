@@ -2,11 +2,63 @@
 // devices of a device-mapper thin pool, with all state in one bbolt database
 // (package storage) and the kernel reached through package dmsetup.
 //
-// Every pool mutation follows one protocol: a write transaction records the
-// intent in the journal (and reserves ids and keys), the kernel work runs
-// with no transaction open, and a second transaction records the outcome and
-// clears the entry. Recovery at startup finishes or rolls back what a crash
-// interrupted.
+// Each snapshot is a thin device. A new layer or container is a create_snap
+// of its parent's device (or of the base device, an empty filesystem made
+// once). A commit gives the layer a fresh snapshot of the active device and
+// keeps the active device as a warm device of the layer, ready for its next
+// child (warm.go).
+//
+// # The journal
+//
+// Every pool mutation follows one protocol (poolstep.go): a write
+// transaction records the intent in the journal (and reserves ids and
+// keys), the kernel work runs with no transaction open, and a second
+// transaction records the outcome and clears the entry. Recovery at startup
+// finishes or rolls back what a crash interrupted (recover.go).
+//
+// # Files
+//
+// Calls: create.go (Prepare, View), commit.go, remove.go, update.go
+// (labels and the max-size grow), share.go (layers shared between size
+// classes), class.go (size classes). Background work: worker.go and
+// warm.go. Kernel side: pool.go (the dm client), poolstep.go, base.go,
+// poolgrow.go (the embedded pool grows), fsgrow.go (a filesystem grows to
+// its device). Start and stop: open.go, ownership.go, recover.go.
+// Operators: status.go, devices.go, steps.go and check*.go.
+//
+// # Concurrency
+//
+// Locks, outermost first. Code holding one may take only those after it:
+//
+//  1. keys: one lock per snapshot key. Prepare, View, Commit, Remove and
+//     Update of the same key run one at a time; other keys run in parallel.
+//  2. grower.mu: one growth of the embedded pool at a time (a Prepare short
+//     of space grows it, and so does the growth goroutine).
+//  3. poolMu: the pool's metadata messages (create_thin, create_snap,
+//     delete, set_transaction_id) one at a time, with the suspend and
+//     resume around a snapshot of an active device; it also guards txid.
+//     Check holds it while it takes the pool's metadata snapshot and reads
+//     the database, so the two agree.
+//  4. bbolt's writer lock, inside storage.DB.Update. Journal entries are
+//     written before poolMu is taken, so one call's fsync overlaps another
+//     call's pool message; no database write happens under poolMu.
+//
+// Leaf locks, under which nothing else is taken: keyLocks.mu, the removals
+// in flight (background.removing), the refill requests (refills.mu) and
+// the admin state (adminState.mu).
+//
+// Outside poolMu on purpose: activating, removing, resizing and
+// discarding one dm device (the kernel serializes calls on a device, and
+// device names come from thin ids, so two calls never share one), status
+// reads, and the embedded pool's table reload when it grows (pool messages
+// do not depend on the pool's size, and holding poolMu through a growth
+// would stall every call for its length).
+//
+// Goroutines: the worker (worker.go) and, for an embedded pool with
+// max_data_size, the growth watcher (poolgrow.go). New starts both; Close
+// stops both and waits for them before it closes the database. Work the
+// worker has begun is finished even when it is stopped, so no half-made
+// device waits for the next start.
 package snapshotter
 
 import (
@@ -15,7 +67,6 @@ import (
 	"fmt"
 	"slices"
 	"sync"
-	"sync/atomic"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -35,56 +86,32 @@ const (
 type Snapshotter struct {
 	cfg  Config
 	db   *storage.DB
-	pool Pool
+	pool thinPool
 	// recordedPool is the pool's name in the database (devicePool); set
 	// before any device is named, read-only afterwards.
 	recordedPool string
+	// forCheck: opened by OpenForCheck, with no background work, so
+	// Check may repair.
+	forCheck bool
 
-	// poolMu serializes pool metadata messages (and, while the pool is
-	// set up, the transaction id that follows them: poolStep); txid is
-	// the pool's current one.
+	// poolMu serializes the pool's metadata messages (see Concurrency);
+	// txid is the pool's transaction id.
 	poolMu sync.Mutex
 	txid   uint64
 
 	keys keyLocks
-	// calls tracks Prepare, View, Commit and Remove, which background
-	// work gives way to (pace.go).
-	calls activity
-
-	// admin serves Status and the step observer (status.go).
-	admin adminState
-
-	// sharedLayers counts unpacks saved by layer sharing.
-	sharedLayers atomic.Uint64
-
-	// grow makes the filesystem on dev fill its device; replaced in
-	// unit tests.
-	grow func(ctx context.Context, dev, fsType string) error
-
-	// format makes the base filesystem; replaced in unit tests.
-	format func(ctx context.Context, dev string) error
-
-	// Removals in flight by journal sequence, so the worker and Remove
-	// never finish the same entry twice.
-	delMu    sync.Mutex
-	deleting map[uint64]bool
-
-	// Committed snapshots whose next child should find a warm device:
-	// a Prepare on them found none, or took one and they had children
-	// before (warm.go). children counts the Prepares on each.
-	refillMu  sync.Mutex
-	refill    map[string]bool
-	refilling bool
-	children  map[string]int
-
+	// bg is the background work (worker.go).
+	bg background
 	// autogrow grows the embedded pool (MaxDataSize); nil when it does not.
 	autogrow *grower
-	// bg counts background goroutines besides the worker.
-	bg sync.WaitGroup
+	// admin serves Status, the step observer and the counters.
+	admin adminState
 
-	wake      chan struct{}
-	stop      context.CancelFunc
-	done      chan struct{}
+	// growFS makes the filesystem on dev fill its device, and format
+	// makes the base filesystem; unit tests replace both.
+	growFS func(ctx context.Context, dev, fsType string) error
+	format func(ctx context.Context, dev string) error
+
 	closeOnce sync.Once
 	closeErr  error
 	closers   []func() error
@@ -205,7 +232,7 @@ func (s *Snapshotter) mounts(snap storage.Snapshot) []mount.Mount {
 	if snap.Kind == snapshots.KindView {
 		opts = append(opts, "ro")
 	}
-	if snap.FSType == "xfs" {
+	if snap.FSType == FSTypeXFS {
 		// Every device is a snapshot of one base filesystem: same UUID.
 		opts = append(opts, "nouuid")
 	}
@@ -226,290 +253,14 @@ func (s *Snapshotter) mounts(snap storage.Snapshot) []mount.Mount {
 	}}
 }
 
-// Prepare creates an active snapshot of parent (or of the empty base).
-func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
-	if err := checkDefaultKey(key); err != nil {
-		return nil, err
-	}
-	return s.create(ctx, snapshots.KindActive, key, parent, opts)
-}
-
-// View creates a read-only snapshot of parent.
-func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
-	if err := checkDefaultKey(key); err != nil {
-		return nil, err
-	}
-	return s.create(ctx, snapshots.KindView, key, parent, opts)
-}
-
-func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) ([]mount.Mount, error) {
-	var base snapshots.Info
-	for _, o := range opts {
-		if err := o(&base); err != nil {
-			return nil, err
-		}
-	}
-	defer s.calls.begin()()
-	unlock := s.keys.lock(key)
-	defer unlock()
-	if err := s.checkPoolHealth(ctx); err != nil {
-		return nil, err
-	}
-	if chain := base.Labels[snapshots.LabelSnapshotRef]; chain != "" && kind == snapshots.KindActive {
-		if err := s.shareLayer(ctx, key, parent, chain, base.Labels); !errors.Is(err, errNoLayer) {
-			return nil, err
-		}
-	}
-	if kind == snapshots.KindActive && parent != "" {
-		snap, ok, err := s.takeWarm(ctx, key, parent, base.Labels)
-		if err != nil {
-			return nil, err
-		}
-		if ok {
-			s.tookWarm(parent)
-			return s.mounts(snap), nil
-		}
-	}
-
-	r, journal, err := s.createStep(ctx, kind, key, parent, base.Labels)
-	if journal != nil {
-		return nil, journal
-	}
-	snap, entry, grow := r.snap, r.entry, r.grow
-
-	if err == nil {
-		name := s.deviceName(snap.DeviceID)
-		err = s.timed(StepActivate, func() error {
-			return s.pool.Activate(name, snap.DeviceID, dmsetup.BytesToSectors(snap.Size), kind == snapshots.KindView)
-		})
-		if err == nil && grow {
-			// The filesystem is its origin's size: it fills the
-			// device before anyone mounts it.
-			err = s.timed(StepGrow, func() error { return s.grow(ctx, s.pool.DevicePath(name), snap.FSType) })
-			if err != nil {
-				err = errors.Join(err, s.pool.Deactivate(ctx, name))
-			}
-		}
-		if err != nil {
-			s.poolMu.Lock()
-			err = errors.Join(err, ignoreNoData(s.pool.DeleteThin(entry.DeviceID)))
-			s.poolMu.Unlock()
-		}
-	}
-	if err != nil {
-		if rerr := s.rollbackCreate(ctx, entry, false); rerr != nil {
-			// The journal keeps the entry; recovery finishes it.
-			log.G(ctx).WithError(rerr).WithField("key", key).Error("rolling back a failed prepare")
-		}
-		return nil, fmt.Errorf("create thin device for %q: %w", key, err)
-	}
-	// What the new device maps now is all shared with its origin.
-	var shared uint64
-	if st, err := s.pool.ThinStatus(s.deviceName(snap.DeviceID)); err == nil {
-		shared = uint64(st.MappedSectors)
-	}
-	err = s.db.Update(ctx, func(tx *storage.Tx) error {
-		if _, err := tx.SetState(key, storage.StateReady); err != nil {
-			return err
-		}
-		if _, err := tx.SetShared(key, shared); err != nil {
-			return err
-		}
-		return tx.FinishJournal(entry.Seq)
-	})
-	if err != nil {
-		return nil, err
-	}
-	snap.State = storage.StateReady
-	if kind == snapshots.KindActive && parent != "" {
-		// More children may follow (containers of one image).
-		s.countChild(parent)
-		s.wantWarm(parent)
-	}
-	return s.mounts(snap), nil
-}
-
-type createResult struct {
-	snap  storage.Snapshot
-	entry storage.Entry
-	grow  bool // the device is larger than its origin's filesystem
-}
-
-// createStep is the pool step of create: it journals a new record and thin
-// device of parent (or of the base) and makes the device's snapshot.
-func (s *Snapshotter) createStep(ctx context.Context, kind snapshots.Kind, key, parent string, labels map[string]string) (r createResult, journal, err error) {
-	r.entry, journal, err = s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
-		pi, err := tx.PoolInfo()
-		if err != nil {
-			return storage.Entry{}, err
-		}
-		origin, size, fsType := pi.BaseDeviceID, pi.BaseSize, pi.BaseFSType
-		if parent != "" {
-			p, err := tx.GetSnapshot(parent)
-			if err != nil {
-				return storage.Entry{}, fmt.Errorf("parent %q: %w", parent, err)
-			}
-			origin, size, fsType = p.DeviceID, p.Size, p.FSType
-		}
-		r.grow = false
-		if kind == snapshots.KindActive {
-			// Views are read-only: their filesystem cannot grow.
-			want, err := requestedSize(labels, size)
-			if err != nil {
-				return storage.Entry{}, err
-			}
-			if r.grow = want > size; r.grow {
-				size = want
-			}
-		}
-		id, err := tx.AllocateID()
-		if err != nil {
-			return storage.Entry{}, err
-		}
-		r.snap, err = tx.CreateSnapshot(storage.Snapshot{
-			Key: key, Kind: kind, Parent: parent, Labels: labels,
-			State: storage.StateCreating, DeviceID: id, Size: size, FSType: fsType,
-		})
-		return storage.Entry{Op: storage.OpCreateSnap, DeviceID: id, OriginID: origin, Key: key}, err
-	})
-	return r, journal, err
-}
-
-// snapLocked snapshots origin into id; an active origin is suspended around
-// it so its in-flight writes land in the snapshot. Called with poolMu held.
-func (s *Snapshotter) snapLocked(id, origin uint32) error {
-	name := s.deviceName(origin)
-	info, err := s.pool.Info(name)
-	active := err == nil && info.LiveTable && !info.Suspended
-	if active {
-		if err := s.pool.Suspend(name); err != nil {
-			return err
-		}
-	}
-	err = s.timed(StepCreateSnap, func() error { return s.pool.CreateSnap(id, origin) })
-	if active {
-		err = errors.Join(err, s.pool.Resume(name))
-	}
-	return err
-}
-
-// rollbackCreate undoes the records of a failed create after its device was
-// deleted (or never made).
-func (s *Snapshotter) rollbackCreate(ctx context.Context, e storage.Entry, txSet bool) error {
-	return s.db.Update(ctx, func(tx *storage.Tx) error {
-		if e.Key != "" { // the base device has no record
-			if snap, err := tx.GetSnapshot(e.Key); err == nil && snap.DeviceID == e.DeviceID && snap.State == storage.StateCreating {
-				if _, err := tx.RemoveSnapshot(e.Key); err != nil {
-					return err
-				}
-			} else if err != nil && !errdefs.IsNotFound(err) {
-				return err
-			}
-		}
-		if err := tx.ReleaseID(e.DeviceID); err != nil && !errdefs.IsNotFound(err) {
-			return err
-		}
-		if txSet {
-			if err := s.raiseTxID(tx, e.TxID); err != nil {
-				return err
-			}
-		}
-		return tx.FinishJournal(e.Seq)
-	})
-}
-
-// Commit turns active snapshot key into committed snapshot name: the
-// committed snapshot's device is a new snapshot of the active's, and the
-// active's device, still active, waits for name's next child (warm.go).
-func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
-	if err := checkDefaultKey(name); err != nil {
-		return err
-	}
-	return s.commit(ctx, name, key, opts...)
-}
-
-func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
-	defer s.calls.begin()()
-	unlock := s.keys.lock(key)
-	defer unlock()
-	return s.commitSnap(ctx, name, key, opts)
-}
-
-// Remove deletes a snapshot. The record goes at once; the device is deleted
-// now, or by the worker when async_remove is set or the device is briefly
-// busy.
-func (s *Snapshotter) Remove(ctx context.Context, key string) error {
-	defer s.calls.begin()()
-	unlock := s.keys.lock(key)
-	defer unlock()
-
-	snap, err := s.ready(ctx, key)
-	if err != nil {
-		return err
-	}
-	if snap.Kind != snapshots.KindCommitted {
-		// A mounted snapshot is containerd's to unmount first; refusing
-		// now keeps the record instead of leaving a busy device behind.
-		if info, err := s.pool.Info(s.deviceName(snap.DeviceID)); err == nil && info.OpenCount > 0 {
-			return fmt.Errorf("snapshot %q: device %s is open (mounted?): %w", key, s.deviceName(snap.DeviceID), errdefs.ErrFailedPrecondition)
-		}
-	}
-	var dels []storage.Entry
-	err = s.db.Update(ctx, func(tx *storage.Tx) error {
-		removed, err := tx.RemoveSnapshot(key)
-		if err != nil {
-			return err
-		}
-		// Its warm devices hold its content: they go with it, and
-		// first, so its own discard finds their blocks no longer shared
-		// and passes them on to the pool's storage.
-		if dels, err = warmToDelete(tx, func(e storage.Entry, _ int) bool { return e.Key == key }); err != nil {
-			return err
-		}
-		entry := storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: key, Size: removed.Size}
-		if removed.Kind == snapshots.KindView && removed.Parent != "" {
-			// Unless its filesystem was grown to a larger size (writes
-			// of its own), it has been read-only since its snapshot:
-			// its parent holds all its blocks.
-			p, err := tx.GetSnapshot(removed.Parent)
-			if err != nil && !errdefs.IsNotFound(err) {
-				return err
-			}
-			if err == nil && p.Size == removed.Size {
-				entry.OriginID = p.DeviceID
-			}
-		}
-		if entry.Seq, err = tx.AddJournal(entry); err != nil {
-			return err
-		}
-		dels = append(dels, entry)
-		return nil
-	})
-	if err != nil {
-		return err
-	}
-	if s.cfg.AsyncRemove {
-		s.kick()
-		return nil
-	}
-	if err := s.finishDeletes(ctx, dels); err != nil {
-		// The removal is journaled: the worker retries it.
-		log.G(ctx).WithError(err).WithField("key", key).Warn("device deletion deferred")
-		s.kick()
-	}
-	return nil
-}
-
-// Close stops the worker, deletes the warm devices and finishes pending
-// removals, and closes the database; other devices stay as they are.
+// Close stops the background work, deletes the warm devices, finishes
+// pending removals and closes the database; other devices stay as they
+// are, for the next start.
 func (s *Snapshotter) Close() error {
 	s.closeOnce.Do(func() {
-		if s.stop != nil {
-			s.stop()
-			<-s.done
-			s.bg.Wait()
-			// Leave no warm device nor pending removal behind a clean
-			// stop; what is busy stays journaled for the next start.
+		if !s.forCheck {
+			s.stopBackground()
+			// What is busy stays journaled for the next start.
 			if err := s.Drain(context.Background()); err != nil {
 				log.L.WithError(err).Warn("closing: devices left for the next start")
 			}
@@ -524,12 +275,4 @@ func (s *Snapshotter) Close() error {
 		s.closeErr = errors.Join(errs...)
 	})
 	return s.closeErr
-}
-
-// ignoreNoData treats deleting a thin id the pool does not have as done.
-func ignoreNoData(err error) error {
-	if err != nil && dmsetup.IsNotFound(err) {
-		return nil
-	}
-	return err
 }

@@ -52,15 +52,11 @@ func mustNew(t *testing.T, root string, pool *fakePool, mod ...func(*Config)) *S
 
 // stopWorker stops s's background worker: nothing then finishes a removal
 // or makes a warm device behind the test.
-func stopWorker(s *Snapshotter) {
-	s.stop()
-	<-s.done
-	s.stop = nil
-}
+func stopWorker(s *Snapshotter) { s.stopBackground() }
 
 // checkConsistent asserts the invariants that must hold whenever no call is
 // in flight (and the worker has finished what a call handed it): the
-// journal is empty but for warm devices, the pool holds exactly the base,
+// journal is empty, the pool holds exactly the base,
 // the recorded devices and the warm ones, non-committed snapshots and warm
 // devices are active (views read-only), committed ones are not, a warm
 // device's parent is a committed snapshot, and the recorded transaction id
@@ -84,17 +80,19 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 		if entries, err = tx.Journal(); err != nil {
 			return err
 		}
-		warm := warmDevices(entries)
-		entries = slices.DeleteFunc(entries, func(e storage.Entry) bool { return e.Op == storage.OpWarm })
-		for id, e := range warm {
-			p, err := tx.GetSnapshot(e.Key)
+		warm, err := tx.WarmDevices()
+		if err != nil {
+			return err
+		}
+		for _, w := range warm {
+			p, err := tx.GetSnapshot(w.Parent)
 			if err != nil || p.Kind != snapshots.KindCommitted || p.State != storage.StateReady {
-				return fmt.Errorf("warm device %d of %q: parent %+v: %w", id, e.Key, p, err)
+				return fmt.Errorf("warm device %d of %q: parent %+v: %w", w.DeviceID, w.Parent, p, err)
 			}
-			if want[id] {
-				return fmt.Errorf("warm device %d listed twice", id)
+			if want[w.DeviceID] {
+				return fmt.Errorf("warm device %d listed twice", w.DeviceID)
 			}
-			want[id], active[id] = true, false
+			want[w.DeviceID], active[w.DeviceID] = true, false
 		}
 		if dbTx, err = tx.TransactionID(); err != nil {
 			return err
@@ -143,7 +141,7 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 }
 
 // settle waits for the worker to finish the removals and warm devices a
-// call handed it: the journal holds nothing but warm devices. It finishes nothing itself, so a
+// call handed it: the journal is empty. It finishes nothing itself, so a
 // call that leaves work no one was told about still fails the check.
 func settle(t *testing.T, s *Snapshotter) {
 	t.Helper()
@@ -151,19 +149,17 @@ func settle(t *testing.T, s *Snapshotter) {
 		pending := false
 		if err := s.db.View(context.Background(), func(tx *storage.Tx) error {
 			entries, err := tx.Journal()
-			for _, e := range entries {
-				pending = pending || e.Op != storage.OpWarm
-			}
+			pending = len(entries) > 0
 			return err
 		}); err != nil {
 			t.Fatal(err)
 		}
-		s.delMu.Lock()
-		busy := len(s.deleting) > 0
-		s.delMu.Unlock()
-		s.refillMu.Lock()
-		busy = busy || s.refilling || len(s.refill) > 0 && s.stop != nil
-		s.refillMu.Unlock()
+		s.bg.removing.mu.Lock()
+		busy := len(s.bg.removing.set) > 0
+		s.bg.removing.mu.Unlock()
+		s.bg.refill.mu.Lock()
+		busy = busy || len(s.bg.refill.want) > 0 && s.bg.stop != nil
+		s.bg.refill.mu.Unlock()
 		if !pending && !busy {
 			return
 		}
@@ -414,12 +410,12 @@ func TestInjectedFailures(t *testing.T) {
 		{"prepare", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", "c"); return err }},
 		{"view", func(s *Snapshotter) error { _, err := s.View(ctx, "new", "c"); return err }},
 		{"prepare-sized", func(s *Snapshotter) error {
-			s.grow = func(context.Context, string, string) error { return nil }
+			s.growFS = func(context.Context, string, string) error { return nil }
 			_, err := s.Prepare(ctx, "new", "c", snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}))
 			return err
 		}},
 		{"update-grow", func(s *Snapshotter) error {
-			s.grow = func(context.Context, string, string) error { return nil }
+			s.growFS = func(context.Context, string, string) error { return nil }
 			_, err := s.Update(ctx, snapshots.Info{Name: "a", Labels: map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}})
 			return err
 		}},
@@ -489,12 +485,12 @@ func TestCrashRecovery(t *testing.T) {
 		{"prepare-base", func(s *Snapshotter) error { _, err := s.Prepare(ctx, "new", ""); return err }},
 		{"view", func(s *Snapshotter) error { _, err := s.View(ctx, "new", "c"); return err }},
 		{"prepare-sized", func(s *Snapshotter) error {
-			s.grow = func(context.Context, string, string) error { return nil }
+			s.growFS = func(context.Context, string, string) error { return nil }
 			_, err := s.Prepare(ctx, "new", "c", snapshots.WithLabels(map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}))
 			return err
 		}},
 		{"update-grow", func(s *Snapshotter) error {
-			s.grow = func(context.Context, string, string) error { return nil }
+			s.growFS = func(context.Context, string, string) error { return nil }
 			_, err := s.Update(ctx, snapshots.Info{Name: "a", Labels: map[string]string{snapshots.LabelSnapshotMaxSize: "1073741824"}})
 			return err
 		}},

@@ -176,8 +176,7 @@ func TestRecoveryCounts(t *testing.T) {
 		_, _ = s.Prepare(ctx, "b", "")
 	}()
 	pool.hook = nil
-	s.stop()
-	<-s.done
+	s.stopBackground()
 	s.db.Close()
 	// And a reboot: a's device is gone.
 	pool.mu.Lock()

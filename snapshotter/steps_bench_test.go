@@ -16,7 +16,7 @@ import (
 
 // timedPool adds up the time of every pool call by method.
 type timedPool struct {
-	Pool
+	thinPool
 	mu  sync.Mutex
 	sum map[string]time.Duration
 	n   map[string]int
@@ -49,43 +49,43 @@ func (p *timedPool) take() string {
 
 func (p *timedPool) CreateSnap(id, origin uint32) error {
 	defer p.time("create_snap", time.Now())
-	return p.Pool.CreateSnap(id, origin)
+	return p.thinPool.CreateSnap(id, origin)
 }
 func (p *timedPool) DeleteThin(id uint32) error {
 	defer p.time("delete", time.Now())
-	return p.Pool.DeleteThin(id)
+	return p.thinPool.DeleteThin(id)
 }
 func (p *timedPool) SetTransactionID(old, next uint64) error {
 	defer p.time("set_txid", time.Now())
-	return p.Pool.SetTransactionID(old, next)
+	return p.thinPool.SetTransactionID(old, next)
 }
 func (p *timedPool) Activate(name string, id uint32, length dmsetup.Sectors, ro bool) error {
 	defer p.time("activate", time.Now())
-	return p.Pool.Activate(name, id, length, ro)
+	return p.thinPool.Activate(name, id, length, ro)
 }
 func (p *timedPool) Deactivate(ctx context.Context, name string) error {
 	defer p.time("deactivate", time.Now())
-	return p.Pool.Deactivate(ctx, name)
+	return p.thinPool.Deactivate(ctx, name)
 }
 func (p *timedPool) Suspend(name string) error {
 	defer p.time("suspend", time.Now())
-	return p.Pool.Suspend(name)
+	return p.thinPool.Suspend(name)
 }
 func (p *timedPool) Resume(name string) error {
 	defer p.time("resume", time.Now())
-	return p.Pool.Resume(name)
+	return p.thinPool.Resume(name)
 }
 func (p *timedPool) Info(name string) (dmsetup.Info, error) {
 	defer p.time("info", time.Now())
-	return p.Pool.Info(name)
+	return p.thinPool.Info(name)
 }
 func (p *timedPool) ThinStatus(name string) (dmsetup.ThinStatus, error) {
 	defer p.time("thin_status", time.Now())
-	return p.Pool.ThinStatus(name)
+	return p.thinPool.ThinStatus(name)
 }
 func (p *timedPool) Status() (dmsetup.PoolStatus, error) {
 	defer p.time("pool_status", time.Now())
-	return p.Pool.Status()
+	return p.thinPool.Status()
 }
 
 // BenchmarkSteps logs where each call's time goes: the pool steps it made
@@ -101,7 +101,7 @@ func BenchmarkSteps(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		tp := &timedPool{Pool: s.pool, sum: map[string]time.Duration{}, n: map[string]int{}}
+		tp := &timedPool{thinPool: s.pool, sum: map[string]time.Duration{}, n: map[string]int{}}
 		s.poolMu.Lock()
 		s.pool = tp
 		s.poolMu.Unlock()

@@ -17,9 +17,9 @@ func warmOf(t *testing.T, s *Snapshotter) map[string][]uint32 {
 	t.Helper()
 	out := map[string][]uint32{}
 	if err := s.db.View(context.Background(), func(tx *storage.Tx) error {
-		entries, err := tx.Journal()
-		for id, e := range warmDevices(entries) {
-			out[e.Key] = append(out[e.Key], id)
+		warm, err := tx.WarmDevices()
+		for _, w := range warm {
+			out[w.Parent] = append(out[w.Parent], w.DeviceID)
 		}
 		return err
 	}); err != nil {

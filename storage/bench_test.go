@@ -75,7 +75,7 @@ func buildRecords(db *DB, n int) ([]string, error) {
 					return err
 				}
 				labels := map[string]string{"containerd.io/snapshot/cri.layer-digest": fmt.Sprintf("sha256:%064x", i)}
-				if _, err := tx.CommitActive(s.Key, key, snapshots.Usage{Size: 1 << 20, Inodes: 100}, snapshots.WithLabels(labels)); err != nil {
+				if _, err := tx.commitFresh(s.Key, key, snapshots.Usage{Size: 1 << 20, Inodes: 100}, snapshots.WithLabels(labels)); err != nil {
 					return err
 				}
 				keys = append(keys, key)
@@ -196,7 +196,7 @@ func BenchmarkCommit(b *testing.B) {
 		b.ResetTimer()
 		for i := range b.N {
 			err := db.Update(context.Background(), func(tx *Tx) error {
-				_, err := tx.CommitActive(benchKey(i), benchKey(i)+"-c", snapshots.Usage{Size: 1}, labels)
+				_, err := tx.commitFresh(benchKey(i), benchKey(i)+"-c", snapshots.Usage{Size: 1}, labels)
 				return err
 			})
 			if err != nil {

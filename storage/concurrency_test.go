@@ -43,8 +43,12 @@ func TestConcurrentUpdates(t *testing.T) {
 						if err := tx.FinishJournal(seq); err != nil {
 							return err
 						}
-						_, err := tx.CommitActive(key, key+"-c", snapshots.Usage{Size: int64(i)})
-						return err
+						// The active's id goes back once the committed
+						// snapshot has its own.
+						if _, err := tx.commitFresh(key, key+"-c", snapshots.Usage{Size: int64(i)}); err != nil {
+							return err
+						}
+						return tx.ReleaseID(id)
 					})
 				}
 				// Every other round is removed again and its id released.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/containerd/errdefs"
@@ -29,8 +28,9 @@ var (
 	bucketIDsFree   = []byte("ids-free")    // idKey -> nil, released ids for reuse
 	bucketJournal   = []byte("journal")     // u64Key(seq) -> encoded Entry
 	bucketForeign   = []byte("ids-foreign") // idKey -> marker, ids the pool had before us (schema 3)
+	bucketWarm      = []byte("warm")        // idKey -> encoded Warm (schema 5)
 
-	allBuckets = [][]byte{bucketMeta, bucketSnapshots, bucketChildren, bucketIDsUsed, bucketIDsFree, bucketJournal, bucketForeign}
+	allBuckets = [][]byte{bucketMeta, bucketSnapshots, bucketChildren, bucketIDsUsed, bucketIDsFree, bucketJournal, bucketForeign, bucketWarm}
 
 	metaSchema = []byte("schema")  // u32: schemaVersion
 	metaTxID   = []byte("txid")    // u64: pool transaction id
@@ -40,9 +40,8 @@ var (
 
 // DB is one open database file. It is safe for concurrent use.
 type DB struct {
-	db   *bolt.DB
-	path string
-	now  func() time.Time
+	db  *bolt.DB
+	now func() time.Time
 }
 
 // Opt configures Open.
@@ -109,7 +108,7 @@ func Open(ctx context.Context, path string, opts ...Opt) (*DB, error) {
 		}
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
-	d := &DB{db: bdb, path: path, now: o.now}
+	d := &DB{db: bdb, now: o.now}
 	if err := bdb.Update(func(tx *bolt.Tx) error { return initSchema(tx, o.schema, o.migrations) }); err != nil {
 		bdb.Close()
 		return nil, fmt.Errorf("open %s: %w", path, err)
@@ -119,18 +118,6 @@ func Open(ctx context.Context, path string, opts ...Opt) (*DB, error) {
 
 // Close releases the database and its lock.
 func (d *DB) Close() error { return d.db.Close() }
-
-// Path returns the file path given to Open.
-func (d *DB) Path() string { return d.path }
-
-// Size returns the current size of the database file in bytes.
-func (d *DB) Size() (int64, error) {
-	fi, err := os.Stat(d.path)
-	if err != nil {
-		return 0, err
-	}
-	return fi.Size(), nil
-}
 
 // View runs fn in a read-only transaction. Write methods of tx fail.
 func (d *DB) View(ctx context.Context, fn func(tx *Tx) error) error {
@@ -160,6 +147,7 @@ func (d *DB) newTx(btx *bolt.Tx) *Tx {
 		free:      btx.Bucket(bucketIDsFree),
 		journal:   btx.Bucket(bucketJournal),
 		foreign:   btx.Bucket(bucketForeign),
+		warm:      btx.Bucket(bucketWarm),
 		meta:      btx.Bucket(bucketMeta),
 	}
 }
@@ -175,6 +163,7 @@ type Tx struct {
 	free      *bolt.Bucket
 	journal   *bolt.Bucket
 	foreign   *bolt.Bucket
+	warm      *bolt.Bucket
 	meta      *bolt.Bucket
 }
 

@@ -118,9 +118,6 @@ func TestTransactions(t *testing.T) {
 	if err := db.View(cancelled, func(*Tx) error { ran = true; return nil }); !errors.Is(err, context.Canceled) || ran {
 		t.Errorf("view with cancelled context: %v ran=%v", err, ran)
 	}
-	if db.Path() == "" {
-		t.Error("empty path")
-	}
 	if n, err := db.Size(); err != nil || n <= 0 {
 		t.Errorf("size %d %v", n, err)
 	}

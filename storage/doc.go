@@ -1,7 +1,7 @@
 // Package storage keeps all of thin-snapshotter's state in one bbolt
 // database, so that every change the snapshotter makes (snapshot records,
 // the parent → children index, thin device id allocation, the pool journal,
-// the pool transaction id) is one atomic transaction. It knows nothing about
+// warm devices, the pool transaction id) is one atomic transaction. It knows nothing about
 // the kernel; bbolt stays inside it.
 //
 // # Transactions
@@ -48,6 +48,14 @@
 // the snapshotter finishes or undoes each on start. The database also keeps
 // the pool transaction id the snapshotter last set and PoolInfo, which ties
 // the database to its pool and names the base device.
+//
+// # Warm devices
+//
+// A warm device (Warm) is a thin device made ahead of time for the next
+// child of a committed snapshot. It is not an operation in flight, so it
+// has a bucket of its own: AddWarm records one on an allocated id without
+// an owner, WarmDevices lists them oldest first and RemoveWarm hands one
+// out or drops it.
 //
 // # On disk
 //

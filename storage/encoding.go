@@ -220,7 +220,6 @@ func encodeEntry(en *Entry) []byte {
 	e.byte(byte(en.Op))
 	e.uvarint(uint64(en.DeviceID))
 	e.uvarint(uint64(en.OriginID))
-	e.uvarint(en.TxID)
 	e.uvarint(en.Size)
 	e.time(en.Created)
 	e.string(en.Key)
@@ -234,7 +233,6 @@ func decodeEntry(seq uint64, b []byte) (Entry, error) {
 	en.Op = Op(d.byte("op"))
 	en.DeviceID = d.uint32("device id")
 	en.OriginID = d.uint32("origin id")
-	en.TxID = d.uvarint("transaction id")
 	en.Size = d.uvarint("size")
 	en.Created = d.time("created")
 	en.Key = d.string("key")
@@ -246,6 +244,32 @@ func decodeEntry(seq uint64, b []byte) (Entry, error) {
 		return Entry{}, err
 	}
 	return en, nil
+}
+
+// encodeWarm encodes everything but the device id, which is the bbolt key.
+func encodeWarm(w *Warm) []byte {
+	e := encoder{b: make([]byte, 0, 24+len(w.Parent))}
+	e.string(w.Parent)
+	e.uvarint(uint64(w.OriginID))
+	e.uvarint(w.Size)
+	e.time(w.Created)
+	return e.b
+}
+
+func decodeWarm(id uint32, b []byte) (Warm, error) {
+	d := decoder{b: b}
+	w := Warm{DeviceID: id}
+	w.Parent = d.string("parent")
+	w.OriginID = d.uint32("origin id")
+	w.Size = d.uvarint("size")
+	w.Created = d.time("created")
+	if d.err == nil && (id == 0 || id > MaxDeviceID) {
+		d.err = fmt.Errorf("%w: device id %d out of range", errCorrupt, id)
+	}
+	if err := d.finish(fmt.Sprintf("warm device %d", id)); err != nil {
+		return Warm{}, err
+	}
+	return w, nil
 }
 
 func encodePoolInfo(p *PoolInfo) []byte {

@@ -20,7 +20,7 @@ var sampleSnapshots = []Snapshot{
 
 var sampleEntries = []Entry{
 	{Seq: 1, Op: OpCreateThin},
-	{Seq: 1<<64 - 1, Op: OpCommit, DeviceID: MaxDeviceID, OriginID: 1, Key: "a", Name: "b", TxID: 1<<64 - 1, Size: 42,
+	{Seq: 1<<64 - 1, Op: OpCommit, DeviceID: MaxDeviceID, OriginID: 1, Key: "a", Name: "b", Size: 42,
 		Created: time.Date(2026, 1, 1, 0, 0, 0, 5, time.UTC)},
 }
 

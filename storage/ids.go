@@ -163,16 +163,6 @@ func (tx *Tx) IDInUse(id uint32) (bool, error) {
 	return used, nil
 }
 
-// IDOwner returns the key of the snapshot record owning id ("" for an id
-// allocated but not attached to a record) and whether id is in use.
-func (tx *Tx) IDOwner(id uint32) (owner string, inUse bool, err error) {
-	if err := checkID(id); err != nil {
-		return "", false, err
-	}
-	owner, inUse = tx.idOwner(id)
-	return owner, inUse, nil
-}
-
 // WalkIDs calls fn for every id in use, in ascending order, with its owning
 // snapshot key or "". Recovery uses it to find ids whose device was never
 // attached to a record.

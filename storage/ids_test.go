@@ -146,34 +146,34 @@ func TestDeviceIDOwnership(t *testing.T) {
 		if err := tx.ReleaseID(id); errKind(err) != "precondition" {
 			t.Errorf("release owned id: %v", err)
 		}
-		if _, err := tx.CommitActive("a", "c", snapshots.Usage{}); err != nil {
-			return err
-		}
-		if owner, used, _ := tx.IDOwner(id); owner != "c" || !used {
-			t.Errorf("after commit owner %q used %v", owner, used)
-		}
-		if err := tx.ReleaseID(id); errKind(err) != "precondition" {
-			t.Errorf("release owned id: %v", err)
-		}
-		base, err := tx.AllocateID()
+		c, err := tx.commitFresh("a", "c", snapshots.Usage{})
 		if err != nil {
 			return err
+		}
+		if owner, used, _ := tx.IDOwner(c.DeviceID); owner != "c" || !used {
+			t.Errorf("after commit owner of the new id %q used %v", owner, used)
+		}
+		if owner, used, _ := tx.IDOwner(id); owner != "" || !used {
+			t.Errorf("after commit owner of the active's id %q used %v", owner, used)
+		}
+		if err := tx.ReleaseID(c.DeviceID); errKind(err) != "precondition" {
+			t.Errorf("release owned id: %v", err)
 		}
 		var ids []uint32
 		var owners []string
 		if err := tx.WalkIDs(func(i uint32, o string) error { ids, owners = append(ids, i), append(owners, o); return nil }); err != nil {
 			return err
 		}
-		if !slices.Equal(ids, []uint32{id, base}) || !slices.Equal(owners, []string{"c", ""}) {
+		if !slices.Equal(ids, []uint32{id, c.DeviceID}) || !slices.Equal(owners, []string{"", "c"}) {
 			t.Errorf("WalkIDs = %v %q", ids, owners)
 		}
 		if _, err := tx.RemoveSnapshot("c"); err != nil {
 			return err
 		}
-		if owner, used, _ := tx.IDOwner(id); owner != "" || !used {
+		if owner, used, _ := tx.IDOwner(c.DeviceID); owner != "" || !used {
 			t.Errorf("after remove owner %q used %v", owner, used)
 		}
-		if err := tx.ReleaseID(id); err != nil {
+		if err := tx.ReleaseID(c.DeviceID); err != nil {
 			t.Errorf("release after remove: %v", err)
 		}
 		if _, _, err := tx.IDOwner(0); errKind(err) != "invalid" {

@@ -10,7 +10,8 @@ import (
 
 // Op names a pool operation recorded in the journal. Values are stored as
 // one byte and are never reused: 4, 5 and 7 belonged to operations schema 1
-// named but nothing ever journaled. Schema 4 added 8 and 9.
+// named but nothing ever journaled; 9 marked a warm device in schema 4,
+// before warm devices got a bucket of their own (Warm).
 type Op uint8
 
 // The operations the snapshotter journals.
@@ -26,12 +27,6 @@ const (
 	// OpCommitSnap commits active Key as Name: DeviceID, the committed
 	// snapshot's new device, is a snapshot of OriginID, the active's.
 	OpCommitSnap Op = 8
-	// OpWarm is not an operation in flight but a device made ahead:
-	// DeviceID is an active device of Size bytes holding exactly committed
-	// Key (device OriginID, 0 in entries before it was recorded), waiting
-	// to be handed to Key's next child. Until then no client sees it;
-	// recovery deletes it.
-	OpWarm Op = 9
 )
 
 var opNames = map[Op]string{
@@ -40,7 +35,6 @@ var opNames = map[Op]string{
 	OpDelete:     "delete",
 	OpCommit:     "commit",
 	OpCommitSnap: "commit_snap",
-	OpWarm:       "warm",
 }
 
 func (o Op) valid() bool { _, ok := opNames[o]; return ok }
@@ -62,13 +56,12 @@ type Entry struct {
 	OriginID uint32 // source device of OpCreateSnap (see the ops)
 	Key      string // snapshot key concerned
 	Name     string // second key, e.g. the committed name of OpCommit
-	TxID     uint64 // pool transaction id the operation will set
 	Size     uint64 // bytes, e.g. of OpCreateThin
 	Created  time.Time
 }
 
 func (e Entry) String() string {
-	return fmt.Sprintf("#%d %s id=%d origin=%d key=%q name=%q txid=%d", e.Seq, e.Op, e.DeviceID, e.OriginID, e.Key, e.Name, e.TxID)
+	return fmt.Sprintf("#%d %s id=%d origin=%d key=%q name=%q", e.Seq, e.Op, e.DeviceID, e.OriginID, e.Key, e.Name)
 }
 
 // AddJournal appends e (Seq is ignored, Created defaults to now) and

@@ -25,8 +25,8 @@ func TestJournal(t *testing.T) {
 	db, path := openTestDB(t, withClock(clock.now))
 	given := time.Date(2020, 5, 6, 7, 8, 9, 10, time.UTC)
 	in := []Entry{
-		{Op: OpCreateSnap, DeviceID: 5, OriginID: 2, Key: "k", TxID: 11, Size: 1 << 30},
-		{Op: OpCommit, DeviceID: 5, Key: "k", Name: "n", TxID: 12, Created: given},
+		{Op: OpCreateSnap, DeviceID: 5, OriginID: 2, Key: "k", Size: 1 << 30},
+		{Op: OpCommit, DeviceID: 5, Key: "k", Name: "n", Created: given},
 		{Op: OpDelete, DeviceID: MaxDeviceID},
 	}
 	var seqs []uint64
@@ -55,7 +55,7 @@ func TestJournal(t *testing.T) {
 		for i, e := range got {
 			want := in[i]
 			if e.Seq != seqs[i] || e.Op != want.Op || e.DeviceID != want.DeviceID || e.OriginID != want.OriginID ||
-				e.Key != want.Key || e.Name != want.Name || e.TxID != want.TxID || e.Size != want.Size {
+				e.Key != want.Key || e.Name != want.Name || e.Size != want.Size {
 				t.Errorf("entry %d = %v, want %v", i, e, want)
 			}
 			if e.Created.IsZero() || (!want.Created.IsZero() && !e.Created.Equal(want.Created)) {
@@ -126,7 +126,7 @@ func TestJournalInvalid(t *testing.T) {
 func TestOpString(t *testing.T) {
 	for op, want := range map[Op]string{
 		OpCreateThin: "create_thin", OpCreateSnap: "create_snap", OpDelete: "delete", OpCommit: "commit",
-		OpCommitSnap: "commit_snap", OpWarm: "warm", 4: "op(4)", 200: "op(200)",
+		OpCommitSnap: "commit_snap", 9: "op(9)", 4: "op(4)", 200: "op(200)",
 	} {
 		if got := op.String(); got != want {
 			t.Errorf("%d: %q, want %q", op, got, want)

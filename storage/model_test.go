@@ -149,7 +149,7 @@ func (m *model) create(s Snapshot) string {
 	return ""
 }
 
-func (m *model) commit(key, name, newParent string) (Snapshot, string) {
+func (m *model) commit(key, name, newParent string, id uint32) (Snapshot, string) {
 	if name == "" {
 		return Snapshot{}, "invalid"
 	}
@@ -177,8 +177,10 @@ func (m *model) commit(key, name, newParent string) (Snapshot, string) {
 	delete(m.snaps, key)
 	s.Key, s.Kind = name, committed
 	if s.DeviceID != 0 {
-		m.used[s.DeviceID] = name
+		m.used[s.DeviceID] = ""
 	}
+	m.used[id] = name
+	s.DeviceID = id
 	return s, ""
 }
 
@@ -359,8 +361,17 @@ func (r *modelRun) step(tx *Tx) {
 		opts = append(opts, snapshots.WithLabels(labels))
 		usage := snapshots.Usage{Size: r.rng.Int64(), Inodes: r.rng.Int64N(1000)}
 		before := m.snaps[key]
-		got, err := tx.CommitActive(key, name, usage, opts...)
-		want, werr := m.commit(key, name, newParent)
+		id, err := tx.AllocateID()
+		wantID, werr := m.allocate()
+		r.check("allocate for commit", err, werr)
+		if id != wantID {
+			r.failf("allocate for commit = %d, model %d", id, wantID)
+		}
+		if werr != "" {
+			break
+		}
+		got, err := tx.CommitActive(key, name, id, usage, opts...)
+		want, werr := m.commit(key, name, newParent, id)
 		r.check(fmt.Sprintf("commit %q -> %q parent=%q", key, name, newParent), err, werr)
 		if err == nil {
 			if !got.Created.After(before.Created) || !got.Updated.Equal(got.Created) {
@@ -459,11 +470,11 @@ func (r *modelRun) step(tx *Tx) {
 		id := r.id()
 		r.check(fmt.Sprintf("release %d", id), tx.ReleaseID(id), m.release(id))
 	case n < 90:
-		e := Entry{Op: Op(r.rng.IntN(11)), DeviceID: r.id(), OriginID: uint32(r.rng.IntN(50)), Key: r.key(), TxID: r.rng.Uint64()}
+		e := Entry{Op: Op(r.rng.IntN(11)), DeviceID: r.id(), OriginID: uint32(r.rng.IntN(50)), Key: r.key()}
 		seq, err := tx.AddJournal(e)
 		want := ""
 		switch {
-		case e.Op != OpCreateThin && e.Op != OpCreateSnap && e.Op != OpDelete && e.Op != OpCommit && e.Op != OpCommitSnap && e.Op != OpWarm,
+		case e.Op != OpCreateThin && e.Op != OpCreateSnap && e.Op != OpDelete && e.Op != OpCommit && e.Op != OpCommitSnap,
 			e.DeviceID > MaxDeviceID:
 			want = "invalid"
 		}
@@ -576,7 +587,7 @@ func (r *modelRun) verify() {
 		}
 		for i := range journal {
 			a, b := journal[i], m.journal[i]
-			if a.Seq != b.Seq || a.Op != b.Op || a.DeviceID != b.DeviceID || a.OriginID != b.OriginID || a.Key != b.Key || a.TxID != b.TxID || !a.Created.Equal(b.Created) {
+			if a.Seq != b.Seq || a.Op != b.Op || a.DeviceID != b.DeviceID || a.OriginID != b.OriginID || a.Key != b.Key || !a.Created.Equal(b.Created) {
 				r.failf("journal[%d] = %v, model %v", i, a, b)
 			}
 		}

@@ -26,15 +26,18 @@ import (
 // never handed out again. Version 4 adds journal ops 8 (commit_snap) and 9
 // (warm, a device made ahead that stays in the journal until handed out);
 // the layout is the same, so the migration only says a version 3 program
-// must not open the file, as it would refuse those entries.
-const schemaVersion uint32 = 4
+// must not open the file, as it would refuse those entries. Version 5 moves
+// warm devices out of the journal into a bucket of their own (warm), so
+// the journal holds only operations in flight, and drops the transaction
+// id field of journal entries, which nothing ever set.
+const schemaVersion uint32 = 5
 
 // migration upgrades a database from one schema version to the next inside
 // Open's write transaction.
 type migration func(tx *bolt.Tx) error
 
 // migrations[v-1] upgrades version v to v+1.
-var migrations = []migration{migrateSchema1, migrateSchema2, migrateSchema3}
+var migrations = []migration{migrateSchema1, migrateSchema2, migrateSchema3, migrateSchema4}
 
 func initSchema(tx *bolt.Tx, want uint32, migs []migration) error {
 	meta := tx.Bucket(bucketMeta)
@@ -137,6 +140,88 @@ func migrateSchema2(tx *bolt.Tx) error {
 
 // migrateSchema3: a version 3 database is a valid version 4 one.
 func migrateSchema3(*bolt.Tx) error { return nil }
+
+// opWarmV4 is the op of a warm device in a schema 4 journal.
+const opWarmV4 Op = 9
+
+// migrateSchema4 creates the warm bucket, moves the journal's warm entries
+// into it and rewrites the other entries without their transaction id.
+func migrateSchema4(tx *bolt.Tx) error {
+	if tx.Bucket(bucketWarm) != nil {
+		return fmt.Errorf("schema 4 database already has bucket %s: %w", bucketWarm, errdefs.ErrFailedPrecondition)
+	}
+	warm, err := tx.CreateBucket(bucketWarm)
+	if err != nil {
+		return fmt.Errorf("create bucket %s: %w", bucketWarm, err)
+	}
+	journal := tx.Bucket(bucketJournal)
+	if journal == nil {
+		return fmt.Errorf("%w: bucket %s missing: %w", errCorrupt, bucketJournal, errdefs.ErrDataLoss)
+	}
+	type kv struct{ k, v []byte }
+	var keep []kv
+	var moved [][]byte
+	if err := journal.ForEach(func(k, v []byte) error {
+		if len(k) != 8 {
+			return fmt.Errorf("%w: journal key has %d bytes: %w", errCorrupt, len(k), errdefs.ErrDataLoss)
+		}
+		e, err := entryFromV4(binary.BigEndian.Uint64(k), v)
+		if err != nil {
+			return err
+		}
+		if e.Op != opWarmV4 {
+			keep = append(keep, kv{bytes.Clone(k), encodeEntry(&e)})
+			return nil
+		}
+		if e.DeviceID == 0 || e.Key == "" {
+			return fmt.Errorf("%w: schema 4 warm entry %d has device %d, parent %q: %w", errCorrupt, e.Seq, e.DeviceID, e.Key, errdefs.ErrDataLoss)
+		}
+		w := Warm{DeviceID: e.DeviceID, Parent: e.Key, OriginID: e.OriginID, Size: e.Size, Created: e.Created}
+		if warm.Get(idKey(w.DeviceID)) != nil {
+			return fmt.Errorf("%w: schema 4 journal has device %d warm twice: %w", errCorrupt, w.DeviceID, errdefs.ErrDataLoss)
+		}
+		if err := warm.Put(idKey(w.DeviceID), encodeWarm(&w)); err != nil {
+			return fmt.Errorf("write warm device %d: %w", w.DeviceID, err)
+		}
+		moved = append(moved, bytes.Clone(k))
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, k := range moved {
+		if err := journal.Delete(k); err != nil {
+			return fmt.Errorf("delete journal entry %x: %w", k, err)
+		}
+	}
+	for _, r := range keep {
+		if err := journal.Put(r.k, r.v); err != nil {
+			return fmt.Errorf("rewrite journal entry %x: %w", r.k, err)
+		}
+	}
+	return nil
+}
+
+// entryFromV4 decodes a journal entry of schemas 2 to 4: today's fields
+// with a transaction id after the origin, and op 9 for warm devices.
+func entryFromV4(seq uint64, v []byte) (Entry, error) {
+	d := decoder{b: v}
+	e := Entry{Seq: seq}
+	e.Op = Op(d.byte("op"))
+	e.DeviceID = d.uint32("device id")
+	e.OriginID = d.uint32("origin id")
+	d.uvarint("transaction id")
+	e.Size = d.uvarint("size")
+	e.Created = d.time("created")
+	e.Key = d.string("key")
+	e.Name = d.string("name")
+	if d.err == nil && !e.Op.valid() && e.Op != opWarmV4 {
+		d.err = fmt.Errorf("%w: unknown %s", errCorrupt, e.Op)
+	}
+	if err := d.finish(fmt.Sprintf("schema 4 journal entry %d", seq)); err != nil {
+		return Entry{}, err
+	}
+	return e, nil
+}
 
 // rewriteBucket replaces every value of bucket name by fn's result. Values
 // are collected first because bbolt forbids writes during ForEach, and

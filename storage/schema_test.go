@@ -248,7 +248,7 @@ func TestMigrateSchema1(t *testing.T) {
 	}
 	wantChildren := map[string][]string{"layer1": {"layer2", "ro"}, "layer2": {"leaving", "new", "work"}}
 	wantJournal := []Entry{
-		{Seq: 2, Op: OpCreateSnap, DeviceID: 6, OriginID: 3, Key: "new", TxID: 8, Created: at(15)},
+		{Seq: 2, Op: OpCreateSnap, DeviceID: 6, OriginID: 3, Key: "new", Created: at(15)},
 		{Seq: 3, Op: OpDelete, DeviceID: 7, Key: "gone", Created: at(17)},
 		{Seq: 4, Op: OpCommit, DeviceID: 4, Key: "work", Name: "work-c", Created: at(18)},
 	}
@@ -385,10 +385,10 @@ func TestMigrateSchema1Refused(t *testing.T) {
 }
 
 // FuzzSchema1Records checks that whatever journal entry or pool info the
-// schema 1 conversion accepts, today's decoder reads.
+// schema 1 conversion accepts, the next schemas' decoders read.
 func FuzzSchema1Records(f *testing.F) {
 	for _, e := range sampleEntries {
-		f.Add(append(append([]byte{formatV1}, encodeEntry(&e)...), 0))
+		f.Add(append(append([]byte{formatV1}, encodeEntryV4(&e)...), 0))
 	}
 	for _, p := range samplePools {
 		name := encoder{}
@@ -397,7 +397,7 @@ func FuzzSchema1Records(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if v, err := entryFromV1(u64Key(1), b); err == nil {
-			if _, err := decodeEntry(1, v); err != nil {
+			if _, err := entryFromV4(1, v); err != nil {
 				t.Fatalf("converted entry %x to %x, which does not decode: %v", b, v, err)
 			}
 		}
@@ -410,7 +410,7 @@ func FuzzSchema1Records(f *testing.F) {
 }
 
 // TestMigrateSchema3 opens a database version 3 wrote: every record stays,
-// foreign ids included, and the journal takes the ops version 4 added.
+// foreign ids included, and the journal takes the op version 4 added.
 func TestMigrateSchema3(t *testing.T) {
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "db")
@@ -430,12 +430,24 @@ func TestMigrateSchema3(t *testing.T) {
 		if err := tx.MarkForeign(5); err != nil {
 			return err
 		}
-		e := Entry{Op: OpDelete, DeviceID: 7, Key: "gone", Created: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
-		e.Seq, err = tx.AddJournal(e)
-		want = append(want, e)
-		return err
+		return nil
 	})
 	db.Close()
+	// A fresh file gets today's buckets and encoding; version 3 had no
+	// warm bucket and journaled a transaction id.
+	rawUpdate(t, path, func(tx *bolt.Tx) error {
+		e := Entry{Op: OpDelete, DeviceID: 7, Key: "gone", Created: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)}
+		j := tx.Bucket(bucketJournal)
+		var err error
+		if e.Seq, err = j.NextSequence(); err != nil {
+			return err
+		}
+		want = append(want, e)
+		if err := j.Put(u64Key(e.Seq), encodeEntryV4(&e)); err != nil {
+			return err
+		}
+		return tx.DeleteBucket(bucketWarm)
+	})
 	if v := schemaOf(t, path); v != 3 {
 		t.Fatalf("fixture has schema %d", v)
 	}
@@ -444,7 +456,7 @@ func TestMigrateSchema3(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	if v := schemaOf2(t, db); v != 4 {
+	if v := schemaOf2(t, db); v != schemaVersion {
 		t.Errorf("schema %d after migration, want %d", v, schemaVersion)
 	}
 	update(t, db, func(tx *Tx) error {
@@ -456,9 +468,6 @@ func TestMigrateSchema3(t *testing.T) {
 		}
 		if got, err := tx.Journal(); err != nil || !reflect.DeepEqual(got, want) {
 			t.Errorf("journal %+v %v, want %+v", got, err, want)
-		}
-		if _, err := tx.AddJournal(Entry{Op: OpWarm, DeviceID: 1, Key: "l", Size: 1 << 20}); err != nil {
-			t.Errorf("journal a warm device: %v", err)
 		}
 		_, err := tx.AddJournal(Entry{Op: OpCommitSnap, DeviceID: 2, OriginID: 1, Key: "a", Name: "l"})
 		return err
@@ -475,4 +484,140 @@ func schemaOf2(t *testing.T, db *DB) (v uint32) {
 		t.Fatal(err)
 	}
 	return v
+}
+
+// encodeEntryV4 encodes e as schemas 2 to 4 did: a transaction id (0)
+// after the origin.
+func encodeEntryV4(en *Entry) []byte {
+	e := encoder{}
+	e.byte(byte(en.Op))
+	e.uvarint(uint64(en.DeviceID))
+	e.uvarint(uint64(en.OriginID))
+	e.uvarint(0)
+	e.uvarint(en.Size)
+	e.time(en.Created)
+	e.string(en.Key)
+	e.string(en.Name)
+	return e.b
+}
+
+// schema4Fixture copies testdata/schema4.db, written by the code of commit
+// b57b1ea (see testdata/schema4_gen.go): schema 4, warm devices in the
+// journal.
+func schema4Fixture(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("testdata", "schema4.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "schema4.db")
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if v := schemaOf(t, path); v != 4 {
+		t.Fatalf("fixture has schema %d", v)
+	}
+	warm := 0
+	rawView(t, path, func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketWarm) != nil {
+			t.Error("fixture has a warm bucket")
+		}
+		return tx.Bucket(bucketJournal).ForEach(func(k, v []byte) error {
+			if Op(v[0]) == opWarmV4 {
+				warm++
+			}
+			return nil
+		})
+	})
+	if warm != 2 {
+		t.Fatalf("fixture journal has %d warm entries, want 2", warm)
+	}
+	return path
+}
+
+// TestMigrateSchema4 opens a database the previous schema wrote: its warm
+// entries become warm records, the other entries stay (without their
+// transaction id), and every record and id survives.
+func TestMigrateSchema4(t *testing.T) {
+	ctx := context.Background()
+	path := schema4Fixture(t)
+	db, err := Open(ctx, path, WithNoSync())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if v := schemaOf2(t, db); v != schemaVersion {
+		t.Errorf("schema %d after migration, want %d", v, schemaVersion)
+	}
+	at := func(sec int) time.Time { return time.Date(2026, 1, 2, 3, 4, sec, 0, time.UTC) }
+	const size = 64 << 20
+	wantWarm := []Warm{
+		{DeviceID: 2, Parent: "layer1", OriginID: 3, Size: size, Created: at(9)},
+		{DeviceID: 8, Parent: "layer2", Size: size, Created: at(14)},
+	}
+	wantJournal := []Entry{
+		{Seq: 4, Op: OpCreateSnap, DeviceID: 9, OriginID: 5, Key: "new", Created: at(16)},
+		{Seq: 5, Op: OpDelete, DeviceID: 10, OriginID: 3, Key: "gone", Size: size, Created: at(18)},
+		{Seq: 6, Op: OpCommitSnap, DeviceID: 11, OriginID: 6, Key: "work", Name: "work-c", Size: size, Created: at(19)},
+	}
+	wantKeys := []string{"layer1", "layer2", "new", "ro", "work"}
+	wantIDs := map[uint32]string{1: "", 2: "", 3: "layer1", 4: "", 5: "layer2", 6: "work", 7: "ro", 8: "", 9: "new", 10: "", 11: "", 12: ""}
+	update(t, db, func(tx *Tx) error {
+		if got, err := tx.WarmDevices(); err != nil || !reflect.DeepEqual(got, wantWarm) {
+			t.Errorf("warm devices:\n got %+v %v\nwant %+v", got, err, wantWarm)
+		}
+		if got, err := tx.Journal(); err != nil || !reflect.DeepEqual(got, wantJournal) {
+			t.Errorf("journal:\n got %+v %v\nwant %+v", got, err, wantJournal)
+		}
+		var keys []string
+		if err := tx.WalkSnapshots(func(s Snapshot) error { keys = append(keys, s.Key); return nil }); err != nil {
+			return err
+		}
+		if !reflect.DeepEqual(keys, wantKeys) {
+			t.Errorf("records %v, want %v", keys, wantKeys)
+		}
+		ids := map[uint32]string{}
+		if err := tx.WalkIDs(func(id uint32, owner string) error { ids[id] = owner; return nil }); err != nil {
+			return err
+		}
+		if !reflect.DeepEqual(ids, wantIDs) {
+			t.Errorf("ids %v, want %v", ids, wantIDs)
+		}
+		if f, err := tx.ForeignIDs(); err != nil || !reflect.DeepEqual(f, []uint32{12}) {
+			t.Errorf("foreign ids %v %v, want [12]", f, err)
+		}
+		// The next entry continues the journal's sequence.
+		seq, err := tx.AddJournal(Entry{Op: OpDelete, DeviceID: 4})
+		if err != nil || seq != 7 {
+			t.Errorf("next journal entry %d %v, want 7", seq, err)
+		}
+		return nil
+	})
+}
+
+// TestMigrateSchema4Refuses: a schema 4 database whose warm entries a
+// schema 5 bucket cannot hold is refused and left as it was.
+func TestMigrateSchema4Refuses(t *testing.T) {
+	ctx := context.Background()
+	for name, entry := range map[string]Entry{
+		"no parent": {Op: opWarmV4, DeviceID: 3},
+		"no device": {Op: opWarmV4, Key: "l"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			path := schema4Fixture(t)
+			rawUpdate(t, path, func(tx *bolt.Tx) error {
+				return tx.Bucket(bucketJournal).Put(u64Key(99), encodeEntryV4(&entry))
+			})
+			before, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := Open(ctx, path, WithNoSync()); !errdefs.IsDataLoss(err) {
+				t.Fatalf("open: %v, want DataLoss", err)
+			}
+			if after, err := os.ReadFile(path); err != nil || !bytes.Equal(after, before) {
+				t.Errorf("refused migration changed the file (%v)", err)
+			}
+		})
+	}
 }

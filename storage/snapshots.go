@@ -265,17 +265,12 @@ func (tx *Tx) UpdateInfo(info snapshots.Info, fieldpaths ...string) (snapshots.I
 	return s.Info(), nil
 }
 
-// Walk calls fn for every ready snapshot matching any of the filters
-// (containerd filter syntax over name, kind, parent and labels.<k>), in key
-// order. A filter syntax error is InvalidArgument. fn must not start another
-// transaction.
-func (tx *Tx) Walk(fn func(snapshots.Info) error, fs ...string) error {
-	return tx.WalkKeys(func(k string) (string, bool) { return k, true }, fn, fs...)
-}
-
-// WalkKeys is Walk over the records whose key rename accepts, seen under
-// the names it returns for their keys and parents (a key space within the
-// database, such as a size class, with its prefix cut off).
+// WalkKeys calls fn for every ready snapshot whose key rename accepts and
+// that matches any of the filters (containerd filter syntax over name,
+// kind, parent and labels.<k>), in key order. fn sees the names rename
+// returns for keys and parents: a key space within the database, such as a
+// size class, with its prefix cut off. A filter syntax error is
+// InvalidArgument. fn must not start another transaction.
 func (tx *Tx) WalkKeys(rename func(key string) (string, bool), fn func(snapshots.Info) error, fs ...string) error {
 	filter, err := filters.ParseAll(fs...)
 	if err != nil {
@@ -354,29 +349,20 @@ func adaptInfo(info *snapshots.Info) filters.Adaptor {
 }
 
 // CommitActive turns the ready active snapshot key into the committed
-// snapshot name, keeping its device id, size and fs type. Labels come from
-// opts only (not inherited); a parentless active may be given a parent by
-// snapshots.WithParent. Created and Updated become now. The key no longer
-// exists afterwards. Errors follow containerd: AlreadyExists if name is
-// taken, NotFound if key (or a new parent) is missing, FailedPrecondition
-// if key is not an active ready snapshot or the parent is not committed,
-// InvalidArgument for changing an existing parent.
-func (tx *Tx) CommitActive(key, name string, usage snapshots.Usage, opts ...snapshots.Opt) (Snapshot, error) {
-	return tx.commitActive(key, name, 0, usage, opts)
-}
-
-// CommitActiveOnto is CommitActive, except that the committed snapshot gets
-// device id (allocated, unowned) and the active's id stays allocated
-// without an owner, for the caller to reuse or release.
-func (tx *Tx) CommitActiveOnto(key, name string, id uint32, usage snapshots.Usage, opts ...snapshots.Opt) (Snapshot, error) {
-	if err := checkID(id); err != nil {
+// snapshot name on device id (allocated, unowned), keeping its size and fs
+// type. The active's own id stays allocated without an owner, for the
+// caller to reuse or release. Labels come from opts only (not inherited);
+// a parentless active may be given a parent by snapshots.WithParent.
+// Created and Updated become now. The key no longer exists afterwards.
+// Errors follow containerd: AlreadyExists if name is taken, NotFound if key
+// (or a new parent) is missing, FailedPrecondition if key is not an active
+// ready snapshot, the parent is not committed or id is not free,
+// InvalidArgument for changing an existing parent or a bad id.
+func (tx *Tx) CommitActive(key, name string, id uint32, usage snapshots.Usage, opts ...snapshots.Opt) (Snapshot, error) {
+	if err := tx.checkWritable(); err != nil {
 		return Snapshot{}, err
 	}
-	return tx.commitActive(key, name, id, usage, opts)
-}
-
-func (tx *Tx) commitActive(key, name string, id uint32, usage snapshots.Usage, opts []snapshots.Opt) (Snapshot, error) {
-	if err := tx.checkWritable(); err != nil {
+	if err := checkID(id); err != nil {
 		return Snapshot{}, err
 	}
 	var base snapshots.Info
@@ -385,6 +371,48 @@ func (tx *Tx) commitActive(key, name string, id uint32, usage snapshots.Usage, o
 			return Snapshot{}, err
 		}
 	}
+	s, err := tx.committable(key, name, base.Parent)
+	if err != nil {
+		return Snapshot{}, err
+	}
+	if err := tx.unlink(key, s.Parent); err != nil {
+		return Snapshot{}, err
+	}
+	if base.Parent != "" {
+		s.Parent = base.Parent
+	}
+	s.Key, s.Kind = name, snapshots.KindCommitted
+	s.Labels = maps.Clone(base.Labels)
+	if len(s.Labels) == 0 {
+		s.Labels = nil
+	}
+	s.Created = tx.now().UTC()
+	s.Updated = s.Created
+	s.Usage = usage
+	// Claimed first: the active's own id is owned and refused.
+	if err := tx.claimID(id, name); err != nil {
+		return Snapshot{}, fmt.Errorf("committed snapshot %q: %w", name, err)
+	}
+	if s.DeviceID != 0 {
+		if err := tx.used.Put(idKey(s.DeviceID), ownerValue("")); err != nil {
+			return Snapshot{}, fmt.Errorf("disown device id %d: %w", s.DeviceID, err)
+		}
+	}
+	s.DeviceID = id
+	if err := tx.put(&s); err != nil {
+		return Snapshot{}, err
+	}
+	if s.Parent != "" {
+		if err := tx.children.Put(childKey(s.Parent, name), nil); err != nil {
+			return Snapshot{}, fmt.Errorf("write parent link of %q: %w", name, err)
+		}
+	}
+	return s, nil
+}
+
+// committable returns the record of active key if it can be committed as
+// name with parent newParent ("" keeps its own).
+func (tx *Tx) committable(key, name, newParent string) (Snapshot, error) {
 	if err := checkKey("committed name", name); err != nil {
 		return Snapshot{}, err
 	}
@@ -401,60 +429,32 @@ func (tx *Tx) commitActive(key, name string, id uint32, usage snapshots.Usage, o
 	if s.State != StateReady {
 		return Snapshot{}, fmt.Errorf("snapshot %q is %s: %w", key, s.State, errdefs.ErrFailedPrecondition)
 	}
-	oldParent := s.Parent
-	if base.Parent != "" && base.Parent != s.Parent {
+	parent := s.Parent
+	if newParent != "" && newParent != s.Parent {
 		if s.Parent != "" {
 			return Snapshot{}, fmt.Errorf("cannot change parent of active snapshot %q on commit: %w", key, errdefs.ErrInvalidArgument)
 		}
-		s.Parent = base.Parent
+		parent = newParent
 	}
-	if s.Parent != "" {
-		if err := tx.committedParent(s.Parent, errdefs.ErrFailedPrecondition); err != nil {
+	if parent != "" {
+		if err := tx.committedParent(parent, errdefs.ErrFailedPrecondition); err != nil {
 			return Snapshot{}, fmt.Errorf("commit %q: %w", key, err)
 		}
 	}
-	if err := tx.snapshots.Delete([]byte(key)); err != nil {
-		return Snapshot{}, fmt.Errorf("delete active snapshot %q: %w", key, err)
-	}
-	if oldParent != "" {
-		if err := tx.children.Delete(childKey(oldParent, key)); err != nil {
-			return Snapshot{}, fmt.Errorf("delete parent link of %q: %w", key, err)
-		}
-	}
-	s.Key = name
-	s.Kind = snapshots.KindCommitted
-	s.Labels = maps.Clone(base.Labels)
-	if len(s.Labels) == 0 {
-		s.Labels = nil
-	}
-	s.Created = tx.now().UTC()
-	s.Updated = s.Created
-	s.Usage = usage
-	if id != 0 {
-		// Claimed first: the active's own id is owned and refused.
-		if err := tx.claimID(id, name); err != nil {
-			return Snapshot{}, fmt.Errorf("committed snapshot %q: %w", name, err)
-		}
-		if s.DeviceID != 0 {
-			if err := tx.used.Put(idKey(s.DeviceID), ownerValue("")); err != nil {
-				return Snapshot{}, fmt.Errorf("disown device id %d: %w", s.DeviceID, err)
-			}
-		}
-		s.DeviceID = id
-	} else if s.DeviceID != 0 {
-		if err := tx.used.Put(idKey(s.DeviceID), ownerValue(name)); err != nil {
-			return Snapshot{}, fmt.Errorf("move device id %d to %q: %w", s.DeviceID, name, err)
-		}
-	}
-	if err := tx.put(&s); err != nil {
-		return Snapshot{}, err
-	}
-	if s.Parent != "" {
-		if err := tx.children.Put(childKey(s.Parent, name), nil); err != nil {
-			return Snapshot{}, fmt.Errorf("write parent link of %q: %w", name, err)
-		}
-	}
 	return s, nil
+}
+
+// unlink deletes the record of key and its link from parent.
+func (tx *Tx) unlink(key, parent string) error {
+	if err := tx.snapshots.Delete([]byte(key)); err != nil {
+		return fmt.Errorf("delete snapshot %q: %w", key, err)
+	}
+	if parent != "" {
+		if err := tx.children.Delete(childKey(parent, key)); err != nil {
+			return fmt.Errorf("delete parent link of %q: %w", key, err)
+		}
+	}
+	return nil
 }
 
 // RemoveSnapshot deletes the record for key in any state and returns it.
@@ -472,13 +472,8 @@ func (tx *Tx) RemoveSnapshot(key string) (Snapshot, error) {
 	if tx.hasChildren(key) {
 		return Snapshot{}, fmt.Errorf("cannot remove snapshot %q with children: %w", key, errdefs.ErrFailedPrecondition)
 	}
-	if err := tx.snapshots.Delete([]byte(key)); err != nil {
-		return Snapshot{}, fmt.Errorf("delete snapshot %q: %w", key, err)
-	}
-	if s.Parent != "" {
-		if err := tx.children.Delete(childKey(s.Parent, key)); err != nil {
-			return Snapshot{}, fmt.Errorf("delete parent link of %q: %w", key, err)
-		}
+	if err := tx.unlink(key, s.Parent); err != nil {
+		return Snapshot{}, err
 	}
 	if s.DeviceID != 0 {
 		if owner, ok := tx.idOwner(s.DeviceID); ok && owner == key {
@@ -535,21 +530,6 @@ func (tx *Tx) SetState(key string, state State) (Snapshot, error) {
 	}
 	s.State = state
 	return s, tx.put(&s)
-}
-
-// Children returns the keys of the records (any state) whose parent is key,
-// in key order. NotFound if key does not exist.
-func (tx *Tx) Children(key string) ([]string, error) {
-	if tx.snapshots.Get([]byte(key)) == nil {
-		return nil, fmt.Errorf("snapshot %q: %w", key, errdefs.ErrNotFound)
-	}
-	prefix := childPrefix(key)
-	var out []string
-	c := tx.children.Cursor()
-	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
-		out = append(out, string(k[len(prefix):]))
-	}
-	return out, nil
 }
 
 func (tx *Tx) hasChildren(key string) bool {

@@ -32,7 +32,7 @@ func populate(t testing.TB, db *DB) {
 			}
 		}
 		commit := func(key, name string, labels map[string]string) {
-			if _, err := tx.CommitActive(key, name, snapshots.Usage{Size: 1}, snapshots.WithLabels(labels)); err != nil {
+			if _, err := tx.commitFresh(key, name, snapshots.Usage{Size: 1}, snapshots.WithLabels(labels)); err != nil {
 				t.Fatalf("commit %s: %v", key, err)
 			}
 		}
@@ -102,7 +102,7 @@ func TestCreateSnapshotErrors(t *testing.T) {
 		if _, err := tx.CreateSnapshot(Snapshot{Key: "c-tmp", Kind: active, State: StateReady}); err != nil {
 			return err
 		}
-		if _, err := tx.CommitActive("c-tmp", "committed-removing", snapshots.Usage{}); err != nil {
+		if _, err := tx.commitFresh("c-tmp", "committed-removing", snapshots.Usage{}); err != nil {
 			return err
 		}
 		_, err = tx.SetState("committed-removing", StateRemoving)
@@ -216,7 +216,7 @@ func TestCreatingIsHidden(t *testing.T) {
 			if _, err := tx.UpdateInfo(snapshots.Info{Name: key}); errKind(err) != "notfound" {
 				t.Errorf("UpdateInfo(%s) = %v, want NotFound", key, err)
 			}
-			if _, err := tx.CommitActive(key, key+"-c", snapshots.Usage{}); errKind(err) != "precondition" {
+			if _, err := tx.commitFresh(key, key+"-c", snapshots.Usage{}); errKind(err) != "precondition" {
 				t.Errorf("CommitActive(%s) = %v, want FailedPrecondition", key, err)
 			}
 			if _, err := tx.CreateSnapshot(Snapshot{Key: key, Kind: kview, State: StateReady}); errKind(err) != "exists" {
@@ -319,7 +319,7 @@ func TestCommitActive(t *testing.T) {
 		if before, err = tx.GetSnapshot("active-2"); err != nil {
 			return err
 		}
-		got, err = tx.CommitActive("active-2", "committed-3", snapshots.Usage{Size: 4096, Inodes: 7}, snapshots.WithLabels(map[string]string{"new": "label"}))
+		got, err = tx.commitFresh("active-2", "committed-3", snapshots.Usage{Size: 4096, Inodes: 7}, snapshots.WithLabels(map[string]string{"new": "label"}))
 		return err
 	})
 	view(t, db, func(tx *Tx) error {
@@ -330,7 +330,7 @@ func TestCommitActive(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if s.DeviceID != before.DeviceID || s.Size != before.Size || s.FSType != before.FSType || s.Kind != committed ||
+		if s.DeviceID == before.DeviceID || s.Size != before.Size || s.FSType != before.FSType || s.Kind != committed ||
 			s.Parent != "committed-1" || s.State != StateReady || s.Usage != (snapshots.Usage{Size: 4096, Inodes: 7}) ||
 			len(s.Labels) != 1 || s.Labels["new"] != "label" || !s.Created.After(before.Created) || !s.Updated.Equal(s.Created) {
 			t.Errorf("committed %+v from %+v", s, before)
@@ -349,9 +349,9 @@ func TestCommitActive(t *testing.T) {
 	})
 }
 
-// TestCommitActiveOnto: the committed snapshot takes the new id, the
+// TestCommitActiveIDs: the committed snapshot takes the new id, the
 // active's id stays allocated without an owner; a bad new id changes nothing.
-func TestCommitActiveOnto(t *testing.T) {
+func TestCommitActiveIDs(t *testing.T) {
 	db, _ := openTestDB(t)
 	populate(t, db)
 	var before Snapshot
@@ -364,14 +364,14 @@ func TestCommitActiveOnto(t *testing.T) {
 		return err
 	})
 	err := db.Update(t.Context(), func(tx *Tx) error {
-		_, err := tx.CommitActiveOnto("active-2", "committed-3", before.DeviceID, snapshots.Usage{})
+		_, err := tx.CommitActive("active-2", "committed-3", before.DeviceID, snapshots.Usage{})
 		return err
 	})
 	if errKind(err) != "precondition" {
 		t.Errorf("commit onto the active's own (owned) id: %v", err)
 	}
 	update(t, db, func(tx *Tx) error {
-		s, err := tx.CommitActiveOnto("active-2", "committed-3", fresh, snapshots.Usage{Size: 1})
+		s, err := tx.CommitActive("active-2", "committed-3", fresh, snapshots.Usage{Size: 1})
 		if err != nil {
 			return err
 		}
@@ -423,7 +423,7 @@ func TestCommitActiveErrors(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			err := db.Update(t.Context(), func(tx *Tx) error {
 				before, _ := tx.GetSnapshot(tc.key)
-				s, err := tx.CommitActive(tc.key, tc.target, snapshots.Usage{}, tc.opts...)
+				s, err := tx.commitFresh(tc.key, tc.target, snapshots.Usage{}, tc.opts...)
 				if got := errKind(err); got != tc.want {
 					t.Errorf("got %v (%s), want %s", err, got, tc.want)
 				}
@@ -588,7 +588,7 @@ func TestChildrenIndex(t *testing.T) {
 			if _, err := tx.CreateSnapshot(Snapshot{Key: p + "-tmp", Kind: active, State: StateReady}); err != nil {
 				return err
 			}
-			if _, err := tx.CommitActive(p+"-tmp", p, snapshots.Usage{}); err != nil {
+			if _, err := tx.commitFresh(p+"-tmp", p, snapshots.Usage{}); err != nil {
 				return err
 			}
 			for _, c := range []string{"1", "b", "\x00"} {
@@ -629,7 +629,7 @@ func TestReadOnlyTx(t *testing.T) {
 			_, err := tx.CreateSnapshot(Snapshot{Key: "x", Kind: active, State: StateReady})
 			return err
 		},
-		"CommitActive":     func(tx *Tx) error { _, err := tx.CommitActive("active-1", "c", snapshots.Usage{}); return err },
+		"CommitActive":     func(tx *Tx) error { _, err := tx.commitFresh("active-1", "c", snapshots.Usage{}); return err },
 		"RemoveSnapshot":   func(tx *Tx) error { _, err := tx.RemoveSnapshot("view-1"); return err },
 		"UpdateInfo":       func(tx *Tx) error { _, err := tx.UpdateInfo(snapshots.Info{Name: "view-1"}); return err },
 		"SetState":         func(tx *Tx) error { _, err := tx.SetState("view-1", StateRemoving); return err },

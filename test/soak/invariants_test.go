@@ -36,6 +36,7 @@ func offlineCheck(ctx context.Context, root, pool string, m *model) ([]string, e
 		pi      storage.PoolInfo
 		dbTx    uint64
 		journal []storage.Entry
+		warm    []storage.Warm
 		recs    []storage.Snapshot
 		ids     = map[uint32]string{}
 	)
@@ -50,6 +51,9 @@ func offlineCheck(ctx context.Context, root, pool string, m *model) ([]string, e
 		if journal, err = tx.Journal(); err != nil {
 			return err
 		}
+		if warm, err = tx.WarmDevices(); err != nil {
+			return err
+		}
 		if err := tx.WalkSnapshots(func(s storage.Snapshot) error { recs = append(recs, s); return nil }); err != nil {
 			return err
 		}
@@ -62,6 +66,10 @@ func offlineCheck(ctx context.Context, root, pool string, m *model) ([]string, e
 
 	for _, e := range journal {
 		bad("pending journal entry %d: %s id=%d key=%q", e.Seq, e.Op, e.DeviceID, e.Key)
+	}
+	// A graceful stop deletes the warm devices.
+	for _, w := range warm {
+		bad("warm device %d of %q left after a graceful stop", w.DeviceID, w.Parent)
 	}
 	want := map[uint32]bool{pi.BaseDeviceID: true} // thin ids the pool must hold
 	active := map[uint32]storage.Snapshot{}        // ids that must have a dm device

@@ -29,8 +29,8 @@ func requestedSize(labels map[string]string, current uint64) (uint64, error) {
 	}
 	n -= n % BaseSizeAlign
 	switch {
-	case n > MaxDeviceSize:
-		return 0, fmt.Errorf("label %s=%q: more than %s: %w", snapshots.LabelSnapshotMaxSize, v, humanSize(MaxDeviceSize), errdefs.ErrInvalidArgument)
+	case n > maxDeviceSize:
+		return 0, fmt.Errorf("label %s=%q: more than %s: %w", snapshots.LabelSnapshotMaxSize, v, humanSize(maxDeviceSize), errdefs.ErrInvalidArgument)
 	case n < current:
 		return 0, fmt.Errorf("label %s=%q: smaller than the %d bytes the filesystem has already (devices never shrink): %w",
 			snapshots.LabelSnapshotMaxSize, v, current, errdefs.ErrInvalidArgument)
@@ -62,9 +62,10 @@ func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 		if size, err = requestedSize(out.Labels, old.Size); err != nil {
 			return err
 		}
-		// A size the old labels asked for was reached (a failed grow
-		// puts the labels back): a grow stopped after the device grew
-		// runs again.
+		// Nothing to do when the device has the size already and the
+		// old labels asked for it too. A grow that failed after the
+		// device grew put the old labels back, so asking again runs
+		// the filesystem's grow again.
 		prev, _ := requestedSize(old.Labels, 0)
 		if size == 0 || (size == old.Size && size <= prev) {
 			size = 0
@@ -83,7 +84,7 @@ func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 	err = s.pool.Resize(name, old.DeviceID, dmsetup.BytesToSectors(size))
 	resized := err == nil
 	if err == nil {
-		err = s.timed(StepGrow, func() error { return s.grow(ctx, s.pool.DevicePath(name), old.FSType) })
+		err = s.timed(StepGrow, func() error { return s.growFS(ctx, s.pool.DevicePath(name), old.FSType) })
 	}
 	if err == nil {
 		return out, nil

@@ -27,7 +27,9 @@ const growMetaBelow = 25
 
 // grower grows the embedded pool (MaxDataSize): when the pool's free data
 // space falls under lowWater, or its free metadata under growMetaBelow (or
-// MinFreeMetadata) percent, the backing files are extended and the pool reloaded.
+// MinFreeMetadata) percent, the backing files are extended and the pool
+// reloaded. The growth watcher (watchGrowth) and a Prepare short of space
+// (checkPoolHealth) both grow it, one at a time (mu).
 type grower struct {
 	lp *dmsetup.LoopPool
 	c  *dmsetup.Client
@@ -113,6 +115,10 @@ func (s *Snapshotter) maybeGrow(ctx context.Context) (bool, error) {
 		g.lastWhy = why
 		return false, nil
 	}
+	// The reload runs without poolMu: pool messages do not depend on the
+	// pool's size, and the pool's suspend only makes I/O (and a snapshot's
+	// suspend of its origin) wait for the resume. Holding poolMu would
+	// stall every call for the whole growth instead.
 	start := time.Now()
 	err = g.lp.Grow(ctx, dmsetup.GrowOptions{DataSize: data, MetadataSize: meta, LowWaterMark: s.cfg.lowWaterBlocks(data)})
 	if err != nil {
@@ -129,7 +135,7 @@ func (s *Snapshotter) maybeGrow(ctx context.Context) (bool, error) {
 
 // watchGrowth grows the pool whenever it signals an event (DM_DEV_WAIT: the
 // low water mark or the metadata threshold crossed), and every growPoll
-// anyway, until ctx ends.
+// anyway, until ctx ends. It runs in its own goroutine (startBackground).
 func (s *Snapshotter) watchGrowth(ctx context.Context) {
 	name := s.pool.Name()
 	for ctx.Err() == nil {

@@ -17,13 +17,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// growFS makes the filesystem on dev fill its device, which has just
+// fillDevice makes the filesystem on dev fill its device, which has just
 // grown. A mounted filesystem grows online where it is mounted (a running
 // container's root). An unmounted one grows offline if it is a cleanly
 // unmounted ext4 (cheaper, and it leaves the new inode tables unwritten,
 // where the kernel's online resize zeroes them into the pool), otherwise on
 // a private mount that is always taken down again.
-func (s *Snapshotter) growFS(ctx context.Context, dev, fsType string) error {
+func (s *Snapshotter) fillDevice(ctx context.Context, dev, fsType string) error {
 	var st unix.Stat_t
 	if err := unix.Stat(dev, &st); err != nil {
 		return fmt.Errorf("stat %s: %w", dev, err)
@@ -53,7 +53,8 @@ func (s *Snapshotter) growFS(ctx context.Context, dev, fsType string) error {
 			// resize2fs would otherwise refuse.
 			return run(ctx, "resize2fs", "-f", dev)
 		}
-		// A journal to replay: the mount does it.
+		// The filesystem has a journal to replay, which only a
+		// mount does: grow it on a mount.
 	}
 	return s.growOnMount(ctx, dev, fsType)
 }

@@ -95,13 +95,13 @@ func TestIntegrationMaxSize(t *testing.T) {
 				if fs == FSTypeExt4 {
 					// The alternative for ext4: grow on a private
 					// mount, as xfs must.
-					s.grow = s.growOnMount
+					s.growFS = s.growOnMount
 					start = time.Now()
 					if _, err := s.Prepare(ctx, "sized-mount-"+k, "", maxSize(big)); err != nil {
 						t.Fatal(err)
 					}
 					sizedMount += time.Since(start)
-					s.grow = s.growFS
+					s.growFS = s.fillDevice
 				}
 			}
 			t.Logf("%s: plain Prepare %v, max-size (%d GiB) Prepare %v, each on average over %d",

@@ -27,7 +27,7 @@ func TestRequestedSize(t *testing.T) {
 		{"not a number", map[string]string{snapshots.LabelSnapshotMaxSize: "10G"}, 0, errdefs.ErrInvalidArgument},
 		{"negative", map[string]string{snapshots.LabelSnapshotMaxSize: "-1"}, 0, errdefs.ErrInvalidArgument},
 		{"empty", map[string]string{snapshots.LabelSnapshotMaxSize: ""}, 0, errdefs.ErrInvalidArgument},
-		{"too large", map[string]string{snapshots.LabelSnapshotMaxSize: strconv.FormatUint(MaxDeviceSize+4096, 10)}, 0, errdefs.ErrInvalidArgument},
+		{"too large", map[string]string{snapshots.LabelSnapshotMaxSize: strconv.FormatUint(maxDeviceSize+4096, 10)}, 0, errdefs.ErrInvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := requestedSize(tc.labels, cur)
@@ -51,7 +51,7 @@ type grown struct {
 }
 
 func (g *grown) hook(s *Snapshotter) {
-	s.grow = func(_ context.Context, dev, _ string) error {
+	s.growFS = func(_ context.Context, dev, _ string) error {
 		g.calls = append(g.calls, dev)
 		return g.err
 	}

@@ -1,0 +1,340 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+
+	"github.com/thin-snapshotter/thin-snapshotter/storage"
+)
+
+// Background work. One goroutine, the worker, does the kernel work no
+// call should wait for: it finishes journaled removals, makes the warm
+// devices Prepares asked for, and deletes warm devices unused for
+// warmIdle. Each piece costs the kernel tens of milliseconds, and a
+// snapshot call that meets it waits for the pool and the dm locks behind
+// it. So the worker starts each piece in a pause between calls: none in
+// flight and none for quietFor. A removal waits at most maxDefer from when
+// it was journaled, so a steady stream of calls never lets the backlog
+// grow.
+const (
+	quietFor = 50 * time.Millisecond
+	maxDefer = 2 * time.Second
+	// retryInterval is how often the worker retries removals that could
+	// not finish (a device still open).
+	retryInterval = 10 * time.Second
+)
+
+// background is the state of the background work.
+type background struct {
+	// calls tracks Prepare, View, Commit and Remove, which the worker
+	// gives way to.
+	calls activity
+	// wake makes the worker run a round now.
+	wake chan struct{}
+	// removing holds the journal sequences of the removals being
+	// finished, so the worker and a call never finish one twice.
+	removing seqSet
+	refill   refills
+
+	// stop ends the worker and the growth watcher, nil while they do not
+	// run; wg waits for them.
+	stop context.CancelFunc
+	wg   sync.WaitGroup
+}
+
+// startBackground starts the worker and, for a pool that grows itself, the
+// growth watcher.
+func (s *Snapshotter) startBackground(ctx context.Context) {
+	ctx, s.bg.stop = context.WithCancel(context.WithoutCancel(ctx))
+	s.bg.wg.Go(func() { s.worker(ctx) })
+	if s.autogrow != nil {
+		s.bg.wg.Go(func() { s.watchGrowth(ctx) })
+	}
+}
+
+// stopBackground stops the goroutines startBackground started and waits for
+// them; work they began is finished first.
+func (s *Snapshotter) stopBackground() {
+	if s.bg.stop != nil {
+		s.bg.stop()
+		s.bg.stop = nil
+	}
+	s.bg.wg.Wait()
+}
+
+// kick wakes the worker.
+func (s *Snapshotter) kick() {
+	select {
+	case s.bg.wake <- struct{}{}:
+	default:
+	}
+}
+
+// worker runs a round when kicked and every retryInterval: it finishes
+// pending removals, then makes the warm devices asked for. Every warmIdle/2
+// it deletes the warm devices unused for warmIdle or over the bound.
+func (s *Snapshotter) worker(ctx context.Context) {
+	retry := time.NewTicker(retryInterval)
+	defer retry.Stop()
+	idle := time.NewTicker(warmIdle / 2)
+	defer idle.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.bg.wake:
+		case <-retry.C:
+		case <-idle.C:
+			s.reclaimIdle(ctx)
+			continue
+		}
+		if _, err := s.finishRemovals(ctx, true); err != nil && ctx.Err() == nil {
+			log.G(ctx).WithError(err).Warn("pending removals not finished; will retry")
+		}
+		s.refillWarm(ctx)
+	}
+}
+
+// finishRemovals finishes the pending removals; paced, each waits for a
+// pause between calls first. It returns how many it found.
+func (s *Snapshotter) finishRemovals(ctx context.Context, paced bool) (int, error) {
+	var pending []storage.Entry
+	if err := s.db.View(ctx, func(tx *storage.Tx) error {
+		entries, err := tx.Journal()
+		for _, e := range entries {
+			if e.Op == storage.OpDelete {
+				pending = append(pending, e)
+			}
+		}
+		return err
+	}); err != nil {
+		return 0, err
+	}
+	var errs []error
+	for _, e := range pending {
+		if paced {
+			s.bg.calls.pause(ctx, e.Created.Add(maxDefer))
+		}
+		if err := s.finishDelete(ctx, e); err != nil && !errdefs.IsUnavailable(err) {
+			errs = append(errs, fmt.Errorf("device %d of removed %q: %w", e.DeviceID, e.Key, err))
+		}
+	}
+	return len(pending), errors.Join(errs...)
+}
+
+// refillWarm makes the warm devices asked for, each in a pause between
+// calls, while the pool is healthy (makeWarm checks).
+func (s *Snapshotter) refillWarm(ctx context.Context) {
+	for parent, asks := range s.bg.refill.wanted() {
+		if ctx.Err() != nil {
+			return
+		}
+		s.bg.calls.pause(ctx, time.Now().Add(maxDefer))
+		if ctx.Err() != nil {
+			return
+		}
+		// Once begun, finished even when Close stops the worker: a
+		// half-made device would stay journaled until the next start.
+		if err := s.makeWarm(context.WithoutCancel(ctx), parent); err != nil {
+			log.G(ctx).WithError(err).WithField("parent", parent).Debug("no warm device made")
+		}
+		s.bg.refill.done(parent, asks)
+	}
+}
+
+// reclaimIdle deletes the warm devices unused for warmIdle, in a pause
+// between calls.
+func (s *Snapshotter) reclaimIdle(ctx context.Context) {
+	s.bg.calls.pause(ctx, time.Now().Add(maxDefer))
+	cutoff := time.Now().Add(-warmIdle)
+	err := s.reclaimWarm(ctx, func(w storage.Warm, newer int) bool {
+		return w.Created.Before(cutoff) || newer >= maxWarm
+	})
+	if err != nil && ctx.Err() == nil {
+		log.G(ctx).WithError(err).Warn("idle warm devices not deleted; will retry")
+	}
+}
+
+// reclaimWarm deletes the warm devices pick chooses (see dropWarm).
+func (s *Snapshotter) reclaimWarm(ctx context.Context, pick func(w storage.Warm, newer int) bool) error {
+	var dels []storage.Entry
+	if err := s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+		dels, err = dropWarm(tx, pick)
+		return err
+	}); err != nil {
+		return err
+	}
+	return s.finishDeletes(ctx, dels)
+}
+
+// Cleanup is what containerd calls at the end of each garbage collection
+// that removed snapshots. With async_remove it only wakes the worker: the
+// collection's time counts the call, and containerd's scheduler waits about
+// 50 times a collection's time before the next one, so kernel work here
+// would delay every later removal. Without async_remove it finishes the
+// removals a busy device deferred. The warm devices stay either way, or
+// the next container of an image would wait for an activation after every
+// other container's removal.
+func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	if s.cfg.AsyncRemove {
+		s.kick()
+		return nil
+	}
+	_, err := s.finishRemovals(ctx, false)
+	return err
+}
+
+// Drain deletes the warm devices and finishes every pending removal now:
+// the pool then holds only the snapshots' devices (an administrator's
+// cleanup, and Close).
+func (s *Snapshotter) Drain(ctx context.Context) error {
+	err := s.reclaimWarm(ctx, func(storage.Warm, int) bool { return true })
+	_, ferr := s.finishRemovals(ctx, false)
+	return errors.Join(err, ferr)
+}
+
+// warmTaken notes that a Prepare on parent took its warm device, and asks
+// for the next one unless it was parent's first child: a layer in an unpack
+// gets one child (its next layer), an image's top layer many (its
+// containers), and they should not wait for an activation either.
+func (s *Snapshotter) warmTaken(parent string) {
+	if s.bg.refill.countChild(parent) > 1 {
+		s.bg.refill.ask(parent)
+		s.kick()
+	}
+}
+
+// warmMissed notes that a Prepare on parent found no warm device and asks
+// for one: more children may follow (containers of one image).
+func (s *Snapshotter) warmMissed(parent string) {
+	s.bg.refill.countChild(parent)
+	s.bg.refill.ask(parent)
+	s.kick()
+}
+
+// maxChildCounts bounds the map of Prepares per parent: past it, the
+// counts start again.
+const maxChildCounts = 4096
+
+// refills are the committed snapshots whose next child should find a warm
+// device, for the worker to make.
+type refills struct {
+	mu sync.Mutex
+	// want counts the requests per committed snapshot since its last
+	// refill; an entry goes once a refill has run after its last request.
+	want map[string]int
+	// children counts the Prepares on each committed snapshot.
+	children map[string]int
+}
+
+// ask requests a warm device of parent.
+func (r *refills) ask(parent string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.want == nil {
+		r.want = map[string]int{}
+	}
+	r.want[parent]++
+}
+
+// wanted returns the parents asked for, with their request counts.
+func (r *refills) wanted() map[string]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return maps.Clone(r.want)
+}
+
+// done forgets parent after a refill that saw asks requests, unless it was
+// asked for again meanwhile.
+func (r *refills) done(parent string, asks int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.want[parent] == asks {
+		delete(r.want, parent)
+	}
+}
+
+// countChild counts a Prepare on parent and returns how many it made.
+func (r *refills) countChild(parent string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.children == nil || len(r.children) >= maxChildCounts {
+		r.children = map[string]int{}
+	}
+	r.children[parent]++
+	return r.children[parent]
+}
+
+// seqSet is a set of journal sequences, safe for concurrent use.
+type seqSet struct {
+	mu  sync.Mutex
+	set map[uint64]bool
+}
+
+// add adds seq and reports whether it was not there yet.
+func (q *seqSet) add(seq uint64) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.set[seq] {
+		return false
+	}
+	if q.set == nil {
+		q.set = map[uint64]bool{}
+	}
+	q.set[seq] = true
+	return true
+}
+
+func (q *seqSet) remove(seq uint64) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	delete(q.set, seq)
+}
+
+// activity tracks the snapshot calls that change the pool.
+type activity struct {
+	inFlight atomic.Int64
+	last     atomic.Int64 // when the latest call ended, Unix nanoseconds
+}
+
+// begin counts a call in; the returned func counts it out.
+func (a *activity) begin() func() {
+	a.inFlight.Add(1)
+	return func() {
+		a.last.Store(time.Now().UnixNano())
+		a.inFlight.Add(-1)
+	}
+}
+
+// pause waits until no call has run for quietFor, or until deadline, or
+// ctx ends.
+func (a *activity) pause(ctx context.Context, deadline time.Time) {
+	for {
+		now := time.Now()
+		if !now.Before(deadline) {
+			return
+		}
+		wait := quietFor - now.Sub(time.Unix(0, a.last.Load()))
+		if a.inFlight.Load() > 0 {
+			wait = quietFor
+		}
+		if wait <= 0 {
+			return
+		}
+		t := time.NewTimer(min(wait, deadline.Sub(now)))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
