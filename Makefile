@@ -15,7 +15,7 @@ PKGS       := ./...
 DM_PKGS    := dmsetup snapshotter cmd/thin-snapshotter test/contrib
 VMFLAGS    ?=
 
-.PHONY: all build test lint lint-tree lint-tools lint-fmt lint-vet lint-go lint-shell lint-proto proto proto-tools \
+.PHONY: all build test lint lint-tree lint-links lint-tools lint-fmt lint-vet lint-go lint-shell lint-proto proto proto-tools \
 	test-unit test-integration test-vm test-soak test-e2e bench fuzz demo clean
 
 all: build
@@ -33,11 +33,12 @@ build:
 test: lint test-unit test-integration test-e2e test-soak
 
 # --- lint ---------------------------------------------------------------------
-# In this order: no binaries or big files tracked, formatting (gofmt and
-# goimports, as .golangci.yml configures them), go vet, golangci-lint
-# (.golangci.yml), shellcheck on every #! shell script. `make -k lint` goes on
-# past a failing step to show them all.
-lint: lint-tree lint-fmt lint-vet lint-go lint-shell lint-proto
+# In this order: no binaries or big files tracked, every relative link in
+# the markdown files points at a file (and heading) that exists, formatting
+# (gofmt and goimports, as .golangci.yml configures them), go vet,
+# golangci-lint (.golangci.yml), shellcheck on every #! shell script.
+# `make -k lint` goes on past a failing step to show them all.
+lint: lint-tree lint-links lint-fmt lint-vet lint-go lint-shell lint-proto
 
 # golangci-lint is pinned and installed once per GOPATH under a versioned name,
 # so another version on PATH is never picked up.
@@ -47,6 +48,9 @@ GOLANGCI_LINT  = $(GOPATH_BIN)/golangci-lint-$(GOLANGCI_LINT_VERSION)
 
 lint-tree:
 	test/lint/check-tree
+
+lint-links:
+	test/lint/check-links
 
 # Installs golangci-lint when missing or not the pinned version. shellcheck
 # comes from Debian's package (apt-get install shellcheck; .ci/run does).
