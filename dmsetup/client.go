@@ -297,6 +297,19 @@ func (c *Client) load(name string, table []byte, count uint32, readOnly bool) er
 	return nil
 }
 
+// Reload replaces the table of active device name: the new table is loaded
+// into the inactive slot, then the device is suspended (flushing its I/O)
+// and resumed with it. A failed suspend drops the loaded table again.
+func (c *Client) Reload(name string, targets []Target) error {
+	if err := c.Load(name, targets, false); err != nil {
+		return err
+	}
+	if err := c.Suspend(name, SuspendOptions{}); err != nil {
+		return errors.Join(err, c.ClearTable(name))
+	}
+	return c.Resume(name)
+}
+
 // ClearTable drops the inactive table of device name.
 func (c *Client) ClearTable(name string) error {
 	return c.simple(unix.DM_TABLE_CLEAR, "table clear", name, 0)
