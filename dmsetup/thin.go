@@ -2,6 +2,7 @@ package dmsetup
 
 import (
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -269,6 +270,8 @@ type PoolStatus struct {
 	HasMetadataLowWatermark bool
 }
 
+// parseRatio reads "used/total", the form in which the kernel prints block
+// counts.
 func parseRatio(s string) (uint64, uint64, bool) {
 	a, b, ok := strings.Cut(s, "/")
 	if !ok {
@@ -304,72 +307,87 @@ func ParsePoolStatus(s string) (PoolStatus, error) {
 		return bad("fewer than 4 fields")
 	}
 	var st PoolStatus
+	if why := st.parseRequiredFields(f[:4]); why != "" {
+		return bad(why)
+	}
+	if why := st.parseOptionalFields(f[4:]); why != "" {
+		return bad(why)
+	}
+	return st, nil
+}
+
+// parseRequiredFields reads the four fields every kernel prints: the
+// transaction id, the metadata and data block counts and the held metadata
+// root. It returns why a field is malformed, or "".
+func (st *PoolStatus) parseRequiredFields(f []string) string {
 	var err error
 	var ok bool
 	if st.TransactionID, err = strconv.ParseUint(f[0], 10, 64); err != nil {
-		return bad("transaction id")
+		return "transaction id"
 	}
 	if st.UsedMetaBlocks, st.TotalMetaBlocks, ok = parseRatio(f[1]); !ok {
-		return bad("metadata blocks")
+		return "metadata blocks"
 	}
 	if st.UsedDataBlocks, st.TotalDataBlocks, ok = parseRatio(f[2]); !ok {
-		return bad("data blocks")
+		return "data blocks"
 	}
 	if f[3] != "-" {
 		if st.HeldMetadataRoot, err = strconv.ParseUint(f[3], 10, 64); err != nil {
-			return bad("held metadata root")
+			return "held metadata root"
 		}
 		st.HasHeldRoot = true
 	}
-	rest := f[4:]
-	next := func() (string, bool) {
-		if len(rest) == 0 {
-			return "", false
-		}
-		v := rest[0]
-		rest = rest[1:]
-		return v, true
-	}
-	if v, ok := next(); ok {
-		switch m := PoolMode(v); m {
-		case PoolModeRW, PoolModeRO, PoolModeOutOfDataSpace:
-			st.Mode = m
-		default:
-			return bad("mode " + strconv.Quote(v))
+	return ""
+}
+
+// parseOptionalFields reads the fields after the held metadata root, in
+// order: mode, discard mode, no-space policy, needs_check and the metadata
+// low watermark. Older kernels print fewer of them, so a missing field is
+// left at its zero value; fields beyond these are ignored. It returns why a
+// field is malformed, or "".
+func (st *PoolStatus) parseOptionalFields(f []string) string {
+	var ok bool
+	if len(f) > 0 {
+		if st.Mode, ok = oneOf(f[0], PoolModeRW, PoolModeRO, PoolModeOutOfDataSpace); !ok {
+			return "mode " + strconv.Quote(f[0])
 		}
 	}
-	if v, ok := next(); ok {
-		switch m := DiscardMode(v); m {
-		case DiscardPassdown, NoDiscardPassdown, IgnoreDiscard:
-			st.DiscardMode = m
-		default:
-			return bad("discard mode " + strconv.Quote(v))
+	if len(f) > 1 {
+		if st.DiscardMode, ok = oneOf(f[1], DiscardPassdown, NoDiscardPassdown, IgnoreDiscard); !ok {
+			return "discard mode " + strconv.Quote(f[1])
 		}
 	}
-	if v, ok := next(); ok {
-		switch p := NoSpacePolicy(v); p {
-		case QueueIfNoSpace, ErrorIfNoSpace:
-			st.NoSpacePolicy = p
-		default:
-			return bad("no-space policy " + strconv.Quote(v))
+	if len(f) > 2 {
+		if st.NoSpacePolicy, ok = oneOf(f[2], QueueIfNoSpace, ErrorIfNoSpace); !ok {
+			return "no-space policy " + strconv.Quote(f[2])
 		}
 	}
-	if v, ok := next(); ok {
-		switch v {
+	if len(f) > 3 {
+		switch f[3] {
 		case "needs_check":
 			st.NeedsCheck = true
 		case "-":
 		default:
-			return bad("needs_check field " + strconv.Quote(v))
+			return "needs_check field " + strconv.Quote(f[3])
 		}
 	}
-	if v, ok := next(); ok {
-		if st.MetadataLowWatermark, err = strconv.ParseUint(v, 10, 64); err != nil {
-			return bad("metadata low watermark")
+	if len(f) > 4 {
+		v, err := strconv.ParseUint(f[4], 10, 64)
+		if err != nil {
+			return "metadata low watermark"
 		}
-		st.HasMetadataLowWatermark = true
+		st.MetadataLowWatermark, st.HasMetadataLowWatermark = v, true
 	}
-	return st, nil
+	return ""
+}
+
+// oneOf returns v as a T when it is one of allowed, and the zero T and
+// false when it is not.
+func oneOf[T ~string](v string, allowed ...T) (T, bool) {
+	if slices.Contains(allowed, T(v)) {
+		return T(v), true
+	}
+	return "", false
 }
 
 // ThinStatus is the parsed status of a thin target.
