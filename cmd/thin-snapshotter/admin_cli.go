@@ -103,8 +103,8 @@ func statusCommand() *cli.Command {
 			"are strings).",
 		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
-			if cmd.Args().Len() > 0 {
-				return fmt.Errorf("unexpected argument %q (see --help)", cmd.Args().First())
+			if err := noArgs(cmd); err != nil {
+				return err
 			}
 			return callAdmin(ctx, cmd, func(ctx context.Context, c adminv1.AdminClient) error {
 				st, err := c.Status(ctx, &adminv1.StatusRequest{})
@@ -130,8 +130,8 @@ func devicesCommand() *cli.Command {
 			"SIZE is the virtual size.",
 		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
-			if cmd.Args().Len() > 0 {
-				return fmt.Errorf("unexpected argument %q (see --help)", cmd.Args().First())
+			if err := noArgs(cmd); err != nil {
+				return err
 			}
 			return callAdmin(ctx, cmd, func(ctx context.Context, c adminv1.AdminClient) error {
 				resp, err := c.ListDevices(ctx, &adminv1.ListDevicesRequest{})
@@ -153,8 +153,8 @@ func cleanupCommand() *cli.Command {
 		Name:  "cleanup",
 		Usage: "make the running daemon delete its warm devices and finish pending removals now",
 		Action: func(ctx context.Context, cmd *cli.Command) error {
-			if cmd.Args().Len() > 0 {
-				return fmt.Errorf("unexpected argument %q (see --help)", cmd.Args().First())
+			if err := noArgs(cmd); err != nil {
+				return err
 			}
 			return callAdmin(ctx, cmd, func(ctx context.Context, c adminv1.AdminClient) error {
 				resp, err := c.Cleanup(ctx, &adminv1.CleanupRequest{})
@@ -186,14 +186,8 @@ func runOnlineCheck(ctx context.Context, cmd *cli.Command, asJSON bool, w io.Wri
 	}); err != nil {
 		return checkError, err
 	}
-	if asJSON {
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(r); err != nil {
-			return checkError, err
-		}
-	} else {
-		printReport(w, r)
+	if err := printCheckReport(w, r, asJSON); err != nil {
+		return checkError, err
 	}
 	if !r.Clean {
 		return checkProblems, nil

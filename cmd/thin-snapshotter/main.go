@@ -81,8 +81,8 @@ func newApp(run func(context.Context, *config.Config) error, stdout, stderr io.W
 			&cli.StringFlag{Name: "log-level", Usage: "`LEVEL`: trace, debug, info, warn, error (overrides log_level)"},
 		},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
-			if cmd.Args().Len() > 0 {
-				return fmt.Errorf("unexpected argument %q (see --help)", cmd.Args().First())
+			if err := noArgs(cmd); err != nil {
+				return err
 			}
 			cfg, err := resolveConfig(cmd)
 			if err != nil {
@@ -123,6 +123,14 @@ func resolveConfig(cmd *cli.Command) (*config.Config, error) {
 		return nil, fmt.Errorf("invalid configuration (%s and flags):\n%w", path, err)
 	}
 	return cfg, nil
+}
+
+// noArgs refuses positional arguments: no command takes any.
+func noArgs(cmd *cli.Command) error {
+	if cmd.Args().Len() > 0 {
+		return fmt.Errorf("unexpected argument %q (see --help)", cmd.Args().First())
+	}
+	return nil
 }
 
 // versionString is what --version prints after the name.
