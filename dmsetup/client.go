@@ -149,17 +149,13 @@ func (c *Client) ioctl(cmd uintptr, req *request) (reply, error) {
 
 // query runs an idempotent command whose reply carries data, growing the
 // buffer while the kernel reports it full.
-func (c *Client) query(cmd uintptr, name string, flags uint32, data []byte) (reply, error) {
+func (c *Client) query(cmd uintptr, name string, flags uint32) (reply, error) {
 	size := defaultDataSize
 	for {
-		if size < len(data) {
-			size = len(data)
-		}
 		req, err := newRequest(name, flags, size)
 		if err != nil {
 			return reply{}, err
 		}
-		copy(req.data(), data)
 		rep, err := c.ioctl(cmd, req)
 		if err != nil {
 			return reply{}, err
@@ -172,6 +168,21 @@ func (c *Client) query(cmd uintptr, name string, flags uint32, data []byte) (rep
 		}
 		size *= 2
 	}
+}
+
+// queryData runs query on device name ("" for the
+// calls about no device) and returns the reply and the data in it. Its
+// errors name op and the device.
+func (c *Client) queryData(cmd uintptr, op, name string, flags uint32) (reply, []byte, error) {
+	rep, err := c.query(cmd, name, flags)
+	if err != nil {
+		return reply{}, nil, opError(op, name, err)
+	}
+	data, err := rep.payload()
+	if err != nil {
+		return reply{}, nil, opError(op, name, err)
+	}
+	return rep, data, nil
 }
 
 // checkName rejects names the kernel would refuse or that would escape the
@@ -199,13 +210,9 @@ func (c *Client) Version() (Version, error) {
 
 // List returns all dm devices.
 func (c *Client) List() ([]Device, error) {
-	rep, err := c.query(unix.DM_LIST_DEVICES, "", unix.DM_UUID_FLAG, nil)
+	_, data, err := c.queryData(unix.DM_LIST_DEVICES, "list", "", unix.DM_UUID_FLAG)
 	if err != nil {
-		return nil, opError("list", "", err)
-	}
-	data, err := rep.payload()
-	if err != nil {
-		return nil, opError("list", "", err)
+		return nil, err
 	}
 	devs, err := decodeNameList(data)
 	return devs, opError("list", "", err)
@@ -469,13 +476,9 @@ func (c *Client) tableStatus(op, name string, flags uint32) ([]Target, error) {
 	if err := checkName(name); err != nil {
 		return nil, opError(op, name, err)
 	}
-	rep, err := c.query(unix.DM_TABLE_STATUS, name, flags, nil)
+	rep, data, err := c.queryData(unix.DM_TABLE_STATUS, op, name, flags)
 	if err != nil {
-		return nil, opError(op, name, err)
-	}
-	data, err := rep.payload()
-	if err != nil {
-		return nil, opError(op, name, err)
+		return nil, err
 	}
 	ts, err := decodeTargets(data, rep.targetCount())
 	if err != nil {
@@ -486,13 +489,9 @@ func (c *Client) tableStatus(op, name string, flags uint32) ([]Target, error) {
 
 // TargetVersions lists the target types the kernel has loaded.
 func (c *Client) TargetVersions() ([]TargetVersion, error) {
-	rep, err := c.query(unix.DM_LIST_VERSIONS, "", 0, nil)
+	_, data, err := c.queryData(unix.DM_LIST_VERSIONS, "list versions", "", 0)
 	if err != nil {
-		return nil, opError("list versions", "", err)
-	}
-	data, err := rep.payload()
-	if err != nil {
-		return nil, opError("list versions", "", err)
+		return nil, err
 	}
 	tv, err := decodeTargetVersions(data)
 	return tv, opError("list versions", "", err)
@@ -506,7 +505,7 @@ func (c *Client) TargetVersion(target string) (Version, error) {
 	if len(target) >= nameLen || target == "" {
 		return Version{}, opError(op, "", unix.EINVAL)
 	}
-	rep, err := c.query(unix.DM_GET_TARGET_VERSION, target, 0, nil)
+	rep, err := c.query(unix.DM_GET_TARGET_VERSION, target, 0)
 	if errors.Is(err, unix.ENOTTY) {
 		// Kernels before 5.4 lack GET_TARGET_VERSION; the full list
 		// only shows targets that are already loaded.
