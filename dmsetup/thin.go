@@ -143,8 +143,8 @@ func ThinTable(length Sectors, poolDev string, id uint32, externalOrigin string)
 	if err := checkDevArg("pool", poolDev); err != nil {
 		return Target{}, err
 	}
-	if id > MaxThinID {
-		return Target{}, fmt.Errorf("thin device id %d exceeds %d: %w", id, MaxThinID, unix.EINVAL)
+	if err := checkID(id); err != nil {
+		return Target{}, err
 	}
 	if length == 0 {
 		return Target{}, fmt.Errorf("thin device length is zero: %w", unix.EINVAL)
@@ -479,6 +479,7 @@ func (c *Client) poolMessage(pool, msg string) error {
 	return err
 }
 
+// checkID refuses a thin device id the pool cannot hold: ids have 24 bits.
 func checkID(id uint32) error {
 	if id > MaxThinID {
 		return fmt.Errorf("thin device id %d exceeds %d: %w", id, MaxThinID, unix.EINVAL)
