@@ -24,38 +24,38 @@ const (
 	defaultDevDir  = "/dev/mapper"
 )
 
-// UdevMode says whether udev manages /dev/mapper nodes.
-type UdevMode int
+// udevMode says whether udev manages /dev/mapper nodes.
+type udevMode int
 
 const (
-	// UdevAuto treats udev as running when /run/udev/control exists.
-	UdevAuto UdevMode = iota
-	// UdevOn assumes udev creates and removes the nodes.
-	UdevOn
-	// UdevOff makes the client create and remove the nodes itself.
-	UdevOff
+	// udevAuto treats udev as running when /run/udev/control exists.
+	udevAuto udevMode = iota
+	// udevOn assumes udev creates and removes the nodes.
+	udevOn
+	// udevOff makes the client create and remove the nodes itself.
+	udevOff
 )
 
 // Option configures Open.
 type Option func(*Client)
 
-// WithUdev sets how device nodes are managed.
-func WithUdev(mode UdevMode) Option { return func(c *Client) { c.udevMode = mode } }
+// withUdev sets how device nodes are managed.
+func withUdev(mode udevMode) Option { return func(c *Client) { c.udevMode = mode } }
 
 // WithUdevFlags sets the udev flags every resume (including Create's) and
 // remove of this client passes to the udev rules; 0 (the default) passes
 // none.
 func WithUdevFlags(f UdevFlags) Option { return func(c *Client) { c.udevFlags = f } }
 
-// WithDevDir sets the directory of device nodes (default /dev/mapper).
-func WithDevDir(dir string) Option { return func(c *Client) { c.devDir = dir } }
+// withDevDir sets the directory of device nodes (default /dev/mapper).
+func withDevDir(dir string) Option { return func(c *Client) { c.devDir = dir } }
 
 // Client talks to the device-mapper driver. It is safe for concurrent use:
 // every call builds its own ioctl buffer.
 type Client struct {
 	mu       sync.RWMutex // write-held only by Close
 	fd       int
-	udevMode UdevMode
+	udevMode udevMode
 	udev     bool
 	devDir   string
 
@@ -65,14 +65,14 @@ type Client struct {
 // Open opens /dev/mapper/control, creating the node from
 // /sys/class/misc/device-mapper/dev if it is missing.
 func Open(opts ...Option) (*Client, error) {
-	c := &Client{fd: -1, devDir: defaultDevDir}
+	c := &Client{fd: -1, udevMode: udevAuto, devDir: defaultDevDir}
 	for _, o := range opts {
 		o(c)
 	}
 	switch c.udevMode {
-	case UdevOn:
+	case udevOn:
 		c.udev = true
-	case UdevOff:
+	case udevOff:
 		c.udev = false
 	default:
 		_, err := os.Stat(udevControl)
@@ -126,9 +126,6 @@ func (c *Client) Close() error {
 	c.fd = -1
 	return err
 }
-
-// UdevRunning reports whether the client leaves device nodes to udev.
-func (c *Client) UdevRunning() bool { return c.udev }
 
 // DevicePath is the node of device name: <devdir>/<name>.
 func (c *Client) DevicePath(name string) string { return filepath.Join(c.devDir, name) }
@@ -193,19 +190,6 @@ func checkName(name string) error {
 		return fmt.Errorf("invalid device name %q: %w", name, unix.EINVAL)
 	}
 	return nil
-}
-
-// Version returns the dm ioctl interface version of the kernel.
-func (c *Client) Version() (Version, error) {
-	req, err := newRequest("", 0, 0)
-	if err != nil {
-		return Version{}, err
-	}
-	rep, err := c.ioctl(unix.DM_VERSION, req)
-	if err != nil {
-		return Version{}, opError("version", "", err)
-	}
-	return rep.version(), nil
 }
 
 // List returns all dm devices.
@@ -378,10 +362,10 @@ func (c *Client) Remove(ctx context.Context, name string, opts RemoveOptions) er
 	}
 	retries, delay := opts.Retries, opts.Delay
 	if retries == 0 {
-		retries = DefaultRemoveRetries
+		retries = defaultRemoveRetries
 	}
 	if delay <= 0 {
-		delay = DefaultRemoveDelay
+		delay = defaultRemoveDelay
 	}
 	var flags uint32
 	if opts.Deferred {
@@ -418,10 +402,10 @@ func (c *Client) Remove(ctx context.Context, name string, opts RemoveOptions) er
 	}
 }
 
-// Message sends msg to the target at sector of device name and returns the
+// message sends msg to the target at sector of device name and returns the
 // text the target answered, if any. A message is not idempotent, so a reply
 // too large for the buffer is reported (ENOBUFS) rather than retried.
-func (c *Client) Message(name string, sector uint64, msg string) (string, error) {
+func (c *Client) message(name string, sector uint64, msg string) (string, error) {
 	op := "message " + strconv.Quote(msg)
 	if err := checkName(name); err != nil {
 		return "", opError(op, name, err)
@@ -450,19 +434,14 @@ func (c *Client) Message(name string, sector uint64, msg string) (string, error)
 	return cString(out), nil
 }
 
-// Status returns the status line of each target of the live table.
-func (c *Client) Status(name string) ([]TargetStatus, error) {
-	return c.status(name, 0)
-}
-
-func (c *Client) status(name string, flags uint32) ([]TargetStatus, error) {
+func (c *Client) status(name string, flags uint32) ([]targetStatus, error) {
 	ts, err := c.tableStatus("status", name, flags)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]TargetStatus, len(ts))
+	out := make([]targetStatus, len(ts))
 	for i, t := range ts {
-		out[i] = TargetStatus{Start: t.Start, Length: t.Length, Type: t.Type, Status: t.Params}
+		out[i] = targetStatus{Start: t.Start, Length: t.Length, Type: t.Type, Status: t.Params}
 	}
 	return out, nil
 }
@@ -487,8 +466,8 @@ func (c *Client) tableStatus(op, name string, flags uint32) ([]Target, error) {
 	return ts, nil
 }
 
-// TargetVersions lists the target types the kernel has loaded.
-func (c *Client) TargetVersions() ([]TargetVersion, error) {
+// targetVersions lists the target types the kernel has loaded.
+func (c *Client) targetVersions() ([]targetVersion, error) {
 	_, data, err := c.queryData(unix.DM_LIST_VERSIONS, "list versions", "", 0)
 	if err != nil {
 		return nil, err
@@ -509,7 +488,7 @@ func (c *Client) TargetVersion(target string) (Version, error) {
 	if errors.Is(err, unix.ENOTTY) {
 		// Kernels before 5.4 lack GET_TARGET_VERSION; the full list
 		// only shows targets that are already loaded.
-		tvs, lerr := c.TargetVersions()
+		tvs, lerr := c.targetVersions()
 		if lerr != nil {
 			return Version{}, lerr
 		}

@@ -277,8 +277,8 @@ func decodeNameList(data []byte) ([]Device, error) {
 
 // decodeTargetVersions walks the dm_target_versions records of a
 // LIST_VERSIONS or GET_TARGET_VERSION reply: {next u32, version [3]u32, name}.
-func decodeTargetVersions(data []byte) ([]TargetVersion, error) {
-	var out []TargetVersion
+func decodeTargetVersions(data []byte) ([]targetVersion, error) {
+	var out []targetVersion
 	off := 0
 	for {
 		if off+targetVersionNameOff+1 > len(data) {
@@ -294,7 +294,7 @@ func decodeTargetVersions(data []byte) ([]TargetVersion, error) {
 		if !ok {
 			return nil, fmt.Errorf("target version record at %d: name not terminated: %w", off, ErrMalformed)
 		}
-		out = append(out, TargetVersion{
+		out = append(out, targetVersion{
 			Name:    string(before),
 			Version: Version{ne.Uint32(rec[4:]), ne.Uint32(rec[8:]), ne.Uint32(rec[12:])},
 		})

@@ -172,7 +172,7 @@ func (p *LoopPool) create(cfg LoopPoolConfig) error {
 	defer dataLoop.close()
 	p.MetadataLoop, p.DataLoop = metaLoop.path, dataLoop.path
 
-	table, err := PoolTable(p.DataSectors, PoolParams{
+	table, err := poolTable(p.DataSectors, PoolParams{
 		MetadataDev:      metaLoop.devArg(),
 		DataDev:          dataLoop.devArg(),
 		BlockSizeSectors: p.BlockSizeSectors,
@@ -292,9 +292,9 @@ func fileSize(path string) (uint64, error) {
 	return uint64(fi.Size()), nil
 }
 
-// Close removes the pool device; its loop devices detach themselves.
+// close removes the pool device; its loop devices detach themselves.
 // Thin devices still active on the pool make it fail with EBUSY.
-func (p *LoopPool) Close(ctx context.Context) error {
+func (p *LoopPool) close(ctx context.Context) error {
 	err := p.c.Remove(ctx, p.Name, RemoveOptions{})
 	if err != nil && !errors.Is(err, unix.ENXIO) {
 		return err
@@ -304,7 +304,7 @@ func (p *LoopPool) Close(ctx context.Context) error {
 
 // Destroy closes the pool and deletes its backing files.
 func (p *LoopPool) Destroy(ctx context.Context) error {
-	if err := p.Close(ctx); err != nil {
+	if err := p.close(ctx); err != nil {
 		return err
 	}
 	var errs []error

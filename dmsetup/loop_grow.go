@@ -11,9 +11,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// RefreshLoopCapacity makes loop device path take the current size of its
+// refreshLoopCapacity makes loop device path take the current size of its
 // backing file (LOOP_SET_CAPACITY), e.g. after the file grew.
-func RefreshLoopCapacity(path string) error {
+func refreshLoopCapacity(path string) error {
 	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return err
@@ -84,7 +84,7 @@ func (p *LoopPool) Grow(ctx context.Context, opts GrowOptions) error {
 		if err := os.Truncate(f.path, int64(f.to)); err != nil {
 			return fmt.Errorf("loop pool %s: %w", p.Name, err)
 		}
-		if err := RefreshLoopCapacity(f.loop); err != nil {
+		if err := refreshLoopCapacity(f.loop); err != nil {
 			return fmt.Errorf("loop pool %s: %w", p.Name, err)
 		}
 	}
@@ -104,7 +104,7 @@ func (p *LoopPool) Grow(ctx context.Context, opts GrowOptions) error {
 	}
 	block := Sectors(params.BlockSizeSectors)
 	length := max(BytesToSectors(max(opts.DataSize, cur.DataSize))/block*block, table[0].Length)
-	t, err := PoolTable(length, params)
+	t, err := poolTable(length, params)
 	if err != nil {
 		return err
 	}

@@ -11,11 +11,10 @@ import (
 
 // Limits of dm-thin (Documentation/admin-guide/device-mapper/thin-provisioning.rst).
 const (
-	MinBlockSizeSectors  = 128     // 64KiB
-	MaxBlockSizeSectors  = 2097152 // 1GiB
-	BlockSizeMultiple    = 128
-	MaxThinID            = 1<<24 - 1
-	MetadataBlockSectors = 8 // metadata blocks are 4KiB
+	MinBlockSizeSectors = 128     // 64KiB
+	MaxBlockSizeSectors = 2097152 // 1GiB
+	BlockSizeMultiple   = 128
+	maxThinID           = 1<<24 - 1 // thin ids have 24 bits
 )
 
 // PoolParams are the parameters of a thin-pool table line.
@@ -59,8 +58,8 @@ func checkDevArg(what, dev string) error {
 	return nil
 }
 
-// PoolTable builds the thin-pool target covering length.
-func PoolTable(length Sectors, p PoolParams) (Target, error) {
+// poolTable builds the thin-pool target covering length.
+func poolTable(length Sectors, p PoolParams) (Target, error) {
 	if err := checkDevArg("metadata", p.MetadataDev); err != nil {
 		return Target{}, err
 	}
@@ -159,14 +158,14 @@ func ThinTable(length Sectors, poolDev string, id uint32, externalOrigin string)
 	return Target{Start: 0, Length: length, Type: "thin", Params: params}, nil
 }
 
-// ParseThinParams parses the parameters of a thin table line.
-func ParseThinParams(params string) (ThinParams, error) {
+// parseThinParams parses the parameters of a thin table line.
+func parseThinParams(params string) (ThinParams, error) {
 	f := strings.Fields(params)
 	if len(f) < 2 || len(f) > 3 || strings.ContainsRune(params, 0) {
 		return ThinParams{}, fmt.Errorf("thin table %q: want 2 or 3 fields: %w", params, ErrMalformed)
 	}
 	id, err := strconv.ParseUint(f[1], 10, 32)
-	if err != nil || id > MaxThinID {
+	if err != nil || id > maxThinID {
 		return ThinParams{}, fmt.Errorf("thin table %q: bad device id: %w", params, ErrMalformed)
 	}
 	p := ThinParams{PoolDev: f[0], ID: uint32(id)}
@@ -183,7 +182,7 @@ func (c *Client) ThinTarget(name string) (ThinParams, Sectors, error) {
 	if err != nil {
 		return ThinParams{}, 0, err
 	}
-	tp, err := ParseThinParams(t.Params)
+	tp, err := parseThinParams(t.Params)
 	return tp, t.Length, err
 }
 
@@ -282,7 +281,7 @@ func parseRatio(s string) (uint64, uint64, bool) {
 	return x, y, err1 == nil && err2 == nil
 }
 
-// ParsePoolStatus parses the status line of a thin-pool target:
+// parsePoolStatus parses the status line of a thin-pool target:
 //
 //	<transaction id> <used meta>/<total meta> <used data>/<total data> <held root>|-
 //	ro|rw|out_of_data_space ignore_discard|discard_passdown|no_discard_passdown
@@ -290,7 +289,7 @@ func parseRatio(s string) (uint64, uint64, bool) {
 //
 // or the bare "Fail" / "Error". Trailing fields unknown to this parser, from
 // newer kernels, are ignored.
-func ParsePoolStatus(s string) (PoolStatus, error) {
+func parsePoolStatus(s string) (PoolStatus, error) {
 	f := strings.Fields(s)
 	bad := func(why string) (PoolStatus, error) {
 		return PoolStatus{}, fmt.Errorf("thin-pool status %q: %s: %w", s, why, ErrMalformed)
@@ -319,23 +318,23 @@ func ParsePoolStatus(s string) (PoolStatus, error) {
 // parseRequiredFields reads the four fields every kernel prints: the
 // transaction id, the metadata and data block counts and the held metadata
 // root. It returns why a field is malformed, or "".
-func (st *PoolStatus) parseRequiredFields(f []string) string {
+func (s *PoolStatus) parseRequiredFields(f []string) string {
 	var err error
 	var ok bool
-	if st.TransactionID, err = strconv.ParseUint(f[0], 10, 64); err != nil {
+	if s.TransactionID, err = strconv.ParseUint(f[0], 10, 64); err != nil {
 		return "transaction id"
 	}
-	if st.UsedMetaBlocks, st.TotalMetaBlocks, ok = parseRatio(f[1]); !ok {
+	if s.UsedMetaBlocks, s.TotalMetaBlocks, ok = parseRatio(f[1]); !ok {
 		return "metadata blocks"
 	}
-	if st.UsedDataBlocks, st.TotalDataBlocks, ok = parseRatio(f[2]); !ok {
+	if s.UsedDataBlocks, s.TotalDataBlocks, ok = parseRatio(f[2]); !ok {
 		return "data blocks"
 	}
 	if f[3] != "-" {
-		if st.HeldMetadataRoot, err = strconv.ParseUint(f[3], 10, 64); err != nil {
+		if s.HeldMetadataRoot, err = strconv.ParseUint(f[3], 10, 64); err != nil {
 			return "held metadata root"
 		}
-		st.HasHeldRoot = true
+		s.HasHeldRoot = true
 	}
 	return ""
 }
@@ -345,27 +344,27 @@ func (st *PoolStatus) parseRequiredFields(f []string) string {
 // low watermark. Older kernels print fewer of them, so a missing field is
 // left at its zero value; fields beyond these are ignored. It returns why a
 // field is malformed, or "".
-func (st *PoolStatus) parseOptionalFields(f []string) string {
+func (s *PoolStatus) parseOptionalFields(f []string) string {
 	var ok bool
 	if len(f) > 0 {
-		if st.Mode, ok = oneOf(f[0], PoolModeRW, PoolModeRO, PoolModeOutOfDataSpace); !ok {
+		if s.Mode, ok = oneOf(f[0], PoolModeRW, PoolModeRO, PoolModeOutOfDataSpace); !ok {
 			return "mode " + strconv.Quote(f[0])
 		}
 	}
 	if len(f) > 1 {
-		if st.DiscardMode, ok = oneOf(f[1], DiscardPassdown, NoDiscardPassdown, IgnoreDiscard); !ok {
+		if s.DiscardMode, ok = oneOf(f[1], DiscardPassdown, NoDiscardPassdown, IgnoreDiscard); !ok {
 			return "discard mode " + strconv.Quote(f[1])
 		}
 	}
 	if len(f) > 2 {
-		if st.NoSpacePolicy, ok = oneOf(f[2], QueueIfNoSpace, ErrorIfNoSpace); !ok {
+		if s.NoSpacePolicy, ok = oneOf(f[2], QueueIfNoSpace, ErrorIfNoSpace); !ok {
 			return "no-space policy " + strconv.Quote(f[2])
 		}
 	}
 	if len(f) > 3 {
 		switch f[3] {
 		case "needs_check":
-			st.NeedsCheck = true
+			s.NeedsCheck = true
 		case "-":
 		default:
 			return "needs_check field " + strconv.Quote(f[3])
@@ -376,7 +375,7 @@ func (st *PoolStatus) parseOptionalFields(f []string) string {
 		if err != nil {
 			return "metadata low watermark"
 		}
-		st.MetadataLowWatermark, st.HasMetadataLowWatermark = v, true
+		s.MetadataLowWatermark, s.HasMetadataLowWatermark = v, true
 	}
 	return ""
 }
@@ -398,9 +397,9 @@ type ThinStatus struct {
 	HasHighest    bool    // false when nothing is mapped ("-")
 }
 
-// ParseThinStatus parses "<mapped sectors> <highest mapped sector>|-" or
+// parseThinStatus parses "<mapped sectors> <highest mapped sector>|-" or
 // "Fail". Trailing fields of newer kernels are ignored.
-func ParseThinStatus(s string) (ThinStatus, error) {
+func parseThinStatus(s string) (ThinStatus, error) {
 	f := strings.Fields(s)
 	if len(f) == 1 && f[0] == "Fail" {
 		return ThinStatus{Fail: true}, nil
@@ -460,7 +459,7 @@ func (c *Client) poolStatus(pool string, flags uint32) (PoolStatus, error) {
 	if err != nil {
 		return PoolStatus{}, err
 	}
-	st, err := ParsePoolStatus(s)
+	st, err := parsePoolStatus(s)
 	return st, opError("status", pool, err)
 }
 
@@ -470,19 +469,19 @@ func (c *Client) ThinStatus(name string) (ThinStatus, error) {
 	if err != nil {
 		return ThinStatus{}, err
 	}
-	st, err := ParseThinStatus(s)
+	st, err := parseThinStatus(s)
 	return st, opError("status", name, err)
 }
 
 func (c *Client) poolMessage(pool, msg string) error {
-	_, err := c.Message(pool, 0, msg)
+	_, err := c.message(pool, 0, msg)
 	return err
 }
 
 // checkID refuses a thin device id the pool cannot hold: ids have 24 bits.
 func checkID(id uint32) error {
-	if id > MaxThinID {
-		return fmt.Errorf("thin device id %d exceeds %d: %w", id, MaxThinID, unix.EINVAL)
+	if id > maxThinID {
+		return fmt.Errorf("thin device id %d exceeds %d: %w", id, maxThinID, unix.EINVAL)
 	}
 	return nil
 }
