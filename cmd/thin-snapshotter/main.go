@@ -32,7 +32,7 @@ func main() {
 
 // run is main with the snapshotter factory and output as parameters; it
 // returns the exit code.
-func run(args []string, open SnapshotterFactory, stdout, stderr io.Writer) int {
+func run(args []string, open snapshotterFactory, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	go func() {

@@ -27,9 +27,9 @@ import (
 	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
 )
 
-// SnapshotterFactory opens the snapshotter that the daemon serves. The
+// snapshotterFactory opens the snapshotter that the daemon serves. The
 // daemon closes it on shutdown.
-type SnapshotterFactory func(ctx context.Context, cfg *config.Config) (snapshots.Snapshotter, error)
+type snapshotterFactory func(ctx context.Context, cfg *config.Config) (snapshots.Snapshotter, error)
 
 // serveOptions are the knobs tests turn; defaultServeOptions is production.
 type serveOptions struct {
@@ -65,7 +65,7 @@ const (
 // serves containerd's snapshots API. On cancellation it stops accepting,
 // lets in-flight calls finish (bounded by opts.shutdownTimeout) and closes
 // the snapshotter. Devices are left as they are: the next start reuses them.
-func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opts serveOptions) (retErr error) {
+func serve(ctx context.Context, cfg *config.Config, open snapshotterFactory, opts serveOptions) (retErr error) {
 	if err := log.SetLevel(cfg.LogLevel); err != nil {
 		return fmt.Errorf("log_level: %w: %w", errdefs.ErrInvalidArgument, err)
 	}
@@ -188,7 +188,7 @@ func (s *sockets) closeUnlessServed() {
 // snapshotter and, when m is not nil, exports the snapshotter's metrics.
 // Metrics that cannot be registered are logged, not returned: the daemon
 // serves without them.
-func openForServing(ctx context.Context, cfg *config.Config, open SnapshotterFactory, m *metrics) (snapshots.Snapshotter, error) {
+func openForServing(ctx context.Context, cfg *config.Config, open snapshotterFactory, m *metrics) (snapshots.Snapshotter, error) {
 	logger := log.G(ctx)
 	switch {
 	case cfg.Pool.LVM != "":

@@ -26,14 +26,14 @@ const (
 	DefaultPath     = "/etc/thin-snapshotter/config.toml"
 	DefaultRoot     = "/var/lib/thin-snapshotter"
 	DefaultAddress  = "/run/thin-snapshotter/thin-snapshotter.sock"
-	DefaultLogLevel = "info"
+	defaultLogLevel = "info"
 )
 
 // maxUnixSocketPath is sun_path without the NUL.
 const maxUnixSocketPath = 107
 
-// LogLevels are the accepted log_level values.
-var LogLevels = []string{"trace", "debug", "info", "warn", "error", "fatal", "panic"}
+// logLevels are the accepted log_level values.
+var logLevels = []string{"trace", "debug", "info", "warn", "error", "fatal", "panic"}
 
 // Config is the whole configuration file.
 type Config struct {
@@ -41,7 +41,7 @@ type Config struct {
 	Root string `toml:"root"`
 	// Address is the unix socket serving containerd's snapshots API.
 	Address string `toml:"address"`
-	// LogLevel is one of LogLevels.
+	// LogLevel is one of trace, debug, info, warn, error, fatal, panic.
 	LogLevel string `toml:"log_level"`
 	// MetricsAddress is host:port for a Prometheus /metrics endpoint; empty disables it.
 	MetricsAddress string         `toml:"metrics_address"`
@@ -103,13 +103,13 @@ type SnapshotConfig struct {
 	MountOptions []string `toml:"mount_options"`
 	AsyncRemove  bool     `toml:"async_remove"`
 	Discard      bool     `toml:"discard"`
-	// DiscardOnDelete is one of DiscardOnDeleteValues: "auto" leaves the
+	// DiscardOnDelete is "auto", "on" or "off": "auto" leaves the
 	// choice to the snapshotter (on for the embedded pool only).
 	DiscardOnDelete string `toml:"discard_on_delete"`
 }
 
-// DiscardOnDeleteValues are the accepted snapshot.discard_on_delete values.
-var DiscardOnDeleteValues = []string{"auto", "on", "off"}
+// discardOnDeleteValues are the accepted snapshot.discard_on_delete values.
+var discardOnDeleteValues = []string{"auto", "on", "off"}
 
 // discardOnDelete maps snapshot.discard_on_delete; anything but on and off
 // is auto (Validate refuses other values).
@@ -128,7 +128,7 @@ func Default() *Config {
 	return &Config{
 		Root:     DefaultRoot,
 		Address:  DefaultAddress,
-		LogLevel: DefaultLogLevel,
+		LogLevel: defaultLogLevel,
 		Pool: PoolConfig{
 			DataSize:        snapshotter.DefaultDataSize,
 			MetadataSize:    snapshotter.DefaultMetadataSize,
@@ -263,29 +263,30 @@ func describeDecodeError(err error) error {
 	return fmt.Errorf("%w: %w", errdefs.ErrInvalidArgument, err)
 }
 
-// FieldError is one invalid value; it matches errdefs.ErrInvalidArgument.
-type FieldError struct {
+// fieldError is one invalid value, named by its TOML key; it matches
+// errdefs.ErrInvalidArgument.
+type fieldError struct {
 	Key string // dotted TOML key, e.g. "pool.block_size"
 	Msg string
 }
 
-func (e *FieldError) Error() string { return e.Key + ": " + e.Msg }
+func (e *fieldError) Error() string { return e.Key + ": " + e.Msg }
 
 // Unwrap makes errors.Is(err, errdefs.ErrInvalidArgument) hold.
-func (e *FieldError) Unwrap() error { return errdefs.ErrInvalidArgument }
+func (e *fieldError) Unwrap() error { return errdefs.ErrInvalidArgument }
 
-// Validate checks every value and reports all invalid ones at once, each as
-// a *FieldError naming its key. The snapshotter's values are checked by
+// Validate checks every value and reports all invalid ones at once, each
+// named by its TOML key (e.g. "pool.block_size: ..."). The snapshotter's values are checked by
 // the snapshotter's own Validate, so the daemon accepts exactly what it
 // can start with.
 func (c *Config) Validate() error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
-		errs = append(errs, &FieldError{Key: key, Msg: fmt.Sprintf(format, args...)})
+		errs = append(errs, &fieldError{Key: key, Msg: fmt.Sprintf(format, args...)})
 	}
 
 	if err := c.Snapshotter().Validate(); err != nil {
-		errs = append(errs, fieldErrors(err)...)
+		errs = append(errs, renameFieldErrors(err)...)
 	}
 
 	if msg := checkSocketPath(c.Address); msg != "" {
@@ -308,12 +309,12 @@ func (c *Config) Validate() error {
 		sockets[a] = key
 	}
 
-	if !slices.Contains(DiscardOnDeleteValues, c.Snapshot.DiscardOnDelete) {
-		bad("snapshot.discard_on_delete", "%q is not one of %s", c.Snapshot.DiscardOnDelete, strings.Join(DiscardOnDeleteValues, ", "))
+	if !slices.Contains(discardOnDeleteValues, c.Snapshot.DiscardOnDelete) {
+		bad("snapshot.discard_on_delete", "%q is not one of %s", c.Snapshot.DiscardOnDelete, strings.Join(discardOnDeleteValues, ", "))
 	}
 
 	if !isLogLevel(c.LogLevel) {
-		bad("log_level", "%q is not one of %s", c.LogLevel, strings.Join(LogLevels, ", "))
+		bad("log_level", "%q is not one of %s", c.LogLevel, strings.Join(logLevels, ", "))
 	}
 
 	if c.MetricsAddress != "" {
@@ -324,8 +325,9 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// fieldErrors renames the snapshotter's field errors after their keys.
-func fieldErrors(err error) []error {
+// renameFieldErrors renames the snapshotter's field errors after the TOML
+// keys they come from, so that an error names what the user wrote.
+func renameFieldErrors(err error) []error {
 	var errs []error
 	for _, e := range unjoin(err) {
 		var fe *snapshotter.FieldError
@@ -345,7 +347,7 @@ func fieldErrors(err error) []error {
 				key += "]." + classKeys[sub]
 			}
 		}
-		errs = append(errs, &FieldError{Key: key, Msg: fe.Msg})
+		errs = append(errs, &fieldError{Key: key, Msg: fe.Msg})
 	}
 	return errs
 }
@@ -373,7 +375,7 @@ func checkSocketPath(path string) string {
 }
 
 func isLogLevel(s string) bool {
-	return slices.Contains(LogLevels, s)
+	return slices.Contains(logLevels, s)
 }
 
 func checkHostPort(addr string) error {

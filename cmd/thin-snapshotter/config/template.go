@@ -169,8 +169,8 @@ func Render(w io.Writer, cfg *Config) error {
 		BaseSizeAlign                                 int
 	}{
 		Config:                cfg,
-		LogLevels:             strings.Join(LogLevels, ", "),
-		DiscardOnDeleteValues: strings.Join(DiscardOnDeleteValues, ", "),
+		LogLevels:             strings.Join(logLevels, ", "),
+		DiscardOnDeleteValues: strings.Join(discardOnDeleteValues, ", "),
 		MinDataSize:           snapshotter.MinDataSize,
 		MinMetadataSize:       snapshotter.MinMetadataSize,
 		MaxMetadataSize:       snapshotter.MaxMetadataSize,
