@@ -53,7 +53,9 @@ func withDevDir(dir string) Option { return func(c *Client) { c.devDir = dir } }
 // Client talks to the device-mapper driver. It is safe for concurrent use:
 // every call builds its own ioctl buffer.
 type Client struct {
-	mu       sync.RWMutex // write-held only by Close
+	// mu is held for reading by every ioctl and for writing by Close, so
+	// the control file is never closed under a call.
+	mu       sync.RWMutex
 	fd       int
 	udevMode udevMode
 	udev     bool
@@ -167,9 +169,8 @@ func (c *Client) query(cmd uintptr, name string, flags uint32) (reply, error) {
 	}
 }
 
-// queryData runs query on device name ("" for the
-// calls about no device) and returns the reply and the data in it. Its
-// errors name op and the device.
+// queryData runs query on device name ("" for a call about no device) and
+// returns the reply and the data in it. Its errors name op and the device.
 func (c *Client) queryData(cmd uintptr, op, name string, flags uint32) (reply, []byte, error) {
 	rep, err := c.query(cmd, name, flags)
 	if err != nil {
@@ -380,8 +381,9 @@ func (c *Client) Remove(ctx context.Context, name string, opts RemoveOptions) er
 		rep, err := c.ioctl(unix.DM_DEV_REMOVE, req)
 		if err == nil {
 			if opts.Deferred && rep.flags()&unix.DM_DEFERRED_REMOVE != 0 {
-				// Still open: the kernel removes it on last close and the
-				// node goes stale until the name is reused.
+				// The device is still open: the kernel removes it on its
+				// last close. Its node stays behind, stale, until the name
+				// is used again.
 				return nil
 			}
 			if err := c.removeNode(name); err != nil {

@@ -15,8 +15,9 @@ import (
 // raises an event when its free data space falls under the low water mark
 // of its table, when free metadata falls under the kernel's threshold, and
 // when its mode changes. It waits with DM_DEV_ARM_POLL and poll(2) on a
-// control file of its own (the kernel's global event counter; kernels from
-// 4.13), so cancelling ctx ends the wait at once.
+// control file descriptor of its own, which wakes on any dm event (kernels
+// 4.13 and later), and an eventfd, so that cancelling ctx ends the wait at
+// once.
 func (c *Client) WaitEvent(ctx context.Context, name string, eventNr uint32) (Info, error) {
 	if err := checkName(name); err != nil {
 		return Info{}, opError("wait", name, err)
@@ -38,7 +39,8 @@ func (c *Client) WaitEvent(ctx context.Context, name string, eventNr uint32) (In
 	})
 	defer stop()
 	for {
-		// Arm first, then look: an event after the look wakes the poll.
+		// Arm the poll before reading the counter: an event that comes
+		// after the read still wakes the poll, so none is missed.
 		req, err := newRequest("", 0, 0)
 		if err != nil {
 			return Info{}, opError("wait", name, err)

@@ -377,8 +377,8 @@ func TestIntegrationThinLoopPool(t *testing.T) {
 	mnt := mount(t, originDev)
 	fileA := writeRandom(t, filepath.Join(mnt, "a"), 1<<20)
 	unmount(t, mnt)
-	// Right after a commit (PoolStatus makes one) the status without one
-	// says the same.
+	// PoolStatus commits the metadata, so PoolStatusNoCommit right after
+	// it must report the same.
 	committed, err := c.PoolStatus(pool.Name)
 	if err != nil {
 		t.Fatal(err)

@@ -332,7 +332,8 @@ func attachLoop(file string) (*loopDev, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The loop device takes its own reference to the file.
+	// Closing our descriptor is safe: the loop device holds its own
+	// reference to the file.
 	defer backing.Close()
 	ctl, err := os.OpenFile(loopControl, os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {

@@ -45,7 +45,9 @@ func (p *LoopPool) Files() (LoopPoolFiles, error) {
 	return out, err
 }
 
-// GrowOptions say what LoopPool.Grow makes the pool. Zero keeps a value.
+// GrowOptions are the sizes LoopPool.Grow gives the pool. DataSize must be
+// given (the current size keeps it); a zero MetadataSize or LowWaterMark
+// keeps the current value.
 type GrowOptions struct {
 	// DataSize and MetadataSize are the new sizes of the files in bytes;
 	// files are never shrunk.

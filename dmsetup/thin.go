@@ -23,7 +23,7 @@ type PoolParams struct {
 	DataDev          string
 	BlockSizeSectors uint32
 	LowWaterMark     uint64 // in data blocks
-	// Feature arguments.
+	// Feature arguments: each is written in the table line when true.
 	SkipBlockZeroing  bool
 	IgnoreDiscard     bool
 	NoDiscardPassdown bool
@@ -447,9 +447,9 @@ func (c *Client) PoolStatus(pool string) (PoolStatus, error) {
 }
 
 // PoolStatusNoCommit is PoolStatus without the metadata commit, which costs
-// the kernel about as much as a pool message: the used space may lag by
-// the blocks mapped since the last commit (every pool message commits, and
-// the pool at least once a second).
+// the kernel about as much as a pool message. The used space it reports may
+// then miss the blocks mapped since the last commit; every pool message
+// commits, and the pool commits at least once a second.
 func (c *Client) PoolStatusNoCommit(pool string) (PoolStatus, error) {
 	return c.poolStatus(pool, unix.DM_NOFLUSH_FLAG)
 }

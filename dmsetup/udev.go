@@ -36,5 +36,6 @@ const UdevPrivate = UdevPrimarySource | udevDisableSubsystemRules | udevDisableD
 
 const udevFlagsShift = 16
 
-// cookie is the event_nr of a resume or remove carrying f.
+// cookie is the event_nr that hands f to the udev rules in a resume or a
+// remove: the flags in the upper 16 bits, no semaphore in the lower ones.
 func (f UdevFlags) cookie() uint32 { return uint32(f) << udevFlagsShift }
