@@ -265,8 +265,8 @@ func percentOrOff(p float64) string {
 	return fmt.Sprintf("%g%%", p)
 }
 
-// humanBytes is n in the largest binary unit that keeps it at least 1, with
-// one decimal.
+// humanBytes formats n in the largest binary unit in which it is at least
+// 1, with one decimal (e.g. "1.5 GiB").
 func humanBytes(n uint64) string {
 	const units = "KMGTPE"
 	if n < 1024 {

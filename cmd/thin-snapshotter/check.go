@@ -158,7 +158,8 @@ func runCheck(ctx context.Context, cfg *config.Config, open checkOpener, opts sn
 	if _, err := os.Stat(cfg.Root); err != nil {
 		return checkError, fmt.Errorf("root %s: %w", cfg.Root, err)
 	}
-	// The daemon's lock: it also keeps a daemon from starting meanwhile.
+	// Take the daemon's lock: it fails while a daemon runs, and keeps a
+	// daemon from starting while the check runs.
 	unlock, err := lockRoot(cfg.Root)
 	if err != nil {
 		return checkError, fmt.Errorf("the daemon is running: stop it first (%w)", err)

@@ -36,7 +36,8 @@ func run(args []string, open snapshotterFactory, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	go func() {
-		// After the first signal, a second one kills at once.
+		// Once the first signal has cancelled ctx, stop restores the
+		// default handling, so that a second signal kills at once.
 		<-ctx.Done()
 		stop()
 	}()
@@ -44,7 +45,7 @@ func run(args []string, open snapshotterFactory, stdout, stderr io.Writer) int {
 		return serve(ctx, cfg, open, defaultServeOptions())
 	}, stdout, stderr)
 	if err := app.Run(ctx, args); err != nil {
-		// A subcommand with its own exit statuses (check).
+		// The check command chooses its own exit status.
 		if es, ok := errors.AsType[*exitStatus](err); ok {
 			if es.err != nil {
 				fmt.Fprintf(stderr, "thin-snapshotter: %v\n", es.err)

@@ -31,7 +31,8 @@ import (
 // daemon closes it on shutdown.
 type snapshotterFactory func(ctx context.Context, cfg *config.Config) (snapshots.Snapshotter, error)
 
-// serveOptions are the knobs tests turn; defaultServeOptions is production.
+// serveOptions are what tests change about serve; defaultServeOptions are
+// the daemon's.
 type serveOptions struct {
 	// notify sends a state to the service manager (sd_notify).
 	notify func(state string) error
@@ -154,7 +155,7 @@ type sockets struct {
 
 // listenAll listens on the main socket and on every size class's socket.
 // Every socket is taken before the snapshotter opens, so that a busy or
-// bad address fails the start before anything else happens.
+// bad address fails the start early.
 func listenAll(ctx context.Context, cfg *config.Config) (*sockets, error) {
 	l, err := listenUnix(ctx, cfg.Address)
 	if err != nil {
@@ -318,7 +319,8 @@ func newServer(sn snapshots.Snapshotter, m *metrics) *grpc.Server {
 	if m != nil {
 		unary, stream = append(unary, m.unary), append(stream, m.stream)
 	}
-	// Innermost, so the metrics count the converted codes.
+	// The error interceptors come last, innermost, so that the metrics
+	// count the gRPC codes they convert errors to.
 	unary, stream = append(unary, unaryErrors), append(stream, streamErrors)
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
@@ -349,7 +351,8 @@ func streamErrors(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handl
 func stopGracefully(ctx context.Context, srv *grpc.Server, timeout time.Duration) bool {
 	done := make(chan struct{})
 	go func() {
-		// Returns once every handler has returned, even after Stop.
+		// GracefulStop returns once every handler has returned, also when
+		// Stop below cuts it short.
 		srv.GracefulStop()
 		close(done)
 	}()
@@ -395,7 +398,7 @@ func lockRoot(root string) (unlock func(), err error) {
 		}
 		return nil, fmt.Errorf("locking %s: %w", path, err)
 	}
-	// The pid is only informational, for the error above.
+	// The pid only serves the error message above, for a second daemon.
 	if err := f.Truncate(0); err == nil {
 		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	}

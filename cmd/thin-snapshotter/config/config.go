@@ -29,7 +29,8 @@ const (
 	defaultLogLevel = "info"
 )
 
-// maxUnixSocketPath is sun_path without the NUL.
+// maxUnixSocketPath is the longest path a unix socket can have: the 108
+// bytes of sun_path less the terminating NUL.
 const maxUnixSocketPath = 107
 
 // logLevels are the accepted log_level values.
@@ -141,19 +142,22 @@ func Default() *Config {
 		Snapshot: SnapshotConfig{
 			BaseSize: snapshotter.DefaultBaseSize,
 			FSType:   snapshotter.DefaultFSType,
-			// Empty rather than nil: a parsed `[]` compares equal.
+			// Empty rather than nil, so that a file that says `[]`
+			// parses to an equal Config.
 			MkfsOptions:     []string{},
 			MountOptions:    []string{},
 			DiscardOnDelete: "auto",
-			// The removal is journaled before Remove returns and
-			// finished by the worker, Cleanup, Close or recovery:
-			// as safe as deleting inline, and ~50 ms faster.
+			// Remove journals the removal before it returns, and
+			// the background worker, Cleanup, Close or the next
+			// start's recovery finishes it: as safe as deleting
+			// inline, and about 50 ms faster per Remove.
 			AsyncRemove: true,
 		},
 	}
 }
 
-// Snapshotter maps the configuration to the snapshotter's; nothing else.
+// Snapshotter returns the snapshotter's part of the configuration. It maps
+// each value across as it is: it neither fills in defaults nor checks them.
 func (c *Config) Snapshotter() snapshotter.Config {
 	var classes []snapshotter.SizeClass
 	for _, cl := range c.Classes {
@@ -183,8 +187,8 @@ func (c *Config) Snapshotter() snapshotter.Config {
 	}
 }
 
-// snapshotterKeys names the key that Snapshotter maps to each field of
-// snapshotter.Config, for its validation errors.
+// snapshotterKeys maps each field of snapshotter.Config to the key that
+// Snapshotter copies it from, so that validation errors name the key.
 var snapshotterKeys = map[string]string{
 	"Root":            "root",
 	"PoolName":        "pool.name",
@@ -208,7 +212,8 @@ var snapshotterKeys = map[string]string{
 	"Classes":         "class",
 }
 
-// classKeys names the keys of a [[class]] table after SizeClass's fields.
+// classKeys maps the fields of snapshotter.SizeClass to the keys of a
+// [[class]] table.
 var classKeys = map[string]string{"Name": "name", "Size": "size"}
 
 // Parse reads a TOML document over the defaults: keys it leaves out keep
@@ -276,9 +281,9 @@ func (e *fieldError) Error() string { return e.Key + ": " + e.Msg }
 func (e *fieldError) Unwrap() error { return errdefs.ErrInvalidArgument }
 
 // Validate checks every value and reports all invalid ones at once, each
-// named by its TOML key (e.g. "pool.block_size: ..."). The snapshotter's values are checked by
-// the snapshotter's own Validate, so the daemon accepts exactly what it
-// can start with.
+// named by its TOML key (e.g. "pool.block_size: ..."). The snapshotter's
+// values are checked by the snapshotter's own Validate, so the daemon
+// accepts exactly what it can start with.
 func (c *Config) Validate() error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
@@ -296,7 +301,9 @@ func (c *Config) Validate() error {
 	names := map[string]bool{}
 	for i, cl := range c.Classes {
 		if cl.Address == "" && names[cl.Name] {
-			continue // the twice-used name is reported already
+			// The snapshotter reports a name used twice; the default
+			// socket of the second would only repeat that.
+			continue
 		}
 		names[cl.Name] = true
 		key := fmt.Sprintf("class[%d].address", i)
@@ -338,7 +345,8 @@ func renameFieldErrors(err error) []error {
 		field, index, isList := strings.Cut(fe.Field, "[")
 		key, ok := snapshotterKeys[field]
 		if !ok {
-			key = fe.Field // a field added to the snapshotter but not mapped here
+			// A field missing from snapshotterKeys keeps its Go name.
+			key = fe.Field
 		} else if isList {
 			// "Classes[1].Size" is "class[1].size".
 			index, sub, isField := strings.Cut(index, "].")

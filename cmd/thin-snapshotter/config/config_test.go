@@ -185,7 +185,8 @@ func TestValidate(t *testing.T) {
 		{name: "ext4 small base", modify: func(c *Config) { c.Snapshot.BaseSize = 16 * mib }},
 		{name: "ext4 base too small", modify: func(c *Config) { c.Snapshot.BaseSize = 8 * mib }, keys: []string{"snapshot.base_size"}},
 		{name: "base not sector multiple", modify: func(c *Config) { c.Snapshot.BaseSize = gib + 100 }, keys: []string{"snapshot.base_size"}},
-		// Accepted here once and then refused by the snapshotter at start.
+		// Validate once accepted this, and the snapshotter then refused it
+		// at start.
 		{name: "base sector but not 4KiB multiple", modify: func(c *Config) { c.Snapshot.BaseSize = gib + 512 }, keys: []string{"snapshot.base_size"}, msg: "4096"},
 		{name: "min free 0 disables", modify: func(c *Config) { c.Pool.MinFreeData, c.Pool.MinFreeMetadata = 0, 0 }},
 		{name: "min free negative", modify: func(c *Config) { c.Pool.MinFreeData = -1 }, keys: []string{"pool.min_free_data"}, msg: "percentage"},
