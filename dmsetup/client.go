@@ -248,6 +248,8 @@ func (c *Client) Create(name string, targets []Target, opts CreateOptions) error
 	return nil
 }
 
+// removeHalfMade removes a device that Create made but could not load or
+// resume, so that a failed Create leaves nothing behind.
 func (c *Client) removeHalfMade(name string) error {
 	req, err := newRequest(name, 0, 0)
 	if err != nil {
@@ -272,6 +274,7 @@ func (c *Client) Load(name string, targets []Target, readOnly bool) error {
 	return c.load(name, table, uint32(len(targets)), readOnly)
 }
 
+// load is Load with the table already encoded, as Create needs it too.
 func (c *Client) load(name string, table []byte, count uint32, readOnly bool) error {
 	var flags uint32
 	if readOnly {
@@ -341,6 +344,8 @@ func (c *Client) Resume(name string) error {
 	return nil
 }
 
+// simple runs a command that takes only a device name and flags and
+// returns nothing.
 func (c *Client) simple(cmd uintptr, op, name string, flags uint32) error {
 	if err := checkName(name); err != nil {
 		return opError(op, name, err)
@@ -436,6 +441,9 @@ func (c *Client) message(name string, sector uint64, msg string) (string, error)
 	return cString(out), nil
 }
 
+// status returns the status line of each target of the live table of
+// device name. flags are the ioctl's, e.g. DM_NOFLUSH_FLAG to spare a thin
+// pool its metadata commit.
 func (c *Client) status(name string, flags uint32) ([]targetStatus, error) {
 	ts, err := c.tableStatus("status", name, flags)
 	if err != nil {
@@ -453,6 +461,8 @@ func (c *Client) Table(name string) ([]Target, error) {
 	return c.tableStatus("table", name, unix.DM_STATUS_TABLE_FLAG)
 }
 
+// tableStatus runs TABLE_STATUS, which returns the table or the status
+// lines depending on flags; op names the call in errors.
 func (c *Client) tableStatus(op, name string, flags uint32) ([]Target, error) {
 	if err := checkName(name); err != nil {
 		return nil, opError(op, name, err)

@@ -260,6 +260,9 @@ func (p *LoopPool) prepareFiles(cfg LoopPoolConfig) error {
 	return createSparse(p.MetadataFile, cfg.MetadataSize, true)
 }
 
+// createSparse creates the file path of size bytes without writing its
+// blocks, and with zeroHeader zeroes its first 4KiB. A file it fails to
+// finish is removed again.
 func createSparse(path string, size uint64, zeroHeader bool) (err error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {

@@ -51,6 +51,8 @@ func ValidateBlockSize(sectors uint32) error {
 	return nil
 }
 
+// checkDevArg refuses a device argument that would break the table line:
+// an empty one, or one with whitespace or a NUL in it.
 func checkDevArg(what, dev string) error {
 	if dev == "" || strings.ContainsAny(dev, " \t\n\x00") {
 		return fmt.Errorf("invalid %s device %q: %w", what, dev, unix.EINVAL)
@@ -454,6 +456,7 @@ func (c *Client) PoolStatusNoCommit(pool string) (PoolStatus, error) {
 	return c.poolStatus(pool, unix.DM_NOFLUSH_FLAG)
 }
 
+// poolStatus is PoolStatus with the ioctl flags as a parameter.
 func (c *Client) poolStatus(pool string, flags uint32) (PoolStatus, error) {
 	s, err := c.singleTargetStatus(pool, "thin-pool", flags)
 	if err != nil {
@@ -473,6 +476,8 @@ func (c *Client) ThinStatus(name string) (ThinStatus, error) {
 	return st, opError("status", name, err)
 }
 
+// poolMessage sends msg to the thin-pool target of device pool, at sector
+// 0 where its one target starts.
 func (c *Client) poolMessage(pool, msg string) error {
 	_, err := c.message(pool, 0, msg)
 	return err

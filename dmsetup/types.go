@@ -65,6 +65,8 @@ func (t Target) String() string {
 	return fmt.Sprintf("%d %d %s %s", t.Start, t.Length, t.Type, t.Params)
 }
 
+// validate refuses a target the kernel would refuse or that would not
+// encode: a bad type name, a zero length or a NUL in the parameters.
 func (t Target) validate() error {
 	if t.Type == "" || len(t.Type) >= maxTypeNameLen || strings.ContainsAny(t.Type, " \t\n\x00") {
 		return fmt.Errorf("invalid target type %q: %w", t.Type, unix.EINVAL)
