@@ -39,6 +39,8 @@ func (a *adminServer) Status(ctx context.Context, _ *adminv1.StatusRequest) (*ad
 	return statusToProto(st), nil
 }
 
+// statusToProto is the admin API's StatusResponse for st, with this
+// binary's version.
 func statusToProto(st snapshotter.Status) *adminv1.StatusResponse {
 	v, c := buildVersion()
 	r := st.LastRecovery

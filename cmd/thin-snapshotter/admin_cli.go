@@ -239,6 +239,7 @@ func printStatus(w io.Writer, st *adminv1.StatusResponse) {
 	tw.Flush()
 }
 
+// space describes one of the pool's two spaces in a line of status.
 func space(s *adminv1.Space) string {
 	out := fmt.Sprintf("%s of %s used (%.1f%%), %s free", humanBytes(s.GetUsedBytes()), humanBytes(s.GetTotalBytes()),
 		percent(s.GetUsedBytes(), s.GetTotalBytes()), humanBytes(s.GetTotalBytes()-min(s.GetUsedBytes(), s.GetTotalBytes())))

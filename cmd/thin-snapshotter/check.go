@@ -200,6 +200,8 @@ func printCheckReport(w io.Writer, r *snapshotter.Report, asJSON bool) error {
 	return enc.Encode(r)
 }
 
+// printReport prints r as text: a summary line, one line per finding (and
+// what repair did or would do), and a verdict.
 func printReport(w io.Writer, r *snapshotter.Report) {
 	fmt.Fprintf(w, "pool %s: %d thin devices, %d records, transaction id %d (database %d)\n",
 		r.Pool, len(r.PoolDevices), r.Records, r.PoolTransactionID, r.DBTransactionID)
@@ -245,6 +247,7 @@ func printReport(w io.Writer, r *snapshotter.Report) {
 	}
 }
 
+// problems is "1 problem" or "N problems".
 func problems(n int) string {
 	if n == 1 {
 		return "1 problem"

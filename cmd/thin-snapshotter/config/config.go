@@ -360,6 +360,8 @@ func renameFieldErrors(err error) []error {
 	return errs
 }
 
+// unjoin returns the errors that errors.Join put together in err, or err
+// alone.
 func unjoin(err error) []error {
 	if j, ok := err.(interface{ Unwrap() []error }); ok {
 		return j.Unwrap()
@@ -386,6 +388,7 @@ func isLogLevel(s string) bool {
 	return slices.Contains(logLevels, s)
 }
 
+// checkHostPort checks that addr is host:port with a numeric port.
 func checkHostPort(addr string) error {
 	_, port, err := net.SplitHostPort(addr)
 	if err != nil {
