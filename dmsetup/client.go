@@ -24,38 +24,40 @@ const (
 	defaultDevDir  = "/dev/mapper"
 )
 
-// UdevMode says whether udev manages /dev/mapper nodes.
-type UdevMode int
+// udevMode says whether udev manages /dev/mapper nodes.
+type udevMode int
 
 const (
-	// UdevAuto treats udev as running when /run/udev/control exists.
-	UdevAuto UdevMode = iota
-	// UdevOn assumes udev creates and removes the nodes.
-	UdevOn
-	// UdevOff makes the client create and remove the nodes itself.
-	UdevOff
+	// udevAuto treats udev as running when /run/udev/control exists.
+	udevAuto udevMode = iota
+	// udevOn assumes udev creates and removes the nodes.
+	udevOn
+	// udevOff makes the client create and remove the nodes itself.
+	udevOff
 )
 
 // Option configures Open.
 type Option func(*Client)
 
-// WithUdev sets how device nodes are managed.
-func WithUdev(mode UdevMode) Option { return func(c *Client) { c.udevMode = mode } }
+// withUdev sets how device nodes are managed.
+func withUdev(mode udevMode) Option { return func(c *Client) { c.udevMode = mode } }
 
 // WithUdevFlags sets the udev flags every resume (including Create's) and
 // remove of this client passes to the udev rules; 0 (the default) passes
 // none.
 func WithUdevFlags(f UdevFlags) Option { return func(c *Client) { c.udevFlags = f } }
 
-// WithDevDir sets the directory of device nodes (default /dev/mapper).
-func WithDevDir(dir string) Option { return func(c *Client) { c.devDir = dir } }
+// withDevDir sets the directory of device nodes (default /dev/mapper).
+func withDevDir(dir string) Option { return func(c *Client) { c.devDir = dir } }
 
 // Client talks to the device-mapper driver. It is safe for concurrent use:
 // every call builds its own ioctl buffer.
 type Client struct {
-	mu       sync.RWMutex // write-held only by Close
+	// mu is held for reading by every ioctl and for writing by Close, so
+	// the control file is never closed under a call.
+	mu       sync.RWMutex
 	fd       int
-	udevMode UdevMode
+	udevMode udevMode
 	udev     bool
 	devDir   string
 
@@ -65,14 +67,14 @@ type Client struct {
 // Open opens /dev/mapper/control, creating the node from
 // /sys/class/misc/device-mapper/dev if it is missing.
 func Open(opts ...Option) (*Client, error) {
-	c := &Client{fd: -1, devDir: defaultDevDir}
+	c := &Client{fd: -1, udevMode: udevAuto, devDir: defaultDevDir}
 	for _, o := range opts {
 		o(c)
 	}
 	switch c.udevMode {
-	case UdevOn:
+	case udevOn:
 		c.udev = true
-	case UdevOff:
+	case udevOff:
 		c.udev = false
 	default:
 		_, err := os.Stat(udevControl)
@@ -127,9 +129,6 @@ func (c *Client) Close() error {
 	return err
 }
 
-// UdevRunning reports whether the client leaves device nodes to udev.
-func (c *Client) UdevRunning() bool { return c.udev }
-
 // DevicePath is the node of device name: <devdir>/<name>.
 func (c *Client) DevicePath(name string) string { return filepath.Join(c.devDir, name) }
 
@@ -149,17 +148,13 @@ func (c *Client) ioctl(cmd uintptr, req *request) (reply, error) {
 
 // query runs an idempotent command whose reply carries data, growing the
 // buffer while the kernel reports it full.
-func (c *Client) query(cmd uintptr, name string, flags uint32, data []byte) (reply, error) {
+func (c *Client) query(cmd uintptr, name string, flags uint32) (reply, error) {
 	size := defaultDataSize
 	for {
-		if size < len(data) {
-			size = len(data)
-		}
 		req, err := newRequest(name, flags, size)
 		if err != nil {
 			return reply{}, err
 		}
-		copy(req.data(), data)
 		rep, err := c.ioctl(cmd, req)
 		if err != nil {
 			return reply{}, err
@@ -174,6 +169,20 @@ func (c *Client) query(cmd uintptr, name string, flags uint32, data []byte) (rep
 	}
 }
 
+// queryData runs query on device name ("" for a call about no device) and
+// returns the reply and the data in it. Its errors name op and the device.
+func (c *Client) queryData(cmd uintptr, op, name string, flags uint32) (reply, []byte, error) {
+	rep, err := c.query(cmd, name, flags)
+	if err != nil {
+		return reply{}, nil, opError(op, name, err)
+	}
+	data, err := rep.payload()
+	if err != nil {
+		return reply{}, nil, opError(op, name, err)
+	}
+	return rep, data, nil
+}
+
 // checkName rejects names the kernel would refuse or that would escape the
 // device node directory.
 func checkName(name string) error {
@@ -184,28 +193,11 @@ func checkName(name string) error {
 	return nil
 }
 
-// Version returns the dm ioctl interface version of the kernel.
-func (c *Client) Version() (Version, error) {
-	req, err := newRequest("", 0, 0)
-	if err != nil {
-		return Version{}, err
-	}
-	rep, err := c.ioctl(unix.DM_VERSION, req)
-	if err != nil {
-		return Version{}, opError("version", "", err)
-	}
-	return rep.version(), nil
-}
-
 // List returns all dm devices.
 func (c *Client) List() ([]Device, error) {
-	rep, err := c.query(unix.DM_LIST_DEVICES, "", unix.DM_UUID_FLAG, nil)
+	_, data, err := c.queryData(unix.DM_LIST_DEVICES, "list", "", unix.DM_UUID_FLAG)
 	if err != nil {
-		return nil, opError("list", "", err)
-	}
-	data, err := rep.payload()
-	if err != nil {
-		return nil, opError("list", "", err)
+		return nil, err
 	}
 	devs, err := decodeNameList(data)
 	return devs, opError("list", "", err)
@@ -256,6 +248,8 @@ func (c *Client) Create(name string, targets []Target, opts CreateOptions) error
 	return nil
 }
 
+// removeHalfMade removes a device that Create made but could not load or
+// resume, so that a failed Create leaves nothing behind.
 func (c *Client) removeHalfMade(name string) error {
 	req, err := newRequest(name, 0, 0)
 	if err != nil {
@@ -280,6 +274,7 @@ func (c *Client) Load(name string, targets []Target, readOnly bool) error {
 	return c.load(name, table, uint32(len(targets)), readOnly)
 }
 
+// load is Load with the table already encoded, as Create needs it too.
 func (c *Client) load(name string, table []byte, count uint32, readOnly bool) error {
 	var flags uint32
 	if readOnly {
@@ -295,6 +290,19 @@ func (c *Client) load(name string, table []byte, count uint32, readOnly bool) er
 		return opError("table load", name, err)
 	}
 	return nil
+}
+
+// Reload replaces the table of active device name: the new table is loaded
+// into the inactive slot, then the device is suspended (flushing its I/O)
+// and resumed with it. A failed suspend drops the loaded table again.
+func (c *Client) Reload(name string, targets []Target) error {
+	if err := c.Load(name, targets, false); err != nil {
+		return err
+	}
+	if err := c.Suspend(name, SuspendOptions{}); err != nil {
+		return errors.Join(err, c.ClearTable(name))
+	}
+	return c.Resume(name)
 }
 
 // ClearTable drops the inactive table of device name.
@@ -336,6 +344,8 @@ func (c *Client) Resume(name string) error {
 	return nil
 }
 
+// simple runs a command that takes only a device name and flags and
+// returns nothing.
 func (c *Client) simple(cmd uintptr, op, name string, flags uint32) error {
 	if err := checkName(name); err != nil {
 		return opError(op, name, err)
@@ -358,10 +368,10 @@ func (c *Client) Remove(ctx context.Context, name string, opts RemoveOptions) er
 	}
 	retries, delay := opts.Retries, opts.Delay
 	if retries == 0 {
-		retries = DefaultRemoveRetries
+		retries = defaultRemoveRetries
 	}
 	if delay <= 0 {
-		delay = DefaultRemoveDelay
+		delay = defaultRemoveDelay
 	}
 	var flags uint32
 	if opts.Deferred {
@@ -376,8 +386,9 @@ func (c *Client) Remove(ctx context.Context, name string, opts RemoveOptions) er
 		rep, err := c.ioctl(unix.DM_DEV_REMOVE, req)
 		if err == nil {
 			if opts.Deferred && rep.flags()&unix.DM_DEFERRED_REMOVE != 0 {
-				// Still open: the kernel removes it on last close and the
-				// node goes stale until the name is reused.
+				// The device is still open: the kernel removes it on its
+				// last close. Its node stays behind, stale, until the name
+				// is used again.
 				return nil
 			}
 			if err := c.removeNode(name); err != nil {
@@ -398,10 +409,10 @@ func (c *Client) Remove(ctx context.Context, name string, opts RemoveOptions) er
 	}
 }
 
-// Message sends msg to the target at sector of device name and returns the
+// message sends msg to the target at sector of device name and returns the
 // text the target answered, if any. A message is not idempotent, so a reply
 // too large for the buffer is reported (ENOBUFS) rather than retried.
-func (c *Client) Message(name string, sector uint64, msg string) (string, error) {
+func (c *Client) message(name string, sector uint64, msg string) (string, error) {
 	op := "message " + strconv.Quote(msg)
 	if err := checkName(name); err != nil {
 		return "", opError(op, name, err)
@@ -430,19 +441,17 @@ func (c *Client) Message(name string, sector uint64, msg string) (string, error)
 	return cString(out), nil
 }
 
-// Status returns the status line of each target of the live table.
-func (c *Client) Status(name string) ([]TargetStatus, error) {
-	return c.status(name, 0)
-}
-
-func (c *Client) status(name string, flags uint32) ([]TargetStatus, error) {
+// status returns the status line of each target of the live table of
+// device name. flags are the ioctl's, e.g. DM_NOFLUSH_FLAG to spare a thin
+// pool its metadata commit.
+func (c *Client) status(name string, flags uint32) ([]targetStatus, error) {
 	ts, err := c.tableStatus("status", name, flags)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]TargetStatus, len(ts))
+	out := make([]targetStatus, len(ts))
 	for i, t := range ts {
-		out[i] = TargetStatus{Start: t.Start, Length: t.Length, Type: t.Type, Status: t.Params}
+		out[i] = targetStatus{Start: t.Start, Length: t.Length, Type: t.Type, Status: t.Params}
 	}
 	return out, nil
 }
@@ -452,17 +461,15 @@ func (c *Client) Table(name string) ([]Target, error) {
 	return c.tableStatus("table", name, unix.DM_STATUS_TABLE_FLAG)
 }
 
+// tableStatus runs TABLE_STATUS, which returns the table or the status
+// lines depending on flags; op names the call in errors.
 func (c *Client) tableStatus(op, name string, flags uint32) ([]Target, error) {
 	if err := checkName(name); err != nil {
 		return nil, opError(op, name, err)
 	}
-	rep, err := c.query(unix.DM_TABLE_STATUS, name, flags, nil)
+	rep, data, err := c.queryData(unix.DM_TABLE_STATUS, op, name, flags)
 	if err != nil {
-		return nil, opError(op, name, err)
-	}
-	data, err := rep.payload()
-	if err != nil {
-		return nil, opError(op, name, err)
+		return nil, err
 	}
 	ts, err := decodeTargets(data, rep.targetCount())
 	if err != nil {
@@ -471,15 +478,11 @@ func (c *Client) tableStatus(op, name string, flags uint32) ([]Target, error) {
 	return ts, nil
 }
 
-// TargetVersions lists the target types the kernel has loaded.
-func (c *Client) TargetVersions() ([]TargetVersion, error) {
-	rep, err := c.query(unix.DM_LIST_VERSIONS, "", 0, nil)
+// targetVersions lists the target types the kernel has loaded.
+func (c *Client) targetVersions() ([]targetVersion, error) {
+	_, data, err := c.queryData(unix.DM_LIST_VERSIONS, "list versions", "", 0)
 	if err != nil {
-		return nil, opError("list versions", "", err)
-	}
-	data, err := rep.payload()
-	if err != nil {
-		return nil, opError("list versions", "", err)
+		return nil, err
 	}
 	tv, err := decodeTargetVersions(data)
 	return tv, opError("list versions", "", err)
@@ -493,11 +496,11 @@ func (c *Client) TargetVersion(target string) (Version, error) {
 	if len(target) >= nameLen || target == "" {
 		return Version{}, opError(op, "", unix.EINVAL)
 	}
-	rep, err := c.query(unix.DM_GET_TARGET_VERSION, target, 0, nil)
+	rep, err := c.query(unix.DM_GET_TARGET_VERSION, target, 0)
 	if errors.Is(err, unix.ENOTTY) {
 		// Kernels before 5.4 lack GET_TARGET_VERSION; the full list
 		// only shows targets that are already loaded.
-		tvs, lerr := c.TargetVersions()
+		tvs, lerr := c.targetVersions()
 		if lerr != nil {
 			return Version{}, lerr
 		}

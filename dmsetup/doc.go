@@ -11,9 +11,10 @@
 // Open opens /dev/mapper/control (making the node when it is missing).
 // Client methods map one to one onto the dm ioctls, except that Create is
 // DEV_CREATE + TABLE_LOAD + resume and removes a half-made device when the
-// load or the resume fails. Remove retries EBUSY a bounded number of times
-// (DefaultRemoveRetries x DefaultRemoveDelay) and honours its context;
-// RemoveOptions.Deferred asks the kernel to remove the device on last close.
+// load or the resume fails. Remove retries EBUSY (by default 10 times, 50ms
+// apart) and honours its context; RemoveOptions.Deferred asks the kernel to
+// remove the device on last close instead. WaitEvent waits for a device's
+// next dm event, such as a thin pool crossing its low water mark.
 //
 // # Units
 //
@@ -35,23 +36,22 @@
 //
 // # Device nodes
 //
-// Without udev (UdevOff, or UdevAuto and no /run/udev/control) Create and
-// Resume mknod <devdir>/<name> with the major:minor the kernel reported,
+// Without udev (no /run/udev/control) Create and Resume mknod <devdir>/<name> with the major:minor the kernel reported,
 // replacing a stale node, and Remove deletes it. With udev running, the client
 // only creates the node when it is missing after a resume and never waits for
 // udev.
 //
 // # Thin provisioning
 //
-// PoolTable and ThinTable build table lines; ParsePoolParams and
-// ParseThinParams read them back as the kernel reports them, and
-// ParsePoolStatus and ParseThinStatus read status lines. The Client sends the
-// thin-pool messages (create_thin, create_snap, delete, set_transaction_id,
-// reserve/release_metadata_snap).
+// ThinTable builds the table line of a thin device, and ParsePoolParams
+// reads a thin-pool table line as the kernel reports it. ThinTarget and
+// PoolTarget read and parse the table of a device, ThinStatus and PoolStatus
+// its status. The Client sends the thin-pool messages (create_thin,
+// create_snap, delete, set_transaction_id, reserve/release_metadata_snap).
 //
 // Snapshotting an active origin requires suspending it around CreateSnap
 // (Suspend, CreateSnap, Resume) so that its in-flight writes are flushed.
-// Pool messages are not idempotent, so Message never retries; a reply too
+// Pool messages are not idempotent, so they are never retried; a reply too
 // large for its buffer is reported as ENOBUFS.
 //
 // MetadataThinIDs lists the thin ids in a running pool's metadata: it
@@ -65,8 +65,9 @@
 // CreateLoopPool creates sparse data and metadata files when missing (zeroing
 // the metadata header so the kernel formats it), attaches them to
 // autoclearing loop devices and creates the thin-pool device, or reuses an
-// existing pool device backed by the same files. Close removes the pool
-// device (the loops clear themselves); Destroy also deletes the files.
+// existing pool device backed by the same files. Grow makes a running loop
+// pool bigger. Destroy removes the pool device (the loops clear themselves)
+// and deletes the files.
 //
 // # Tests
 //

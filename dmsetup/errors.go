@@ -47,6 +47,8 @@ func (e *Error) Is(target error) bool {
 	return false
 }
 
+// opError wraps a failure of op on device dev in an *Error; a nil err
+// stays nil, so callers can wrap whatever a call returned.
 func opError(op, dev string, err error) error {
 	if err == nil {
 		return nil

@@ -20,14 +20,14 @@ func FuzzParsePoolStatus(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		st, err := ParsePoolStatus(s)
+		st, err := parsePoolStatus(s)
 		if err != nil {
 			if !errors.Is(err, ErrMalformed) {
 				t.Fatalf("%q: error %v is not ErrMalformed", s, err)
 			}
 			return
 		}
-		again, err := ParsePoolStatus(st.String())
+		again, err := parsePoolStatus(st.String())
 		if err != nil || again != st {
 			t.Fatalf("%q parsed as %+v, its String %q parses as %+v, %v", s, st, st.String(), again, err)
 		}
@@ -39,14 +39,14 @@ func FuzzParseThinStatus(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		st, err := ParseThinStatus(s)
+		st, err := parseThinStatus(s)
 		if err != nil {
 			if !errors.Is(err, ErrMalformed) {
 				t.Fatalf("%q: error %v is not ErrMalformed", s, err)
 			}
 			return
 		}
-		again, err := ParseThinStatus(st.String())
+		again, err := parseThinStatus(st.String())
 		if err != nil || again != st {
 			t.Fatalf("%q parsed as %+v, its String %q parses as %+v, %v", s, st, st.String(), again, err)
 		}
@@ -65,7 +65,7 @@ func FuzzParsePoolParams(f *testing.F) {
 			}
 			return
 		}
-		tg, err := PoolTable(Sectors(p.BlockSizeSectors)+1, p)
+		tg, err := poolTable(Sectors(p.BlockSizeSectors)+1, p)
 		if err != nil {
 			return // parsed but not something we would build, e.g. a bad block size
 		}
@@ -81,7 +81,7 @@ func FuzzParseThinParams(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		p, err := ParseThinParams(s)
+		p, err := parseThinParams(s)
 		if err != nil {
 			if !errors.Is(err, ErrMalformed) {
 				t.Fatalf("%q: error %v is not ErrMalformed", s, err)
@@ -92,7 +92,7 @@ func FuzzParseThinParams(f *testing.F) {
 		if err != nil {
 			t.Fatalf("%q parsed as %+v but does not build: %v", s, p, err)
 		}
-		again, err := ParseThinParams(tg.Params)
+		again, err := parseThinParams(tg.Params)
 		if err != nil || again != p {
 			t.Fatalf("%q parsed as %+v, rebuilt %q parses as %+v, %v", s, p, tg.Params, again, err)
 		}
@@ -103,7 +103,7 @@ func FuzzParseThinParams(f *testing.F) {
 func FuzzDecodeReplies(f *testing.F) {
 	f.Add(statusReply([]Target{{0, 8, "linear", "7:0 0"}, {8, 8, "thin", "253:0 1"}}), uint32(2))
 	f.Add(nameListReply([]nameRec{{kernelDev(253, 0), "pool", 1, "u", true}, {kernelDev(253, 1), "t", 2, "", false}}, 2), uint32(0))
-	f.Add(targetVersionsReply([]TargetVersion{{"thin", Version{1, 2, 3}}, {"linear", Version{1, 4, 0}}}), uint32(1))
+	f.Add(targetVersionsReply([]targetVersion{{"thin", Version{1, 2, 3}}, {"linear", Version{1, 4, 0}}}), uint32(1))
 	f.Add([]byte{}, uint32(1))
 	f.Fuzz(func(t *testing.T, data []byte, count uint32) {
 		if ts, err := decodeTargets(data, count); err == nil {
@@ -144,7 +144,7 @@ func fuzzIDList(t *testing.T, parse func([]byte) ([]uint32, error), in []byte) {
 		return
 	}
 	for i, id := range ids {
-		if id > MaxThinID || (i > 0 && ids[i-1] > id) {
+		if id > maxThinID || (i > 0 && ids[i-1] > id) {
 			t.Fatalf("%q parsed as %v: not ascending thin ids", in, ids)
 		}
 	}
@@ -204,7 +204,7 @@ func FuzzParseDeviceName(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, pool, name string) {
 		id, ok := ParseDeviceName(pool, name)
-		if ok != (id <= MaxThinID && DeviceName(pool, id) == name) {
+		if ok != (id <= maxThinID && DeviceName(pool, id) == name) {
 			t.Fatalf("ParseDeviceName(%q, %q) = %d, %v; DeviceName gives %q", pool, name, id, ok, DeviceName(pool, id))
 		}
 	})

@@ -219,3 +219,27 @@ func haveCLI() bool {
 	_, err := exec.LookPath("dmsetup")
 	return err == nil
 }
+
+// version returns the dm ioctl interface version of the kernel.
+func (c *Client) version() (Version, error) {
+	req, err := newRequest("", 0, 0)
+	if err != nil {
+		return Version{}, err
+	}
+	rep, err := c.ioctl(unix.DM_VERSION, req)
+	if err != nil {
+		return Version{}, opError("version", "", err)
+	}
+	return rep.version(), nil
+}
+
+// atLeast reports whether v >= o.
+func (v Version) atLeast(o Version) bool {
+	if v.Major != o.Major {
+		return v.Major > o.Major
+	}
+	if v.Minor != o.Minor {
+		return v.Minor > o.Minor
+	}
+	return v.Patch >= o.Patch
+}

@@ -27,14 +27,14 @@ import (
 
 func TestIntegrationVersionAndTargets(t *testing.T) {
 	c := requireDM(t)
-	v, err := c.Version()
+	v, err := c.version()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v.Major != 4 || !v.AtLeast(Version{4, 27, 0}) {
+	if v.Major != 4 || !v.atLeast(Version{4, 27, 0}) {
 		t.Errorf("dm ioctl version %s", v)
 	}
-	tvs, err := c.TargetVersions()
+	tvs, err := c.targetVersions()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,7 +125,7 @@ func TestIntegrationDeviceLifecycle(t *testing.T) {
 	if !slices.Equal(got, table) {
 		t.Errorf("table %+v, loaded %+v", got, table)
 	}
-	sts, err := c.Status(name)
+	sts, err := c.status(name, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -188,7 +188,7 @@ func TestIntegrationDeviceLifecycle(t *testing.T) {
 	for op, err := range map[string]error{
 		"info":   func() error { _, err := c.Info(name); return err }(),
 		"remove": c.Remove(context.Background(), name, RemoveOptions{}),
-		"status": func() error { _, err := c.Status(name); return err }(),
+		"status": func() error { _, err := c.status(name, 0); return err }(),
 	} {
 		if !errors.Is(err, unix.ENXIO) || !IsNotFound(err) || !errdefs.IsNotFound(err) || !strings.Contains(err.Error(), name) {
 			t.Errorf("%s of removed device: %v", op, err)
@@ -377,8 +377,8 @@ func TestIntegrationThinLoopPool(t *testing.T) {
 	mnt := mount(t, originDev)
 	fileA := writeRandom(t, filepath.Join(mnt, "a"), 1<<20)
 	unmount(t, mnt)
-	// Right after a commit (PoolStatus makes one) the status without one
-	// says the same.
+	// PoolStatus commits the metadata, so PoolStatusNoCommit right after
+	// it must report the same.
 	committed, err := c.PoolStatus(pool.Name)
 	if err != nil {
 		t.Fatal(err)
@@ -455,7 +455,7 @@ func TestIntegrationThinLoopPool(t *testing.T) {
 	if err := c.ReleaseMetadataSnap(pool.Name); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Message(pool.Name, 0, "no_such_message"); !errors.Is(err, unix.EINVAL) {
+	if _, err := c.message(pool.Name, 0, "no_such_message"); !errors.Is(err, unix.EINVAL) {
 		t.Errorf("unknown message: %v, want EINVAL", err)
 	}
 
@@ -495,7 +495,7 @@ func TestIntegrationThinLoopPool(t *testing.T) {
 	if _, err := CreateLoopPool(context.Background(), c, LoopPoolConfig{Dir: t.TempDir(), Name: pool.Name, DataSize: testDataSize}); !errdefs.IsAlreadyExists(err) {
 		t.Errorf("pool name taken by other files: %v", err)
 	}
-	if err := pool.Close(context.Background()); err != nil {
+	if err := pool.close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	for _, l := range []string{pool.DataLoop, pool.MetadataLoop} {
@@ -573,7 +573,7 @@ func TestIntegrationPoolOnDisk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tg, err := PoolTable(dataSectors, PoolParams{
+	tg, err := poolTable(dataSectors, PoolParams{
 		MetadataDev: c.DevicePath(meta), DataDev: c.DevicePath(data),
 		BlockSizeSectors: 128, SkipBlockZeroing: true, ErrorIfNoSpace: true,
 	})
@@ -902,12 +902,12 @@ func TestIntegrationConcurrent(t *testing.T) {
 // the client then makes the symlink udev would make and never waits.
 func TestIntegrationUdevModeNodes(t *testing.T) {
 	requireDM(t)
-	c, err := Open(WithUdev(UdevOn), WithDevDir(t.TempDir()))
+	c, err := Open(withUdev(udevOn), withDevDir(t.TempDir()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	if !c.UdevRunning() {
+	if !c.udev {
 		t.Fatal("UdevOn not honoured")
 	}
 	name := devName("udev")

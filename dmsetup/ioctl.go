@@ -94,8 +94,8 @@ func (r *request) setUUID(uuid string) error {
 
 func (r *request) setTargetCount(n uint32) { ne.PutUint32(r.buf[offTargetCount:], n) }
 
-// setEventNr sets event_nr: the udev cookie of a resume or remove, the
-// event number a DM_DEV_WAIT waits past.
+// setEventNr sets the event_nr field of the header. In a resume or a
+// remove the kernel hands it to udev as the cookie (see UdevFlags).
 func (r *request) setEventNr(n uint32) { ne.PutUint32(r.buf[offEventNr:], n) }
 func (r *request) flags() uint32       { return ne.Uint32(r.buf[offFlags:]) }
 func (r *request) data() []byte        { return r.buf[headerSize:] }
@@ -185,7 +185,8 @@ func encodeTargets(targets []Target) ([]byte, error) {
 // There next is the offset from the start of the data area, not from the
 // current record. count is the target_count of the reply header.
 func decodeTargets(data []byte, count uint32) ([]Target, error) {
-	// count comes from the kernel; do not trust it for the allocation.
+	// count comes from the kernel: cap the allocation by what data can
+	// hold, so that a wrong count cannot make us allocate a huge slice.
 	targets := make([]Target, 0, min(int(count), len(data)/specSize))
 	off := 0
 	for i := range count {
@@ -253,7 +254,8 @@ func decodeNameList(data []byte) ([]Device, error) {
 			Major: unix.Major(dev),
 			Minor: unix.Minor(dev),
 		}
-		// The trailer is present only if the record has room for it.
+		// Kernels before 4.14 write nothing after the name: read the event
+		// number and flags only when the record has room for them.
 		tr := align8(nameEnd + 1)
 		if tr+8 <= len(rec) {
 			d.EventNr = ne.Uint32(rec[tr:])
@@ -277,8 +279,8 @@ func decodeNameList(data []byte) ([]Device, error) {
 
 // decodeTargetVersions walks the dm_target_versions records of a
 // LIST_VERSIONS or GET_TARGET_VERSION reply: {next u32, version [3]u32, name}.
-func decodeTargetVersions(data []byte) ([]TargetVersion, error) {
-	var out []TargetVersion
+func decodeTargetVersions(data []byte) ([]targetVersion, error) {
+	var out []targetVersion
 	off := 0
 	for {
 		if off+targetVersionNameOff+1 > len(data) {
@@ -294,7 +296,7 @@ func decodeTargetVersions(data []byte) ([]TargetVersion, error) {
 		if !ok {
 			return nil, fmt.Errorf("target version record at %d: name not terminated: %w", off, ErrMalformed)
 		}
-		out = append(out, TargetVersion{
+		out = append(out, targetVersion{
 			Name:    string(before),
 			Version: Version{ne.Uint32(rec[4:]), ne.Uint32(rec[8:]), ne.Uint32(rec[12:])},
 		})

@@ -343,7 +343,7 @@ func TestDecodeNameListMalformed(t *testing.T) {
 	}
 }
 
-func targetVersionsReply(tvs []TargetVersion) []byte {
+func targetVersionsReply(tvs []targetVersion) []byte {
 	var b []byte
 	prev := -1
 	for _, tv := range tvs {
@@ -363,7 +363,7 @@ func targetVersionsReply(tvs []TargetVersion) []byte {
 }
 
 func TestDecodeTargetVersions(t *testing.T) {
-	want := []TargetVersion{
+	want := []targetVersion{
 		{"thin-pool", Version{1, 23, 0}},
 		{"thin", Version{1, 23, 0}},
 		{"linear", Version{1, 4, 0}},

@@ -67,27 +67,11 @@ type LoopPool struct {
 // cfg.Name when it already runs on cfg's files. After a reboot (device gone,
 // files present) the existing metadata is kept.
 func CreateLoopPool(ctx context.Context, c *Client, cfg LoopPoolConfig) (*LoopPool, error) {
-	if err := checkName(cfg.Name); err != nil {
+	if err := cfg.check(); err != nil {
 		return nil, err
 	}
-	if cfg.Dir == "" {
-		return nil, fmt.Errorf("loop pool %s: no directory: %w", cfg.Name, errdefs.ErrInvalidArgument)
-	}
-	if cfg.BlockSizeSectors == 0 {
-		cfg.BlockSizeSectors = MinBlockSizeSectors
-	}
-	if err := ValidateBlockSize(cfg.BlockSizeSectors); err != nil {
-		return nil, fmt.Errorf("loop pool %s: %w", cfg.Name, err)
-	}
-	dir, err := filepath.Abs(cfg.Dir)
+	dir, err := makeLoopPoolDir(cfg.Dir)
 	if err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
-	// Loop devices report the resolved path of their backing file.
-	if dir, err = filepath.EvalSymlinks(dir); err != nil {
 		return nil, err
 	}
 	p := &LoopPool{
@@ -111,32 +95,84 @@ func CreateLoopPool(ctx context.Context, c *Client, cfg LoopPoolConfig) (*LoopPo
 	if err := p.prepareFiles(cfg); err != nil {
 		return nil, err
 	}
+	if err := p.sizeFromDataFile(); err != nil {
+		return nil, err
+	}
+	if err := p.create(cfg); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// check fills in the default block size and refuses a configuration that
+// cannot make a pool, before anything is created on disk.
+func (cfg *LoopPoolConfig) check() error {
+	if err := checkName(cfg.Name); err != nil {
+		return err
+	}
+	if cfg.Dir == "" {
+		return fmt.Errorf("loop pool %s: no directory: %w", cfg.Name, errdefs.ErrInvalidArgument)
+	}
+	if cfg.BlockSizeSectors == 0 {
+		cfg.BlockSizeSectors = MinBlockSizeSectors
+	}
+	if err := ValidateBlockSize(cfg.BlockSizeSectors); err != nil {
+		return fmt.Errorf("loop pool %s: %w", cfg.Name, err)
+	}
+	return nil
+}
+
+// makeLoopPoolDir creates the directory of the pool's files when it is
+// missing and returns its absolute path with symlinks resolved. The path
+// must be resolved because a loop device reports the resolved path of its
+// backing file, and adopt compares the two.
+func makeLoopPoolDir(dir string) (string, error) {
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	return filepath.EvalSymlinks(dir)
+}
+
+// sizeFromDataFile sets the pool's length to the size of its data file,
+// rounded down to whole blocks, the unit in which the pool hands out space.
+func (p *LoopPool) sizeFromDataFile() error {
 	dataSize, err := fileSize(p.DataFile)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	block := Sectors(p.BlockSizeSectors)
 	p.DataSectors = BytesToSectors(dataSize) / block * block
 	if p.DataSectors == 0 {
-		return nil, fmt.Errorf("loop pool %s: data file %s smaller than one block: %w", cfg.Name, p.DataFile, errdefs.ErrInvalidArgument)
+		return fmt.Errorf("loop pool %s: data file %s smaller than one block: %w", p.Name, p.DataFile, errdefs.ErrInvalidArgument)
 	}
+	return nil
+}
 
-	// Our loop fds keep the devices alive until the pool opens them; closing
-	// them afterwards leaves the pool as the only holder, so the loops
-	// autoclear when the pool is removed (or right away if creation fails).
+// create attaches the pool's files to loop devices and creates the
+// thin-pool device on them.
+//
+// The loop devices stay open here until the pool device holds them. Once
+// these file descriptors close, the pool is the only holder left, so the
+// loop devices clear themselves when the pool is removed, or at once when
+// creating the pool fails.
+func (p *LoopPool) create(cfg LoopPoolConfig) error {
 	metaLoop, err := attachLoop(p.MetadataFile)
 	if err != nil {
-		return nil, fmt.Errorf("loop pool %s: attach %s: %w", cfg.Name, p.MetadataFile, err)
+		return fmt.Errorf("loop pool %s: attach %s: %w", p.Name, p.MetadataFile, err)
 	}
 	defer metaLoop.close()
 	dataLoop, err := attachLoop(p.DataFile)
 	if err != nil {
-		return nil, fmt.Errorf("loop pool %s: attach %s: %w", cfg.Name, p.DataFile, err)
+		return fmt.Errorf("loop pool %s: attach %s: %w", p.Name, p.DataFile, err)
 	}
 	defer dataLoop.close()
 	p.MetadataLoop, p.DataLoop = metaLoop.path, dataLoop.path
 
-	table, err := PoolTable(p.DataSectors, PoolParams{
+	table, err := poolTable(p.DataSectors, PoolParams{
 		MetadataDev:      metaLoop.devArg(),
 		DataDev:          dataLoop.devArg(),
 		BlockSizeSectors: p.BlockSizeSectors,
@@ -145,12 +181,12 @@ func CreateLoopPool(ctx context.Context, c *Client, cfg LoopPoolConfig) (*LoopPo
 		ErrorIfNoSpace:   cfg.ErrorIfNoSpace,
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
-	if err := c.Create(cfg.Name, []Target{table}, CreateOptions{}); err != nil {
-		return nil, fmt.Errorf("loop pool %s: %w", cfg.Name, err)
+	if err := p.c.Create(p.Name, []Target{table}, CreateOptions{}); err != nil {
+		return fmt.Errorf("loop pool %s: %w", p.Name, err)
 	}
-	return p, nil
+	return nil
 }
 
 // adopt fills p from the running pool device if it is backed by p's files.
@@ -224,6 +260,9 @@ func (p *LoopPool) prepareFiles(cfg LoopPoolConfig) error {
 	return createSparse(p.MetadataFile, cfg.MetadataSize, true)
 }
 
+// createSparse creates the file path of size bytes without writing its
+// blocks, and with zeroHeader zeroes its first 4KiB. A file it fails to
+// finish is removed again.
 func createSparse(path string, size uint64, zeroHeader bool) (err error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
@@ -256,9 +295,9 @@ func fileSize(path string) (uint64, error) {
 	return uint64(fi.Size()), nil
 }
 
-// Close removes the pool device; its loop devices detach themselves.
+// close removes the pool device; its loop devices detach themselves.
 // Thin devices still active on the pool make it fail with EBUSY.
-func (p *LoopPool) Close(ctx context.Context) error {
+func (p *LoopPool) close(ctx context.Context) error {
 	err := p.c.Remove(ctx, p.Name, RemoveOptions{})
 	if err != nil && !errors.Is(err, unix.ENXIO) {
 		return err
@@ -268,7 +307,7 @@ func (p *LoopPool) Close(ctx context.Context) error {
 
 // Destroy closes the pool and deletes its backing files.
 func (p *LoopPool) Destroy(ctx context.Context) error {
-	if err := p.Close(ctx); err != nil {
+	if err := p.close(ctx); err != nil {
 		return err
 	}
 	var errs []error
@@ -296,7 +335,8 @@ func attachLoop(file string) (*loopDev, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The loop device takes its own reference to the file.
+	// Closing our descriptor is safe: the loop device holds its own
+	// reference to the file.
 	defer backing.Close()
 	ctl, err := os.OpenFile(loopControl, os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {

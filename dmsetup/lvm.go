@@ -38,6 +38,8 @@ func ParseLVMName(s string) (vg, lv string, err error) {
 	return vg, lv, nil
 }
 
+// checkLVMName returns why n is not a valid LVM volume group or logical
+// volume name, or "".
 func checkLVMName(n string) string {
 	switch {
 	case n == "":

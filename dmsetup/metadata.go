@@ -33,7 +33,8 @@ var metadataTools = []struct {
 const metadataToolTimeout = 5 * time.Minute
 
 // MetadataThinIDs lists, ascending, the thin device ids in the metadata of
-// thin pool: ReserveMetadataSnapshot, ThinIDs, Release.
+// thin pool pool. It reserves a metadata snapshot, lists the ids in it and
+// releases it (ReserveMetadataSnapshot, ThinIDs, Release).
 func (c *Client) MetadataThinIDs(ctx context.Context, pool string) ([]uint32, error) {
 	m, err := c.ReserveMetadataSnapshot(pool)
 	if err != nil {
@@ -117,9 +118,10 @@ func (m *MetadataSnapshot) Release() error {
 	return nil
 }
 
-// blockNode finds a block device node for dev, a path or major:minor as
-// tables name devices: the kernel's name from sysfs under /dev, else a
-// temporary node that cleanup removes.
+// blockNode returns the path of a block device node for dev, which a table
+// names by path or as major:minor. A path is returned as it is. For
+// major:minor it is /dev/<the kernel's name from sysfs> when that node
+// exists, else a temporary node that cleanup removes.
 func blockNode(dev string) (string, func(), error) {
 	noop := func() {}
 	major, minor, err := parseMajorMinor(dev)

@@ -38,7 +38,7 @@ func parseThinLs(out []byte) ([]uint32, error) {
 			continue
 		}
 		id, err := strconv.ParseUint(f[0], 10, 32)
-		if err != nil || len(f) != 1 || id > MaxThinID {
+		if err != nil || len(f) != 1 || id > maxThinID {
 			return nil, fmt.Errorf("thin_ls: unexpected line %q: %w", line, ErrMalformed)
 		}
 		ids = append(ids, uint32(id))
@@ -74,7 +74,7 @@ func parseThinDump(out []byte) ([]uint32, error) {
 					continue
 				}
 				id, err := strconv.ParseUint(a.Value, 10, 32)
-				if err != nil || id > MaxThinID {
+				if err != nil || id > maxThinID {
 					return nil, fmt.Errorf("thin_dump: dev_id %q: %w", a.Value, ErrMalformed)
 				}
 				ids = append(ids, uint32(id))

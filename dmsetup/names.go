@@ -19,7 +19,7 @@ func DeviceName(pool string, id uint32) string {
 }
 
 // ParseDeviceName returns the thin id in name when name is exactly
-// DeviceName(pool, id) for an id up to MaxThinID (no sign, no leading
+// DeviceName(pool, id) for an id up to maxThinID (no sign, no leading
 // zeros, nothing after the id).
 func ParseDeviceName(pool, name string) (uint32, bool) {
 	rest, ok := strings.CutPrefix(name, DeviceNamePrefix(pool))
@@ -27,7 +27,7 @@ func ParseDeviceName(pool, name string) (uint32, bool) {
 		return 0, false
 	}
 	n, err := strconv.ParseUint(rest, 10, 32)
-	if err != nil || n > MaxThinID || DeviceName(pool, uint32(n)) != name {
+	if err != nil || n > maxThinID || DeviceName(pool, uint32(n)) != name {
 		return 0, false
 	}
 	return uint32(n), true

@@ -13,7 +13,7 @@ func TestDeviceName(t *testing.T) {
 	}{
 		{"tp", "tp-snap-7", 7, true},
 		{"tp", "tp-snap-0", 0, true},
-		{"tp", "tp-snap-16777215", MaxThinID, true},
+		{"tp", "tp-snap-16777215", maxThinID, true},
 		{"tp", "tp-snap-16777216", 0, false},
 		{"tp", "tp-snap-07", 0, false},
 		{"tp", "tp-snap-+7", 0, false},
@@ -37,7 +37,7 @@ func TestDeviceUUID(t *testing.T) {
 	for _, tc := range []struct {
 		pool string
 		id   uint32
-	}{{"tp", 1}, {"tp", 2}, {"tq", 1}, {long, MaxThinID}} {
+	}{{"tp", 1}, {"tp", 2}, {"tq", 1}, {long, maxThinID}} {
 		u := DeviceUUID(tc.pool, tc.id)
 		if len(u) >= uuidLen || len(u) < len(UUIDPrefix) || u[:len(UUIDPrefix)] != UUIDPrefix {
 			t.Errorf("DeviceUUID(%q, %d) = %q: want %q prefix, under %d bytes", tc.pool, tc.id, u, UUIDPrefix, uuidLen)
@@ -58,7 +58,7 @@ func TestUdevCookie(t *testing.T) {
 		want uint32
 	}{
 		{0, 0},
-		{UdevDisableDiskRules, 0x0004_0000},
+		{udevDisableDiskRules, 0x0004_0000},
 		// What `dmsetup udevflags 0x4E0000` decodes as primary source,
 		// disable subsystem, disk and other rules.
 		{UdevPrivate, 0x004E_0000},

@@ -2,6 +2,7 @@ package dmsetup
 
 import (
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -10,11 +11,10 @@ import (
 
 // Limits of dm-thin (Documentation/admin-guide/device-mapper/thin-provisioning.rst).
 const (
-	MinBlockSizeSectors  = 128     // 64KiB
-	MaxBlockSizeSectors  = 2097152 // 1GiB
-	BlockSizeMultiple    = 128
-	MaxThinID            = 1<<24 - 1
-	MetadataBlockSectors = 8 // metadata blocks are 4KiB
+	MinBlockSizeSectors = 128     // 64KiB
+	MaxBlockSizeSectors = 2097152 // 1GiB
+	BlockSizeMultiple   = 128
+	maxThinID           = 1<<24 - 1 // thin ids have 24 bits
 )
 
 // PoolParams are the parameters of a thin-pool table line.
@@ -23,7 +23,7 @@ type PoolParams struct {
 	DataDev          string
 	BlockSizeSectors uint32
 	LowWaterMark     uint64 // in data blocks
-	// Feature arguments.
+	// Feature arguments: each is written in the table line when true.
 	SkipBlockZeroing  bool
 	IgnoreDiscard     bool
 	NoDiscardPassdown bool
@@ -51,6 +51,8 @@ func ValidateBlockSize(sectors uint32) error {
 	return nil
 }
 
+// checkDevArg refuses a device argument that would break the table line:
+// an empty one, or one with whitespace or a NUL in it.
 func checkDevArg(what, dev string) error {
 	if dev == "" || strings.ContainsAny(dev, " \t\n\x00") {
 		return fmt.Errorf("invalid %s device %q: %w", what, dev, unix.EINVAL)
@@ -58,8 +60,8 @@ func checkDevArg(what, dev string) error {
 	return nil
 }
 
-// PoolTable builds the thin-pool target covering length.
-func PoolTable(length Sectors, p PoolParams) (Target, error) {
+// poolTable builds the thin-pool target covering length.
+func poolTable(length Sectors, p PoolParams) (Target, error) {
 	if err := checkDevArg("metadata", p.MetadataDev); err != nil {
 		return Target{}, err
 	}
@@ -142,8 +144,8 @@ func ThinTable(length Sectors, poolDev string, id uint32, externalOrigin string)
 	if err := checkDevArg("pool", poolDev); err != nil {
 		return Target{}, err
 	}
-	if id > MaxThinID {
-		return Target{}, fmt.Errorf("thin device id %d exceeds %d: %w", id, MaxThinID, unix.EINVAL)
+	if err := checkID(id); err != nil {
+		return Target{}, err
 	}
 	if length == 0 {
 		return Target{}, fmt.Errorf("thin device length is zero: %w", unix.EINVAL)
@@ -158,14 +160,14 @@ func ThinTable(length Sectors, poolDev string, id uint32, externalOrigin string)
 	return Target{Start: 0, Length: length, Type: "thin", Params: params}, nil
 }
 
-// ParseThinParams parses the parameters of a thin table line.
-func ParseThinParams(params string) (ThinParams, error) {
+// parseThinParams parses the parameters of a thin table line.
+func parseThinParams(params string) (ThinParams, error) {
 	f := strings.Fields(params)
 	if len(f) < 2 || len(f) > 3 || strings.ContainsRune(params, 0) {
 		return ThinParams{}, fmt.Errorf("thin table %q: want 2 or 3 fields: %w", params, ErrMalformed)
 	}
 	id, err := strconv.ParseUint(f[1], 10, 32)
-	if err != nil || id > MaxThinID {
+	if err != nil || id > maxThinID {
 		return ThinParams{}, fmt.Errorf("thin table %q: bad device id: %w", params, ErrMalformed)
 	}
 	p := ThinParams{PoolDev: f[0], ID: uint32(id)}
@@ -182,7 +184,7 @@ func (c *Client) ThinTarget(name string) (ThinParams, Sectors, error) {
 	if err != nil {
 		return ThinParams{}, 0, err
 	}
-	tp, err := ParseThinParams(t.Params)
+	tp, err := parseThinParams(t.Params)
 	return tp, t.Length, err
 }
 
@@ -269,6 +271,8 @@ type PoolStatus struct {
 	HasMetadataLowWatermark bool
 }
 
+// parseRatio reads "used/total", the form in which the kernel prints block
+// counts.
 func parseRatio(s string) (uint64, uint64, bool) {
 	a, b, ok := strings.Cut(s, "/")
 	if !ok {
@@ -279,7 +283,7 @@ func parseRatio(s string) (uint64, uint64, bool) {
 	return x, y, err1 == nil && err2 == nil
 }
 
-// ParsePoolStatus parses the status line of a thin-pool target:
+// parsePoolStatus parses the status line of a thin-pool target:
 //
 //	<transaction id> <used meta>/<total meta> <used data>/<total data> <held root>|-
 //	ro|rw|out_of_data_space ignore_discard|discard_passdown|no_discard_passdown
@@ -287,7 +291,7 @@ func parseRatio(s string) (uint64, uint64, bool) {
 //
 // or the bare "Fail" / "Error". Trailing fields unknown to this parser, from
 // newer kernels, are ignored.
-func ParsePoolStatus(s string) (PoolStatus, error) {
+func parsePoolStatus(s string) (PoolStatus, error) {
 	f := strings.Fields(s)
 	bad := func(why string) (PoolStatus, error) {
 		return PoolStatus{}, fmt.Errorf("thin-pool status %q: %s: %w", s, why, ErrMalformed)
@@ -304,72 +308,87 @@ func ParsePoolStatus(s string) (PoolStatus, error) {
 		return bad("fewer than 4 fields")
 	}
 	var st PoolStatus
-	var err error
-	var ok bool
-	if st.TransactionID, err = strconv.ParseUint(f[0], 10, 64); err != nil {
-		return bad("transaction id")
+	if why := st.parseRequiredFields(f[:4]); why != "" {
+		return bad(why)
 	}
-	if st.UsedMetaBlocks, st.TotalMetaBlocks, ok = parseRatio(f[1]); !ok {
-		return bad("metadata blocks")
-	}
-	if st.UsedDataBlocks, st.TotalDataBlocks, ok = parseRatio(f[2]); !ok {
-		return bad("data blocks")
-	}
-	if f[3] != "-" {
-		if st.HeldMetadataRoot, err = strconv.ParseUint(f[3], 10, 64); err != nil {
-			return bad("held metadata root")
-		}
-		st.HasHeldRoot = true
-	}
-	rest := f[4:]
-	next := func() (string, bool) {
-		if len(rest) == 0 {
-			return "", false
-		}
-		v := rest[0]
-		rest = rest[1:]
-		return v, true
-	}
-	if v, ok := next(); ok {
-		switch m := PoolMode(v); m {
-		case PoolModeRW, PoolModeRO, PoolModeOutOfDataSpace:
-			st.Mode = m
-		default:
-			return bad("mode " + strconv.Quote(v))
-		}
-	}
-	if v, ok := next(); ok {
-		switch m := DiscardMode(v); m {
-		case DiscardPassdown, NoDiscardPassdown, IgnoreDiscard:
-			st.DiscardMode = m
-		default:
-			return bad("discard mode " + strconv.Quote(v))
-		}
-	}
-	if v, ok := next(); ok {
-		switch p := NoSpacePolicy(v); p {
-		case QueueIfNoSpace, ErrorIfNoSpace:
-			st.NoSpacePolicy = p
-		default:
-			return bad("no-space policy " + strconv.Quote(v))
-		}
-	}
-	if v, ok := next(); ok {
-		switch v {
-		case "needs_check":
-			st.NeedsCheck = true
-		case "-":
-		default:
-			return bad("needs_check field " + strconv.Quote(v))
-		}
-	}
-	if v, ok := next(); ok {
-		if st.MetadataLowWatermark, err = strconv.ParseUint(v, 10, 64); err != nil {
-			return bad("metadata low watermark")
-		}
-		st.HasMetadataLowWatermark = true
+	if why := st.parseOptionalFields(f[4:]); why != "" {
+		return bad(why)
 	}
 	return st, nil
+}
+
+// parseRequiredFields reads the four fields every kernel prints: the
+// transaction id, the metadata and data block counts and the held metadata
+// root. It returns why a field is malformed, or "".
+func (s *PoolStatus) parseRequiredFields(f []string) string {
+	var err error
+	var ok bool
+	if s.TransactionID, err = strconv.ParseUint(f[0], 10, 64); err != nil {
+		return "transaction id"
+	}
+	if s.UsedMetaBlocks, s.TotalMetaBlocks, ok = parseRatio(f[1]); !ok {
+		return "metadata blocks"
+	}
+	if s.UsedDataBlocks, s.TotalDataBlocks, ok = parseRatio(f[2]); !ok {
+		return "data blocks"
+	}
+	if f[3] != "-" {
+		if s.HeldMetadataRoot, err = strconv.ParseUint(f[3], 10, 64); err != nil {
+			return "held metadata root"
+		}
+		s.HasHeldRoot = true
+	}
+	return ""
+}
+
+// parseOptionalFields reads the fields after the held metadata root, in
+// order: mode, discard mode, no-space policy, needs_check and the metadata
+// low watermark. Older kernels print fewer of them, so a missing field is
+// left at its zero value; fields beyond these are ignored. It returns why a
+// field is malformed, or "".
+func (s *PoolStatus) parseOptionalFields(f []string) string {
+	var ok bool
+	if len(f) > 0 {
+		if s.Mode, ok = oneOf(f[0], PoolModeRW, PoolModeRO, PoolModeOutOfDataSpace); !ok {
+			return "mode " + strconv.Quote(f[0])
+		}
+	}
+	if len(f) > 1 {
+		if s.DiscardMode, ok = oneOf(f[1], DiscardPassdown, NoDiscardPassdown, IgnoreDiscard); !ok {
+			return "discard mode " + strconv.Quote(f[1])
+		}
+	}
+	if len(f) > 2 {
+		if s.NoSpacePolicy, ok = oneOf(f[2], QueueIfNoSpace, ErrorIfNoSpace); !ok {
+			return "no-space policy " + strconv.Quote(f[2])
+		}
+	}
+	if len(f) > 3 {
+		switch f[3] {
+		case "needs_check":
+			s.NeedsCheck = true
+		case "-":
+		default:
+			return "needs_check field " + strconv.Quote(f[3])
+		}
+	}
+	if len(f) > 4 {
+		v, err := strconv.ParseUint(f[4], 10, 64)
+		if err != nil {
+			return "metadata low watermark"
+		}
+		s.MetadataLowWatermark, s.HasMetadataLowWatermark = v, true
+	}
+	return ""
+}
+
+// oneOf returns v as a T when it is one of allowed, and the zero T and
+// false when it is not.
+func oneOf[T ~string](v string, allowed ...T) (T, bool) {
+	if slices.Contains(allowed, T(v)) {
+		return T(v), true
+	}
+	return "", false
 }
 
 // ThinStatus is the parsed status of a thin target.
@@ -380,9 +399,9 @@ type ThinStatus struct {
 	HasHighest    bool    // false when nothing is mapped ("-")
 }
 
-// ParseThinStatus parses "<mapped sectors> <highest mapped sector>|-" or
+// parseThinStatus parses "<mapped sectors> <highest mapped sector>|-" or
 // "Fail". Trailing fields of newer kernels are ignored.
-func ParseThinStatus(s string) (ThinStatus, error) {
+func parseThinStatus(s string) (ThinStatus, error) {
 	f := strings.Fields(s)
 	if len(f) == 1 && f[0] == "Fail" {
 		return ThinStatus{Fail: true}, nil
@@ -430,19 +449,20 @@ func (c *Client) PoolStatus(pool string) (PoolStatus, error) {
 }
 
 // PoolStatusNoCommit is PoolStatus without the metadata commit, which costs
-// the kernel about as much as a pool message: the used space may lag by
-// the blocks mapped since the last commit (every pool message commits, and
-// the pool at least once a second).
+// the kernel about as much as a pool message. The used space it reports may
+// then miss the blocks mapped since the last commit; every pool message
+// commits, and the pool commits at least once a second.
 func (c *Client) PoolStatusNoCommit(pool string) (PoolStatus, error) {
 	return c.poolStatus(pool, unix.DM_NOFLUSH_FLAG)
 }
 
+// poolStatus is PoolStatus with the ioctl flags as a parameter.
 func (c *Client) poolStatus(pool string, flags uint32) (PoolStatus, error) {
 	s, err := c.singleTargetStatus(pool, "thin-pool", flags)
 	if err != nil {
 		return PoolStatus{}, err
 	}
-	st, err := ParsePoolStatus(s)
+	st, err := parsePoolStatus(s)
 	return st, opError("status", pool, err)
 }
 
@@ -452,18 +472,21 @@ func (c *Client) ThinStatus(name string) (ThinStatus, error) {
 	if err != nil {
 		return ThinStatus{}, err
 	}
-	st, err := ParseThinStatus(s)
+	st, err := parseThinStatus(s)
 	return st, opError("status", name, err)
 }
 
+// poolMessage sends msg to the thin-pool target of device pool, at sector
+// 0 where its one target starts.
 func (c *Client) poolMessage(pool, msg string) error {
-	_, err := c.Message(pool, 0, msg)
+	_, err := c.message(pool, 0, msg)
 	return err
 }
 
+// checkID refuses a thin device id the pool cannot hold: ids have 24 bits.
 func checkID(id uint32) error {
-	if id > MaxThinID {
-		return fmt.Errorf("thin device id %d exceeds %d: %w", id, MaxThinID, unix.EINVAL)
+	if id > maxThinID {
+		return fmt.Errorf("thin device id %d exceeds %d: %w", id, maxThinID, unix.EINVAL)
 	}
 	return nil
 }

@@ -43,7 +43,7 @@ func TestPoolTable(t *testing.T) {
 		{name: "shorter than a block", length: 127, p: PoolParams{MetadataDev: "a", DataDev: "b", BlockSizeSectors: 128}, wantErr: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			tg, err := PoolTable(tc.length, tc.p)
+			tg, err := poolTable(tc.length, tc.p)
 			if tc.wantErr {
 				if !errors.Is(err, unix.EINVAL) {
 					t.Fatalf("err %v, want EINVAL", err)
@@ -103,8 +103,8 @@ func TestThinTable(t *testing.T) {
 		wantErr bool
 	}{
 		{name: "plain", length: 20971520, pool: "/dev/mapper/pool", id: 7, want: "/dev/mapper/pool 7"},
-		{name: "external origin", length: 8, pool: "253:0", id: MaxThinID, origin: "253:5", want: "253:0 16777215 253:5"},
-		{name: "id too big", length: 8, pool: "253:0", id: MaxThinID + 1, wantErr: true},
+		{name: "external origin", length: 8, pool: "253:0", id: maxThinID, origin: "253:5", want: "253:0 16777215 253:5"},
+		{name: "id too big", length: 8, pool: "253:0", id: maxThinID + 1, wantErr: true},
 		{name: "zero length", length: 0, pool: "253:0", id: 1, wantErr: true},
 		{name: "no pool", length: 8, pool: "", id: 1, wantErr: true},
 		{name: "bad origin", length: 8, pool: "253:0", id: 1, origin: "a b", wantErr: true},
@@ -123,7 +123,7 @@ func TestThinTable(t *testing.T) {
 			if tg.Type != "thin" || tg.Length != tc.length || tg.Params != tc.want {
 				t.Fatalf("got %+v want %q", tg, tc.want)
 			}
-			back, err := ParseThinParams(tg.Params)
+			back, err := parseThinParams(tg.Params)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -133,7 +133,7 @@ func TestThinTable(t *testing.T) {
 		})
 	}
 	for _, bad := range []string{"", "253:0", "253:0 x", "253:0 16777216", "a 1 b c"} {
-		if _, err := ParseThinParams(bad); !errors.Is(err, ErrMalformed) {
+		if _, err := parseThinParams(bad); !errors.Is(err, ErrMalformed) {
 			t.Errorf("ParseThinParams(%q): %v", bad, err)
 		}
 	}
@@ -196,14 +196,14 @@ func TestParsePoolStatus(t *testing.T) {
 		{name: "Error", in: "Error", want: PoolStatus{Error: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := ParsePoolStatus(tc.in)
+			got, err := parsePoolStatus(tc.in)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if got != tc.want {
 				t.Fatalf("got  %+v\nwant %+v", got, tc.want)
 			}
-			again, err := ParsePoolStatus(got.String())
+			again, err := parsePoolStatus(got.String())
 			if err != nil || again != got {
 				t.Errorf("String %q does not parse back: %+v %v", got.String(), again, err)
 			}
@@ -228,7 +228,7 @@ func TestParsePoolStatusMalformed(t *testing.T) {
 		"0 1/2 3/4 - rw discard_passdown queue_if_no_space check",
 		"0 1/2 3/4 - rw discard_passdown queue_if_no_space - lots",
 	} {
-		if st, err := ParsePoolStatus(in); !errors.Is(err, ErrMalformed) {
+		if st, err := parsePoolStatus(in); !errors.Is(err, ErrMalformed) {
 			t.Errorf("%q: got %+v, %v; want ErrMalformed", in, st, err)
 		}
 	}
@@ -251,7 +251,7 @@ func TestParseThinStatus(t *testing.T) {
 		{"x -", ThinStatus{}, false},
 		{"12 y", ThinStatus{}, false},
 	} {
-		got, err := ParseThinStatus(tc.in)
+		got, err := parseThinStatus(tc.in)
 		if tc.ok != (err == nil) || got != tc.want {
 			t.Errorf("%q: got %+v, %v", tc.in, got, err)
 			continue
@@ -262,7 +262,7 @@ func TestParseThinStatus(t *testing.T) {
 			}
 			continue
 		}
-		if again, err := ParseThinStatus(got.String()); err != nil || again != got {
+		if again, err := parseThinStatus(got.String()); err != nil || again != got {
 			t.Errorf("%q: String %q does not parse back", tc.in, got.String())
 		}
 	}

@@ -28,17 +28,6 @@ type Version struct {
 
 func (v Version) String() string { return fmt.Sprintf("%d.%d.%d", v.Major, v.Minor, v.Patch) }
 
-// AtLeast reports whether v >= o.
-func (v Version) AtLeast(o Version) bool {
-	if v.Major != o.Major {
-		return v.Major > o.Major
-	}
-	if v.Minor != o.Minor {
-		return v.Minor > o.Minor
-	}
-	return v.Patch >= o.Patch
-}
-
 // Device is one entry of List.
 type Device struct {
 	Name         string
@@ -76,6 +65,8 @@ func (t Target) String() string {
 	return fmt.Sprintf("%d %d %s %s", t.Start, t.Length, t.Type, t.Params)
 }
 
+// validate refuses a target the kernel would refuse or that would not
+// encode: a bad type name, a zero length or a NUL in the parameters.
 func (t Target) validate() error {
 	if t.Type == "" || len(t.Type) >= maxTypeNameLen || strings.ContainsAny(t.Type, " \t\n\x00") {
 		return fmt.Errorf("invalid target type %q: %w", t.Type, unix.EINVAL)
@@ -89,15 +80,15 @@ func (t Target) validate() error {
 	return nil
 }
 
-// TargetStatus is the status line of one target of the live table.
-type TargetStatus struct {
+// targetStatus is the status line of one target of the live table.
+type targetStatus struct {
 	Start, Length Sectors
 	Type          string
 	Status        string
 }
 
-// TargetVersion is a target type registered in the kernel.
-type TargetVersion struct {
+// targetVersion is a target type registered in the kernel.
+type targetVersion struct {
 	Name    string
 	Version Version
 }
@@ -121,15 +112,16 @@ type RemoveOptions struct {
 	// Deferred asks the kernel to remove an open device on its last close
 	// instead of failing with EBUSY.
 	Deferred bool
-	// Retries is how many times EBUSY is retried: 0 means
-	// DefaultRemoveRetries, negative means no retry.
+	// Retries is how many times EBUSY is retried: 0 means the default of
+	// 10, negative means no retry.
 	Retries int
-	// Delay between retries; 0 means DefaultRemoveDelay.
+	// Delay is the wait between retries; 0 means the default of 50ms.
 	Delay time.Duration
 }
 
-// Defaults of RemoveOptions.
+// Defaults of RemoveOptions: a busy device is retried for about half a
+// second.
 const (
-	DefaultRemoveRetries = 10
-	DefaultRemoveDelay   = 50 * time.Millisecond
+	defaultRemoveRetries = 10
+	defaultRemoveDelay   = 50 * time.Millisecond
 )

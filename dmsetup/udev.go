@@ -9,23 +9,22 @@ package dmsetup
 // them 0 (none), as libdevmapper does when it does not wait for udev.
 type UdevFlags uint16
 
-// The flags, with libdevmapper's values.
+// The flags we use, with libdevmapper's values. libdevmapper defines more
+// (0x0001 disables the /dev/mapper link, 0x0010 lowers the priority of the
+// /dev/disk links, 0x0020 stops libdevmapper making nodes itself); we need
+// none of them.
 const (
-	// UdevDisableDMRules: no /dev/mapper/<name> link from udev.
-	UdevDisableDMRules UdevFlags = 0x0001
-	// UdevDisableSubsystemRules: LVM, cryptsetup and the like skip it.
-	UdevDisableSubsystemRules UdevFlags = 0x0002
-	// UdevDisableDiskRules: no blkid probe, no /dev/disk/by-* links.
-	UdevDisableDiskRules UdevFlags = 0x0004
-	// UdevDisableOtherRules: everything else skips it (systemd marks it
-	// not ready, no units are started for it).
-	UdevDisableOtherRules UdevFlags = 0x0008
-	// UdevLowPriority: lower priority for its /dev/disk links.
-	UdevLowPriority UdevFlags = 0x0010
-	// UdevDisableLibraryFallback: libdevmapper does not make nodes itself.
-	UdevDisableLibraryFallback UdevFlags = 0x0020
-	// UdevPrimarySource: this event is the device's own (a resume), not a
-	// synthetic one; the rules store the flags for later events.
+	// udevDisableSubsystemRules makes LVM, cryptsetup and the like skip
+	// the device.
+	udevDisableSubsystemRules UdevFlags = 0x0002
+	// udevDisableDiskRules stops the blkid probe and the /dev/disk/by-*
+	// links.
+	udevDisableDiskRules UdevFlags = 0x0004
+	// udevDisableOtherRules makes every other rule skip the device:
+	// systemd marks it not ready and starts no units for it.
+	udevDisableOtherRules UdevFlags = 0x0008
+	// UdevPrimarySource says the event is the device's own (a resume), not
+	// a synthetic one; the rules store the flags for later events.
 	UdevPrimarySource UdevFlags = 0x0040
 )
 
@@ -33,9 +32,10 @@ const (
 // /dev/mapper/<name> but probes nothing (no blkid, no /dev/disk/by-uuid
 // links, which collide when snapshots share a filesystem UUID) and starts
 // nothing for them.
-const UdevPrivate = UdevPrimarySource | UdevDisableSubsystemRules | UdevDisableDiskRules | UdevDisableOtherRules
+const UdevPrivate = UdevPrimarySource | udevDisableSubsystemRules | udevDisableDiskRules | udevDisableOtherRules
 
 const udevFlagsShift = 16
 
-// cookie is the event_nr of a resume or remove carrying f.
+// cookie is the event_nr that hands f to the udev rules in a resume or a
+// remove: the flags in the upper 16 bits, no semaphore in the lower ones.
 func (f UdevFlags) cookie() uint32 { return uint32(f) << udevFlagsShift }

@@ -39,6 +39,8 @@ func (a *adminServer) Status(ctx context.Context, _ *adminv1.StatusRequest) (*ad
 	return statusToProto(st), nil
 }
 
+// statusToProto is the admin API's StatusResponse for st, with this
+// binary's version.
 func statusToProto(st snapshotter.Status) *adminv1.StatusResponse {
 	v, c := buildVersion()
 	r := st.LastRecovery
@@ -78,7 +80,8 @@ func statusToProto(st snapshotter.Status) *adminv1.StatusResponse {
 			AsyncRemove:            st.AsyncRemove,
 		},
 	}
-	// Every kind, so a client sees zeros rather than missing keys.
+	// Every kind gets a key, even with no snapshots of it, so that a client
+	// sees a zero rather than a missing key.
 	for _, k := range snapshotter.Kinds {
 		out.Snapshots[k] = uint32(st.Snapshots[k])
 	}
@@ -121,8 +124,9 @@ func (a *adminServer) Check(ctx context.Context, _ *adminv1.CheckRequest) (*admi
 	return out, nil
 }
 
-// reportFromProto is the snapshotter's report of an online check, so the
-// check command prints it as it prints an offline one.
+// reportFromProto turns the daemon's answer to an online check back into a
+// snapshotter.Report, so that the check command prints it the same way as
+// the report of an offline check.
 func reportFromProto(p *adminv1.CheckResponse) *snapshotter.Report {
 	r := &snapshotter.Report{
 		Root: p.GetRoot(), Pool: p.GetPool(),
@@ -162,10 +166,12 @@ func (a *adminServer) Cleanup(ctx context.Context, _ *adminv1.CleanupRequest) (*
 	}
 	switch {
 	case cerr != nil:
-		// Busy devices stay pending; the counts say how many.
+		// Removals of busy devices stay pending; PendingAfter says how
+		// many are left.
 		out.Error = cerr.Error()
 	case out.PendingAfter > 0:
-		// Taken by the background worker meanwhile, or new ones.
+		// Drain succeeded, yet removals are pending: the background worker
+		// took some of them while Drain ran, or new ones were queued.
 		out.Error = "still pending: being removed in the background or new; run cleanup again"
 	}
 	return out, nil

@@ -103,8 +103,8 @@ func statusCommand() *cli.Command {
 			"are strings).",
 		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
-			if cmd.Args().Len() > 0 {
-				return fmt.Errorf("unexpected argument %q (see --help)", cmd.Args().First())
+			if err := noArgs(cmd); err != nil {
+				return err
 			}
 			return callAdmin(ctx, cmd, func(ctx context.Context, c adminv1.AdminClient) error {
 				st, err := c.Status(ctx, &adminv1.StatusRequest{})
@@ -130,8 +130,8 @@ func devicesCommand() *cli.Command {
 			"SIZE is the virtual size.",
 		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
-			if cmd.Args().Len() > 0 {
-				return fmt.Errorf("unexpected argument %q (see --help)", cmd.Args().First())
+			if err := noArgs(cmd); err != nil {
+				return err
 			}
 			return callAdmin(ctx, cmd, func(ctx context.Context, c adminv1.AdminClient) error {
 				resp, err := c.ListDevices(ctx, &adminv1.ListDevicesRequest{})
@@ -153,8 +153,8 @@ func cleanupCommand() *cli.Command {
 		Name:  "cleanup",
 		Usage: "make the running daemon delete its warm devices and finish pending removals now",
 		Action: func(ctx context.Context, cmd *cli.Command) error {
-			if cmd.Args().Len() > 0 {
-				return fmt.Errorf("unexpected argument %q (see --help)", cmd.Args().First())
+			if err := noArgs(cmd); err != nil {
+				return err
 			}
 			return callAdmin(ctx, cmd, func(ctx context.Context, c adminv1.AdminClient) error {
 				resp, err := c.Cleanup(ctx, &adminv1.CleanupRequest{})
@@ -186,14 +186,8 @@ func runOnlineCheck(ctx context.Context, cmd *cli.Command, asJSON bool, w io.Wri
 	}); err != nil {
 		return checkError, err
 	}
-	if asJSON {
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(r); err != nil {
-			return checkError, err
-		}
-	} else {
-		printReport(w, r)
+	if err := printCheckReport(w, r, asJSON); err != nil {
+		return checkError, err
 	}
 	if !r.Clean {
 		return checkProblems, nil
@@ -245,6 +239,7 @@ func printStatus(w io.Writer, st *adminv1.StatusResponse) {
 	tw.Flush()
 }
 
+// space describes one of the pool's two spaces in a line of status.
 func space(s *adminv1.Space) string {
 	out := fmt.Sprintf("%s of %s used (%.1f%%), %s free", humanBytes(s.GetUsedBytes()), humanBytes(s.GetTotalBytes()),
 		percent(s.GetUsedBytes(), s.GetTotalBytes()), humanBytes(s.GetTotalBytes()-min(s.GetUsedBytes(), s.GetTotalBytes())))
@@ -271,8 +266,8 @@ func percentOrOff(p float64) string {
 	return fmt.Sprintf("%g%%", p)
 }
 
-// humanBytes is n in the largest binary unit that keeps it at least 1, with
-// one decimal.
+// humanBytes formats n in the largest binary unit in which it is at least
+// 1, with one decimal (e.g. "1.5 GiB").
 func humanBytes(n uint64) string {
 	const units = "KMGTPE"
 	if n < 1024 {

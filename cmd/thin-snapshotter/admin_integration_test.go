@@ -76,8 +76,9 @@ func TestIntegrationAdmin(t *testing.T) {
 	if _, err := client.View(ctx, "v", "c"); err != nil {
 		t.Fatal(err)
 	}
-	// From the base: a second child of c would have the worker make a
-	// warm device of c in the background, and the counts below race it.
+	// Prepare tmp from the base, not from c: a second child of c would
+	// make the worker prepare another warm device of c in the background,
+	// and the counts below would race it.
 	if _, err := client.Prepare(ctx, "tmp", ""); err != nil {
 		t.Fatal(err)
 	}
@@ -125,8 +126,9 @@ func TestIntegrationAdmin(t *testing.T) {
 		t.Errorf("devices: exit %d, ids %v:\n%s%s", code, ids, out, errOut)
 	}
 
-	// b took c's warm device (a's, kept by the commit); tmp's waits for a
-	// child of c2 (the third active dm device): cleanup deletes it.
+	// b took c's warm device, which is a's device kept by the commit.
+	// tmp's device, kept the same way by its commit, still waits for a
+	// child of c2 (it is the third active dm device); cleanup deletes it.
 	if code, out, errOut := cli("cleanup"); code != 0 {
 		t.Fatalf("cleanup: exit %d, %q, %q", code, out, errOut)
 	}
@@ -234,10 +236,11 @@ func TestIntegrationAdmin(t *testing.T) {
 		`(?m)^thin_snapshotter_pool_data_used_bytes [1-9]`,
 		`(?m)^thin_snapshotter_snapshots\{kind="active"\} 2$`,
 		`(?m)^thin_snapshotter_pending_removals 0$`,
-		// a, c, v, tmp, c2, after (b took a's device, warm after the
-		// commit): the base was made before serve set the observer.
+		// One create_snap each for a, c, v, tmp, c2 and after; none for b,
+		// which took a's device, kept warm by the commit. The base was
+		// made before serve set the observer, so it is not counted.
 		`(?m)^thin_snapshotter_kernel_step_duration_seconds_count\{step="create_snap"\} 6$`,
-		// tmp's warm device, then c2's.
+		// One delete for tmp's warm device, one for c2's device.
 		`(?m)^thin_snapshotter_kernel_step_duration_seconds_count\{step="delete"\} 2$`,
 	} {
 		if !regexp.MustCompile(re).MatchString(body) {

@@ -33,7 +33,8 @@ type adminSnapshotter struct {
 	observer  snapshotter.StepObserver
 }
 
-// The snapshotter's own counters (snapshotterCounters).
+// SharedLayers and Growths are the counters the snapshotter keeps itself
+// (snapshotterCounters), with fixed values the tests look for.
 func (a *adminSnapshotter) SharedLayers() uint64 { return 7 }
 func (a *adminSnapshotter) Growths() uint64      { return 2 }
 
@@ -248,7 +249,8 @@ func TestVersionFlag(t *testing.T) {
 	if code != 0 || out != "thin-snapshotter version v1.2.3 (commit 0123abcd)\n" {
 		t.Errorf("--version: exit %d, %q", code, out)
 	}
-	// Without -ldflags: the build info's, or the fallbacks.
+	// Built without -ldflags, the version comes from the build info, or
+	// is the fallback.
 	version, commit = "", ""
 	v, c := buildVersion()
 	if v == "" || c == "" {

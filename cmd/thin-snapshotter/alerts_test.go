@@ -72,7 +72,8 @@ func exportedMetricNames(t *testing.T) map[string]bool {
 	if err := m.watch(newAdminSnapshotter(t)); err == nil {
 		t.Error("a second snapshotter's pool metrics were registered over the first's")
 	}
-	// Label values appear once used: make every gRPC series exist.
+	// A series with labels appears only once it is used, so make every
+	// gRPC series exist.
 	m.calls.WithLabelValues("m", "OK")
 	m.duration.WithLabelValues("m")
 	families, err := m.reg.Gather()

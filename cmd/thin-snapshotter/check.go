@@ -54,44 +54,47 @@ var openChecker checkOpener = func(ctx context.Context, cfg snapshotter.Config) 
 	return snapshotter.OpenForCheck(ctx, cfg)
 }
 
+// checkDescription is the help text of the check command.
+const checkDescription = "Run with the daemon stopped (it holds the database). Uses the same --config and\n" +
+	"--root as the daemon. Lists the thin devices of the pool from a metadata snapshot\n" +
+	"(thin_ls or thin_dump of thin-provisioning-tools), the dm devices, the records\n" +
+	"and the journal, and reports:\n" +
+	"  orphan          thin device in the pool that no record, journal entry or base explains\n" +
+	"  ghost           record whose thin device is gone from the pool (data lost)\n" +
+	"  base_missing    the base device is gone from the pool\n" +
+	"  wrong_device    the dm device of a snapshot maps another id, pool, size or mode\n" +
+	"  stale_device    dm device named like ours that no active snapshot or view needs\n" +
+	"  missing_device  active snapshot or view without its dm device\n" +
+	"  pending_journal operation a crash interrupted\n" +
+	"  not_ready       record left creating or removing with no operation pending\n" +
+	"  leaked_id       device id allocated to nothing and not in the pool\n" +
+	"  foreign_id      thin id the pool already had when a create tried it (not ours)\n" +
+	"  id_conflict     record whose id is not allocated to it, or shared (needs a person)\n" +
+	"  txid_mismatch   the pool's transaction id is not the database's\n" +
+	"  pool_unhealthy  pool failed, read-only or needing thin_check (needs a person)\n" +
+	"\n" +
+	"--repair runs the startup recovery for pending entries, removes stale and wrong dm\n" +
+	"devices that are not open, removes records left half-made, deletes orphans, releases\n" +
+	"leaked ids, activates missing devices and remakes a missing base, then checks again.\n" +
+	"Ghosts are only reported (their data is gone); --remove-ghosts also removes their\n" +
+	"records. Foreign ids are kept (never used, never deleted) unless --release-foreign:\n" +
+	"it deletes their devices from the pool (say so only when nobody needs them) and\n" +
+	"frees the ids. Nothing is repaired when the pool may not be this database's (transaction\n" +
+	"ids that pending operations do not explain) or when it is unhealthy.\n" +
+	"\n" +
+	"Exit status: 0 clean (also: everything repaired), 1 problems found or left after\n" +
+	"--repair, 2 the check could not run (e.g. the daemon is running).\n" +
+	"--json prints one report object; its fields are documented on snapshotter.Report.\n" +
+	"\n" +
+	"--online asks the running daemon (--address) instead: the same report, read-only,\n" +
+	"from a metadata snapshot and a read transaction while it serves. It checks twice\n" +
+	"and reports what both passes found, so operations in flight are not findings."
+
 func checkCommand(open checkOpener) *cli.Command {
 	return &cli.Command{
-		Name:  "check",
-		Usage: "compare the database with the thin pool; --repair fixes what is safe",
-		Description: "Run with the daemon stopped (it holds the database). Uses the same --config and\n" +
-			"--root as the daemon. Lists the thin devices of the pool from a metadata snapshot\n" +
-			"(thin_ls or thin_dump of thin-provisioning-tools), the dm devices, the records\n" +
-			"and the journal, and reports:\n" +
-			"  orphan          thin device in the pool that no record, journal entry or base explains\n" +
-			"  ghost           record whose thin device is gone from the pool (data lost)\n" +
-			"  base_missing    the base device is gone from the pool\n" +
-			"  wrong_device    the dm device of a snapshot maps another id, pool, size or mode\n" +
-			"  stale_device    dm device named like ours that no active snapshot or view needs\n" +
-			"  missing_device  active snapshot or view without its dm device\n" +
-			"  pending_journal operation a crash interrupted\n" +
-			"  not_ready       record left creating or removing with no operation pending\n" +
-			"  leaked_id       device id allocated to nothing and not in the pool\n" +
-			"  foreign_id      thin id the pool already had when a create tried it (not ours)\n" +
-			"  id_conflict     record whose id is not allocated to it, or shared (needs a person)\n" +
-			"  txid_mismatch   the pool's transaction id is not the database's\n" +
-			"  pool_unhealthy  pool failed, read-only or needing thin_check (needs a person)\n" +
-			"\n" +
-			"--repair runs the startup recovery for pending entries, removes stale and wrong dm\n" +
-			"devices that are not open, removes records left half-made, deletes orphans, releases\n" +
-			"leaked ids, activates missing devices and remakes a missing base, then checks again.\n" +
-			"Ghosts are only reported (their data is gone); --remove-ghosts also removes their\n" +
-			"records. Foreign ids are kept (never used, never deleted) unless --release-foreign:\n" +
-			"it deletes their devices from the pool (say so only when nobody needs them) and\n" +
-			"frees the ids. Nothing is repaired when the pool may not be this database's (transaction\n" +
-			"ids that pending operations do not explain) or when it is unhealthy.\n" +
-			"\n" +
-			"Exit status: 0 clean (also: everything repaired), 1 problems found or left after\n" +
-			"--repair, 2 the check could not run (e.g. the daemon is running).\n" +
-			"--json prints one report object; its fields are documented on snapshotter.Report.\n" +
-			"\n" +
-			"--online asks the running daemon (--address) instead: the same report, read-only,\n" +
-			"from a metadata snapshot and a read transaction while it serves. It checks twice\n" +
-			"and reports what both passes found, so operations in flight are not findings.",
+		Name:        "check",
+		Usage:       "compare the database with the thin pool; --repair fixes what is safe",
+		Description: checkDescription,
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "repair", Usage: "fix what is safe to fix"},
 			&cli.BoolFlag{Name: "remove-ghosts", Usage: "with --repair: remove records whose thin device is gone"},
@@ -100,37 +103,53 @@ func checkCommand(open checkOpener) *cli.Command {
 			&cli.BoolFlag{Name: "online", Usage: "check the running daemon's state, read-only"},
 		},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
-			if cmd.Args().Len() > 0 {
-				return &exitStatus{code: checkError, err: fmt.Errorf("unexpected argument %q (see --help)", cmd.Args().First())}
-			}
-			if cmd.Bool("remove-ghosts") && !cmd.Bool("repair") {
-				return &exitStatus{code: checkError, err: errors.New("--remove-ghosts needs --repair")}
-			}
-			if cmd.Bool("release-foreign") && !cmd.Bool("repair") {
-				return &exitStatus{code: checkError, err: errors.New("--release-foreign needs --repair")}
-			}
-			if cmd.Bool("online") {
-				if cmd.Bool("repair") {
-					return &exitStatus{code: checkError, err: errors.New("--repair needs the daemon stopped: it cannot be --online")}
-				}
-				code, err := runOnlineCheck(ctx, cmd, cmd.Bool("json"), cmd.Root().Writer)
-				if err != nil || code != checkClean {
-					return &exitStatus{code: code, err: err}
-				}
-				return nil
-			}
-			cfg, err := resolveConfig(cmd)
-			if err != nil {
-				return &exitStatus{code: checkError, err: err}
-			}
-			opts := snapshotter.CheckOptions{Repair: cmd.Bool("repair"), RemoveGhosts: cmd.Bool("remove-ghosts"), ReleaseForeign: cmd.Bool("release-foreign")}
-			code, err := runCheck(ctx, cfg, open, opts, cmd.Bool("json"), cmd.Root().Writer)
-			if err != nil || code != checkClean {
-				return &exitStatus{code: code, err: err}
-			}
-			return nil
+			return checkAction(ctx, cmd, open)
 		},
 	}
+}
+
+// checkAction runs the online or the offline check that cmd asks for.
+// Every error it returns carries the check's exit status.
+func checkAction(ctx context.Context, cmd *cli.Command, open checkOpener) error {
+	if err := checkFlags(cmd); err != nil {
+		return &exitStatus{code: checkError, err: err}
+	}
+	if cmd.Bool("online") {
+		return exitWith(runOnlineCheck(ctx, cmd, cmd.Bool("json"), cmd.Root().Writer))
+	}
+	cfg, err := resolveConfig(cmd)
+	if err != nil {
+		return &exitStatus{code: checkError, err: err}
+	}
+	opts := snapshotter.CheckOptions{Repair: cmd.Bool("repair"), RemoveGhosts: cmd.Bool("remove-ghosts"), ReleaseForeign: cmd.Bool("release-foreign")}
+	return exitWith(runCheck(ctx, cfg, open, opts, cmd.Bool("json"), cmd.Root().Writer))
+}
+
+// checkFlags refuses arguments, and flags that need another flag or
+// exclude one.
+func checkFlags(cmd *cli.Command) error {
+	if err := noArgs(cmd); err != nil {
+		return err
+	}
+	if cmd.Bool("remove-ghosts") && !cmd.Bool("repair") {
+		return errors.New("--remove-ghosts needs --repair")
+	}
+	if cmd.Bool("release-foreign") && !cmd.Bool("repair") {
+		return errors.New("--release-foreign needs --repair")
+	}
+	if cmd.Bool("online") && cmd.Bool("repair") {
+		return errors.New("--repair needs the daemon stopped: it cannot be --online")
+	}
+	return nil
+}
+
+// exitWith turns a check's exit status and error into the action's error:
+// nil when the check found nothing and failed in nothing.
+func exitWith(code int, err error) error {
+	if err != nil || code != checkClean {
+		return &exitStatus{code: code, err: err}
+	}
+	return nil
 }
 
 // runCheck checks (and repairs) the state under cfg.Root and prints the
@@ -139,7 +158,8 @@ func runCheck(ctx context.Context, cfg *config.Config, open checkOpener, opts sn
 	if _, err := os.Stat(cfg.Root); err != nil {
 		return checkError, fmt.Errorf("root %s: %w", cfg.Root, err)
 	}
-	// The daemon's lock: it also keeps a daemon from starting meanwhile.
+	// Take the daemon's lock: it fails while a daemon runs, and keeps a
+	// daemon from starting while the check runs.
 	unlock, err := lockRoot(cfg.Root)
 	if err != nil {
 		return checkError, fmt.Errorf("the daemon is running: stop it first (%w)", err)
@@ -156,14 +176,8 @@ func runCheck(ctx context.Context, cfg *config.Config, open checkOpener, opts sn
 	if r == nil {
 		return checkError, err
 	}
-	if asJSON {
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		if jerr := enc.Encode(r); jerr != nil {
-			return checkError, jerr
-		}
-	} else {
-		printReport(w, r)
+	if perr := printCheckReport(w, r, asJSON); perr != nil {
+		return checkError, perr
 	}
 	switch {
 	case err != nil:
@@ -174,6 +188,20 @@ func runCheck(ctx context.Context, cfg *config.Config, open checkOpener, opts sn
 	return checkClean, nil
 }
 
+// printCheckReport prints the report of an offline or an online check, as
+// JSON or as text.
+func printCheckReport(w io.Writer, r *snapshotter.Report, asJSON bool) error {
+	if !asJSON {
+		printReport(w, r)
+		return nil
+	}
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+// printReport prints r as text: a summary line, one line per finding (and
+// what repair did or would do), and a verdict.
 func printReport(w io.Writer, r *snapshotter.Report) {
 	fmt.Fprintf(w, "pool %s: %d thin devices, %d records, transaction id %d (database %d)\n",
 		r.Pool, len(r.PoolDevices), r.Records, r.PoolTransactionID, r.DBTransactionID)
@@ -219,6 +247,7 @@ func printReport(w io.Writer, r *snapshotter.Report) {
 	}
 }
 
+// problems is "1 problem" or "N problems".
 func problems(n int) string {
 	if n == 1 {
 		return "1 problem"

@@ -32,11 +32,12 @@ func main() {
 
 // run is main with the snapshotter factory and output as parameters; it
 // returns the exit code.
-func run(args []string, open SnapshotterFactory, stdout, stderr io.Writer) int {
+func run(args []string, open snapshotterFactory, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	go func() {
-		// After the first signal, a second one kills at once.
+		// Once the first signal has cancelled ctx, stop restores the
+		// default handling, so that a second signal kills at once.
 		<-ctx.Done()
 		stop()
 	}()
@@ -44,7 +45,7 @@ func run(args []string, open SnapshotterFactory, stdout, stderr io.Writer) int {
 		return serve(ctx, cfg, open, defaultServeOptions())
 	}, stdout, stderr)
 	if err := app.Run(ctx, args); err != nil {
-		// A subcommand with its own exit statuses (check).
+		// The check command chooses its own exit status.
 		if es, ok := errors.AsType[*exitStatus](err); ok {
 			if es.err != nil {
 				fmt.Fprintf(stderr, "thin-snapshotter: %v\n", es.err)
@@ -81,8 +82,8 @@ func newApp(run func(context.Context, *config.Config) error, stdout, stderr io.W
 			&cli.StringFlag{Name: "log-level", Usage: "`LEVEL`: trace, debug, info, warn, error (overrides log_level)"},
 		},
 		Action: func(ctx context.Context, cmd *cli.Command) error {
-			if cmd.Args().Len() > 0 {
-				return fmt.Errorf("unexpected argument %q (see --help)", cmd.Args().First())
+			if err := noArgs(cmd); err != nil {
+				return err
 			}
 			cfg, err := resolveConfig(cmd)
 			if err != nil {
@@ -123,6 +124,14 @@ func resolveConfig(cmd *cli.Command) (*config.Config, error) {
 		return nil, fmt.Errorf("invalid configuration (%s and flags):\n%w", path, err)
 	}
 	return cfg, nil
+}
+
+// noArgs refuses positional arguments: no command takes any.
+func noArgs(cmd *cli.Command) error {
+	if cmd.Args().Len() > 0 {
+		return fmt.Errorf("unexpected argument %q (see --help)", cmd.Args().First())
+	}
+	return nil
 }
 
 // versionString is what --version prints after the name.

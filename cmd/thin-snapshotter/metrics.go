@@ -16,9 +16,10 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// metrics serves /metrics: gRPC calls by method and status code, their
-// latency, the Go runtime, and once watching a snapshotter (watch, in
-// metrics_pool.go) its pool and kernel steps.
+// metrics serves /metrics: the gRPC calls by method and status code, their
+// latency and the Go runtime's metrics. Once watch (metrics_pool.go) is
+// given the snapshotter, it also serves the pool's metrics and the latency
+// of the snapshotter's kernel steps.
 type metrics struct {
 	reg      *prometheus.Registry
 	calls    *prometheus.CounterVec
@@ -49,8 +50,8 @@ func startMetrics(ctx context.Context, addr string) (*metrics, error) {
 	return m, nil
 }
 
-// newMetrics is the registry with every collector but the snapshotter's
-// (watch adds those).
+// newMetrics registers every collector except the snapshotter's, which
+// watch and watchSnapshotter add once the snapshotter is open.
 func newMetrics() *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
@@ -74,8 +75,9 @@ func newMetrics() *metrics {
 	return m
 }
 
-// snapshotterCounters are what the snapshotter counts itself, exported
-// when it has the method.
+// snapshotterCounters are counters the snapshotter keeps itself. Each is
+// exported only when the snapshotter has its method; the tests' doubles
+// may not.
 var snapshotterCounters = []struct {
 	name, help string
 	get        func(sn any) (func() uint64, bool)

@@ -17,8 +17,9 @@ const metricsNamespace = "thin_snapshotter"
 // statusTimeout bounds the snapshotter's Status during a scrape.
 const statusTimeout = 10 * time.Second
 
-// poolCollector exports the snapshotter's Status, read at every scrape: one
-// pool status and one table ioctl, a read transaction and a dm device list.
+// poolCollector exports the snapshotter's Status, read anew at every scrape.
+// A scrape therefore costs a pool status ioctl, a table ioctl, a database
+// read transaction and a dm device list.
 type poolCollector struct {
 	sn adminBackend
 
@@ -142,7 +143,8 @@ func boolValue(b bool) float64 {
 	return 0
 }
 
-// stepMetrics times the snapshotter's kernel steps; it is its
+// stepMetrics records how long the snapshotter's kernel steps take and how
+// many fail. The snapshotter reports each step to it, as its
 // snapshotter.StepObserver.
 type stepMetrics struct {
 	duration *prometheus.HistogramVec
@@ -155,7 +157,8 @@ func newStepMetrics() *stepMetrics {
 			Namespace: metricsNamespace,
 			Name:      "kernel_step_duration_seconds",
 			Help:      "Time of the kernel steps of snapshot operations (create_snap, activate, deactivate, delete, mkfs), failed ones included.",
-			// 100µs to about 100s: an ioctl to mkfs of a large base.
+			// From 100µs to about 100s: from one ioctl to the mkfs of a
+			// large base device.
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2.5, 16),
 		}, []string{"step"}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -164,7 +167,8 @@ func newStepMetrics() *stepMetrics {
 			Help:      "Kernel steps of snapshot operations that failed.",
 		}, []string{"step"}),
 	}
-	// Every step from the start, so rates and alerts see zeros.
+	// Create every step's series at start, so that rates and alerts see
+	// zeros instead of missing series.
 	for _, s := range snapshotter.Steps {
 		m.duration.WithLabelValues(string(s))
 		m.errors.WithLabelValues(string(s))
@@ -180,8 +184,9 @@ func (m *stepMetrics) ObserveStep(step snapshotter.Step, d time.Duration, err er
 }
 
 // watch exports the pool metrics and step latencies of sn when it has them
-// (the snapshotter does; the tests' doubles may not). The metrics have no
-// pool label: one snapshotter per registry, a second one is refused.
+// (the snapshotter does; the tests' doubles may not). The metrics carry no
+// pool label, so a registry holds one snapshotter's: registering a second
+// one fails.
 func (m *metrics) watch(sn any) error {
 	a, ok := sn.(adminBackend)
 	if !ok {

@@ -27,11 +27,12 @@ import (
 	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
 )
 
-// SnapshotterFactory opens the snapshotter that the daemon serves. The
+// snapshotterFactory opens the snapshotter that the daemon serves. The
 // daemon closes it on shutdown.
-type SnapshotterFactory func(ctx context.Context, cfg *config.Config) (snapshots.Snapshotter, error)
+type snapshotterFactory func(ctx context.Context, cfg *config.Config) (snapshots.Snapshotter, error)
 
-// serveOptions are the knobs tests turn; defaultServeOptions is production.
+// serveOptions are what tests change about serve; defaultServeOptions are
+// the daemon's.
 type serveOptions struct {
 	// notify sends a state to the service manager (sd_notify).
 	notify func(state string) error
@@ -61,53 +62,28 @@ const (
 )
 
 // serve runs the daemon until ctx is cancelled: it takes the root, listens
-// on the socket, opens the snapshotter and serves containerd's snapshots API.
-// On cancellation it stops accepting, lets in-flight calls finish (bounded by
-// opts.shutdownTimeout) and closes the snapshotter. Devices are left as they
-// are: the next start reuses them.
-func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opts serveOptions) (retErr error) {
+// on the sockets, starts the metrics endpoint, opens the snapshotter and
+// serves containerd's snapshots API. On cancellation it stops accepting,
+// lets in-flight calls finish (bounded by opts.shutdownTimeout) and closes
+// the snapshotter. Devices are left as they are: the next start reuses them.
+func serve(ctx context.Context, cfg *config.Config, open snapshotterFactory, opts serveOptions) (retErr error) {
 	if err := log.SetLevel(cfg.LogLevel); err != nil {
 		return fmt.Errorf("log_level: %w: %w", errdefs.ErrInvalidArgument, err)
 	}
 	logger := log.G(ctx).WithField("root", cfg.Root).WithField("address", cfg.Address)
 	ctx = log.WithLogger(ctx, logger)
 
-	if err := os.MkdirAll(cfg.Root, rootDirMode); err != nil {
-		return fmt.Errorf("creating root: %w", err)
-	}
-	unlock, err := lockRoot(cfg.Root)
+	unlock, err := takeRoot(cfg.Root)
 	if err != nil {
 		return err
 	}
 	defer unlock()
 
-	l, err := listenUnix(ctx, cfg.Address)
+	socks, err := listenAll(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	// Closed by the gRPC server once serving; until then, by us. Closing a
-	// unix listener also removes the socket file.
-	listenerOwned := true
-	defer func() {
-		if listenerOwned {
-			l.Close()
-		}
-	}()
-
-	// One more socket per size class, all taken before anything opens.
-	classListeners := make([]net.Listener, len(cfg.Classes))
-	defer func() {
-		for _, cl := range classListeners {
-			if listenerOwned && cl != nil {
-				cl.Close()
-			}
-		}
-	}()
-	for i := range cfg.Classes {
-		if classListeners[i], err = listenUnix(ctx, cfg.ClassAddress(i)); err != nil {
-			return fmt.Errorf("class %s: %w", cfg.Classes[i].Name, err)
-		}
-	}
+	defer socks.closeUnlessServed()
 
 	var m *metrics
 	if cfg.MetricsAddress != "" {
@@ -117,6 +93,104 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 		defer m.shutdown(ctx)
 	}
 
+	sn, err := openForServing(ctx, cfg, open, m)
+	if err != nil {
+		return err
+	}
+	skipClose := false
+	defer func() {
+		if skipClose {
+			return
+		}
+		if err := closeSnapshotter(ctx, sn); err != nil {
+			retErr = errors.Join(retErr, err)
+		}
+	}()
+
+	srvs, err := startServing(ctx, cfg, sn, m, socks)
+	if err != nil {
+		return err
+	}
+	logger.Info("serving containerd snapshots API")
+	if err := opts.notify(daemon.SdNotifyReady); err != nil {
+		logger.WithError(err).Warn("sd_notify READY failed")
+	}
+
+	if err := srvs.waitForStop(ctx); err != nil {
+		return err
+	}
+	if err := opts.notify(daemon.SdNotifyStopping); err != nil {
+		logger.WithError(err).Warn("sd_notify STOPPING failed")
+	}
+	if !srvs.drain(ctx, opts.shutdownTimeout) {
+		// A call stuck in the snapshotter may hold the database, so
+		// closing the snapshotter could hang. Exiting without Close loses
+		// nothing: committed transactions are on disk already.
+		skipClose = true
+		return fmt.Errorf("calls still running %s after the stop signal; exiting without closing the snapshotter: %w",
+			2*opts.shutdownTimeout, context.DeadlineExceeded)
+	}
+	return nil
+}
+
+// takeRoot creates the root directory when it is missing and locks it, so
+// that a second daemon on the same root fails at once. The caller calls
+// unlock when the daemon stops.
+func takeRoot(root string) (unlock func(), err error) {
+	if err := os.MkdirAll(root, rootDirMode); err != nil {
+		return nil, fmt.Errorf("creating root: %w", err)
+	}
+	return lockRoot(root)
+}
+
+// sockets are the daemon's listeners: the main socket and one per size
+// class (classes[i] serves cfg.Classes[i]).
+type sockets struct {
+	main    net.Listener
+	classes []net.Listener
+	// served is set once the gRPC servers own the listeners: from then on
+	// they close them.
+	served bool
+}
+
+// listenAll listens on the main socket and on every size class's socket.
+// Every socket is taken before the snapshotter opens, so that a busy or
+// bad address fails the start early.
+func listenAll(ctx context.Context, cfg *config.Config) (*sockets, error) {
+	l, err := listenUnix(ctx, cfg.Address)
+	if err != nil {
+		return nil, err
+	}
+	s := &sockets{main: l, classes: make([]net.Listener, len(cfg.Classes))}
+	for i := range cfg.Classes {
+		if s.classes[i], err = listenUnix(ctx, cfg.ClassAddress(i)); err != nil {
+			s.closeUnlessServed()
+			return nil, fmt.Errorf("class %s: %w", cfg.Classes[i].Name, err)
+		}
+	}
+	return s, nil
+}
+
+// closeUnlessServed closes the listeners that no gRPC server owns yet.
+// Closing a unix listener also removes its socket file.
+func (s *sockets) closeUnlessServed() {
+	if s.served {
+		return
+	}
+	for _, cl := range s.classes {
+		if cl != nil {
+			cl.Close()
+		}
+	}
+	s.main.Close()
+}
+
+// openForServing logs which pool the configuration selects, opens the
+// snapshotter and, when m is not nil, exports the snapshotter's metrics.
+// Metrics that cannot be registered are logged, not returned: the daemon
+// serves without them.
+func openForServing(ctx context.Context, cfg *config.Config, open snapshotterFactory, m *metrics) (snapshots.Snapshotter, error) {
+	logger := log.G(ctx)
 	switch {
 	case cfg.Pool.LVM != "":
 		logger.WithField("pool", cfg.Pool.LVM).Info("using existing LVM thin pool")
@@ -127,7 +201,7 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 	}
 	sn, err := open(ctx, cfg)
 	if err != nil {
-		return fmt.Errorf("opening snapshotter: %w", err)
+		return nil, fmt.Errorf("opening snapshotter: %w", err)
 	}
 	if m != nil {
 		if err := m.watch(sn); err != nil {
@@ -137,77 +211,82 @@ func serve(ctx context.Context, cfg *config.Config, open SnapshotterFactory, opt
 			logger.WithError(err).Warn("metrics without the snapshotter's own counters")
 		}
 	}
-	skipClose := false
-	defer func() {
-		if skipClose {
-			return
-		}
-		if err := sn.Close(); err != nil {
-			log.G(ctx).WithError(err).Error("closing snapshotter")
-			retErr = errors.Join(retErr, fmt.Errorf("closing snapshotter: %w", err))
-			return
-		}
-		log.G(ctx).Info("snapshotter closed")
-	}()
+	return sn, nil
+}
 
+// closeSnapshotter closes sn and logs the outcome.
+func closeSnapshotter(ctx context.Context, sn snapshots.Snapshotter) error {
+	if err := sn.Close(); err != nil {
+		log.G(ctx).WithError(err).Error("closing snapshotter")
+		return fmt.Errorf("closing snapshotter: %w", err)
+	}
+	log.G(ctx).Info("snapshotter closed")
+	return nil
+}
+
+// servers are the gRPC servers of the main socket (all[0]) and of the size
+// classes (all[1:]), and the channel on which each one's Serve returns.
+type servers struct {
+	all      []*grpc.Server
+	serveErr chan error
+}
+
+// startServing serves sn on the main socket and each size class's
+// snapshotter on the class's socket. From here on the servers own the
+// listeners.
+func startServing(ctx context.Context, cfg *config.Config, sn snapshots.Snapshotter, m *metrics, socks *sockets) (*servers, error) {
 	classes, err := classSnapshotters(sn, cfg)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	srv := newServer(sn, m)
-	servers := []*grpc.Server{srv}
+	s := &servers{all: []*grpc.Server{newServer(sn, m)}}
 	for _, c := range classes {
-		servers = append(servers, newServer(c, m))
+		s.all = append(s.all, newServer(c, m))
 	}
-	serveErr := make(chan error, len(servers))
-	listenerOwned = false
-	go func() { serveErr <- srv.Serve(l) }()
-	for i, cl := range classListeners {
-		go func() { serveErr <- servers[i+1].Serve(cl) }()
-		logger.WithField("class", cfg.Classes[i].Name).WithField("class_address", cfg.ClassAddress(i)).
+	s.serveErr = make(chan error, len(s.all))
+	socks.served = true
+	go func() { s.serveErr <- s.all[0].Serve(socks.main) }()
+	for i, cl := range socks.classes {
+		go func() { s.serveErr <- s.all[i+1].Serve(cl) }()
+		log.G(ctx).WithField("class", cfg.Classes[i].Name).WithField("class_address", cfg.ClassAddress(i)).
 			WithField("size", cfg.Classes[i].Size).Info("serving size class")
 	}
+	return s, nil
+}
 
-	logger.Info("serving containerd snapshots API")
-	if err := opts.notify(daemon.SdNotifyReady); err != nil {
-		logger.WithError(err).Warn("sd_notify READY failed")
-	}
-
+// waitForStop returns nil when ctx is cancelled. When a server stops
+// accepting first, which Serve only does when accepting fails, it stops
+// every server and returns that error.
+func (s *servers) waitForStop(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
-		logger.Info("stopping: waiting for in-flight calls")
-	case err := <-serveErr:
-		// Serve only returns on its own when accepting fails.
-		for _, srv := range servers {
+		log.G(ctx).Info("stopping: waiting for in-flight calls")
+		return nil
+	case err := <-s.serveErr:
+		for _, srv := range s.all {
 			srv.Stop()
 		}
-		for range len(servers) - 1 {
-			<-serveErr
+		for range len(s.all) - 1 {
+			<-s.serveErr
 		}
 		return fmt.Errorf("serving: %w", err)
 	}
-	if err := opts.notify(daemon.SdNotifyStopping); err != nil {
-		logger.WithError(err).Warn("sd_notify STOPPING failed")
-	}
-	// All sockets drain at once, each within the same bounds.
-	drainedAll := make(chan bool, len(servers))
-	for _, srv := range servers {
-		go func() { drainedAll <- stopGracefully(ctx, srv, opts.shutdownTimeout) }()
+}
+
+// drain stops every server gracefully, all at once and each within the
+// same bounds (see stopGracefully). It reports whether every call
+// returned.
+func (s *servers) drain(ctx context.Context, timeout time.Duration) bool {
+	drainedAll := make(chan bool, len(s.all))
+	for _, srv := range s.all {
+		go func() { drainedAll <- stopGracefully(ctx, srv, timeout) }()
 	}
 	drained := true
-	for range servers {
+	for range s.all {
 		drained = <-drainedAll && drained
-		<-serveErr
+		<-s.serveErr
 	}
-	if !drained {
-		// A call stuck in the snapshotter may hold the database; closing it
-		// would hang. Committed transactions are on disk already, so exiting
-		// without Close loses nothing.
-		skipClose = true
-		return fmt.Errorf("calls still running %s after the stop signal; exiting without closing the snapshotter: %w",
-			2*opts.shutdownTimeout, context.DeadlineExceeded)
-	}
-	return nil
+	return drained
 }
 
 // classSnapshotters are the snapshotters of cfg's size classes on sn.
@@ -240,7 +319,8 @@ func newServer(sn snapshots.Snapshotter, m *metrics) *grpc.Server {
 	if m != nil {
 		unary, stream = append(unary, m.unary), append(stream, m.stream)
 	}
-	// Innermost, so the metrics count the converted codes.
+	// The error interceptors come last, innermost, so that the metrics
+	// count the gRPC codes they convert errors to.
 	unary, stream = append(unary, unaryErrors), append(stream, streamErrors)
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
@@ -271,7 +351,8 @@ func streamErrors(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handl
 func stopGracefully(ctx context.Context, srv *grpc.Server, timeout time.Duration) bool {
 	done := make(chan struct{})
 	go func() {
-		// Returns once every handler has returned, even after Stop.
+		// GracefulStop returns once every handler has returned, also when
+		// Stop below cuts it short.
 		srv.GracefulStop()
 		close(done)
 	}()
@@ -317,7 +398,7 @@ func lockRoot(root string) (unlock func(), err error) {
 		}
 		return nil, fmt.Errorf("locking %s: %w", path, err)
 	}
-	// The pid is only informational, for the error above.
+	// The pid only serves the error message above, for a second daemon.
 	if err := f.Truncate(0); err == nil {
 		_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	}

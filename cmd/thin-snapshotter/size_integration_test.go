@@ -122,8 +122,8 @@ func TestIntegrationSizeGRPC(t *testing.T) {
 		t.Errorf("invalid max-size: %v, want InvalidArgument", err)
 	}
 
-	// A class: the same key as the main socket's, its own snapshot, of the
-	// class's size.
+	// On the class's socket, the same key as on the main socket names a
+	// snapshot of its own, of the class's size.
 	if _, err := class.Prepare(ctx, "c1", ""); err != nil {
 		t.Fatal(err)
 	}

@@ -9,7 +9,8 @@ import (
 	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
 )
 
-// openSnapshotter is the snapshotter the daemon serves.
+// openSnapshotter opens the snapshotter the daemon serves, as cfg
+// configures it.
 func openSnapshotter(ctx context.Context, cfg *config.Config) (snapshots.Snapshotter, error) {
 	return snapshotter.New(ctx, cfg.Snapshotter())
 }

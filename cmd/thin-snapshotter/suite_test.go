@@ -32,7 +32,7 @@ func TestSnapshotterSuiteThroughSocket(t *testing.T) {
 		}
 		t.Skip("the testsuite mounts snapshots: needs root")
 	}
-	testsuite.SnapshotterSuite(t, "grpc-native", serveForSuite(func(root string) SnapshotterFactory {
+	testsuite.SnapshotterSuite(t, "grpc-native", serveForSuite(func(root string) snapshotterFactory {
 		return func(context.Context, *config.Config) (snapshots.Snapshotter, error) {
 			return native.NewSnapshotter(filepath.Join(root, "native"))
 		}
@@ -43,13 +43,13 @@ func TestSnapshotterSuiteThroughSocket(t *testing.T) {
 // serve with the snapshotter from newFactory(root), its state and socket
 // under root, and returns containerd's proxy client to it. The cleanup
 // stops the daemon and returns serve's result.
-func serveForSuite(newFactory func(root string) SnapshotterFactory) testsuite.SnapshotterFunc {
+func serveForSuite(newFactory func(root string) snapshotterFactory) testsuite.SnapshotterFunc {
 	return func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
 		return serveForTest(ctx, root, newFactory(root))
 	}
 }
 
-func serveForTest(ctx context.Context, root string, factory SnapshotterFactory, mod ...func(*config.Config)) (snapshots.Snapshotter, func() error, error) {
+func serveForTest(ctx context.Context, root string, factory snapshotterFactory, mod ...func(*config.Config)) (snapshots.Snapshotter, func() error, error) {
 	cfg := config.Default()
 	cfg.Root = filepath.Join(root, "daemon")
 	cfg.Address = filepath.Join(root, "thin.sock")

@@ -10,11 +10,11 @@ import (
 
 // Binary size units.
 const (
-	KiB ByteSize = 1 << (10 * (iota + 1))
-	MiB
-	GiB
-	TiB
-	PiB
+	kib ByteSize = 1 << (10 * (iota + 1))
+	mib
+	gib
+	tib
+	pib
 )
 
 // ByteSize is a size in bytes that reads and writes human units in TOML.
@@ -52,8 +52,8 @@ var byteUnits = map[string]uint64{
 	"pb":  1e15,
 }
 
-// ParseByteSize parses s in one of the forms documented on ByteSize.
-func ParseByteSize(s string) (ByteSize, error) {
+// parseByteSize parses s in one of the forms documented on ByteSize.
+func parseByteSize(s string) (ByteSize, error) {
 	in := strings.TrimSpace(s)
 	if in == "" {
 		return 0, fmt.Errorf("invalid size %q: empty", s)
@@ -86,7 +86,7 @@ func ParseByteSize(s string) (ByteSize, error) {
 
 // UnmarshalText implements encoding.TextUnmarshaler.
 func (b *ByteSize) UnmarshalText(text []byte) error {
-	v, err := ParseByteSize(string(text))
+	v, err := parseByteSize(string(text))
 	if err != nil {
 		return err
 	}
@@ -106,7 +106,7 @@ func (b ByteSize) String() string {
 	units := []struct {
 		name string
 		size ByteSize
-	}{{"PiB", PiB}, {"TiB", TiB}, {"GiB", GiB}, {"MiB", MiB}, {"KiB", KiB}}
+	}{{"PiB", pib}, {"TiB", tib}, {"GiB", gib}, {"MiB", mib}, {"KiB", kib}}
 	if b != 0 {
 		for _, u := range units {
 			if b%u.size == 0 {

@@ -53,15 +53,15 @@ func TestParseByteSize(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.in, func(t *testing.T) {
-			got, err := ParseByteSize(tt.in)
+			got, err := parseByteSize(tt.in)
 			if tt.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.err) {
-					t.Fatalf("ParseByteSize(%q) = %d, %v; want error containing %q", tt.in, got, err, tt.err)
+					t.Fatalf("parseByteSize(%q) = %d, %v; want error containing %q", tt.in, got, err, tt.err)
 				}
 				return
 			}
 			if err != nil || got != tt.want {
-				t.Fatalf("ParseByteSize(%q) = %d, %v; want %d", tt.in, got, err, tt.want)
+				t.Fatalf("parseByteSize(%q) = %d, %v; want %d", tt.in, got, err, tt.want)
 			}
 			var u ByteSize
 			if err := u.UnmarshalText([]byte(tt.in)); err != nil || u != tt.want {
@@ -81,11 +81,11 @@ func TestByteSizeMarshalText(t *testing.T) {
 		{1000, "1000"},
 		{1024, "1KiB"},
 		{1536, "1536"},
-		{64 * KiB, "64KiB"},
-		{1536 * MiB, "1536MiB"},
-		{100 * GiB, "100GiB"},
-		{3 * TiB, "3TiB"},
-		{2 * PiB, "2PiB"},
+		{64 * kib, "64KiB"},
+		{1536 * mib, "1536MiB"},
+		{100 * gib, "100GiB"},
+		{3 * tib, "3TiB"},
+		{2 * pib, "2PiB"},
 		{1_000_000_000, "1000000000"},
 		{1<<64 - 1, "18446744073709551615"},
 	}
@@ -95,9 +95,9 @@ func TestByteSizeMarshalText(t *testing.T) {
 			t.Errorf("MarshalText(%d) = %q, %v; want %q", uint64(tt.in), b, err, tt.want)
 			continue
 		}
-		back, err := ParseByteSize(string(b))
+		back, err := parseByteSize(string(b))
 		if err != nil || back != tt.in {
-			t.Errorf("ParseByteSize(%q) = %d, %v; want %d", b, back, err, uint64(tt.in))
+			t.Errorf("parseByteSize(%q) = %d, %v; want %d", b, back, err, uint64(tt.in))
 		}
 	}
 }

@@ -26,14 +26,15 @@ const (
 	DefaultPath     = "/etc/thin-snapshotter/config.toml"
 	DefaultRoot     = "/var/lib/thin-snapshotter"
 	DefaultAddress  = "/run/thin-snapshotter/thin-snapshotter.sock"
-	DefaultLogLevel = "info"
+	defaultLogLevel = "info"
 )
 
-// maxUnixSocketPath is sun_path without the NUL.
+// maxUnixSocketPath is the longest path a unix socket can have: the 108
+// bytes of sun_path less the terminating NUL.
 const maxUnixSocketPath = 107
 
-// LogLevels are the accepted log_level values.
-var LogLevels = []string{"trace", "debug", "info", "warn", "error", "fatal", "panic"}
+// logLevels are the accepted log_level values.
+var logLevels = []string{"trace", "debug", "info", "warn", "error", "fatal", "panic"}
 
 // Config is the whole configuration file.
 type Config struct {
@@ -41,7 +42,7 @@ type Config struct {
 	Root string `toml:"root"`
 	// Address is the unix socket serving containerd's snapshots API.
 	Address string `toml:"address"`
-	// LogLevel is one of LogLevels.
+	// LogLevel is one of trace, debug, info, warn, error, fatal, panic.
 	LogLevel string `toml:"log_level"`
 	// MetricsAddress is host:port for a Prometheus /metrics endpoint; empty disables it.
 	MetricsAddress string         `toml:"metrics_address"`
@@ -103,13 +104,13 @@ type SnapshotConfig struct {
 	MountOptions []string `toml:"mount_options"`
 	AsyncRemove  bool     `toml:"async_remove"`
 	Discard      bool     `toml:"discard"`
-	// DiscardOnDelete is one of DiscardOnDeleteValues: "auto" leaves the
+	// DiscardOnDelete is "auto", "on" or "off": "auto" leaves the
 	// choice to the snapshotter (on for the embedded pool only).
 	DiscardOnDelete string `toml:"discard_on_delete"`
 }
 
-// DiscardOnDeleteValues are the accepted snapshot.discard_on_delete values.
-var DiscardOnDeleteValues = []string{"auto", "on", "off"}
+// discardOnDeleteValues are the accepted snapshot.discard_on_delete values.
+var discardOnDeleteValues = []string{"auto", "on", "off"}
 
 // discardOnDelete maps snapshot.discard_on_delete; anything but on and off
 // is auto (Validate refuses other values).
@@ -128,7 +129,7 @@ func Default() *Config {
 	return &Config{
 		Root:     DefaultRoot,
 		Address:  DefaultAddress,
-		LogLevel: DefaultLogLevel,
+		LogLevel: defaultLogLevel,
 		Pool: PoolConfig{
 			DataSize:        snapshotter.DefaultDataSize,
 			MetadataSize:    snapshotter.DefaultMetadataSize,
@@ -141,19 +142,22 @@ func Default() *Config {
 		Snapshot: SnapshotConfig{
 			BaseSize: snapshotter.DefaultBaseSize,
 			FSType:   snapshotter.DefaultFSType,
-			// Empty rather than nil: a parsed `[]` compares equal.
+			// Empty rather than nil, so that a file that says `[]`
+			// parses to an equal Config.
 			MkfsOptions:     []string{},
 			MountOptions:    []string{},
 			DiscardOnDelete: "auto",
-			// The removal is journaled before Remove returns and
-			// finished by the worker, Cleanup, Close or recovery:
-			// as safe as deleting inline, and ~50 ms faster.
+			// Remove journals the removal before it returns, and
+			// the background worker, Cleanup, Close or the next
+			// start's recovery finishes it: as safe as deleting
+			// inline, and about 50 ms faster per Remove.
 			AsyncRemove: true,
 		},
 	}
 }
 
-// Snapshotter maps the configuration to the snapshotter's; nothing else.
+// Snapshotter returns the snapshotter's part of the configuration. It maps
+// each value across as it is: it neither fills in defaults nor checks them.
 func (c *Config) Snapshotter() snapshotter.Config {
 	var classes []snapshotter.SizeClass
 	for _, cl := range c.Classes {
@@ -183,8 +187,8 @@ func (c *Config) Snapshotter() snapshotter.Config {
 	}
 }
 
-// snapshotterKeys names the key that Snapshotter maps to each field of
-// snapshotter.Config, for its validation errors.
+// snapshotterKeys maps each field of snapshotter.Config to the key that
+// Snapshotter copies it from, so that validation errors name the key.
 var snapshotterKeys = map[string]string{
 	"Root":            "root",
 	"PoolName":        "pool.name",
@@ -208,7 +212,8 @@ var snapshotterKeys = map[string]string{
 	"Classes":         "class",
 }
 
-// classKeys names the keys of a [[class]] table after SizeClass's fields.
+// classKeys maps the fields of snapshotter.SizeClass to the keys of a
+// [[class]] table.
 var classKeys = map[string]string{"Name": "name", "Size": "size"}
 
 // Parse reads a TOML document over the defaults: keys it leaves out keep
@@ -263,29 +268,30 @@ func describeDecodeError(err error) error {
 	return fmt.Errorf("%w: %w", errdefs.ErrInvalidArgument, err)
 }
 
-// FieldError is one invalid value; it matches errdefs.ErrInvalidArgument.
-type FieldError struct {
+// fieldError is one invalid value, named by its TOML key; it matches
+// errdefs.ErrInvalidArgument.
+type fieldError struct {
 	Key string // dotted TOML key, e.g. "pool.block_size"
 	Msg string
 }
 
-func (e *FieldError) Error() string { return e.Key + ": " + e.Msg }
+func (e *fieldError) Error() string { return e.Key + ": " + e.Msg }
 
 // Unwrap makes errors.Is(err, errdefs.ErrInvalidArgument) hold.
-func (e *FieldError) Unwrap() error { return errdefs.ErrInvalidArgument }
+func (e *fieldError) Unwrap() error { return errdefs.ErrInvalidArgument }
 
-// Validate checks every value and reports all invalid ones at once, each as
-// a *FieldError naming its key. The snapshotter's values are checked by
-// the snapshotter's own Validate, so the daemon accepts exactly what it
-// can start with.
+// Validate checks every value and reports all invalid ones at once, each
+// named by its TOML key (e.g. "pool.block_size: ..."). The snapshotter's
+// values are checked by the snapshotter's own Validate, so the daemon
+// accepts exactly what it can start with.
 func (c *Config) Validate() error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
-		errs = append(errs, &FieldError{Key: key, Msg: fmt.Sprintf(format, args...)})
+		errs = append(errs, &fieldError{Key: key, Msg: fmt.Sprintf(format, args...)})
 	}
 
 	if err := c.Snapshotter().Validate(); err != nil {
-		errs = append(errs, fieldErrors(err)...)
+		errs = append(errs, renameFieldErrors(err)...)
 	}
 
 	if msg := checkSocketPath(c.Address); msg != "" {
@@ -295,7 +301,9 @@ func (c *Config) Validate() error {
 	names := map[string]bool{}
 	for i, cl := range c.Classes {
 		if cl.Address == "" && names[cl.Name] {
-			continue // the twice-used name is reported already
+			// The snapshotter reports a name used twice; the default
+			// socket of the second would only repeat that.
+			continue
 		}
 		names[cl.Name] = true
 		key := fmt.Sprintf("class[%d].address", i)
@@ -308,12 +316,12 @@ func (c *Config) Validate() error {
 		sockets[a] = key
 	}
 
-	if !slices.Contains(DiscardOnDeleteValues, c.Snapshot.DiscardOnDelete) {
-		bad("snapshot.discard_on_delete", "%q is not one of %s", c.Snapshot.DiscardOnDelete, strings.Join(DiscardOnDeleteValues, ", "))
+	if !slices.Contains(discardOnDeleteValues, c.Snapshot.DiscardOnDelete) {
+		bad("snapshot.discard_on_delete", "%q is not one of %s", c.Snapshot.DiscardOnDelete, strings.Join(discardOnDeleteValues, ", "))
 	}
 
 	if !isLogLevel(c.LogLevel) {
-		bad("log_level", "%q is not one of %s", c.LogLevel, strings.Join(LogLevels, ", "))
+		bad("log_level", "%q is not one of %s", c.LogLevel, strings.Join(logLevels, ", "))
 	}
 
 	if c.MetricsAddress != "" {
@@ -324,8 +332,9 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// fieldErrors renames the snapshotter's field errors after their keys.
-func fieldErrors(err error) []error {
+// renameFieldErrors renames the snapshotter's field errors after the TOML
+// keys they come from, so that an error names what the user wrote.
+func renameFieldErrors(err error) []error {
 	var errs []error
 	for _, e := range unjoin(err) {
 		var fe *snapshotter.FieldError
@@ -336,7 +345,8 @@ func fieldErrors(err error) []error {
 		field, index, isList := strings.Cut(fe.Field, "[")
 		key, ok := snapshotterKeys[field]
 		if !ok {
-			key = fe.Field // a field added to the snapshotter but not mapped here
+			// A field missing from snapshotterKeys keeps its Go name.
+			key = fe.Field
 		} else if isList {
 			// "Classes[1].Size" is "class[1].size".
 			index, sub, isField := strings.Cut(index, "].")
@@ -345,11 +355,13 @@ func fieldErrors(err error) []error {
 				key += "]." + classKeys[sub]
 			}
 		}
-		errs = append(errs, &FieldError{Key: key, Msg: fe.Msg})
+		errs = append(errs, &fieldError{Key: key, Msg: fe.Msg})
 	}
 	return errs
 }
 
+// unjoin returns the errors that errors.Join put together in err, or err
+// alone.
 func unjoin(err error) []error {
 	if j, ok := err.(interface{ Unwrap() []error }); ok {
 		return j.Unwrap()
@@ -373,9 +385,10 @@ func checkSocketPath(path string) string {
 }
 
 func isLogLevel(s string) bool {
-	return slices.Contains(LogLevels, s)
+	return slices.Contains(logLevels, s)
 }
 
+// checkHostPort checks that addr is host:port with a numeric port.
 func checkHostPort(addr string) error {
 	_, port, err := net.SplitHostPort(addr)
 	if err != nil {

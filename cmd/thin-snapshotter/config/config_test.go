@@ -54,7 +54,7 @@ block_size = "512KiB"
 [snapshot]
 base_size = "20GB"`,
 			want: func(c *Config) {
-				c.Pool.DataSize, c.Pool.MetadataSize, c.Pool.BlockSize = TiB, 256*MiB, 512*KiB
+				c.Pool.DataSize, c.Pool.MetadataSize, c.Pool.BlockSize = tib, 256*mib, 512*kib
 				c.Snapshot.BaseSize = 20_000_000_000
 			},
 		},
@@ -164,29 +164,30 @@ func TestValidate(t *testing.T) {
 		{name: "lvm pool without lv", modify: func(c *Config) { c.Pool.LVM = "vg0-thinpool" }, keys: []string{"pool.lvm"}, msg: "not vg/lv"},
 		{name: "lvm pool bad char", modify: func(c *Config) { c.Pool.LVM = "vg0/thin pool" }, keys: []string{"pool.lvm"}, msg: "letters, digits"},
 		{name: "lvm pool and name", modify: func(c *Config) { c.Pool.LVM, c.Pool.Name = "vg0/thinpool", "vg0-thinpool" }, keys: []string{"pool.lvm"}, msg: "not both"},
-		{name: "block size min", modify: func(c *Config) { c.Pool.BlockSize = 64 * KiB }},
-		{name: "block size max", modify: func(c *Config) { c.Pool.BlockSize = GiB }},
-		{name: "block size 128KiB", modify: func(c *Config) { c.Pool.BlockSize = 128 * KiB }},
+		{name: "block size min", modify: func(c *Config) { c.Pool.BlockSize = 64 * kib }},
+		{name: "block size max", modify: func(c *Config) { c.Pool.BlockSize = gib }},
+		{name: "block size 128KiB", modify: func(c *Config) { c.Pool.BlockSize = 128 * kib }},
 		{name: "block size zero is the default", modify: func(c *Config) { c.Pool.BlockSize = 0 }},
 		{name: "block size 1", modify: func(c *Config) { c.Pool.BlockSize = 1 }, keys: []string{"pool.block_size"}, msg: "multiple of 64KiB"},
-		{name: "block size 32KiB", modify: func(c *Config) { c.Pool.BlockSize = 32 * KiB }, keys: []string{"pool.block_size"}},
-		{name: "block size not multiple", modify: func(c *Config) { c.Pool.BlockSize = 96 * KiB }, keys: []string{"pool.block_size"}},
-		{name: "block size too big", modify: func(c *Config) { c.Pool.BlockSize = 2 * GiB }, keys: []string{"pool.block_size"}},
-		{name: "data size small", modify: func(c *Config) { c.Pool.DataSize = 63 * MiB }, keys: []string{"pool.data_size"}, msg: "at least 64MiB"},
-		{name: "data size not sector multiple", modify: func(c *Config) { c.Pool.DataSize = GiB + 1 }, keys: []string{"pool.data_size"}, msg: "512"},
+		{name: "block size 32KiB", modify: func(c *Config) { c.Pool.BlockSize = 32 * kib }, keys: []string{"pool.block_size"}},
+		{name: "block size not multiple", modify: func(c *Config) { c.Pool.BlockSize = 96 * kib }, keys: []string{"pool.block_size"}},
+		{name: "block size too big", modify: func(c *Config) { c.Pool.BlockSize = 2 * gib }, keys: []string{"pool.block_size"}},
+		{name: "data size small", modify: func(c *Config) { c.Pool.DataSize = 63 * mib }, keys: []string{"pool.data_size"}, msg: "at least 64MiB"},
+		{name: "data size not sector multiple", modify: func(c *Config) { c.Pool.DataSize = gib + 1 }, keys: []string{"pool.data_size"}, msg: "512"},
 		{name: "data size decimal", modify: func(c *Config) { c.Pool.DataSize = 1_000_000_000 }},
-		{name: "data size below a block", modify: func(c *Config) { c.Pool.DataSize, c.Pool.BlockSize = 512*MiB, GiB }, keys: []string{"pool.data_size"}, msg: "block"},
-		{name: "metadata size small", modify: func(c *Config) { c.Pool.MetadataSize = MiB }, keys: []string{"pool.metadata_size"}},
-		{name: "metadata size big", modify: func(c *Config) { c.Pool.MetadataSize = 17 * GiB }, keys: []string{"pool.metadata_size"}},
-		{name: "metadata size max", modify: func(c *Config) { c.Pool.MetadataSize = 16 * GiB }},
+		{name: "data size below a block", modify: func(c *Config) { c.Pool.DataSize, c.Pool.BlockSize = 512*mib, gib }, keys: []string{"pool.data_size"}, msg: "block"},
+		{name: "metadata size small", modify: func(c *Config) { c.Pool.MetadataSize = mib }, keys: []string{"pool.metadata_size"}},
+		{name: "metadata size big", modify: func(c *Config) { c.Pool.MetadataSize = 17 * gib }, keys: []string{"pool.metadata_size"}},
+		{name: "metadata size max", modify: func(c *Config) { c.Pool.MetadataSize = 16 * gib }},
 		{name: "fs type", modify: func(c *Config) { c.Snapshot.FSType = "btrfs" }, keys: []string{"snapshot.fs_type"}, msg: "not supported"},
 		{name: "xfs", modify: func(c *Config) { c.Snapshot.FSType = "xfs" }},
-		{name: "xfs base too small", modify: func(c *Config) { c.Snapshot.FSType, c.Snapshot.BaseSize = "xfs", 256*MiB }, keys: []string{"snapshot.base_size"}, msg: "300MiB for xfs"},
-		{name: "ext4 small base", modify: func(c *Config) { c.Snapshot.BaseSize = 16 * MiB }},
-		{name: "ext4 base too small", modify: func(c *Config) { c.Snapshot.BaseSize = 8 * MiB }, keys: []string{"snapshot.base_size"}},
-		{name: "base not sector multiple", modify: func(c *Config) { c.Snapshot.BaseSize = GiB + 100 }, keys: []string{"snapshot.base_size"}},
-		// Accepted here once and then refused by the snapshotter at start.
-		{name: "base sector but not 4KiB multiple", modify: func(c *Config) { c.Snapshot.BaseSize = GiB + 512 }, keys: []string{"snapshot.base_size"}, msg: "4096"},
+		{name: "xfs base too small", modify: func(c *Config) { c.Snapshot.FSType, c.Snapshot.BaseSize = "xfs", 256*mib }, keys: []string{"snapshot.base_size"}, msg: "300MiB for xfs"},
+		{name: "ext4 small base", modify: func(c *Config) { c.Snapshot.BaseSize = 16 * mib }},
+		{name: "ext4 base too small", modify: func(c *Config) { c.Snapshot.BaseSize = 8 * mib }, keys: []string{"snapshot.base_size"}},
+		{name: "base not sector multiple", modify: func(c *Config) { c.Snapshot.BaseSize = gib + 100 }, keys: []string{"snapshot.base_size"}},
+		// Validate once accepted this, and the snapshotter then refused it
+		// at start.
+		{name: "base sector but not 4KiB multiple", modify: func(c *Config) { c.Snapshot.BaseSize = gib + 512 }, keys: []string{"snapshot.base_size"}, msg: "4096"},
 		{name: "min free 0 disables", modify: func(c *Config) { c.Pool.MinFreeData, c.Pool.MinFreeMetadata = 0, 0 }},
 		{name: "min free negative", modify: func(c *Config) { c.Pool.MinFreeData = -1 }, keys: []string{"pool.min_free_data"}, msg: "percentage"},
 		{name: "min free 100", modify: func(c *Config) { c.Pool.MinFreeMetadata = 100 }, keys: []string{"pool.min_free_metadata"}},
@@ -223,9 +224,9 @@ func TestValidate(t *testing.T) {
 			}
 			var got []string
 			for _, e := range err.(interface{ Unwrap() []error }).Unwrap() {
-				var fe *FieldError
+				var fe *fieldError
 				if !errors.As(e, &fe) {
-					t.Fatalf("error %v is not a *FieldError", e)
+					t.Fatalf("error %v is not a *fieldError", e)
 				}
 				got = append(got, fe.Key)
 			}
@@ -287,9 +288,9 @@ func TestRenderRoundTripNonDefault(t *testing.T) {
 		MetricsAddress: "127.0.0.1:9999",
 		Pool: PoolConfig{
 			Name:         "vg-pool-tpool",
-			DataSize:     3*TiB + 512,
-			MetadataSize: 15 * GiB,
-			BlockSize:    1 * GiB,
+			DataSize:     3*tib + 512,
+			MetadataSize: 15 * gib,
+			BlockSize:    1 * gib,
 			AllowAdopt:   true,
 		},
 		Snapshot: SnapshotConfig{
@@ -302,8 +303,8 @@ func TestRenderRoundTripNonDefault(t *testing.T) {
 			DiscardOnDelete: "on",
 		},
 		Classes: []ClassConfig{
-			{Name: "thin-50g", Size: 50 * GiB},
-			{Name: "big", Size: 2 * TiB, Address: "/run/other/big.sock"},
+			{Name: "thin-50g", Size: 50 * gib},
+			{Name: "big", Size: 2 * tib, Address: "/run/other/big.sock"},
 		},
 	}
 	var buf bytes.Buffer
@@ -391,7 +392,7 @@ address = "/run/other/big.sock"
 		t.Errorf("class address %q", got)
 	}
 	sc := c.Snapshotter().Classes
-	if len(sc) != 2 || sc[0].Name != "thin-50g" || sc[0].Size != uint64(50*GiB) || sc[1].Size != uint64(TiB) {
+	if len(sc) != 2 || sc[0].Name != "thin-50g" || sc[0].Size != uint64(50*gib) || sc[1].Size != uint64(tib) {
 		t.Errorf("snapshotter classes %+v", sc)
 	}
 
@@ -400,11 +401,11 @@ address = "/run/other/big.sock"
 		classes []ClassConfig
 		want    []string
 	}{
-		{"address is the main socket", []ClassConfig{{Name: "a", Size: 50 * GiB, Address: "/run/ts/main.sock"}}, []string{"class[0].address"}},
-		{"two classes on one socket", []ClassConfig{{Name: "a", Size: 50 * GiB}, {Name: "b", Size: 50 * GiB, Address: "/run/ts/a.sock"}}, []string{"class[1].address"}},
-		{"relative address", []ClassConfig{{Name: "a", Size: 50 * GiB, Address: "a.sock"}}, []string{"class[0].address"}},
-		{"smaller than the base", []ClassConfig{{Name: "a", Size: 512 * MiB}}, []string{"class[0].size"}},
-		{"bad name", []ClassConfig{{Name: "A/b", Size: 50 * GiB}}, []string{"class[0].name"}},
+		{"address is the main socket", []ClassConfig{{Name: "a", Size: 50 * gib, Address: "/run/ts/main.sock"}}, []string{"class[0].address"}},
+		{"two classes on one socket", []ClassConfig{{Name: "a", Size: 50 * gib}, {Name: "b", Size: 50 * gib, Address: "/run/ts/a.sock"}}, []string{"class[1].address"}},
+		{"relative address", []ClassConfig{{Name: "a", Size: 50 * gib, Address: "a.sock"}}, []string{"class[0].address"}},
+		{"smaller than the base", []ClassConfig{{Name: "a", Size: 512 * mib}}, []string{"class[0].size"}},
+		{"bad name", []ClassConfig{{Name: "A/b", Size: 50 * gib}}, []string{"class[0].name"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c2 := *c

@@ -64,7 +64,7 @@ func TestSnapshotterMapsEveryField(t *testing.T) {
 				v.SetBool(!v.Bool())
 			case reflect.Slice:
 				if v.Type().Elem().Kind() == reflect.Struct {
-					v.Set(reflect.ValueOf([]ClassConfig{{Name: "changed", Size: 50 * GiB}}))
+					v.Set(reflect.ValueOf([]ClassConfig{{Name: "changed", Size: 50 * gib}}))
 					break
 				}
 				v.Set(reflect.ValueOf([]string{"changed"}))
@@ -91,9 +91,9 @@ func keysOf(t *testing.T, err error) []string {
 	t.Helper()
 	var keys []string
 	for _, e := range unjoin(err) {
-		var fe *FieldError
+		var fe *fieldError
 		if !errors.As(e, &fe) {
-			t.Fatalf("error %v is not a *FieldError", e)
+			t.Fatalf("error %v is not a *fieldError", e)
 		}
 		keys = append(keys, fe.Key)
 	}
@@ -113,17 +113,17 @@ func TestValidateAgreesWithSnapshotter(t *testing.T) {
 		}},
 		{"empty fs type is the default", func(c *Config) { c.Snapshot.FSType = "" }},
 		{"thresholds off", func(c *Config) { c.Pool.MinFreeData, c.Pool.MinFreeMetadata = 0, 0 }},
-		{"base multiple of 512 only", func(c *Config) { c.Snapshot.BaseSize = 16*MiB + 512 }},
-		{"base 4KiB multiple", func(c *Config) { c.Snapshot.BaseSize = 16*MiB + 4096 }},
-		{"xfs small base", func(c *Config) { c.Snapshot.FSType, c.Snapshot.BaseSize = "xfs", 299*MiB }},
-		{"xfs base", func(c *Config) { c.Snapshot.FSType, c.Snapshot.BaseSize = "xfs", 300*MiB }},
-		{"block size 96KiB", func(c *Config) { c.Pool.BlockSize = 96 * KiB }},
-		{"block size 2GiB", func(c *Config) { c.Pool.BlockSize = 2 * GiB }},
-		{"block size 4GiB+64KiB", func(c *Config) { c.Pool.BlockSize = 4*GiB + 64*KiB }},
-		{"data size odd", func(c *Config) { c.Pool.DataSize = GiB + 1 }},
+		{"base multiple of 512 only", func(c *Config) { c.Snapshot.BaseSize = 16*mib + 512 }},
+		{"base 4KiB multiple", func(c *Config) { c.Snapshot.BaseSize = 16*mib + 4096 }},
+		{"xfs small base", func(c *Config) { c.Snapshot.FSType, c.Snapshot.BaseSize = "xfs", 299*mib }},
+		{"xfs base", func(c *Config) { c.Snapshot.FSType, c.Snapshot.BaseSize = "xfs", 300*mib }},
+		{"block size 96KiB", func(c *Config) { c.Pool.BlockSize = 96 * kib }},
+		{"block size 2GiB", func(c *Config) { c.Pool.BlockSize = 2 * gib }},
+		{"block size 4GiB+64KiB", func(c *Config) { c.Pool.BlockSize = 4*gib + 64*kib }},
+		{"data size odd", func(c *Config) { c.Pool.DataSize = gib + 1 }},
 		{"data size tiny", func(c *Config) { c.Pool.DataSize = 512 }},
-		{"metadata size max", func(c *Config) { c.Pool.MetadataSize = 16 * GiB }},
-		{"metadata size over", func(c *Config) { c.Pool.MetadataSize = 16*GiB + 512 }},
+		{"metadata size max", func(c *Config) { c.Pool.MetadataSize = 16 * gib }},
+		{"metadata size over", func(c *Config) { c.Pool.MetadataSize = 16*gib + 512 }},
 		{"min free negative", func(c *Config) { c.Pool.MinFreeData = -0.5 }},
 		{"min free 99.9", func(c *Config) { c.Pool.MinFreeMetadata = 99.9 }},
 		{"relative root", func(c *Config) { c.Root = "x" }},
@@ -135,10 +135,10 @@ func TestValidateAgreesWithSnapshotter(t *testing.T) {
 		{"mount options", func(c *Config) { c.Snapshot.MountOptions = []string{"noatime", "rw", "a,b"} }},
 		{"mkfs options", func(c *Config) { c.Snapshot.MkfsOptions = []string{"-m", ""} }},
 		{"classes", func(c *Config) {
-			c.Classes = []ClassConfig{{Name: "thin-50g", Size: 50 * GiB}, {Name: "big.1", Size: TiB}}
+			c.Classes = []ClassConfig{{Name: "thin-50g", Size: 50 * gib}, {Name: "big.1", Size: tib}}
 		}},
 		{"bad classes", func(c *Config) {
-			c.Classes = []ClassConfig{{Name: "Thin", Size: 50 * GiB}, {Name: "small", Size: MiB}, {Name: "small", Size: 50*GiB + 1}, {Name: "-x", Size: 50 * GiB}}
+			c.Classes = []ClassConfig{{Name: "Thin", Size: 50 * gib}, {Name: "small", Size: mib}, {Name: "small", Size: 50*gib + 1}, {Name: "-x", Size: 50 * gib}}
 		}},
 		{"everything wrong", func(c *Config) {
 			c.Root, c.Pool.Name, c.Pool.DataSize, c.Pool.MetadataSize, c.Pool.BlockSize = "", "..", 1, 1, 1

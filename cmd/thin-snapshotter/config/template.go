@@ -158,7 +158,8 @@ var tmpl = template.Must(template.New("config").Funcs(template.FuncMap{"value": 
 
 // Render writes cfg as a complete, commented configuration file.
 func Render(w io.Writer, cfg *Config) error {
-	// The limits are the snapshotter's, which checks them.
+	// The limits printed in the comments are the snapshotter's, the ones
+	// its Validate enforces.
 	data := struct {
 		*Config
 		LogLevels                                     string
@@ -169,8 +170,8 @@ func Render(w io.Writer, cfg *Config) error {
 		BaseSizeAlign                                 int
 	}{
 		Config:                cfg,
-		LogLevels:             strings.Join(LogLevels, ", "),
-		DiscardOnDeleteValues: strings.Join(DiscardOnDeleteValues, ", "),
+		LogLevels:             strings.Join(logLevels, ", "),
+		DiscardOnDeleteValues: strings.Join(discardOnDeleteValues, ", "),
 		MinDataSize:           snapshotter.MinDataSize,
 		MinMetadataSize:       snapshotter.MinMetadataSize,
 		MaxMetadataSize:       snapshotter.MaxMetadataSize,

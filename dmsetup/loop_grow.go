@@ -4,81 +4,16 @@ package dmsetup
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
-	"unsafe"
 
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
 
-// WaitEvent blocks until the event counter of device name differs from
-// eventNr and returns the device's info with the new counter. A thin pool
-// raises an event when its free data space falls under the low water mark
-// of its table, when free metadata falls under the kernel's threshold, and
-// when its mode changes. It waits with DM_DEV_ARM_POLL and poll(2) on a
-// control file of its own (the kernel's global event counter; kernels from
-// 4.13), so cancelling ctx ends the wait at once.
-func (c *Client) WaitEvent(ctx context.Context, name string, eventNr uint32) (Info, error) {
-	if err := checkName(name); err != nil {
-		return Info{}, opError("wait", name, err)
-	}
-	fd, err := unix.Open(controlPath, unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return Info{}, opError("wait", name, err)
-	}
-	defer unix.Close(fd)
-	cancel, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-	if err != nil {
-		return Info{}, opError("wait", name, err)
-	}
-	defer unix.Close(cancel)
-	stop := context.AfterFunc(ctx, func() {
-		var one [8]byte
-		ne.PutUint64(one[:], 1)
-		_, _ = unix.Write(cancel, one[:])
-	})
-	defer stop()
-	for {
-		// Arm first, then look: an event after the look wakes the poll.
-		req, err := newRequest("", 0, 0)
-		if err != nil {
-			return Info{}, opError("wait", name, err)
-		}
-		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.DM_DEV_ARM_POLL, uintptr(unsafe.Pointer(&req.buf[0]))); errno != 0 {
-			return Info{}, opError("wait arm poll", name, errno)
-		}
-		info, err := c.Info(name)
-		if err != nil || info.EventNr != eventNr {
-			return info, err
-		}
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}, {Fd: int32(cancel), Events: unix.POLLIN}}
-		if _, err := unix.Poll(fds, -1); err != nil && !errors.Is(err, unix.EINTR) {
-			return Info{}, opError("wait poll", name, err)
-		}
-		if err := ctx.Err(); err != nil {
-			return Info{}, err
-		}
-	}
-}
-
-// Reload replaces the table of active device name: the new table is loaded
-// into the inactive slot, then the device is suspended (flushing its I/O)
-// and resumed with it. A failed suspend drops the loaded table again.
-func (c *Client) Reload(name string, targets []Target) error {
-	if err := c.Load(name, targets, false); err != nil {
-		return err
-	}
-	if err := c.Suspend(name, SuspendOptions{}); err != nil {
-		return errors.Join(err, c.ClearTable(name))
-	}
-	return c.Resume(name)
-}
-
-// RefreshLoopCapacity makes loop device path take the current size of its
+// refreshLoopCapacity makes loop device path take the current size of its
 // backing file (LOOP_SET_CAPACITY), e.g. after the file grew.
-func RefreshLoopCapacity(path string) error {
+func refreshLoopCapacity(path string) error {
 	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return err
@@ -110,7 +45,9 @@ func (p *LoopPool) Files() (LoopPoolFiles, error) {
 	return out, err
 }
 
-// GrowOptions say what LoopPool.Grow makes the pool. Zero keeps a value.
+// GrowOptions are the sizes LoopPool.Grow gives the pool. DataSize must be
+// given (the current size keeps it); a zero MetadataSize or LowWaterMark
+// keeps the current value.
 type GrowOptions struct {
 	// DataSize and MetadataSize are the new sizes of the files in bytes;
 	// files are never shrunk.
@@ -149,7 +86,7 @@ func (p *LoopPool) Grow(ctx context.Context, opts GrowOptions) error {
 		if err := os.Truncate(f.path, int64(f.to)); err != nil {
 			return fmt.Errorf("loop pool %s: %w", p.Name, err)
 		}
-		if err := RefreshLoopCapacity(f.loop); err != nil {
+		if err := refreshLoopCapacity(f.loop); err != nil {
 			return fmt.Errorf("loop pool %s: %w", p.Name, err)
 		}
 	}
@@ -169,7 +106,7 @@ func (p *LoopPool) Grow(ctx context.Context, opts GrowOptions) error {
 	}
 	block := Sectors(params.BlockSizeSectors)
 	length := max(BytesToSectors(max(opts.DataSize, cur.DataSize))/block*block, table[0].Length)
-	t, err := PoolTable(length, params)
+	t, err := poolTable(length, params)
 	if err != nil {
 		return err
 	}
