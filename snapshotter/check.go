@@ -48,12 +48,13 @@ type poolInspector interface {
 //   - stale and wrong dm devices are removed unless open (a wrong one is
 //     then activated with the right table);
 //   - records left creating or removing are removed with their devices;
-//   - orphans are deleted from the pool, journaled like any removal;
+//   - orphans are recorded foreign: the database cannot prove it made
+//     them, so they are kept;
 //   - leaked ids are released;
-//   - with opts.ReleaseForeign, foreign ids (thin ids the pool already had
-//     when a create tried them) are freed: a device still in the pool is
-//     deleted first, so only set it when those devices are known to be
-//     unneeded;
+//   - with opts.ReleaseForeign, foreign ids (thin ids the pool had that
+//     the database did not make, orphans included) are freed: a device
+//     still in the pool is deleted first, so only set it when those
+//     devices are known to be unneeded;
 //   - missing devices of active snapshots and views are activated;
 //   - a missing base device is made again.
 //

@@ -174,7 +174,8 @@ func (c *comparison) poolIDs() {
 			continue
 		}
 		c.add(Finding{Kind: FindingOrphan, DeviceID: id, Device: c.s.deviceName(id), Repairable: true,
-			Message: fmt.Sprintf("thin device %d is in the pool but in no record, journal entry or the base", id)})
+			Message: fmt.Sprintf("thin device %d is in the pool but in no record, journal entry or the base; "+
+				"--repair keeps it as foreign, --repair --release-foreign deletes it", id)})
 	}
 }
 

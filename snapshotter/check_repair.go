@@ -129,22 +129,13 @@ func (r *repairs) notReady(ctx context.Context) {
 	}
 }
 
-// orphans deletes the pool's thin devices that nothing explains.
+// orphans records as foreign the pool's thin devices that nothing in the
+// database explains: it cannot prove it made them, so they are kept, and
+// only --release-foreign deletes them.
 func (r *repairs) orphans(ctx context.Context) {
 	for _, f := range r.of(FindingOrphan) {
-		err := r.s.journaledDelete(ctx, func(tx *storage.Tx) (storage.Entry, error) {
-			// Reserved first so the allocator cannot hand it out while
-			// the delete is in flight.
-			if used, err := tx.IDInUse(f.DeviceID); err != nil {
-				return storage.Entry{}, err
-			} else if !used {
-				if err := tx.ReserveID(f.DeviceID); err != nil {
-					return storage.Entry{}, err
-				}
-			}
-			return storage.Entry{Op: storage.OpDelete, DeviceID: f.DeviceID}, nil
-		})
-		done(f, fmt.Sprintf("deleted thin device %d from the pool", f.DeviceID), err)
+		err := r.s.db.Update(ctx, func(tx *storage.Tx) error { return tx.MarkForeign(f.DeviceID) })
+		done(f, fmt.Sprintf("recorded thin device %d as foreign: kept, never used (--release-foreign deletes it)", f.DeviceID), err)
 	}
 }
 

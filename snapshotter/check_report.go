@@ -5,7 +5,7 @@ type FindingKind string
 
 const (
 	// FindingOrphan means a thin id in the pool that no record, journal entry
-	// or the base explains.
+	// or the base explains. Repair records it foreign.
 	FindingOrphan FindingKind = "orphan"
 	// FindingGhost means a ready record whose thin device is not in the pool.
 	FindingGhost FindingKind = "ghost"
@@ -27,8 +27,10 @@ const (
 	// FindingLeakedID means an id allocated in the database with no record,
 	// journal entry or base, and not in the pool.
 	FindingLeakedID FindingKind = "leaked_id"
-	// FindingForeign means a thin id recorded as foreign: the pool already
-	// had it when a create tried it, so it is someone else's and never used.
+	// FindingForeign means a thin id recorded as foreign: the pool had a
+	// device there that the database cannot prove it made (listed when the
+	// daemon took the pool, found by a create, left by an interrupted
+	// create, or an orphan a repair kept), so it is kept and never used.
 	// Only --release-foreign repairs it.
 	FindingForeign FindingKind = "foreign_id"
 	// FindingIDConflict means a record's id is not allocated to it, or two

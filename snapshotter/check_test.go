@@ -28,10 +28,14 @@ const fakePoolDev = "253:0"
 func (p *fakePool) ReserveMetadata() (metadataSnapshot, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.noTools {
+		return nil, fmt.Errorf("neither thin_ls nor thin_dump found: %w", errdefs.ErrNotImplemented)
+	}
 	if p.metaSnap {
 		return nil, errno("message reserve_metadata_snap", p.name, unix.EBUSY)
 	}
 	p.metaSnap = true
+	p.reserved++
 	return &fakeMetaSnap{p: p, ids: p.idsLocked()}, nil
 }
 
@@ -209,14 +213,16 @@ func TestCheck(t *testing.T) {
 				f.pool.thins[99] = 0
 				return []string{"orphan  99"}
 			},
+			remaining: func(f *checkFixture) []string { return []string{"foreign_id  99"} },
 		},
 		{
 			name: "orphan allocated without record",
 			breakIt: func(t *testing.T, f *checkFixture) []string {
-				id := f.allocate(t)
-				f.pool.thins[id] = 0
-				return []string{fmt.Sprintf("orphan  %d", id)}
+				f.extra = f.allocate(t)
+				f.pool.thins[f.extra] = 0
+				return []string{fmt.Sprintf("orphan  %d", f.extra)}
 			},
+			remaining: func(f *checkFixture) []string { return []string{fmt.Sprintf("foreign_id  %d", f.extra)} },
 		},
 		{
 			name: "active orphan",
@@ -225,6 +231,7 @@ func TestCheck(t *testing.T) {
 				f.pool.devices["tp-snap-99"] = &fakeDev{id: 99, sectors: 1}
 				return []string{"orphan  99", "stale_device  99"}
 			},
+			remaining: func(f *checkFixture) []string { return []string{"foreign_id  99"} },
 		},
 		{
 			name: "ghost reported, not repaired",

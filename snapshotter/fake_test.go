@@ -27,10 +27,19 @@ type fakePool struct {
 	// panic to simulate a crash at that point.
 	hook func(op string) error
 	ops  []string
+	// exists runs when a create finds its id taken, before the EEXIST
+	// reaches the caller; it may panic to crash right after the
+	// kernel's answer.
+	exists func(op string)
 	// metaSnap: a metadata snapshot is reserved; onThinIDs runs while
 	// one is read (check_test.go).
 	metaSnap  bool
 	onThinIDs func()
+	// noTools: metadata snapshots cannot be read, as without
+	// thin-provisioning-tools.
+	noTools bool
+	// reserved counts the metadata snapshots taken.
+	reserved int
 }
 
 type fakeDev struct {
@@ -62,6 +71,14 @@ func (p *fakePool) step(op, dev string) error {
 	return nil
 }
 
+// exist is the answer to a create whose id is taken; called with mu held.
+func (p *fakePool) exist(op string) error {
+	if p.exists != nil {
+		p.exists(op)
+	}
+	return errno("message", p.name, unix.EEXIST)
+}
+
 func errno(op, dev string, e unix.Errno) error { return &dmsetup.Error{Op: op, Device: dev, Err: e} }
 
 func (p *fakePool) Name() string { return p.name }
@@ -84,7 +101,7 @@ func (p *fakePool) CreateThin(id uint32) error {
 		return err
 	}
 	if _, ok := p.thins[id]; ok {
-		return errno("message", p.name, unix.EEXIST)
+		return p.exist("create_thin")
 	}
 	p.thins[id] = 0
 	return nil
@@ -97,7 +114,7 @@ func (p *fakePool) CreateSnap(id, origin uint32) error {
 		return err
 	}
 	if _, ok := p.thins[id]; ok {
-		return errno("message", p.name, unix.EEXIST)
+		return p.exist("create_snap")
 	}
 	mapped, ok := p.thins[origin]
 	if !ok {

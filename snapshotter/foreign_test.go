@@ -2,6 +2,7 @@ package snapshotter
 
 import (
 	"context"
+	"fmt"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -229,5 +230,102 @@ func TestForeignIDsCommitAndWarm(t *testing.T) {
 	_ = s.db.View(ctx, func(tx *storage.Tx) (err error) { entries, err = tx.Journal(); return err })
 	if len(entries) != 0 {
 		t.Errorf("journal left %v", entries)
+	}
+}
+
+// TestCrashOnTakenID: a create picks an id someone else's device already
+// holds, and the daemon crashes right after the pool answers EEXIST, before
+// it records the id foreign. Recovery cannot tell that device from one its
+// own create made, so it must keep it and record the id foreign: with the
+// pool's ids listed at the restart (the device is then found there under a
+// pending create) and without thin-provisioning-tools (any device of a
+// pending create is kept). A create the database proves it made is deleted
+// as before (TestCrashRecovery).
+func TestCrashOnTakenID(t *testing.T) {
+	for _, tools := range []bool{true, false} {
+		t.Run(fmt.Sprintf("tools=%v", tools), func(t *testing.T) {
+			ctx := context.Background()
+			root := t.TempDir()
+			pool := newFakePool("tp")
+			// Without tools the first start cannot list the pool: the
+			// foreign device is not known when the create picks its id.
+			pool.noTools = true
+			s, err := newFake(t, root, pool)
+			if err != nil {
+				t.Fatal(err)
+			}
+			stopWorker(s)
+			pool.behindOurBack(2) // the base has 1; a would get 2
+			pool.exists = func(string) { panic(crash{}) }
+			func() {
+				defer func() {
+					if r := recover(); r == nil {
+						t.Fatal("no crash")
+					} else if _, ok := r.(crash); !ok {
+						panic(r)
+					}
+				}()
+				_, _ = s.Prepare(ctx, "a", "")
+			}()
+			pool.exists = nil
+			s.db.Close() // only the database file and the pool survive
+
+			pool.noTools = !tools
+			s = mustNew(t, root, pool)
+			if !slices.Contains(pool.ids(), 2) {
+				t.Fatalf("pool ids %v: recovery deleted the device it found at id 2", pool.ids())
+			}
+			if ids := foreignIDs(t, s.db); !slices.Equal(ids, []uint32{2}) {
+				t.Errorf("foreign ids %v, want [2]", ids)
+			}
+			if _, err := s.ready(ctx, "a"); !errdefs.IsNotFound(err) {
+				t.Errorf("record of the interrupted create: %v", err)
+			}
+			var entries []storage.Entry
+			_ = s.db.View(ctx, func(tx *storage.Tx) (err error) { entries, err = tx.Journal(); return err })
+			if len(entries) != 0 {
+				t.Errorf("journal left %v", entries)
+			}
+			if _, err := s.Prepare(ctx, "a", ""); err != nil {
+				t.Fatal(err)
+			}
+			if snap, _ := s.ready(ctx, "a"); snap.DeviceID == 2 {
+				t.Errorf("a got the foreign id 2")
+			}
+		})
+	}
+}
+
+// TestScanMarksForeign: the first start lists the pool's thin ids and
+// records those the database does not hold as foreign, before any create
+// could pick them; later starts do not list them again.
+func TestScanMarksForeign(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	pool := newFakePool("tp")
+	pool.behindOurBack(1, 3)
+	s := mustNew(t, root, pool)
+	if ids := foreignIDs(t, s.db); !slices.Equal(ids, []uint32{1, 3}) {
+		t.Errorf("foreign ids %v, want [1 3]", ids)
+	}
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	// No create met the foreign devices: the base took 2, a took 4.
+	if snap, _ := s.ready(ctx, "a"); snap.DeviceID != 4 {
+		t.Errorf("a got id %d, want 4", snap.DeviceID)
+	}
+	var pi storage.PoolInfo
+	_ = s.db.View(ctx, func(tx *storage.Tx) (err error) { pi, err = tx.PoolInfo(); return err })
+	if !pi.IDsScanned || pi.BaseDeviceID != 2 {
+		t.Errorf("pool info %+v: want scanned, base 2", pi)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	n := pool.reserved
+	mustNew(t, root, pool)
+	if pool.reserved != n {
+		t.Errorf("the second start took %d metadata snapshots, want none", pool.reserved-n)
 	}
 }

@@ -19,6 +19,12 @@ import (
 func (s *Snapshotter) recover(ctx context.Context) error {
 	start := time.Now()
 	defer func() { s.recovered(func(r *Recovery) { r.Duration = time.Since(start) }) }()
+	if err := s.scanOnce(ctx); err != nil {
+		// Then no interrupted create's device is proven ours: each is
+		// kept, its id foreign.
+		log.G(ctx).WithError(err).Warn("cannot list the pool's thin ids (is thin-provisioning-tools installed?): " +
+			"devices of interrupted creates are kept and their ids recorded foreign")
+	}
 	// Warm devices left by a crash, or by a stop that could not delete
 	// them, are never handed out: they become removals like any other.
 	var entries []storage.Entry
@@ -48,8 +54,9 @@ func (s *Snapshotter) settle(ctx context.Context, e storage.Entry) error {
 	switch e.Op {
 	case storage.OpCreateSnap, storage.OpCreateThin, storage.OpCommitSnap:
 		// The caller never heard of success: undo it. A commit's
-		// active snapshot keeps its device.
-		if err := s.undo(ctx, e, true); err != nil {
+		// active snapshot keeps its device. The new device is deleted
+		// only when the database proves it is ours.
+		if err := s.undoInterrupted(ctx, e); err != nil {
 			return err
 		}
 		if e.Op == storage.OpCommitSnap {
@@ -80,6 +87,44 @@ func (s *Snapshotter) settle(ctx context.Context, e storage.Entry) error {
 		l.Info("recovery: dropped an interrupted operation; the snapshot keeps its previous state")
 	}
 	return nil
+}
+
+// scanOnce lists the pool's thin ids (scanIDs) unless the database did
+// before.
+func (s *Snapshotter) scanOnce(ctx context.Context) error {
+	var pi storage.PoolInfo
+	if err := s.db.View(ctx, func(tx *storage.Tx) (err error) {
+		pi, err = tx.PoolInfo()
+		return err
+	}); err != nil || pi.IDsScanned {
+		return err
+	}
+	return s.scanIDs(ctx)
+}
+
+// undoInterrupted undoes create or commit e, which a crash interrupted.
+// Whether the pool made its device is unknown; it is deleted when the
+// database proves the id was free when handed out (provenOurs), and kept
+// with its id recorded foreign otherwise.
+func (s *Snapshotter) undoInterrupted(ctx context.Context, e storage.Entry) error {
+	var proven bool
+	if err := s.db.View(ctx, func(tx *storage.Tx) (err error) {
+		proven, err = provenOurs(tx, e)
+		return err
+	}); err != nil {
+		return err
+	}
+	if proven {
+		return s.undo(ctx, e, true)
+	}
+	if e.Op == storage.OpCommitSnap {
+		if err := s.resumeSuspended(s.deviceName(e.OriginID)); err != nil {
+			return err
+		}
+	}
+	log.G(ctx).WithField("id", e.DeviceID).WithField("key", e.Key).
+		Warn("recovery: an interrupted create's thin id is not proven free: any device there is kept and the id recorded foreign (thin-snapshotter check lists it)")
+	return s.recordForeign(ctx, e)
 }
 
 // reactivate activates the missing devices of active snapshots and views

@@ -30,6 +30,14 @@ func (e *encoder) string(v string)         { e.uvarint(uint64(len(v))); e.b = ap
 func (e *encoder) time(t time.Time)        { e.varint(t.Unix()); e.uvarint(uint64(t.Nanosecond())) }
 func (e *encoder) usage(u snapshots.Usage) { e.varint(u.Size); e.varint(u.Inodes) }
 
+func (e *encoder) bool(v bool) {
+	if v {
+		e.byte(1)
+		return
+	}
+	e.byte(0)
+}
+
 // decoder reads fields in order; the first failure sticks so callers check
 // err once at the end.
 type decoder struct {
@@ -120,6 +128,18 @@ func (d *decoder) time(what string) time.Time {
 		return time.Time{}
 	}
 	return time.Unix(sec, int64(nsec)).UTC()
+}
+
+// bool reads a byte that must be 0 or 1.
+func (d *decoder) bool(what string) bool {
+	switch d.byte(what) {
+	case 0:
+		return false
+	case 1:
+		return true
+	}
+	d.fail(what)
+	return false
 }
 
 func (d *decoder) usage(what string) snapshots.Usage {
@@ -279,6 +299,7 @@ func encodePoolInfo(p *PoolInfo) []byte {
 	e.uvarint(uint64(p.BaseDeviceID))
 	e.uvarint(p.BaseSize)
 	e.string(p.BaseFSType)
+	e.bool(p.IDsScanned)
 	return e.b
 }
 
@@ -290,6 +311,7 @@ func decodePoolInfo(b []byte) (PoolInfo, error) {
 	p.BaseDeviceID = d.uint32("base device id")
 	p.BaseSize = d.uvarint("base size")
 	p.BaseFSType = d.string("base fs type")
+	p.IDsScanned = d.bool("ids scanned")
 	if err := d.finish("pool info"); err != nil {
 		return PoolInfo{}, err
 	}

@@ -26,7 +26,7 @@ var sampleEntries = []Entry{
 
 var samplePools = []PoolInfo{
 	{},
-	{Name: "pool", Created: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC), BaseDeviceID: 1, BaseSize: 10 << 30, BaseFSType: "xfs"},
+	{Name: "pool", Created: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC), BaseDeviceID: 1, BaseSize: 10 << 30, BaseFSType: "xfs", IDsScanned: true},
 }
 
 func TestSnapshotRoundTrip(t *testing.T) {

@@ -17,6 +17,11 @@ type PoolInfo struct {
 	BaseDeviceID uint32    // thin id of the base (empty filesystem) device
 	BaseSize     uint64    // bytes
 	BaseFSType   string
+	// IDsScanned says the pool's thin ids were listed (a metadata
+	// snapshot) and every one the database did not hold was marked
+	// foreign. Then a device at an id the database handed out is its
+	// own: recovery may delete it.
+	IDsScanned bool
 }
 
 // TransactionID returns the pool transaction id last stored (0 initially).

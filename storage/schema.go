@@ -28,8 +28,10 @@ import (
 // the layout is the same, so the migration only says a version 3 program
 // must not open the file, as it would refuse those entries. Version 5 moves
 // warm devices out of the journal into a bucket of their own (warm), so
-// the journal holds only operations in flight, and drops the transaction
-// id field of journal entries, which nothing ever set.
+// the journal holds only operations in flight, drops the transaction id
+// field of journal entries, which nothing ever set, and adds
+// PoolInfo.IDsScanned (false: a version 4 database never listed the
+// pool's ids).
 const schemaVersion uint32 = 5
 
 // migration upgrades a database from one schema version to the next inside
@@ -145,7 +147,8 @@ func migrateSchema3(*bolt.Tx) error { return nil }
 const opWarmV4 Op = 9
 
 // migrateSchema4 creates the warm bucket, moves the journal's warm entries
-// into it and rewrites the other entries without their transaction id.
+// into it, rewrites the other entries without their transaction id and
+// the pool info with IDsScanned false.
 func migrateSchema4(tx *bolt.Tx) error {
 	if tx.Bucket(bucketWarm) != nil {
 		return fmt.Errorf("schema 4 database already has bucket %s: %w", bucketWarm, errdefs.ErrFailedPrecondition)
@@ -198,8 +201,17 @@ func migrateSchema4(tx *bolt.Tx) error {
 			return fmt.Errorf("rewrite journal entry %x: %w", r.k, err)
 		}
 	}
+	meta := tx.Bucket(bucketMeta)
+	if v := meta.Get(metaPool); v != nil {
+		if err := meta.Put(metaPool, poolInfoFromV4(v)); err != nil {
+			return fmt.Errorf("write pool info: %w", err)
+		}
+	}
 	return nil
 }
+
+// poolInfoFromV4 adds IDsScanned, false, to a pool info of schemas 2 to 4.
+func poolInfoFromV4(v []byte) []byte { return append(bytes.Clone(v), 0) }
 
 // entryFromV4 decodes a journal entry of schemas 2 to 4: today's fields
 // with a transaction id after the origin, and op 9 for warm devices.
