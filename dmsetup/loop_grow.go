@@ -90,6 +90,30 @@ func (p *LoopPool) Grow(ctx context.Context, opts GrowOptions) error {
 			return fmt.Errorf("loop pool %s: %w", p.Name, err)
 		}
 	}
+	return p.reload(func(params *PoolParams, length Sectors) Sectors {
+		if opts.LowWaterMark != 0 {
+			params.LowWaterMark = opts.LowWaterMark
+		}
+		block := Sectors(params.BlockSizeSectors)
+		return max(BytesToSectors(max(opts.DataSize, cur.DataSize))/block*block, length)
+	})
+}
+
+// SetErrorIfNoSpace reloads the pool's table with error_if_no_space on
+// (writes to a full pool fail at once) or off (they wait, up to the
+// kernel's no_space_timeout, for the pool to grow).
+func (p *LoopPool) SetErrorIfNoSpace(on bool) error {
+	return p.reload(func(params *PoolParams, length Sectors) Sectors {
+		params.ErrorIfNoSpace = on
+		return length
+	})
+}
+
+// reload reloads the pool's table with the parameters and data length
+// change makes of the current ones (suspend and resume). Writes the pool
+// holds back because it is full are requeued, not lost: a pool's suspend
+// suspends its thin devices without flushing.
+func (p *LoopPool) reload(change func(params *PoolParams, length Sectors) Sectors) error {
 	table, err := p.c.Table(p.Name)
 	if err != nil {
 		return err
@@ -101,11 +125,7 @@ func (p *LoopPool) Grow(ctx context.Context, opts GrowOptions) error {
 	if err != nil {
 		return err
 	}
-	if opts.LowWaterMark != 0 {
-		params.LowWaterMark = opts.LowWaterMark
-	}
-	block := Sectors(params.BlockSizeSectors)
-	length := max(BytesToSectors(max(opts.DataSize, cur.DataSize))/block*block, table[0].Length)
+	length := change(&params, table[0].Length)
 	t, err := poolTable(length, params)
 	if err != nil {
 		return err

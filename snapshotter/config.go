@@ -33,15 +33,16 @@ type Config struct {
 	// created; BlockSize is the pool's data block size in bytes.
 	DataSize, MetadataSize, BlockSize uint64
 	// MaxDataSize lets the embedded pool grow itself up to this many
-	// bytes: when less than GrowStep of its data space is free (the
-	// kernel's low-water event, or a poll), the data file grows by
-	// GrowStep and the pool is reloaded with the new size; its metadata
-	// file doubles when under a quarter of it is free. The pool never
-	// promises more unbacked space than the host file system has free
-	// beyond GrowHostReserve. 0 (the default) never grows it.
+	// bytes (poolgrow.go): it grows by a step when its free data space
+	// falls under its low-water mark, its metadata file doubles when
+	// under a quarter of it is free, and writes to it when full wait for
+	// the next step while it can grow. The pool never promises more
+	// unbacked space than the host file system has free beyond
+	// GrowHostReserve. 0 (the default) never grows it.
 	MaxDataSize uint64
-	// GrowStep is how much the data file grows at a time, and how little
-	// free space makes it grow.
+	// GrowStep is the least the data file grows by at a time, and the
+	// least free space under which it grows; a pool filling fast grows
+	// earlier and by more.
 	GrowStep uint64
 	// GrowHostReserve is the host free space growth never hands out.
 	GrowHostReserve uint64

@@ -255,7 +255,7 @@ func embeddedPool(ctx context.Context, client *dmsetup.Client, cfg *Config, exis
 	}
 	var lowWater uint64
 	if cfg.MaxDataSize != 0 {
-		lowWater = cfg.lowWaterBlocks(cfg.DataSize)
+		lowWater = cfg.lowWaterBlocks(cfg.DataSize, growLead{})
 	}
 	lp, err := dmsetup.CreateLoopPool(ctx, client, dmsetup.LoopPoolConfig{
 		Dir:              dir,
@@ -263,16 +263,27 @@ func embeddedPool(ctx context.Context, client *dmsetup.Client, cfg *Config, exis
 		DataSize:         cfg.DataSize,
 		MetadataSize:     cfg.MetadataSize,
 		BlockSizeSectors: uint32(dmsetup.BytesToSectors(cfg.BlockSize)),
-		// A full pool fails writes at once instead of queueing them
-		// for a minute: containers see ENOSPC/EIO, not a hang.
-		ErrorIfNoSpace: true,
+		// A full pool that cannot grow fails writes at once instead of
+		// holding them for a minute: containers see ENOSPC/EIO, not a
+		// hang. One that grows holds them while it grows (poolgrow.go).
+		ErrorIfNoSpace: cfg.MaxDataSize == 0,
 		LowWaterMark:   lowWater,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("embedded pool: %w", err)
 	}
-	if !existing {
-		log.G(ctx).WithField("pool", name).WithField("reused", lp.Reused).Info("embedded pool ready")
+	if existing {
+		return lp, nil
 	}
+	if lp.Reused && cfg.MaxDataSize == 0 {
+		// Set up by a daemon that let it grow: it holds writes back
+		// when full, but nothing grows it now.
+		if st, err := client.PoolStatusNoCommit(name); err == nil && st.NoSpacePolicy != dmsetup.ErrorIfNoSpace {
+			if err := lp.SetErrorIfNoSpace(true); err != nil {
+				return nil, fmt.Errorf("embedded pool: %w", err)
+			}
+		}
+	}
+	log.G(ctx).WithField("pool", name).WithField("reused", lp.Reused).Info("embedded pool ready")
 	return lp, nil
 }

@@ -24,6 +24,12 @@ const (
 	ModeFail = "fail"
 )
 
+// What writes to a full pool do, in Status.
+const (
+	WhenFullQueue = "queue"
+	WhenFullError = "error"
+)
+
 // MetadataBlockSize is dm-thin's fixed metadata block size in bytes.
 const MetadataBlockSize = 4096
 
@@ -34,6 +40,10 @@ type Status struct {
 	// Mode is one of the Mode constants.
 	Mode       string
 	NeedsCheck bool
+	// WhenFull is what writes to the pool do when it is full: WhenFullQueue
+	// (they wait: the pool grows itself) or WhenFullError (they fail at
+	// once).
+	WhenFull string
 
 	PoolTransactionID uint64
 	DBTransactionID   uint64
@@ -128,6 +138,10 @@ func (s *Snapshotter) poolStatus(out *Status) error {
 	}
 	out.Mode = poolMode(st)
 	out.NeedsCheck = st.NeedsCheck
+	out.WhenFull = WhenFullQueue
+	if st.NoSpacePolicy == dmsetup.ErrorIfNoSpace {
+		out.WhenFull = WhenFullError
+	}
 	out.PoolTransactionID = st.TransactionID
 	out.DataBlockSize = blockSize
 	out.DataUsed, out.DataTotal = st.UsedDataBlocks*blockSize, st.TotalDataBlocks*blockSize

@@ -50,6 +50,7 @@ func statusToProto(st snapshotter.Status) *adminv1.StatusResponse {
 		Pool:              st.Pool,
 		Mode:              st.Mode,
 		NeedsCheck:        st.NeedsCheck,
+		WhenFull:          st.WhenFull,
 		PoolTransactionId: st.PoolTransactionID,
 		DbTransactionId:   st.DBTransactionID,
 		Data: &adminv1.Space{

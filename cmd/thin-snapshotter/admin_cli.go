@@ -219,6 +219,7 @@ func printStatus(w io.Writer, st *adminv1.StatusResponse) {
 	row("daemon", "%s (commit %s)", st.GetVersion(), st.GetCommit())
 	row("pool", "%s", st.GetPool())
 	row("mode", "%s", st.GetMode())
+	row("when full", "%s", whenFull(st.GetWhenFull()))
 	row("data", "%s", space(st.GetData()))
 	row("metadata", "%s", space(st.GetMetadata()))
 	row("transaction id", "pool %d, database %d", st.GetPoolTransactionId(), st.GetDbTransactionId())
@@ -237,6 +238,17 @@ func printStatus(w io.Writer, st *adminv1.StatusResponse) {
 	row("thresholds", "new devices refused below %s free data, %s free metadata; async_remove %v",
 		percentOrOff(th.GetMinFreeDataPercent()), percentOrOff(th.GetMinFreeMetadataPercent()), th.GetAsyncRemove())
 	tw.Flush()
+}
+
+// whenFull says in a line of status what writes to a full pool do.
+func whenFull(policy string) string {
+	switch policy {
+	case snapshotter.WhenFullQueue:
+		return "writes wait (the pool grows itself)"
+	case snapshotter.WhenFullError:
+		return "writes fail at once"
+	}
+	return policy
 }
 
 // space describes one of the pool's two spaces in a line of status.

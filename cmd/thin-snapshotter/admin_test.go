@@ -75,7 +75,7 @@ func (a *adminSnapshotter) SetStepObserver(o snapshotter.StepObserver) {
 
 func testStatus() snapshotter.Status {
 	return snapshotter.Status{
-		Pool: "thin-abc-pool", Mode: snapshotter.ModeRW,
+		Pool: "thin-abc-pool", Mode: snapshotter.ModeRW, WhenFull: snapshotter.WhenFullError,
 		PoolTransactionID: 12, DBTransactionID: 12,
 		DataBlockSize: 64 << 10, DataUsed: 3 << 30, DataTotal: 100 << 30, DataLowWaterMark: 1 << 30,
 		MetadataUsed: 12 << 20, MetadataTotal: 1 << 30, MetadataLowWater: true,
@@ -123,6 +123,7 @@ func TestAdminCommands(t *testing.T) {
 	for _, want := range []string{
 		"pool            thin-abc-pool",
 		"mode            rw",
+		"when full       writes fail at once",
 		"data            3.0 GiB of 100.0 GiB used (3.0%), 97.0 GiB free; low-water mark 1.0 GiB\n",
 		"metadata        12.0 MiB of 1.0 GiB used (1.2%), 1012.0 MiB free; LOW-WATER MARK CROSSED\n",
 		"transaction id  pool 12, database 12",

@@ -23,7 +23,7 @@ const statusTimeout = 10 * time.Second
 type poolCollector struct {
 	sn adminBackend
 
-	up, mode, needsCheck                    *prometheus.Desc
+	up, mode, needsCheck, whenFullQueue     *prometheus.Desc
 	data, metadata                          spaceDescs
 	snaps, notReady, devices                *prometheus.Desc
 	journal, removals, warm                 *prometheus.Desc
@@ -70,14 +70,16 @@ func newPoolCollector(sn adminBackend) *poolCollector {
 		up:         d("pool_status_up", "1 when the last scrape read the pool's status, 0 when it failed (the other pool metrics are then missing)."),
 		mode:       d("pool_mode", "The pool's mode: 1 for the current one (rw, ro, out_of_data_space, needs_check, fail), 0 for the others.", "mode"),
 		needsCheck: d("pool_needs_check", "1 when the kernel flagged the pool's metadata for thin_check."),
-		data:       newSpaceDescs("data", d),
-		metadata:   newSpaceDescs("metadata", d),
-		snaps:      d("snapshots", "Ready snapshots by kind.", "kind"),
-		notReady:   d("snapshots_not_ready", "Snapshot records left creating or removing."),
-		devices:    d("dm_devices", "Active dm devices of the pool's thin volumes."),
-		journal:    d("journal_pending_entries", "Journal entries: operations in flight or interrupted."),
-		removals:   d("pending_removals", "Removals decided but not finished (a busy device, or async_remove)."),
-		warm:       d("warm_devices", "Devices made ahead for a committed snapshot's next child (counted in dm_devices too)."),
+		whenFullQueue: d("pool_queue_when_full",
+			"1 when writes to the full pool wait for it to grow (queue_if_no_space), 0 when they fail at once (error_if_no_space)."),
+		data:     newSpaceDescs("data", d),
+		metadata: newSpaceDescs("metadata", d),
+		snaps:    d("snapshots", "Ready snapshots by kind.", "kind"),
+		notReady: d("snapshots_not_ready", "Snapshot records left creating or removing."),
+		devices:  d("dm_devices", "Active dm devices of the pool's thin volumes."),
+		journal:  d("journal_pending_entries", "Journal entries: operations in flight or interrupted."),
+		removals: d("pending_removals", "Removals decided but not finished (a busy device, or async_remove)."),
+		warm:     d("warm_devices", "Devices made ahead for a committed snapshot's next child (counted in dm_devices too)."),
 		recoveryActions: d("recovery_actions",
 			"What the recovery at this process's start did, by action.", "action"),
 		recoveryDuration: d("recovery_duration_seconds", "How long the recovery at this process's start took."),
@@ -86,7 +88,7 @@ func newPoolCollector(sn adminBackend) *poolCollector {
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
-	descs := []*prometheus.Desc{c.up, c.mode, c.needsCheck, c.snaps, c.notReady, c.devices, c.journal, c.removals, c.warm,
+	descs := []*prometheus.Desc{c.up, c.mode, c.needsCheck, c.whenFullQueue, c.snaps, c.notReady, c.devices, c.journal, c.removals, c.warm,
 		c.recoveryActions, c.recoveryDuration, c.info}
 	for _, d := range append(append(descs, c.data.descs()...), c.metadata.descs()...) {
 		ch <- d
@@ -113,6 +115,7 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.mode, boolValue(st.Mode == m), m)
 	}
 	gauge(c.needsCheck, boolValue(st.NeedsCheck))
+	gauge(c.whenFullQueue, boolValue(st.WhenFull == snapshotter.WhenFullQueue))
 	c.data.collect(gauge, st.DataUsed, st.DataTotal, st.MinFreeData, st.DataLowWater)
 	c.metadata.collect(gauge, st.MetadataUsed, st.MetadataTotal, st.MinFreeMetadata, st.MetadataLowWater)
 	for _, k := range snapshotter.Kinds {

@@ -72,13 +72,15 @@ metadata_size = {{ value .Pool.MetadataSize }}
 block_size = {{ value .Pool.BlockSize }}
 
 # Embedded pool only: let the pool grow itself up to this size. When less
-# than grow_step of its data space is free (or less than min_free_data), the
-# data file grows by grow_step and the pool is reloaded with the new size, at
-# once: the kernel signals the low-water mark (polled as well); the metadata
-# file doubles when under a quarter of it is free. The pool never promises
-# more space than the host file system has free beyond grow_host_reserve.
-# Each step is logged. 0: never grow. (An existing pool grows with its own
-# tools, e.g. LVM's thin_pool_autoextend_threshold.)
+# than grow_step of its data space is free (or less than min_free_data, or
+# less than it fills before a step lands, at the rate it fills), the data
+# file grows by grow_step (or 30 seconds of writing at that rate) and the
+# pool is reloaded with the new size; the metadata file doubles when under a
+# quarter of it is free. While the pool can grow, writes to it when full
+# wait for the next step; once it cannot, they fail at once. The pool never
+# promises more space than the host file system has free beyond
+# grow_host_reserve. Each step is logged. 0: never grow. (An existing pool
+# grows with its own tools, e.g. LVM's thin_pool_autoextend_threshold.)
 max_data_size = {{ value .Pool.MaxDataSize }}
 grow_step = {{ value .Pool.GrowStep }}
 grow_host_reserve = {{ value .Pool.GrowHostReserve }}

@@ -91,7 +91,10 @@ type StatusResponse struct {
 	Thresholds   *Thresholds `protobuf:"bytes,16,opt,name=thresholds,proto3" json:"thresholds,omitempty"`
 	// Devices made ahead for a committed snapshot's next child (counted in
 	// active_devices too): handed out by Prepare, deleted when idle.
-	WarmDevices   uint32 `protobuf:"varint,17,opt,name=warm_devices,json=warmDevices,proto3" json:"warm_devices,omitempty"`
+	WarmDevices uint32 `protobuf:"varint,17,opt,name=warm_devices,json=warmDevices,proto3" json:"warm_devices,omitempty"`
+	// What writes to the pool do when it is full: "queue" (they wait, as the
+	// pool grows itself) or "error" (they fail at once).
+	WhenFull      string `protobuf:"bytes,18,opt,name=when_full,json=whenFull,proto3" json:"when_full,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -243,6 +246,13 @@ func (x *StatusResponse) GetWarmDevices() uint32 {
 		return x.WarmDevices
 	}
 	return 0
+}
+
+func (x *StatusResponse) GetWhenFull() string {
+	if x != nil {
+		return x.WhenFull
+	}
+	return ""
 }
 
 // Space is one of the pool's two spaces, in bytes.
@@ -1009,7 +1019,7 @@ var File_thin_admin_v1_admin_proto protoreflect.FileDescriptor
 const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x19thin/admin/v1/admin.proto\x12\rthin.admin.v1\x1a\x1egoogle/protobuf/duration.proto\"\x0f\n" +
-	"\rStatusRequest\"\x81\x06\n" +
+	"\rStatusRequest\"\x9e\x06\n" +
 	"\x0eStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x16\n" +
 	"\x06commit\x18\x02 \x01(\tR\x06commit\x12\x12\n" +
@@ -1031,7 +1041,8 @@ const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"thresholds\x18\x10 \x01(\v2\x19.thin.admin.v1.ThresholdsR\n" +
 	"thresholds\x12!\n" +
-	"\fwarm_devices\x18\x11 \x01(\rR\vwarmDevices\x1a<\n" +
+	"\fwarm_devices\x18\x11 \x01(\rR\vwarmDevices\x12\x1b\n" +
+	"\twhen_full\x18\x12 \x01(\tR\bwhenFull\x1a<\n" +
 	"\x0eSnapshotsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xbf\x01\n" +
