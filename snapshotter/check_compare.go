@@ -105,7 +105,15 @@ func (c *comparison) base() {
 // removing, and ghosts; it notes which dm devices must exist.
 func (c *comparison) records() {
 	st := c.st
+	byKey := map[string]storage.Snapshot{}
 	for _, sn := range st.records {
+		byKey[sn.Key] = sn
+	}
+	for _, sn := range st.records {
+		if sharesDevice(sn) {
+			c.sharedView(sn, byKey[sn.Parent])
+			continue
+		}
 		name := c.s.deviceName(sn.DeviceID)
 		if prev, dup := c.owned[sn.DeviceID]; dup {
 			c.add(Finding{Kind: FindingIDConflict, DeviceID: sn.DeviceID, Key: sn.Key,
@@ -137,6 +145,22 @@ func (c *comparison) records() {
 		if sn.Kind != snapshots.KindCommitted {
 			c.want[name] = sn
 		}
+	}
+}
+
+// sharedView notes that the device of layer p must be active, read-only,
+// for ready view sn, which shares it.
+func (c *comparison) sharedView(sn, p storage.Snapshot) {
+	if sn.State != storage.StateReady || p.DeviceID == 0 || c.inFlight[p.DeviceID] {
+		return
+	}
+	name := c.s.deviceName(p.DeviceID)
+	if !c.st.inPool[p.DeviceID] {
+		c.settled[name] = true // the layer is a ghost: reported as such
+		return
+	}
+	if _, ok := c.want[name]; !ok {
+		c.want[name] = storage.Snapshot{Key: sn.Key, Kind: snapshots.KindView, DeviceID: p.DeviceID, Size: p.Size}
 	}
 }
 

@@ -262,12 +262,21 @@ func (s *Snapshotter) deactivateIdle(ctx context.Context, name string) error {
 // activateRecord activates the device of the ready active snapshot or view
 // key.
 func (s *Snapshotter) activateRecord(ctx context.Context, key string) error {
-	sn, err := s.ready(ctx, key)
-	if err != nil {
+	var (
+		sn  storage.Snapshot
+		dev uint32
+	)
+	if err := s.db.View(ctx, func(tx *storage.Tx) (err error) {
+		if sn, err = readyIn(tx, key); err != nil {
+			return err
+		}
+		dev, err = s.deviceOf(tx, sn)
+		return err
+	}); err != nil {
 		return err
 	}
 	if sn.Kind == snapshots.KindCommitted {
 		return nil
 	}
-	return s.pool.Activate(s.deviceName(sn.DeviceID), sn.DeviceID, dmsetup.BytesToSectors(sn.Size), sn.Kind == snapshots.KindView)
+	return s.pool.Activate(s.deviceName(dev), dev, dmsetup.BytesToSectors(sn.Size), sn.Kind == snapshots.KindView)
 }

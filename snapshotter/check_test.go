@@ -74,7 +74,7 @@ func (p *fakePool) ThinTarget(name string) (dmsetup.ThinParams, dmsetup.Sectors,
 func (p *fakePool) PoolDevice() string { return fakePoolDev }
 
 // checkFixture is a stopped snapshotter's state: active "a" and "b" (b a
-// child of committed "c"), view "v" of "c".
+// child of committed "c"), view "v" of "c", which shares c's device.
 type checkFixture struct {
 	root string
 	pool *fakePool
@@ -135,6 +135,16 @@ func (f *checkFixture) update(t *testing.T, fn func(tx *storage.Tx) error) {
 	if err := f.db.Update(context.Background(), fn); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// removeView removes view v's record: c's device, which v shared, is
+// then needed by nothing.
+func (f *checkFixture) removeView(t *testing.T) {
+	t.Helper()
+	f.update(t, func(tx *storage.Tx) error {
+		_, err := tx.RemoveSnapshot("v")
+		return err
+	})
 }
 
 // allocate takes a fresh id in the database only.
@@ -277,8 +287,9 @@ func TestCheck(t *testing.T) {
 		{
 			name: "writable view",
 			breakIt: func(t *testing.T, f *checkFixture) []string {
-				f.pool.devices[f.dev("v")].readOnly = false
-				return []string{fmt.Sprintf("wrong_device v %d", f.ids["v"])}
+				// v shares c's device.
+				f.pool.devices[f.dev("c")].readOnly = false
+				return []string{fmt.Sprintf("wrong_device v %d", f.ids["c"])}
 			},
 		},
 		{
@@ -293,6 +304,7 @@ func TestCheck(t *testing.T) {
 		{
 			name: "committed device active",
 			breakIt: func(t *testing.T, f *checkFixture) []string {
+				f.removeView(t)
 				f.pool.devices[f.dev("c")] = &fakeDev{id: f.ids["c"], sectors: 1}
 				return []string{fmt.Sprintf("stale_device  %d", f.ids["c"])}
 			},
@@ -310,6 +322,7 @@ func TestCheck(t *testing.T) {
 		{
 			name: "stale and open",
 			breakIt: func(t *testing.T, f *checkFixture) []string {
+				f.removeView(t)
 				f.pool.devices[f.dev("c")] = &fakeDev{id: f.ids["c"], sectors: 1, open: 2}
 				return []string{fmt.Sprintf("stale_device  %d", f.ids["c"])}
 			},
@@ -320,7 +333,7 @@ func TestCheck(t *testing.T) {
 			breakIt: func(t *testing.T, f *checkFixture) []string {
 				clear(f.pool.devices)
 				return []string{fmt.Sprintf("missing_device a %d", f.ids["a"]), fmt.Sprintf("missing_device b %d", f.ids["b"]),
-					fmt.Sprintf("missing_device v %d", f.ids["v"])}
+					fmt.Sprintf("missing_device v %d", f.ids["c"])}
 			},
 		},
 		{

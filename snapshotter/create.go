@@ -29,8 +29,8 @@ func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snap
 }
 
 // create makes snapshot key of kind, in the first way that applies: a
-// shared layer (share.go), a warm device of parent (warm.go), or a new
-// device.
+// view on its layer's device (view.go), a shared layer (share.go), a warm
+// device of parent (warm.go), or a new device.
 func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) ([]mount.Mount, error) {
 	var base snapshots.Info
 	for _, o := range opts {
@@ -49,6 +49,13 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			return nil, err
 		}
 	}
+	if kind == snapshots.KindView && parent != "" {
+		snap, p, err := s.createView(ctx, key, parent, base.Labels)
+		if err != nil {
+			return nil, err
+		}
+		return s.mounts(snap, p.DeviceID), nil
+	}
 	if kind == snapshots.KindActive && parent != "" {
 		snap, ok, err := s.takeWarm(ctx, key, parent, base.Labels)
 		if err != nil {
@@ -56,7 +63,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		}
 		if ok {
 			s.warmTaken(parent)
-			return s.mounts(snap), nil
+			return s.mounts(snap, snap.DeviceID), nil
 		}
 	}
 	snap, err := s.createDevice(ctx, kind, key, parent, base.Labels)
@@ -66,7 +73,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	if kind == snapshots.KindActive && parent != "" {
 		s.warmMissed(parent)
 	}
-	return s.mounts(snap), nil
+	return s.mounts(snap, snap.DeviceID), nil
 }
 
 // createDevice makes snapshot key on a new device: a snapshot of parent's

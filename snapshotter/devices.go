@@ -64,6 +64,9 @@ func (s *Snapshotter) Devices(ctx context.Context) ([]Device, error) {
 			byID[w.DeviceID] = &Device{ID: w.DeviceID, Key: w.Parent, State: DeviceWarm, VirtualSize: w.Size}
 		}
 		return tx.WalkSnapshots(func(sn storage.Snapshot) error {
+			if sharesDevice(sn) {
+				return nil // its layer's device is listed
+			}
 			byID[sn.DeviceID] = &Device{ID: sn.DeviceID, Key: sn.Key, Kind: kindName(sn.Kind), State: sn.State.String(), VirtualSize: sn.Size}
 			return nil
 		})

@@ -52,12 +52,16 @@ func (s *Snapshotter) snapStep(ctx context.Context, journal func(tx *storage.Tx)
 	}
 }
 
-// snapLocked snapshots origin into id; an active origin is suspended around
-// it so its in-flight writes land in the snapshot. Called with poolMu held.
+// snapLocked snapshots origin into id. An origin that may have writes in
+// flight is suspended around it, so they land in the snapshot: one that is
+// active, writable and open. A read-only one (a layer's device its views
+// share) has none, and neither has one nobody holds open: the kernel
+// finished its writes at its last close (a Commit's active device, which
+// containerd has unmounted). Called with poolMu held.
 func (s *Snapshotter) snapLocked(id, origin uint32) error {
 	name := s.deviceName(origin)
 	info, err := s.pool.Info(name)
-	active := err == nil && info.LiveTable && !info.Suspended
+	active := err == nil && info.LiveTable && !info.Suspended && !info.ReadOnly && info.OpenCount > 0
 	if active {
 		if err := s.pool.Suspend(name); err != nil {
 			return err

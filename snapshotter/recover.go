@@ -128,39 +128,84 @@ func (s *Snapshotter) undoInterrupted(ctx context.Context, e storage.Entry) erro
 }
 
 // reactivate activates the missing devices of active snapshots and views
-// (a reboot takes them all), and resumes those a crash left suspended.
+// (a reboot takes them all), resumes those a crash left suspended, and
+// removes the read-only device of a layer that no view shares any more (a
+// crash between a layer's last view's removal and the deactivation).
 func (s *Snapshotter) reactivate(ctx context.Context) error {
-	var missing []storage.Snapshot
-	if err := s.db.View(ctx, func(tx *storage.Tx) error {
-		return tx.WalkSnapshots(func(snap storage.Snapshot) error {
-			if snap.State == storage.StateReady && snap.Kind != snapshots.KindCommitted {
-				missing = append(missing, snap)
-			}
-			return nil
-		})
-	}); err != nil {
+	need, idle, err := s.devicesNeeded(ctx)
+	if err != nil {
 		return err
 	}
-	for _, snap := range missing {
-		name := s.deviceName(snap.DeviceID)
-		if info, err := s.pool.Info(name); err == nil {
-			// A crash between the suspend and the resume around a
-			// snapshot of it (Commit) left it suspended.
-			if info.Suspended {
-				if err := s.pool.Resume(name); err != nil {
-					return fmt.Errorf("resume %q: %w", snap.Key, err)
-				}
-				log.G(ctx).WithField("key", snap.Key).WithField("id", snap.DeviceID).Info("recovery: resumed a suspended device")
-			}
-			continue
-		} else if !dmsetup.IsNotFound(err) {
+	for _, snap := range need {
+		if err := s.ensureActive(ctx, snap); err != nil {
 			return err
 		}
-		if err := s.activate(name, snap.DeviceID, snap.Size, snap.Kind == snapshots.KindView); err != nil {
-			return fmt.Errorf("reactivate %q: %w", snap.Key, err)
-		}
-		s.recovered(func(r *Recovery) { r.ReactivatedDevices++ })
-		log.G(ctx).WithField("key", snap.Key).WithField("id", snap.DeviceID).Info("recovery: reactivated device")
 	}
+	for _, id := range idle {
+		if info, err := s.pool.Info(s.deviceName(id)); err != nil || !info.ReadOnly || info.OpenCount > 0 {
+			continue
+		}
+		if err := s.deactivate(ctx, id); err != nil {
+			return err
+		}
+		log.G(ctx).WithField("id", id).Info("recovery: removed the device of a layer no view shares")
+	}
+	return nil
+}
+
+// devicesNeeded lists what must be active: active snapshots and views on
+// their own devices, and each layer whose device views share, as a view of
+// it (read-only); and the layers whose device nothing needs active.
+func (s *Snapshotter) devicesNeeded(ctx context.Context) (need []storage.Snapshot, idle []uint32, err error) {
+	err = s.db.View(ctx, func(tx *storage.Tx) error {
+		shared := map[string]bool{}
+		var layers []storage.Snapshot
+		if err := tx.WalkSnapshots(func(snap storage.Snapshot) error {
+			switch {
+			case snap.State != storage.StateReady:
+			case sharesDevice(snap):
+				shared[snap.Parent] = true
+			case snap.Kind == snapshots.KindCommitted:
+				layers = append(layers, snap)
+			default:
+				need = append(need, snap)
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		for _, l := range layers {
+			if !shared[l.Key] {
+				idle = append(idle, l.DeviceID)
+				continue
+			}
+			need = append(need, storage.Snapshot{Key: l.Key, Kind: snapshots.KindView, DeviceID: l.DeviceID, Size: l.Size})
+		}
+		return nil
+	})
+	return need, idle, err
+}
+
+// ensureActive activates the device of snap if it is missing, and resumes
+// it if a crash between the suspend and the resume around a snapshot of it
+// (Commit) left it suspended.
+func (s *Snapshotter) ensureActive(ctx context.Context, snap storage.Snapshot) error {
+	name := s.deviceName(snap.DeviceID)
+	if info, err := s.pool.Info(name); err == nil {
+		if info.Suspended {
+			if err := s.pool.Resume(name); err != nil {
+				return fmt.Errorf("resume %q: %w", snap.Key, err)
+			}
+			log.G(ctx).WithField("key", snap.Key).WithField("id", snap.DeviceID).Info("recovery: resumed a suspended device")
+		}
+		return nil
+	} else if !dmsetup.IsNotFound(err) {
+		return err
+	}
+	if err := s.activate(name, snap.DeviceID, snap.Size, snap.Kind == snapshots.KindView); err != nil {
+		return fmt.Errorf("reactivate %q: %w", snap.Key, err)
+	}
+	s.recovered(func(r *Recovery) { r.ReactivatedDevices++ })
+	log.G(ctx).WithField("key", snap.Key).WithField("id", snap.DeviceID).Info("recovery: reactivated device")
 	return nil
 }

@@ -26,6 +26,9 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err != nil {
 		return err
 	}
+	if sharesDevice(snap) {
+		return s.removeView(ctx, snap)
+	}
 	if snap.Kind != snapshots.KindCommitted {
 		// A mounted snapshot is containerd's to unmount first; refusing
 		// now keeps the record instead of leaving a busy device behind.
@@ -64,6 +67,21 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		log.G(ctx).WithError(err).WithField("key", key).Warn("device deletion deferred")
 		s.kick()
 	}
+	return nil
+}
+
+// removeView removes view snap, which shares its layer's device: only its
+// record goes, and the layer's device with the layer's last view. Whether
+// the view is mounted cannot be told from the shared device's open count;
+// containerd unmounts a view before it removes it.
+func (s *Snapshotter) removeView(ctx context.Context, snap storage.Snapshot) error {
+	if err := s.db.Update(ctx, func(tx *storage.Tx) error {
+		_, err := tx.RemoveSnapshot(snap.Key)
+		return err
+	}); err != nil {
+		return err
+	}
+	s.releaseLayer(ctx, snap.Parent)
 	return nil
 }
 

@@ -18,7 +18,8 @@
 //
 // # Files
 //
-// Calls: create.go (Prepare, View), commit.go, remove.go, update.go
+// Calls: create.go (Prepare, View), view.go (views share their layer's
+// device), commit.go, remove.go, update.go
 // (labels and the max-size grow), share.go (layers shared between size
 // classes), class.go (size classes). Background work: worker.go and
 // warm.go. Kernel side: pool.go (the dm client), poolstep.go, base.go,
@@ -32,6 +33,9 @@
 //
 //  1. keys: one lock per snapshot key. Prepare, View, Commit, Remove and
 //     Update of the same key run one at a time; other keys run in parallel.
+//     Then layers: one lock per committed layer, taken by a View or a
+//     view's Remove (holding the view's key lock) while it activates or
+//     deactivates the read-only device the layer's views share.
 //  2. grower.mu: one growth of the embedded pool at a time (a Prepare short
 //     of space grows it, and so does the growth goroutine).
 //  3. poolMu: the pool's metadata messages (create_thin, create_snap,
@@ -100,6 +104,9 @@ type Snapshotter struct {
 	txid   uint64
 
 	keys keyLocks
+	// layers has one lock per layer whose device its views share
+	// (view.go).
+	layers keyLocks
 	// bg is the background work (worker.go).
 	bg background
 	// autogrow grows the embedded pool (MaxDataSize); nil when it does not.
@@ -175,9 +182,15 @@ func (s *Snapshotter) walk(ctx context.Context, rename func(string) (string, boo
 // ready returns the record of key if clients may see it.
 func (s *Snapshotter) ready(ctx context.Context, key string) (snap storage.Snapshot, err error) {
 	err = s.db.View(ctx, func(tx *storage.Tx) error {
-		snap, err = tx.GetSnapshot(key)
+		snap, err = readyIn(tx, key)
 		return err
 	})
+	return snap, err
+}
+
+// readyIn returns the record of key in tx if clients may see it.
+func readyIn(tx *storage.Tx, key string) (storage.Snapshot, error) {
+	snap, err := tx.GetSnapshot(key)
 	if err != nil {
 		return snap, err
 	}
@@ -196,6 +209,9 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 	}
 	if snap.Kind == snapshots.KindCommitted {
 		return snap.Usage, nil
+	}
+	if sharesDevice(snap) {
+		return snapshots.Usage{}, nil // read-only: nothing of its own
 	}
 	st, err := s.pool.ThinStatus(s.deviceName(snap.DeviceID))
 	if err != nil {
@@ -217,17 +233,29 @@ func ownUsage(mapped dmsetup.Sectors, shared uint64) snapshots.Usage {
 
 // Mounts returns the mount of an active snapshot or a view.
 func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
-	snap, err := s.ready(ctx, key)
+	var (
+		snap storage.Snapshot
+		dev  uint32
+	)
+	err := s.db.View(ctx, func(tx *storage.Tx) (err error) {
+		if snap, err = readyIn(tx, key); err != nil {
+			return err
+		}
+		dev, err = s.deviceOf(tx, snap)
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
 	if snap.Kind == snapshots.KindCommitted {
 		return nil, fmt.Errorf("snapshot %q is committed and has no mounts: %w", key, errdefs.ErrFailedPrecondition)
 	}
-	return s.mounts(snap), nil
+	return s.mounts(snap, dev), nil
 }
 
-func (s *Snapshotter) mounts(snap storage.Snapshot) []mount.Mount {
+// mounts are the mounts of snap, on the device of thin id dev (its own, or
+// its layer's for a view that shares it).
+func (s *Snapshotter) mounts(snap storage.Snapshot, dev uint32) []mount.Mount {
 	var opts []string
 	if snap.Kind == snapshots.KindView {
 		opts = append(opts, "ro")
@@ -248,7 +276,7 @@ func (s *Snapshotter) mounts(snap storage.Snapshot) []mount.Mount {
 	opts = append(opts, s.cfg.MountOptions...)
 	return []mount.Mount{{
 		Type:    snap.FSType,
-		Source:  s.pool.DevicePath(s.deviceName(snap.DeviceID)),
+		Source:  s.pool.DevicePath(s.deviceName(dev)),
 		Options: opts,
 	}}
 }

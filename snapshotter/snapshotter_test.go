@@ -58,7 +58,8 @@ func stopWorker(s *Snapshotter) { s.stopBackground() }
 // in flight (and the worker has finished what a call handed it): the
 // journal is empty, the pool holds exactly the base,
 // the recorded devices and the warm ones, non-committed snapshots and warm
-// devices are active (views read-only), committed ones are not, a warm
+// devices are active (views read-only), committed ones are not unless
+// their views share their device (then read-only), a warm
 // device's parent is a committed snapshot, and the recorded transaction id
 // is the pool's.
 func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
@@ -100,6 +101,15 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 		return tx.WalkSnapshots(func(sn storage.Snapshot) error {
 			if sn.State != storage.StateReady {
 				return fmt.Errorf("record %q left in state %s", sn.Key, sn.State)
+			}
+			if sharesDevice(sn) {
+				// Its layer's device, active and read-only.
+				p, err := tx.GetSnapshot(sn.Parent)
+				if err != nil {
+					return err
+				}
+				active[p.DeviceID] = true
+				return nil
 			}
 			if want[sn.DeviceID] {
 				return fmt.Errorf("device %d recorded twice", sn.DeviceID)

@@ -537,3 +537,21 @@ func (tx *Tx) hasChildren(key string) bool {
 	k, _ := tx.children.Cursor().Seek(prefix)
 	return k != nil && bytes.HasPrefix(k, prefix)
 }
+
+// SharedViews counts the views of parent, in any state, that have no
+// device of their own (DeviceID 0): they share parent's device.
+func (tx *Tx) SharedViews(parent string) (int, error) {
+	prefix := childPrefix(parent)
+	n := 0
+	c := tx.children.Cursor()
+	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+		s, err := tx.mustGet(string(k[len(prefix):]))
+		if err != nil {
+			return 0, err
+		}
+		if s.Kind == snapshots.KindView && s.DeviceID == 0 {
+			n++
+		}
+	}
+	return n, nil
+}

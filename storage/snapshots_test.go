@@ -654,3 +654,30 @@ func TestReadOnlyTx(t *testing.T) {
 		})
 	}
 }
+
+// TestSharedViews counts the views of a parent without a device of their
+// own, whatever their state, and nothing else.
+func TestSharedViews(t *testing.T) {
+	db, _ := openTestDB(t)
+	populate(t, db)
+	update(t, db, func(tx *Tx) error {
+		for _, s := range []Snapshot{
+			{Key: "v1", Kind: kview, Parent: "committed-1", State: StateReady},
+			{Key: "v2", Kind: kview, Parent: "committed-1", State: StateCreating},
+			{Key: "v3", Kind: kview, Parent: "committed-2", State: StateReady},
+		} {
+			if _, err := tx.CreateSnapshot(s); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	view(t, db, func(tx *Tx) error {
+		for parent, want := range map[string]int{"committed-1": 2, "committed-2": 1, "missing": 0} {
+			if n, err := tx.SharedViews(parent); err != nil || n != want {
+				t.Errorf("SharedViews(%s) = %d, %v; want %d", parent, n, err, want)
+			}
+		}
+		return nil
+	})
+}

@@ -76,8 +76,19 @@ func offlineCheck(ctx context.Context, root, pool string, m *model) ([]string, e
 	byKey := map[string]storage.Snapshot{}
 	for _, s := range recs {
 		byKey[s.Key] = s
+	}
+	for _, s := range recs {
 		if s.State != storage.StateReady {
 			bad("record %q is in state %v", s.Key, s.State)
+		}
+		if s.Kind == snapshots.KindView && s.DeviceID == 0 {
+			// It shares its layer's device, which must be active.
+			if p, ok := byKey[s.Parent]; !ok {
+				bad("view %q shares the device of %q, which has no record", s.Key, s.Parent)
+			} else {
+				active[p.DeviceID] = s
+			}
+			continue
 		}
 		if want[s.DeviceID] {
 			bad("record %q shares thin id %d", s.Key, s.DeviceID)
