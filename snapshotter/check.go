@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
@@ -19,6 +20,8 @@ type poolInspector interface {
 	// ReserveMetadata takes a snapshot of the pool metadata, whose thin
 	// ids can be listed while the pool goes on.
 	ReserveMetadata() (metadataSnapshot, error)
+	// ReleaseMetadata drops the pool's metadata snapshot, whoever took it.
+	ReleaseMetadata() error
 	// ThinTarget returns the thin target parameters and length in sectors
 	// of dm device name; ErrMalformed-wrapped when it is not one thin
 	// target.
@@ -69,6 +72,8 @@ func (s *Snapshotter) Check(ctx context.Context, opts CheckOptions) (*Report, er
 	if opts.Repair && !s.forCheck {
 		return nil, fmt.Errorf("repair needs a snapshotter opened with OpenForCheck (the daemon stopped): %w", errdefs.ErrFailedPrecondition)
 	}
+	s.checkMu.Lock()
+	defer s.checkMu.Unlock()
 	r, st, err := s.checkOnce(ctx)
 	if err != nil || !opts.Repair {
 		return r, err
@@ -185,7 +190,7 @@ func (s *Snapshotter) gatherLocked(ctx context.Context, in poolInspector, st *ch
 		return nil, fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
 	}
 	st.poolTx = st.status.TransactionID
-	m, err := in.ReserveMetadata()
+	m, err := s.reserveMetadata(ctx, in)
 	if err != nil {
 		return nil, err
 	}
@@ -216,6 +221,23 @@ func (s *Snapshotter) gatherLocked(ctx context.Context, in poolInspector, st *ch
 		st.devices[d.Name] = ds
 	}
 	return m, nil
+}
+
+// reserveMetadata takes the pool's metadata snapshot. Checks are its only
+// takers (the pool is dedicated), one at a time per database (checkMu, and
+// the database's lock keeps a second process out), so one held already
+// was left by a check a crash interrupted: it is released first. Called
+// under checkMu.
+func (s *Snapshotter) reserveMetadata(ctx context.Context, in poolInspector) (metadataSnapshot, error) {
+	m, err := in.ReserveMetadata()
+	if err == nil || !dmsetup.IsBusy(err) {
+		return m, err
+	}
+	if rerr := in.ReleaseMetadata(); rerr != nil {
+		return nil, errors.Join(err, rerr)
+	}
+	log.G(ctx).WithField("pool", s.pool.Name()).Warn("released a metadata snapshot of the pool that an interrupted check left")
+	return in.ReserveMetadata()
 }
 
 // readDB fills in what the database says: the pool it owns, its

@@ -10,8 +10,8 @@ import "context"
 // outside poolMu. So it checks twice and reports only the findings seen
 // the same both times: what an operation in flight causes passes.
 //
-// One online check runs at a time (checkMu): the pool has room for one
-// metadata snapshot, and the self-check (selfcheck.go) may be running.
+// One check runs at a time (checkMu): the pool has room for one metadata
+// snapshot, and the self-check (selfcheck.go) may be running.
 func (s *Snapshotter) CheckOnline(ctx context.Context) (*Report, error) {
 	s.checkMu.Lock()
 	defer s.checkMu.Unlock()

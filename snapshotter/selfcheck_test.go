@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"golang.org/x/sys/unix"
 
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
 )
@@ -300,32 +301,48 @@ func TestSelfCheckLeakedIDTakenMeanwhile(t *testing.T) {
 }
 
 // TestCheckOnlineOneAtATime: a second online check waits for the first
-// instead of failing on the pool's one metadata snapshot.
+// instead of taking the pool's one metadata snapshot from it.
 func TestCheckOnlineOneAtATime(t *testing.T) {
 	ctx := context.Background()
 	pool := newFakePool("tp")
 	s := mustNew(t, t.TempDir(), pool)
-	var wg sync.WaitGroup
-	errs := make(chan error, 1)
+	var (
+		wg                     sync.WaitGroup
+		mu                     sync.Mutex
+		reading, most, started int
+	)
+	second := make(chan error, 1)
 	pool.mu.Lock()
 	pool.onThinIDs = func() {
-		pool.mu.Lock()
-		pool.onThinIDs = nil
-		pool.mu.Unlock()
-		wg.Go(func() {
-			_, err := s.CheckOnline(ctx)
-			errs <- err
-		})
-		// Time for the second check to reach the pool, were it not held.
-		time.Sleep(100 * time.Millisecond)
+		mu.Lock()
+		reading++
+		most = max(most, reading)
+		started++
+		first := started == 1
+		mu.Unlock()
+		if first {
+			wg.Go(func() {
+				_, err := s.CheckOnline(ctx)
+				second <- err
+			})
+			// Time for the second check to reach the pool, were it
+			// not held back.
+			time.Sleep(100 * time.Millisecond)
+		}
+		mu.Lock()
+		reading--
+		mu.Unlock()
 	}
 	pool.mu.Unlock()
 	if _, err := s.CheckOnline(ctx); err != nil {
 		t.Fatal(err)
 	}
 	wg.Wait()
-	if err := <-errs; err != nil {
+	if err := <-second; err != nil {
 		t.Fatalf("second check: %v", err)
+	}
+	if most != 1 {
+		t.Fatalf("%d checks read the metadata at once", most)
 	}
 }
 
@@ -402,11 +419,35 @@ func TestSelfCheckError(t *testing.T) {
 	pool := newFakePool("tp")
 	s := mustNew(t, t.TempDir(), pool)
 	pool.mu.Lock()
-	pool.metaSnap = true // someone else holds the metadata snapshot
+	pool.hook = func(op string) error {
+		if op == "status" {
+			return unix.EIO
+		}
+		return nil
+	}
 	pool.mu.Unlock()
 	run := s.selfCheck(context.Background(), CheckPeriodic)
-	if !strings.Contains(run.Error, "reserve_metadata_snap") || run.Findings != nil || run.Ended.IsZero() {
+	if !strings.Contains(run.Error, "status of pool tp") || run.Findings != nil || run.Ended.IsZero() {
 		t.Fatalf("run: %+v", run)
+	}
+}
+
+// A metadata snapshot a killed check left is released: checks are its
+// only takers, one at a time.
+func TestCheckReleasesStaleMetadataSnapshot(t *testing.T) {
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	pool.mu.Lock()
+	pool.metaSnap = true
+	pool.mu.Unlock()
+	r, err := s.CheckOnline(context.Background())
+	if err != nil || !r.Clean {
+		t.Fatalf("check with a stale metadata snapshot: %+v, %v", r, err)
+	}
+	pool.mu.Lock()
+	defer pool.mu.Unlock()
+	if pool.metaSnap {
+		t.Error("metadata snapshot held after the check")
 	}
 }
 

@@ -31,7 +31,7 @@
 //
 // Locks, outermost first. Code holding one may take only those after it:
 //
-//  1. checkMu: one online check at a time (CheckOnline, and the self-check
+//  1. checkMu: one check at a time (Check, CheckOnline, and the self-check
 //     with its repairs): the pool has room for one metadata snapshot. It
 //     is held for seconds (thin_ls) but never by a snapshot call.
 //  2. keys: one lock per snapshot key. Prepare, View, Commit, Remove and
@@ -101,7 +101,7 @@ type Snapshotter struct {
 	// Check may repair.
 	forCheck bool
 
-	// checkMu: one online check at a time (see Concurrency).
+	// checkMu: one check at a time (see Concurrency).
 	checkMu sync.Mutex
 	// poolMu serializes the pool's metadata messages (see Concurrency);
 	// txid is the pool's transaction id.
