@@ -270,7 +270,7 @@ func logCheck(ctx context.Context, run CheckRun) {
 		}
 	}
 	if left > 0 {
-		l.Warnf("self-check: %d findings left (thin-snapshotter status lists them)", left)
+		l.Warnf("self-check left %d of %d findings (thin-snapshotter status lists them)", left, len(run.Findings))
 		return
 	}
 	l.Info("self-check: consistent")
