@@ -277,8 +277,11 @@ func TestSelfCheckLeakedIDTakenMeanwhile(t *testing.T) {
 				return err
 			}
 			got, err := tx.AllocateID()
-			if err != nil || got != id {
-				return fmt.Errorf("allocated %d, %v; want %d", got, err, id)
+			if err != nil {
+				return err
+			}
+			if got != id {
+				return fmt.Errorf("allocated %d, want %d", got, id)
 			}
 			_, err = tx.AddJournal(storage.Entry{Op: storage.OpCreateThin, DeviceID: id, Size: 64 << 20})
 			return err
