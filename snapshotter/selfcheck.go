@@ -92,12 +92,16 @@ func (s *Snapshotter) recoveryActed() bool {
 }
 
 // selfCheck runs one check and its online repairs, logs the outcome and
-// keeps it for Status.
+// keeps it for Status. A check the snapshotter's stop cut short is
+// neither: it says nothing about the state.
 func (s *Snapshotter) selfCheck(ctx context.Context, trigger string) CheckRun {
-	ctx, cancel := context.WithTimeout(ctx, checkTimeout)
+	cctx, cancel := context.WithTimeout(ctx, checkTimeout)
 	defer cancel()
 	start := time.Now()
-	fs, err := s.checkAndRepair(ctx)
+	fs, err := s.checkAndRepair(cctx)
+	if ctx.Err() != nil {
+		return CheckRun{}
+	}
 	run := CheckRun{Trigger: trigger, Ended: time.Now(), Findings: fs}
 	run.Duration = run.Ended.Sub(start)
 	if err != nil {

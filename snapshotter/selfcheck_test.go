@@ -433,6 +433,15 @@ func TestSelfCheckError(t *testing.T) {
 	if !strings.Contains(run.Error, "status of pool tp") || run.Findings != nil || run.Ended.IsZero() {
 		t.Fatalf("run: %+v", run)
 	}
+	// One that the snapshotter's stop cuts short is not kept.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if run := s.selfCheck(ctx, CheckPeriodic); !run.Ended.IsZero() {
+		t.Errorf("check cut short: %+v", run)
+	}
+	if last := s.lastCheck(); !strings.Contains(last.Error, "status of pool tp") {
+		t.Errorf("last check after one cut short: %+v", last)
+	}
 }
 
 // A metadata snapshot a killed check left is released: checks are its
