@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
@@ -19,6 +21,8 @@ type poolInspector interface {
 	// ReserveMetadata takes a snapshot of the pool metadata, whose thin
 	// ids can be listed while the pool goes on.
 	ReserveMetadata() (metadataSnapshot, error)
+	// ReleaseMetadata drops the pool's metadata snapshot, whoever took it.
+	ReleaseMetadata() error
 	// ThinTarget returns the thin target parameters and length in sectors
 	// of dm device name; ErrMalformed-wrapped when it is not one thin
 	// target.
@@ -70,26 +74,13 @@ func (s *Snapshotter) Check(ctx context.Context, opts CheckOptions) (*Report, er
 	if opts.Repair && !s.forCheck {
 		return nil, fmt.Errorf("repair needs a snapshotter opened with OpenForCheck (the daemon stopped): %w", errdefs.ErrFailedPrecondition)
 	}
-	st, err := s.gather(ctx)
-	if err != nil {
-		return nil, err
+	s.checkMu.Lock()
+	defer s.checkMu.Unlock()
+	r, st, err := s.checkOnce(ctx)
+	if err != nil || !opts.Repair {
+		return r, err
 	}
-	r := &Report{
-		Root:              s.cfg.Root,
-		Pool:              s.pool.Name(),
-		Repair:            opts.Repair,
-		PoolTransactionID: st.poolTx,
-		DBTransactionID:   st.dbTx,
-		BaseDeviceID:      st.pi.BaseDeviceID,
-		PoolDevices:       st.poolIDs(),
-		Records:           len(st.records),
-		Findings:          s.compare(st),
-	}
-	if !opts.Repair {
-		r.Remaining = r.Findings
-		r.Clean = len(r.Remaining) == 0
-		return r, nil
-	}
+	r.Repair = true
 	s.repair(ctx, st, r.Findings, opts)
 	st, err = s.gather(ctx)
 	if err != nil {
@@ -100,6 +91,28 @@ func (s *Snapshotter) Check(ctx context.Context, opts CheckOptions) (*Report, er
 	r.Remaining = s.compare(st)
 	r.Clean = len(r.Remaining) == 0
 	return r, nil
+}
+
+// checkOnce gathers the state and compares it: a report without repair,
+// and the state it saw.
+func (s *Snapshotter) checkOnce(ctx context.Context) (*Report, *checkState, error) {
+	st, err := s.gather(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	r := &Report{
+		Root:              s.cfg.Root,
+		Pool:              s.pool.Name(),
+		PoolTransactionID: st.poolTx,
+		DBTransactionID:   st.dbTx,
+		BaseDeviceID:      st.pi.BaseDeviceID,
+		PoolDevices:       st.poolIDs(),
+		Records:           len(st.records),
+		Findings:          s.compare(st),
+	}
+	r.Remaining = r.Findings
+	r.Clean = len(r.Remaining) == 0
+	return r, st, nil
 }
 
 // checkState is everything Check compares, as of one moment with no pool
@@ -116,6 +129,13 @@ type checkState struct {
 	journal []storage.Entry
 	warm    []storage.Warm
 	devices map[string]devState // dm devices named <pool>-snap-*
+	// poolLocked is how long gathering held poolMu: what a snapshot call
+	// may wait for a check (the benchmark reports it).
+	poolLocked time.Duration
+}
+
+func newCheckState() *checkState {
+	return &checkState{inPool: map[uint32]bool{}, ids: map[uint32]string{}, foreign: map[uint32]bool{}, devices: map[string]devState{}}
 }
 
 type devState struct {
@@ -147,7 +167,7 @@ func (s *Snapshotter) gather(ctx context.Context) (*checkState, error) {
 	if err != nil {
 		return nil, err
 	}
-	st := &checkState{inPool: map[uint32]bool{}, ids: map[uint32]string{}, foreign: map[uint32]bool{}, devices: map[string]devState{}}
+	st := newCheckState()
 	// No pool step runs while the metadata snapshot is taken and the
 	// database and the devices are read, so they agree (every step
 	// journals before it touches the pool). thin_ls reads the snapshot
@@ -170,12 +190,16 @@ func (s *Snapshotter) gather(ctx context.Context) (*checkState, error) {
 // returns the metadata snapshot taken with it.
 func (s *Snapshotter) gatherLocked(ctx context.Context, in poolInspector, st *checkState) (meta metadataSnapshot, err error) {
 	s.poolMu.Lock()
-	defer s.poolMu.Unlock()
+	locked := time.Now()
+	defer func() {
+		st.poolLocked = time.Since(locked)
+		s.poolMu.Unlock()
+	}()
 	if st.status, err = s.pool.Status(); err != nil {
 		return nil, fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
 	}
 	st.poolTx = st.status.TransactionID
-	m, err := in.ReserveMetadata()
+	m, err := s.reserveMetadata(ctx, in)
 	if err != nil {
 		return nil, err
 	}
@@ -184,38 +208,7 @@ func (s *Snapshotter) gatherLocked(ctx context.Context, in poolInspector, st *ch
 			err = errors.Join(err, m.Release())
 		}
 	}()
-	if err := s.db.View(ctx, func(tx *storage.Tx) error {
-		var err error
-		if st.pi, err = tx.PoolInfo(); err != nil && !errdefs.IsNotFound(err) {
-			return err
-		}
-		if st.dbTx, err = tx.TransactionID(); err != nil {
-			return err
-		}
-		if st.journal, err = tx.Journal(); err != nil {
-			return err
-		}
-		if st.warm, err = tx.WarmDevices(); err != nil {
-			return err
-		}
-		foreign, err := tx.ForeignIDs()
-		if err != nil {
-			return err
-		}
-		for _, id := range foreign {
-			st.foreign[id] = true
-		}
-		if err := tx.WalkIDs(func(id uint32, owner string) error {
-			st.ids[id] = owner
-			return nil
-		}); err != nil {
-			return err
-		}
-		return tx.WalkSnapshots(func(sn storage.Snapshot) error {
-			st.records = append(st.records, sn)
-			return nil
-		})
-	}); err != nil {
+	if err := s.db.View(ctx, func(tx *storage.Tx) error { return st.readDB(tx) }); err != nil {
 		return nil, err
 	}
 	devs, err := s.pool.List()
@@ -237,6 +230,59 @@ func (s *Snapshotter) gatherLocked(ctx context.Context, in poolInspector, st *ch
 		st.devices[d.Name] = ds
 	}
 	return m, nil
+}
+
+// reserveMetadata takes the pool's metadata snapshot. Checks are its only
+// takers (the pool is dedicated), one at a time per database (checkMu, and
+// the database's lock keeps a second process out), so one held already
+// was left by a check a crash interrupted: it is released first. Called
+// under checkMu.
+func (s *Snapshotter) reserveMetadata(ctx context.Context, in poolInspector) (metadataSnapshot, error) {
+	m, err := in.ReserveMetadata()
+	if err == nil || !dmsetup.IsBusy(err) {
+		return m, err
+	}
+	if rerr := in.ReleaseMetadata(); rerr != nil {
+		return nil, errors.Join(err, rerr)
+	}
+	log.G(ctx).WithField("pool", s.pool.Name()).Warn("released a metadata snapshot of the pool that an interrupted check left")
+	return in.ReserveMetadata()
+}
+
+// readDB fills in what the database says: the pool it owns, its
+// transaction id, the journal, the warm devices, the foreign ids, the id
+// table and the records.
+func (st *checkState) readDB(tx *storage.Tx) error {
+	var err error
+	if st.pi, err = tx.PoolInfo(); err != nil && !errdefs.IsNotFound(err) {
+		return err
+	}
+	if st.dbTx, err = tx.TransactionID(); err != nil {
+		return err
+	}
+	if st.journal, err = tx.Journal(); err != nil {
+		return err
+	}
+	if st.warm, err = tx.WarmDevices(); err != nil {
+		return err
+	}
+	foreign, err := tx.ForeignIDs()
+	if err != nil {
+		return err
+	}
+	for _, id := range foreign {
+		st.foreign[id] = true
+	}
+	if err := tx.WalkIDs(func(id uint32, owner string) error {
+		st.ids[id] = owner
+		return nil
+	}); err != nil {
+		return err
+	}
+	return tx.WalkSnapshots(func(sn storage.Snapshot) error {
+		st.records = append(st.records, sn)
+		return nil
+	})
 }
 
 func openNote(info dmsetup.Info) string {

@@ -16,15 +16,9 @@ import (
 // gives; every step is journaled like a normal operation where it touches
 // the pool.
 func (s *Snapshotter) repair(ctx context.Context, st *checkState, fs []Finding, opts CheckOptions) {
-	if ok, why := s.poolIsOurs(st); !ok {
-		refuse(fs, "not repaired: the pool may not be this database's: "+why)
+	if why := s.repairRefusal(st, fs); why != "" {
+		refuse(fs, why)
 		return
-	}
-	for _, f := range fs {
-		if f.Kind == FindingPoolUnhealthy {
-			refuse(fs, "not repaired: the pool is unhealthy; check its metadata with thin_check first")
-			return
-		}
 	}
 	r := repairs{s: s, fs: fs}
 	r.journal(ctx)
@@ -40,6 +34,20 @@ func (s *Snapshotter) repair(ctx context.Context, st *checkState, fs []Finding, 
 	if opts.RemoveGhosts {
 		r.ghosts(ctx)
 	}
+}
+
+// repairRefusal says why nothing may be repaired, or "": the pool may not
+// be this database's, or it is unhealthy.
+func (s *Snapshotter) repairRefusal(st *checkState, fs []Finding) string {
+	if ok, why := s.poolIsOurs(st); !ok {
+		return "not repaired: the pool may not be this database's: " + why
+	}
+	for _, f := range fs {
+		if f.Kind == FindingPoolUnhealthy {
+			return "not repaired: the pool is unhealthy; check its metadata with thin_check first"
+		}
+	}
+	return ""
 }
 
 // repairs is one repair in progress over the findings fs.

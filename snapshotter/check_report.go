@@ -44,6 +44,14 @@ const (
 	FindingPoolUnhealthy FindingKind = "pool_unhealthy"
 )
 
+// FindingKinds lists every FindingKind, for those that declare them up
+// front (the metrics).
+var FindingKinds = []FindingKind{
+	FindingOrphan, FindingGhost, FindingBaseMissing, FindingWrongDevice, FindingStaleDevice,
+	FindingMissingDevice, FindingPendingJournal, FindingNotReady, FindingLeakedID, FindingForeign,
+	FindingIDConflict, FindingTxIDMismatch, FindingPoolUnhealthy,
+}
+
 // Finding is one inconsistency, and what Repair did about it.
 type Finding struct {
 	Kind       FindingKind `json:"kind"`

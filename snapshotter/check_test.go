@@ -39,6 +39,16 @@ func (p *fakePool) ReserveMetadata() (metadataSnapshot, error) {
 	return &fakeMetaSnap{p: p, ids: p.idsLocked()}, nil
 }
 
+func (p *fakePool) ReleaseMetadata() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.metaSnap {
+		return errno("message release_metadata_snap", p.name, unix.EINVAL)
+	}
+	p.metaSnap = false
+	return nil
+}
+
 type fakeMetaSnap struct {
 	p   *fakePool
 	ids []uint32

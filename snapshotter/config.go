@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/containerd/errdefs"
 
@@ -15,7 +16,7 @@ import (
 
 // Config is what the snapshotter needs to run; the daemon fills it from its
 // TOML configuration. A zero size or FSType means its default (no size can
-// be zero); a zero MinFree threshold means that check is off.
+// be zero); a zero MinFree threshold or CheckInterval turns that check off.
 type Config struct {
 	// Root holds the database and, for the embedded pool, its files; an
 	// absolute path.
@@ -87,6 +88,13 @@ type Config struct {
 	// Classes are the size classes Class serves: key spaces of their own
 	// on the same pool, whose active snapshots get the class's size.
 	Classes []SizeClass
+
+	// CheckInterval is how often the snapshotter checks itself: the
+	// online check, then the repairs that are safe while it serves
+	// (selfcheck.go). It also checks once after a startup recovery that
+	// did something. 0 turns both off; DefaultCheckInterval is the
+	// recommended value.
+	CheckInterval time.Duration
 }
 
 // SizeClass names a default disk size for the active snapshots of a class.
@@ -128,6 +136,9 @@ const (
 	// exhaustion corrupts nothing but fails every write: more headroom.
 	DefaultMinFreeData     = 5
 	DefaultMinFreeMetadata = 10
+	// A check reads the pool's whole metadata (thin_ls): hourly finds a
+	// problem long before it grows, at a cost no node notices.
+	DefaultCheckInterval = time.Hour
 )
 
 // Limits checked by Validate, in bytes.
@@ -153,6 +164,10 @@ const (
 	// maxClassNameLen bounds a size class name.
 	maxClassNameLen = 64
 )
+
+// MinCheckInterval is the shortest CheckInterval but 0: each check reads
+// the pool's whole metadata.
+const MinCheckInterval = time.Minute
 
 // FieldError is one invalid Config field; it matches
 // errdefs.ErrInvalidArgument. The daemon maps Field to its configuration key.
@@ -208,6 +223,9 @@ func (c *Config) validate() error {
 	c.validateSnapshot(&v)
 	c.validateClasses(&v)
 	c.validateOptions(&v)
+	if ci := c.CheckInterval; ci != 0 && ci < MinCheckInterval {
+		v.bad("CheckInterval", "%s: must be 0 (off) or at least %s", ci, MinCheckInterval)
+	}
 	return errors.Join(v...)
 }
 

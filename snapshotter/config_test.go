@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/errdefs"
 )
@@ -103,6 +104,9 @@ func TestConfigValidate(t *testing.T) {
 		{name: "mkfs option NUL", modify: func(c *Config) { c.MkfsOptions = []string{"a\x00"} }, fields: []string{"MkfsOptions[0]"}},
 		{name: "mount options", modify: func(c *Config) { c.MountOptions = []string{"noatime", "nodev"} }},
 		{name: "mount option comma", modify: func(c *Config) { c.MountOptions = []string{"noatime,nodev"} }, fields: []string{"MountOptions[0]"}, msg: "one option per entry"},
+		{name: "check interval", modify: func(c *Config) { c.CheckInterval = MinCheckInterval }},
+		{name: "check interval short", modify: func(c *Config) { c.CheckInterval = 30 * time.Second }, fields: []string{"CheckInterval"}, msg: "0 (off) or at least 1m0s"},
+		{name: "check interval negative", modify: func(c *Config) { c.CheckInterval = -time.Hour }, fields: []string{"CheckInterval"}},
 		{name: "mount option rw", modify: func(c *Config) { c.MountOptions = []string{"noatime", "rw"} }, fields: []string{"MountOptions[1]"}, msg: "chosen by the snapshotter"},
 		{
 			name: "every error at once",

@@ -184,6 +184,11 @@ func (p *dmPool) ReserveMetadata() (metadataSnapshot, error) {
 	return p.c.ReserveMetadataSnapshot(p.name)
 }
 
+// ReleaseMetadata drops the pool's metadata snapshot.
+func (p *dmPool) ReleaseMetadata() error {
+	return p.c.ReleaseMetadataSnap(p.name)
+}
+
 // metadataSnapshot is a pool's metadata as it was when reserved
 // (dmsetup.MetadataSnapshot).
 type metadataSnapshot interface {

@@ -25,27 +25,33 @@
 // warm.go. Kernel side: pool.go (the dm client), poolstep.go, base.go,
 // poolgrow.go (the embedded pool grows), fsgrow.go (a filesystem grows to
 // its device). Start and stop: open.go, ownership.go, recover.go.
-// Operators: status.go, devices.go, steps.go and check*.go.
+// Operators: status.go, devices.go, steps.go, check*.go and selfcheck.go
+// (the snapshotter checks itself).
 //
 // # Concurrency
 //
 // Locks, outermost first. Code holding one may take only those after it:
 //
-//  1. keys: one lock per snapshot key. Prepare, View, Commit, Remove and
+//  1. checkMu: one check at a time (Check, CheckOnline, and the self-check
+//     with its repairs): the pool has room for one metadata snapshot. It
+//     is held for seconds (thin_ls) but never by a snapshot call.
+//  2. keys: one lock per snapshot key. Prepare, View, Commit, Remove and
 //     Update of the same key run one at a time; other keys run in parallel.
 //     Then layers: one lock per committed layer, taken by a View or a
 //     view's Remove (holding the view's key lock) while it activates or
 //     deactivates the read-only device the layer's views share.
-//  2. grower.mu: one growth of the embedded pool at a time (a Prepare short
+//  3. grower.mu: one growth of the embedded pool at a time (a Prepare short
 //     of space grows it, and so does the growth goroutine).
-//  3. poolMu: the pool's metadata messages (create_thin, create_snap,
+//  4. poolMu: the pool's metadata messages (create_thin, create_snap,
 //     delete, set_transaction_id) one at a time, with the suspend and
 //     resume around a snapshot of an active device; it also guards txid.
 //     Check holds it while it takes the pool's metadata snapshot and reads
 //     the database, so the two agree.
-//  4. bbolt's writer lock, inside storage.DB.Update. Journal entries are
+//  5. bbolt's writer lock, inside storage.DB.Update. Journal entries are
 //     written before poolMu is taken, so one call's fsync overlaps another
-//     call's pool message; no database write happens under poolMu.
+//     call's pool message; no database write happens under poolMu. The
+//     self-check reads the database again under it before it releases a
+//     leaked id, so no create can take the id meanwhile.
 //
 // Leaf locks, under which nothing else is taken: keyLocks.mu, the removals
 // in flight (background.removing), the refill requests (refills.mu) and
@@ -58,11 +64,12 @@
 // do not depend on the pool's size, and holding poolMu through a growth
 // would stall every call for its length).
 //
-// Goroutines: the worker (worker.go) and, for an embedded pool with
-// max_data_size, the growth watcher (poolgrow.go). New starts both; Close
-// stops both and waits for them before it closes the database. Work the
-// worker has begun is finished even when it is stopped, so no half-made
-// device waits for the next start.
+// Goroutines: the worker (worker.go), for an embedded pool with
+// max_data_size the growth watcher (poolgrow.go), and with a CheckInterval
+// the self-check (selfcheck.go). New starts them; Close stops them and
+// waits for them before it closes the database. Work the worker or a
+// self-check repair has begun is finished even when it is stopped, so no
+// half-made device waits for the next start.
 package snapshotter
 
 import (
@@ -98,6 +105,8 @@ type Snapshotter struct {
 	// Check may repair.
 	forCheck bool
 
+	// checkMu: one check at a time (see Concurrency).
+	checkMu sync.Mutex
 	// poolMu serializes the pool's metadata messages (see Concurrency);
 	// txid is the pool's transaction id.
 	poolMu sync.Mutex

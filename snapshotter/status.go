@@ -70,6 +70,10 @@ type Status struct {
 	WarmDevices int
 
 	LastRecovery Recovery
+	// CheckInterval is how often the snapshotter checks itself (0: never);
+	// LastCheck is the last self-check.
+	CheckInterval time.Duration
+	LastCheck     CheckRun
 
 	// Thresholds in force: the free percentages below which new devices
 	// are refused (0: off).
@@ -97,6 +101,8 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 		MinFreeData:     s.cfg.MinFreeData,
 		MinFreeMetadata: s.cfg.MinFreeMetadata,
 		AsyncRemove:     s.cfg.AsyncRemove,
+		CheckInterval:   s.cfg.CheckInterval,
+		LastCheck:       s.lastCheck(),
 	}
 	s.admin.mu.Lock()
 	out.LastRecovery = s.admin.recovery

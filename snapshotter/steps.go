@@ -31,7 +31,8 @@ type StepObserver interface {
 }
 
 // adminState is what the snapshotter keeps for operators: the step
-// observer, the last recovery (for Status) and counters (for metrics).
+// observer, the last recovery and self-check (for Status) and counters
+// (for metrics).
 type adminState struct {
 	observer atomic.Pointer[observerBox]
 	// sharedLayers counts unpacks saved by layer sharing.
@@ -39,6 +40,8 @@ type adminState struct {
 
 	mu       sync.Mutex
 	recovery Recovery
+	// check is the last self-check (selfcheck.go).
+	check CheckRun
 }
 
 type observerBox struct{ o StepObserver }

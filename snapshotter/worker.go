@@ -44,19 +44,23 @@ type background struct {
 	removing seqSet
 	refill   refills
 
-	// stop ends the worker and the growth watcher, nil while they do not
-	// run; wg waits for them.
+	// stop ends the worker, the growth watcher and the self-check, nil
+	// while they do not run; wg waits for them.
 	stop context.CancelFunc
 	wg   sync.WaitGroup
 }
 
 // startBackground starts the worker and, for a pool that grows itself, the
-// growth watcher.
+// growth watcher, and with a CheckInterval the self-check.
 func (s *Snapshotter) startBackground(ctx context.Context) {
 	ctx, s.bg.stop = context.WithCancel(context.WithoutCancel(ctx))
 	s.bg.wg.Go(func() { s.worker(ctx) })
 	if s.autogrow != nil {
 		s.bg.wg.Go(func() { s.watchGrowth(ctx) })
+	}
+	if s.cfg.CheckInterval > 0 {
+		afterRecovery := s.recoveryActed()
+		s.bg.wg.Go(func() { s.watchConsistency(ctx, afterRecovery) })
 	}
 }
 

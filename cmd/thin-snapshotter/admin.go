@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"errors"
+	"time"
 
 	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	adminv1 "github.com/thin-snapshotter/thin-snapshotter/proto/thin/admin/v1"
 	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
@@ -80,11 +82,40 @@ func statusToProto(st snapshotter.Status) *adminv1.StatusResponse {
 			MinFreeMetadataPercent: st.MinFreeMetadata,
 			AsyncRemove:            st.AsyncRemove,
 		},
+		SelfCheck: selfCheckToProto(st.CheckInterval, st.LastCheck),
 	}
 	// Every kind gets a key, even with no snapshots of it, so that a client
 	// sees a zero rather than a missing key.
 	for _, k := range snapshotter.Kinds {
 		out.Snapshots[k] = uint32(st.Snapshots[k])
+	}
+	return out
+}
+
+// selfCheckToProto is the admin API's SelfCheck for the interval and the
+// last run.
+func selfCheckToProto(interval time.Duration, c snapshotter.CheckRun) *adminv1.SelfCheck {
+	out := &adminv1.SelfCheck{
+		Interval: durationpb.New(interval),
+		Trigger:  c.Trigger,
+		Duration: durationpb.New(c.Duration),
+		Error:    c.Error,
+		Findings: findingsToProto(c.Findings),
+	}
+	if !c.Ended.IsZero() {
+		out.Ended = timestamppb.New(c.Ended)
+	}
+	return out
+}
+
+// findingsToProto is the admin API's form of fs.
+func findingsToProto(fs []snapshotter.Finding) []*adminv1.Finding {
+	out := make([]*adminv1.Finding, 0, len(fs))
+	for _, f := range fs {
+		out = append(out, &adminv1.Finding{
+			Kind: string(f.Kind), DeviceId: f.DeviceID, Device: f.Device, Key: f.Key,
+			Message: f.Message, Repairable: f.Repairable, Action: f.Action, Repaired: f.Repaired, Error: f.Error,
+		})
 	}
 	return out
 }
@@ -114,13 +145,7 @@ func (a *adminServer) Check(ctx context.Context, _ *adminv1.CheckRequest) (*admi
 		Root: r.Root, Pool: r.Pool,
 		PoolTransactionId: r.PoolTransactionID, DbTransactionId: r.DBTransactionID,
 		BaseDeviceId: r.BaseDeviceID, PoolDevices: r.PoolDevices, Records: uint32(r.Records),
-		Findings: make([]*adminv1.Finding, 0, len(r.Findings)), Clean: r.Clean,
-	}
-	for _, f := range r.Findings {
-		out.Findings = append(out.Findings, &adminv1.Finding{
-			Kind: string(f.Kind), DeviceId: f.DeviceID, Device: f.Device, Key: f.Key,
-			Message: f.Message, Repairable: f.Repairable,
-		})
+		Findings: findingsToProto(r.Findings), Clean: r.Clean,
 	}
 	return out, nil
 }

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/thin-snapshotter/thin-snapshotter/cmd/thin-snapshotter/config"
 	adminv1 "github.com/thin-snapshotter/thin-snapshotter/proto/thin/admin/v1"
 	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
 )
@@ -237,6 +238,7 @@ func printStatus(w io.Writer, st *adminv1.StatusResponse) {
 	th := st.GetThresholds()
 	row("thresholds", "new devices refused below %s free data, %s free metadata; async_remove %v",
 		percentOrOff(th.GetMinFreeDataPercent()), percentOrOff(th.GetMinFreeMetadataPercent()), th.GetAsyncRemove())
+	printSelfCheck(row, st.GetSelfCheck())
 	tw.Flush()
 }
 
@@ -249,6 +251,57 @@ func whenFull(policy string) string {
 		return "writes fail at once"
 	}
 	return policy
+}
+
+// maxFindingLines bounds the findings status lists; check --online lists
+// them all.
+const maxFindingLines = 10
+
+// printSelfCheck prints the self-check's rows of status: the last run,
+// then one line per finding, what was repaired and what is left.
+func printSelfCheck(row func(name, format string, args ...any), sc *adminv1.SelfCheck) {
+	every := "off (check_interval = 0)"
+	if d := sc.GetInterval().AsDuration(); d > 0 {
+		every = "every " + config.Duration(d).String()
+	}
+	if sc.GetEnded() == nil {
+		row("self-check", "%s; none yet", every)
+		return
+	}
+	last := fmt.Sprintf("%s; last after %s, ended %s, took %s", every, sc.GetTrigger(),
+		sc.GetEnded().AsTime().UTC().Format(time.RFC3339), sc.GetDuration().AsDuration().Round(time.Millisecond))
+	fs := sc.GetFindings()
+	left := 0
+	for _, f := range fs {
+		if !f.GetRepaired() {
+			left++
+		}
+	}
+	switch {
+	case sc.GetError() != "":
+		row("self-check", "%s: could not check: %s", last, sc.GetError())
+		return
+	case len(fs) == 0:
+		row("self-check", "%s: consistent", last)
+		return
+	}
+	row("self-check", "%s: %s, %d repaired online, %d left", last, problems(len(fs)), len(fs)-left, left)
+	for i, f := range fs {
+		if i == maxFindingLines {
+			row("", "... %d more: thin-snapshotter check --online lists them", len(fs)-i)
+			break
+		}
+		switch {
+		case f.GetRepaired():
+			row("", "repaired %s: %s", f.GetKind(), f.GetAction())
+		case f.GetError() != "":
+			row("", "left %s: %s (%s failed: %s)", f.GetKind(), f.GetMessage(), f.GetAction(), f.GetError())
+		case f.GetAction() != "":
+			row("", "left %s: %s; %s", f.GetKind(), f.GetMessage(), f.GetAction())
+		default:
+			row("", "left %s: %s", f.GetKind(), f.GetMessage())
+		}
+	}
 }
 
 // space describes one of the pool's two spaces in a line of status.

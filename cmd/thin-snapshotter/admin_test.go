@@ -83,6 +83,17 @@ func testStatus() snapshotter.Status {
 		ActiveDevices: 2, WarmDevices: 1, PendingJournal: 3, PendingRemovals: 2,
 		LastRecovery: snapshotter.Recovery{RolledBackCreates: 1, ReactivatedDevices: 4, Duration: 1500 * time.Microsecond},
 		MinFreeData:  5, MinFreeMetadata: 10,
+		CheckInterval: time.Hour,
+		LastCheck: snapshotter.CheckRun{
+			Trigger: snapshotter.CheckAfterRecovery, Ended: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC), Duration: 1234 * time.Millisecond,
+			Findings: []snapshotter.Finding{
+				{Kind: snapshotter.FindingLeakedID, DeviceID: 8, Message: "id 8 is allocated but in no record", Repairable: true,
+					Action: "released id 8", Repaired: true},
+				{Kind: snapshotter.FindingGhost, DeviceID: 3, Key: "k", Message: `active snapshot "k": thin device 3 is not in the pool`},
+				{Kind: snapshotter.FindingPendingJournal, DeviceID: 4, Message: "interrupted delete of thin device 4", Repairable: true,
+					Action: "finished the removal of thin device 4", Error: "device busy"},
+			},
+		},
 	}
 }
 
@@ -132,6 +143,10 @@ func TestAdminCommands(t *testing.T) {
 		"dm devices      2 active, 1 of them warm",
 		"recovery took 1.5ms: 1 creates rolled back, 0 removals finished, 0 deferred (busy), 0 commits dropped, 4 devices reactivated",
 		"new devices refused below 5% free data, 10% free metadata; async_remove false",
+		"self-check      every 1h; last after recovery, ended 2026-01-02T03:04:05Z, took 1.234s: 3 problems, 1 repaired online, 2 left\n" +
+			"                repaired leaked_id: released id 8\n" +
+			"                left ghost: active snapshot \"k\": thin device 3 is not in the pool\n" +
+			"                left pending_journal: interrupted delete of thin device 4 (finished the removal of thin device 4 failed: device busy)\n",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)
@@ -149,6 +164,11 @@ func TestAdminCommands(t *testing.T) {
 	if js["pool"] != "thin-abc-pool" || js["pending_removals"] != float64(2) ||
 		js["data"].(map[string]any)["used_bytes"] != "3221225472" || js["snapshots"].(map[string]any)["view"] != float64(0) {
 		t.Errorf("status --json:\n%s", out)
+	}
+	sc := js["self_check"].(map[string]any)
+	if sc["interval"] != "3600s" || sc["ended"] != "2026-01-02T03:04:05Z" || sc["trigger"] != "recovery" ||
+		len(sc["findings"].([]any)) != 3 || sc["findings"].([]any)[0].(map[string]any)["repaired"] != true {
+		t.Errorf("status --json self_check: %v", sc)
 	}
 
 	code, out, errOut = runCLI(t, "devices", addr)
@@ -307,6 +327,16 @@ func TestPoolMetrics(t *testing.T) {
 		`thin_snapshotter_build_info{`,
 		`thin_snapshotter_shared_layers_total 7`,
 		`thin_snapshotter_pool_growths_total 2`,
+		`thin_snapshotter_check_interval_seconds 3600`,
+		`thin_snapshotter_check_findings{kind="ghost"} 1`,
+		`thin_snapshotter_check_findings{kind="pending_journal"} 1`,
+		`thin_snapshotter_check_findings{kind="leaked_id"} 0`,
+		`thin_snapshotter_check_findings{kind="orphan"} 0`,
+		`thin_snapshotter_check_repaired{kind="leaked_id"} 1`,
+		`thin_snapshotter_check_repaired{kind="ghost"} 0`,
+		`thin_snapshotter_check_last_run_timestamp_seconds 1.767323045e+09`,
+		`thin_snapshotter_check_last_run_duration_seconds 1.234`,
+		`thin_snapshotter_check_last_run_success 1`,
 	} {
 		if !strings.Contains(body, want+"\n") && !strings.Contains(body, want) {
 			t.Errorf("metrics lack %q", want)

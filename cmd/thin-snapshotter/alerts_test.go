@@ -53,7 +53,7 @@ func TestContribAlerts(t *testing.T) {
 	for _, want := range []string{
 		"ThinSnapshotterPoolDataSpaceLow", "ThinSnapshotterPoolMetadataSpaceLow", "ThinSnapshotterPoolNeedsCheck",
 		"ThinSnapshotterPoolFailed", "ThinSnapshotterPoolReadOnly", "ThinSnapshotterPendingRemovalsGrowing",
-		"ThinSnapshotterJournalBacklog",
+		"ThinSnapshotterJournalBacklog", "ThinSnapshotterCheckFindings",
 	} {
 		if !alerts[want] {
 			t.Errorf("alerts.yml has no %s", want)

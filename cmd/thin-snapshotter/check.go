@@ -88,7 +88,11 @@ const checkDescription = "Run with the daemon stopped (it holds the database). U
 	"\n" +
 	"--online asks the running daemon (--address) instead: the same report, read-only,\n" +
 	"from a metadata snapshot and a read transaction while it serves. It checks twice\n" +
-	"and reports what both passes found, so operations in flight are not findings."
+	"and reports what both passes found, so operations in flight are not findings.\n" +
+	"\n" +
+	"The daemon also checks itself every check_interval and after a start whose\n" +
+	"recovery did something, finishing pending removals and releasing leaked ids as\n" +
+	"it goes; `thin-snapshotter status` shows its last check."
 
 func checkCommand(open checkOpener) *cli.Command {
 	return &cli.Command{

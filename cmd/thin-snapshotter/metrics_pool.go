@@ -28,6 +28,7 @@ type poolCollector struct {
 	snaps, notReady, devices                *prometheus.Desc
 	journal, removals, warm                 *prometheus.Desc
 	recoveryActions, recoveryDuration, info *prometheus.Desc
+	check                                   checkDescs
 }
 
 // spaceDescs are the metrics of one of the pool's two spaces.
@@ -84,13 +85,15 @@ func newPoolCollector(sn adminBackend) *poolCollector {
 			"What the recovery at this process's start did, by action.", "action"),
 		recoveryDuration: d("recovery_duration_seconds", "How long the recovery at this process's start took."),
 		info:             d("build_info", "The daemon's version and commit.", "version", "commit"),
+		check:            newCheckDescs(d),
 	}
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 	descs := []*prometheus.Desc{c.up, c.mode, c.needsCheck, c.whenFullQueue, c.snaps, c.notReady, c.devices, c.journal, c.removals, c.warm,
 		c.recoveryActions, c.recoveryDuration, c.info}
-	for _, d := range append(append(descs, c.data.descs()...), c.metadata.descs()...) {
+	descs = append(append(append(descs, c.data.descs()...), c.metadata.descs()...), c.check.descs()...)
+	for _, d := range descs {
 		ch <- d
 	}
 }
@@ -137,6 +140,7 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.recoveryActions, float64(n), action)
 	}
 	gauge(c.recoveryDuration, r.Duration.Seconds())
+	c.check.collect(gauge, st.CheckInterval, st.LastCheck)
 }
 
 func boolValue(b bool) float64 {

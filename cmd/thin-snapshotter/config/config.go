@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/containerd/errdefs"
 	"github.com/pelletier/go-toml/v2"
@@ -45,9 +46,11 @@ type Config struct {
 	// LogLevel is one of trace, debug, info, warn, error, fatal, panic.
 	LogLevel string `toml:"log_level"`
 	// MetricsAddress is host:port for a Prometheus /metrics endpoint; empty disables it.
-	MetricsAddress string         `toml:"metrics_address"`
-	Pool           PoolConfig     `toml:"pool"`
-	Snapshot       SnapshotConfig `toml:"snapshot"`
+	MetricsAddress string `toml:"metrics_address"`
+	// CheckInterval is how often the daemon checks itself; 0 never.
+	CheckInterval Duration       `toml:"check_interval"`
+	Pool          PoolConfig     `toml:"pool"`
+	Snapshot      SnapshotConfig `toml:"snapshot"`
 	// Classes are extra sockets, one per size class ([[class]] tables).
 	Classes []ClassConfig `toml:"class"`
 }
@@ -127,9 +130,10 @@ func (c *SnapshotConfig) discardOnDelete() *bool {
 // Default returns the default configuration.
 func Default() *Config {
 	return &Config{
-		Root:     DefaultRoot,
-		Address:  DefaultAddress,
-		LogLevel: defaultLogLevel,
+		Root:          DefaultRoot,
+		Address:       DefaultAddress,
+		LogLevel:      defaultLogLevel,
+		CheckInterval: Duration(snapshotter.DefaultCheckInterval),
 		Pool: PoolConfig{
 			DataSize:        snapshotter.DefaultDataSize,
 			MetadataSize:    snapshotter.DefaultMetadataSize,
@@ -184,6 +188,7 @@ func (c *Config) Snapshotter() snapshotter.Config {
 		Discard:         c.Snapshot.Discard,
 		DiscardOnDelete: c.Snapshot.discardOnDelete(),
 		Classes:         classes,
+		CheckInterval:   time.Duration(c.CheckInterval),
 	}
 }
 
@@ -210,6 +215,7 @@ var snapshotterKeys = map[string]string{
 	"Discard":         "snapshot.discard",
 	"DiscardOnDelete": "snapshot.discard_on_delete",
 	"Classes":         "class",
+	"CheckInterval":   "check_interval",
 }
 
 // classKeys maps the fields of snapshotter.SizeClass to the keys of a

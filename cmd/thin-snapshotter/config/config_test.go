@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/errdefs"
 )
@@ -37,6 +38,16 @@ metrics_address = "127.0.0.1:9101"`,
 			want: func(c *Config) {
 				c.Root, c.Address, c.LogLevel, c.MetricsAddress = "/srv/thin", "/run/x/thin.sock", "debug", "127.0.0.1:9101"
 			},
+		},
+		{
+			name: "check interval",
+			doc:  `check_interval = "30m"`,
+			want: func(c *Config) { c.CheckInterval = Duration(30 * time.Minute) },
+		},
+		{
+			name: "check off",
+			doc:  `check_interval = "0"`,
+			want: func(c *Config) { c.CheckInterval = 0 },
 		},
 		{
 			name: "existing pool",
@@ -112,6 +123,7 @@ func TestParseErrors(t *testing.T) {
 		{name: "string for bool", doc: "[snapshot]\ndiscard = \"yes\"", want: []string{"line 2", "discard"}},
 		{name: "string for list", doc: "[snapshot]\nmount_options = \"noatime\"", want: []string{"line 2", "mount_options"}},
 		{name: "syntax error", doc: "root = ", want: []string{"line 1"}},
+		{name: "bad duration", doc: `check_interval = "1 hour"`, want: []string{"line 1", "check_interval", `"1h"`}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -128,6 +140,19 @@ func TestParseErrors(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// go-toml stores a TOML integer in a Duration as nanoseconds, without
+// UnmarshalText: an interval without unit is refused by Validate, naming
+// the key.
+func TestCheckIntervalWithoutUnit(t *testing.T) {
+	c, err := Parse([]byte("check_interval = 3600"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "check_interval: 3.6µs: must be 0 (off) or at least 1m0s") {
+		t.Fatalf("Validate = %v", err)
 	}
 }
 
@@ -286,6 +311,7 @@ func TestRenderRoundTripNonDefault(t *testing.T) {
 		Address:        "/run/t/t.sock",
 		LogLevel:       "trace",
 		MetricsAddress: "127.0.0.1:9999",
+		CheckInterval:  Duration(90 * time.Minute),
 		Pool: PoolConfig{
 			Name:         "vg-pool-tpool",
 			DataSize:     3*tib + 512,

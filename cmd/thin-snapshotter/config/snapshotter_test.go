@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/errdefs"
 
@@ -58,6 +59,8 @@ func TestSnapshotterMapsEveryField(t *testing.T) {
 				}
 			case reflect.Uint64:
 				v.SetUint(v.Uint() + 4096)
+			case reflect.Int64:
+				v.SetInt(v.Int() + int64(time.Minute))
 			case reflect.Float64:
 				v.SetFloat(v.Float() + 1)
 			case reflect.Bool:
@@ -140,11 +143,16 @@ func TestValidateAgreesWithSnapshotter(t *testing.T) {
 		{"bad classes", func(c *Config) {
 			c.Classes = []ClassConfig{{Name: "Thin", Size: 50 * gib}, {Name: "small", Size: mib}, {Name: "small", Size: 50*gib + 1}, {Name: "-x", Size: 50 * gib}}
 		}},
+		{"check off", func(c *Config) { c.CheckInterval = 0 }},
+		{"check every minute", func(c *Config) { c.CheckInterval = Duration(time.Minute) }},
+		{"check too often", func(c *Config) { c.CheckInterval = Duration(30 * time.Second) }},
+		{"check negative", func(c *Config) { c.CheckInterval = Duration(-time.Hour) }},
 		{"everything wrong", func(c *Config) {
 			c.Root, c.Pool.Name, c.Pool.DataSize, c.Pool.MetadataSize, c.Pool.BlockSize = "", "..", 1, 1, 1
 			c.Pool.MinFreeData, c.Pool.MinFreeMetadata = 100, -1
 			c.Snapshot.FSType, c.Snapshot.BaseSize = "btrfs", 1
 			c.Snapshot.MkfsOptions, c.Snapshot.MountOptions = []string{""}, []string{"ro"}
+			c.CheckInterval = 1
 		}},
 	}
 	for _, tt := range tests {

@@ -42,6 +42,14 @@ log_level = {{ value .LogLevel }}
 # and code, their latency, Go runtime). Empty: no endpoint.
 metrics_address = {{ value .MetricsAddress }}
 
+# How often the daemon checks its database against the pool while it serves,
+# as "thin-snapshotter check --online" does, and repairs what is safe then:
+# it finishes pending removals and releases ids whose devices are gone.
+# Anything else stays a finding: in the log, in "thin-snapshotter status" and
+# in the metrics. It also checks once after a start whose recovery did
+# something. A duration ("1h", "30m"), at least {{ .MinCheckInterval }}; "0" turns it off.
+check_interval = {{ value .CheckInterval }}
+
 [pool]
 # The dm name of an existing device-mapper thin pool, as "dmsetup ls" shows
 # it. For an LVM thin pool set lvm instead. Both empty: the embedded pool,
@@ -170,6 +178,7 @@ func Render(w io.Writer, cfg *Config) error {
 		MinBlockSize, MaxBlockSize                    ByteSize
 		MinBaseSizeExt4, MinBaseSizeXFS               ByteSize
 		BaseSizeAlign                                 int
+		MinCheckInterval                              Duration
 	}{
 		Config:                cfg,
 		LogLevels:             strings.Join(logLevels, ", "),
@@ -182,6 +191,7 @@ func Render(w io.Writer, cfg *Config) error {
 		MinBaseSizeExt4:       snapshotter.MinBaseSizeExt4,
 		MinBaseSizeXFS:        snapshotter.MinBaseSizeXFS,
 		BaseSizeAlign:         snapshotter.BaseSizeAlign,
+		MinCheckInterval:      Duration(snapshotter.MinCheckInterval),
 	}
 	return tmpl.Execute(w, data)
 }

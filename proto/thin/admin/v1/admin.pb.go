@@ -14,6 +14,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -92,9 +93,11 @@ type StatusResponse struct {
 	// Devices made ahead for a committed snapshot's next child (counted in
 	// active_devices too): handed out by Prepare, deleted when idle.
 	WarmDevices uint32 `protobuf:"varint,17,opt,name=warm_devices,json=warmDevices,proto3" json:"warm_devices,omitempty"`
+	// The daemon's own consistency check (check_interval).
+	SelfCheck *SelfCheck `protobuf:"bytes,18,opt,name=self_check,json=selfCheck,proto3" json:"self_check,omitempty"`
 	// What writes to the pool do when it is full: "queue" (they wait, as the
 	// pool grows itself) or "error" (they fail at once).
-	WhenFull      string `protobuf:"bytes,18,opt,name=when_full,json=whenFull,proto3" json:"when_full,omitempty"`
+	WhenFull      string `protobuf:"bytes,19,opt,name=when_full,json=whenFull,proto3" json:"when_full,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -248,11 +251,113 @@ func (x *StatusResponse) GetWarmDevices() uint32 {
 	return 0
 }
 
+func (x *StatusResponse) GetSelfCheck() *SelfCheck {
+	if x != nil {
+		return x.SelfCheck
+	}
+	return nil
+}
+
 func (x *StatusResponse) GetWhenFull() string {
 	if x != nil {
 		return x.WhenFull
 	}
 	return ""
+}
+
+// SelfCheck is the daemon's own consistency check: the online check every
+// interval, and once after a start whose recovery did something, with the
+// repairs that are safe while it serves.
+type SelfCheck struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Between checks; zero when the daemon does not check itself.
+	Interval *durationpb.Duration `protobuf:"bytes,1,opt,name=interval,proto3" json:"interval,omitempty"`
+	// What started the last check: "recovery" or "interval"; empty before
+	// the first.
+	Trigger string `protobuf:"bytes,2,opt,name=trigger,proto3" json:"trigger,omitempty"`
+	// When the last check ended; unset before the first.
+	Ended    *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=ended,proto3" json:"ended,omitempty"`
+	Duration *durationpb.Duration   `protobuf:"bytes,4,opt,name=duration,proto3" json:"duration,omitempty"`
+	// Why the last check could not check; empty when it did.
+	Error string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	// What it found in both passes, with what it repaired (repaired,
+	// action, error); the others need a person or `thin-snapshotter check
+	// --repair` with the daemon stopped.
+	Findings      []*Finding `protobuf:"bytes,6,rep,name=findings,proto3" json:"findings,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SelfCheck) Reset() {
+	*x = SelfCheck{}
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SelfCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SelfCheck) ProtoMessage() {}
+
+func (x *SelfCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SelfCheck.ProtoReflect.Descriptor instead.
+func (*SelfCheck) Descriptor() ([]byte, []int) {
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *SelfCheck) GetInterval() *durationpb.Duration {
+	if x != nil {
+		return x.Interval
+	}
+	return nil
+}
+
+func (x *SelfCheck) GetTrigger() string {
+	if x != nil {
+		return x.Trigger
+	}
+	return ""
+}
+
+func (x *SelfCheck) GetEnded() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Ended
+	}
+	return nil
+}
+
+func (x *SelfCheck) GetDuration() *durationpb.Duration {
+	if x != nil {
+		return x.Duration
+	}
+	return nil
+}
+
+func (x *SelfCheck) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *SelfCheck) GetFindings() []*Finding {
+	if x != nil {
+		return x.Findings
+	}
+	return nil
 }
 
 // Space is one of the pool's two spaces, in bytes.
@@ -271,7 +376,7 @@ type Space struct {
 
 func (x *Space) Reset() {
 	*x = Space{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[2]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -283,7 +388,7 @@ func (x *Space) String() string {
 func (*Space) ProtoMessage() {}
 
 func (x *Space) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[2]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -296,7 +401,7 @@ func (x *Space) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Space.ProtoReflect.Descriptor instead.
 func (*Space) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{2}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Space) GetUsedBytes() uint64 {
@@ -351,7 +456,7 @@ type Recovery struct {
 
 func (x *Recovery) Reset() {
 	*x = Recovery{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -363,7 +468,7 @@ func (x *Recovery) String() string {
 func (*Recovery) ProtoMessage() {}
 
 func (x *Recovery) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -376,7 +481,7 @@ func (x *Recovery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Recovery.ProtoReflect.Descriptor instead.
 func (*Recovery) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{3}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Recovery) GetRolledBackCreates() uint32 {
@@ -433,7 +538,7 @@ type Thresholds struct {
 
 func (x *Thresholds) Reset() {
 	*x = Thresholds{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[4]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -445,7 +550,7 @@ func (x *Thresholds) String() string {
 func (*Thresholds) ProtoMessage() {}
 
 func (x *Thresholds) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[4]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -458,7 +563,7 @@ func (x *Thresholds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Thresholds.ProtoReflect.Descriptor instead.
 func (*Thresholds) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Thresholds) GetMinFreeDataPercent() float64 {
@@ -490,7 +595,7 @@ type ListDevicesRequest struct {
 
 func (x *ListDevicesRequest) Reset() {
 	*x = ListDevicesRequest{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[5]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -502,7 +607,7 @@ func (x *ListDevicesRequest) String() string {
 func (*ListDevicesRequest) ProtoMessage() {}
 
 func (x *ListDevicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[5]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -515,7 +620,7 @@ func (x *ListDevicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDevicesRequest.ProtoReflect.Descriptor instead.
 func (*ListDevicesRequest) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 type ListDevicesResponse struct {
@@ -528,7 +633,7 @@ type ListDevicesResponse struct {
 
 func (x *ListDevicesResponse) Reset() {
 	*x = ListDevicesResponse{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[6]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -540,7 +645,7 @@ func (x *ListDevicesResponse) String() string {
 func (*ListDevicesResponse) ProtoMessage() {}
 
 func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[6]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -553,7 +658,7 @@ func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDevicesResponse.ProtoReflect.Descriptor instead.
 func (*ListDevicesResponse) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ListDevicesResponse) GetDevices() []*Device {
@@ -587,7 +692,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[7]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -599,7 +704,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[7]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -612,7 +717,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Device) GetId() uint32 {
@@ -693,7 +798,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -705,7 +810,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -718,7 +823,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 type CheckResponse struct {
@@ -739,7 +844,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -751,7 +856,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -764,7 +869,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CheckResponse) GetRoot() string {
@@ -839,14 +944,19 @@ type Finding struct {
 	Key      string `protobuf:"bytes,4,opt,name=key,proto3" json:"key,omitempty"`
 	Message  string `protobuf:"bytes,5,opt,name=message,proto3" json:"message,omitempty"`
 	// `thin-snapshotter check --repair` (daemon stopped) would try to fix it.
-	Repairable    bool `protobuf:"varint,6,opt,name=repairable,proto3" json:"repairable,omitempty"`
+	Repairable bool `protobuf:"varint,6,opt,name=repairable,proto3" json:"repairable,omitempty"`
+	// For a self-check: what it did about it, whether that fixed it, and
+	// why not. Empty in a Check response, which repairs nothing.
+	Action        string `protobuf:"bytes,7,opt,name=action,proto3" json:"action,omitempty"`
+	Repaired      bool   `protobuf:"varint,8,opt,name=repaired,proto3" json:"repaired,omitempty"`
+	Error         string `protobuf:"bytes,9,opt,name=error,proto3" json:"error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Finding) Reset() {
 	*x = Finding{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -858,7 +968,7 @@ func (x *Finding) String() string {
 func (*Finding) ProtoMessage() {}
 
 func (x *Finding) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -871,7 +981,7 @@ func (x *Finding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Finding.ProtoReflect.Descriptor instead.
 func (*Finding) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Finding) GetKind() string {
@@ -916,6 +1026,27 @@ func (x *Finding) GetRepairable() bool {
 	return false
 }
 
+func (x *Finding) GetAction() string {
+	if x != nil {
+		return x.Action
+	}
+	return ""
+}
+
+func (x *Finding) GetRepaired() bool {
+	if x != nil {
+		return x.Repaired
+	}
+	return false
+}
+
+func (x *Finding) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 type CleanupRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -924,7 +1055,7 @@ type CleanupRequest struct {
 
 func (x *CleanupRequest) Reset() {
 	*x = CleanupRequest{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -936,7 +1067,7 @@ func (x *CleanupRequest) String() string {
 func (*CleanupRequest) ProtoMessage() {}
 
 func (x *CleanupRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -949,7 +1080,7 @@ func (x *CleanupRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanupRequest.ProtoReflect.Descriptor instead.
 func (*CleanupRequest) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 type CleanupResponse struct {
@@ -965,7 +1096,7 @@ type CleanupResponse struct {
 
 func (x *CleanupResponse) Reset() {
 	*x = CleanupResponse{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -977,7 +1108,7 @@ func (x *CleanupResponse) String() string {
 func (*CleanupResponse) ProtoMessage() {}
 
 func (x *CleanupResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -990,7 +1121,7 @@ func (x *CleanupResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanupResponse.ProtoReflect.Descriptor instead.
 func (*CleanupResponse) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CleanupResponse) GetPendingBefore() uint32 {
@@ -1018,8 +1149,8 @@ var File_thin_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x19thin/admin/v1/admin.proto\x12\rthin.admin.v1\x1a\x1egoogle/protobuf/duration.proto\"\x0f\n" +
-	"\rStatusRequest\"\x9e\x06\n" +
+	"\x19thin/admin/v1/admin.proto\x12\rthin.admin.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0f\n" +
+	"\rStatusRequest\"\xd7\x06\n" +
 	"\x0eStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x16\n" +
 	"\x06commit\x18\x02 \x01(\tR\x06commit\x12\x12\n" +
@@ -1041,11 +1172,20 @@ const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"thresholds\x18\x10 \x01(\v2\x19.thin.admin.v1.ThresholdsR\n" +
 	"thresholds\x12!\n" +
-	"\fwarm_devices\x18\x11 \x01(\rR\vwarmDevices\x12\x1b\n" +
-	"\twhen_full\x18\x12 \x01(\tR\bwhenFull\x1a<\n" +
+	"\fwarm_devices\x18\x11 \x01(\rR\vwarmDevices\x127\n" +
+	"\n" +
+	"self_check\x18\x12 \x01(\v2\x18.thin.admin.v1.SelfCheckR\tselfCheck\x12\x1b\n" +
+	"\twhen_full\x18\x13 \x01(\tR\bwhenFull\x1a<\n" +
 	"\x0eSnapshotsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xbf\x01\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\x8f\x02\n" +
+	"\tSelfCheck\x125\n" +
+	"\binterval\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\binterval\x12\x18\n" +
+	"\atrigger\x18\x02 \x01(\tR\atrigger\x120\n" +
+	"\x05ended\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05ended\x125\n" +
+	"\bduration\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\bduration\x12\x14\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\x122\n" +
+	"\bfindings\x18\x06 \x03(\v2\x16.thin.admin.v1.FindingR\bfindings\"\xbf\x01\n" +
 	"\x05Space\x12\x1d\n" +
 	"\n" +
 	"used_bytes\x18\x01 \x01(\x04R\tusedBytes\x12\x1f\n" +
@@ -1092,7 +1232,7 @@ const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\fpool_devices\x18\x06 \x03(\rR\vpoolDevices\x12\x18\n" +
 	"\arecords\x18\a \x01(\rR\arecords\x122\n" +
 	"\bfindings\x18\b \x03(\v2\x16.thin.admin.v1.FindingR\bfindings\x12\x14\n" +
-	"\x05clean\x18\t \x01(\bR\x05clean\"\x9e\x01\n" +
+	"\x05clean\x18\t \x01(\bR\x05clean\"\xe8\x01\n" +
 	"\aFinding\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x1b\n" +
 	"\tdevice_id\x18\x02 \x01(\rR\bdeviceId\x12\x16\n" +
@@ -1101,7 +1241,10 @@ const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\amessage\x18\x05 \x01(\tR\amessage\x12\x1e\n" +
 	"\n" +
 	"repairable\x18\x06 \x01(\bR\n" +
-	"repairable\"\x10\n" +
+	"repairable\x12\x16\n" +
+	"\x06action\x18\a \x01(\tR\x06action\x12\x1a\n" +
+	"\brepaired\x18\b \x01(\bR\brepaired\x12\x14\n" +
+	"\x05error\x18\t \x01(\tR\x05error\"\x10\n" +
 	"\x0eCleanupRequest\"s\n" +
 	"\x0fCleanupResponse\x12%\n" +
 	"\x0epending_before\x18\x01 \x01(\rR\rpendingBefore\x12#\n" +
@@ -1125,46 +1268,53 @@ func file_thin_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_thin_admin_v1_admin_proto_rawDescData
 }
 
-var file_thin_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_thin_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_thin_admin_v1_admin_proto_goTypes = []any{
-	(*StatusRequest)(nil),       // 0: thin.admin.v1.StatusRequest
-	(*StatusResponse)(nil),      // 1: thin.admin.v1.StatusResponse
-	(*Space)(nil),               // 2: thin.admin.v1.Space
-	(*Recovery)(nil),            // 3: thin.admin.v1.Recovery
-	(*Thresholds)(nil),          // 4: thin.admin.v1.Thresholds
-	(*ListDevicesRequest)(nil),  // 5: thin.admin.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil), // 6: thin.admin.v1.ListDevicesResponse
-	(*Device)(nil),              // 7: thin.admin.v1.Device
-	(*CheckRequest)(nil),        // 8: thin.admin.v1.CheckRequest
-	(*CheckResponse)(nil),       // 9: thin.admin.v1.CheckResponse
-	(*Finding)(nil),             // 10: thin.admin.v1.Finding
-	(*CleanupRequest)(nil),      // 11: thin.admin.v1.CleanupRequest
-	(*CleanupResponse)(nil),     // 12: thin.admin.v1.CleanupResponse
-	nil,                         // 13: thin.admin.v1.StatusResponse.SnapshotsEntry
-	(*durationpb.Duration)(nil), // 14: google.protobuf.Duration
+	(*StatusRequest)(nil),         // 0: thin.admin.v1.StatusRequest
+	(*StatusResponse)(nil),        // 1: thin.admin.v1.StatusResponse
+	(*SelfCheck)(nil),             // 2: thin.admin.v1.SelfCheck
+	(*Space)(nil),                 // 3: thin.admin.v1.Space
+	(*Recovery)(nil),              // 4: thin.admin.v1.Recovery
+	(*Thresholds)(nil),            // 5: thin.admin.v1.Thresholds
+	(*ListDevicesRequest)(nil),    // 6: thin.admin.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),   // 7: thin.admin.v1.ListDevicesResponse
+	(*Device)(nil),                // 8: thin.admin.v1.Device
+	(*CheckRequest)(nil),          // 9: thin.admin.v1.CheckRequest
+	(*CheckResponse)(nil),         // 10: thin.admin.v1.CheckResponse
+	(*Finding)(nil),               // 11: thin.admin.v1.Finding
+	(*CleanupRequest)(nil),        // 12: thin.admin.v1.CleanupRequest
+	(*CleanupResponse)(nil),       // 13: thin.admin.v1.CleanupResponse
+	nil,                           // 14: thin.admin.v1.StatusResponse.SnapshotsEntry
+	(*durationpb.Duration)(nil),   // 15: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 16: google.protobuf.Timestamp
 }
 var file_thin_admin_v1_admin_proto_depIdxs = []int32{
-	2,  // 0: thin.admin.v1.StatusResponse.data:type_name -> thin.admin.v1.Space
-	2,  // 1: thin.admin.v1.StatusResponse.metadata:type_name -> thin.admin.v1.Space
-	13, // 2: thin.admin.v1.StatusResponse.snapshots:type_name -> thin.admin.v1.StatusResponse.SnapshotsEntry
-	3,  // 3: thin.admin.v1.StatusResponse.last_recovery:type_name -> thin.admin.v1.Recovery
-	4,  // 4: thin.admin.v1.StatusResponse.thresholds:type_name -> thin.admin.v1.Thresholds
-	14, // 5: thin.admin.v1.Recovery.duration:type_name -> google.protobuf.Duration
-	7,  // 6: thin.admin.v1.ListDevicesResponse.devices:type_name -> thin.admin.v1.Device
-	10, // 7: thin.admin.v1.CheckResponse.findings:type_name -> thin.admin.v1.Finding
-	0,  // 8: thin.admin.v1.Admin.Status:input_type -> thin.admin.v1.StatusRequest
-	5,  // 9: thin.admin.v1.Admin.ListDevices:input_type -> thin.admin.v1.ListDevicesRequest
-	8,  // 10: thin.admin.v1.Admin.Check:input_type -> thin.admin.v1.CheckRequest
-	11, // 11: thin.admin.v1.Admin.Cleanup:input_type -> thin.admin.v1.CleanupRequest
-	1,  // 12: thin.admin.v1.Admin.Status:output_type -> thin.admin.v1.StatusResponse
-	6,  // 13: thin.admin.v1.Admin.ListDevices:output_type -> thin.admin.v1.ListDevicesResponse
-	9,  // 14: thin.admin.v1.Admin.Check:output_type -> thin.admin.v1.CheckResponse
-	12, // 15: thin.admin.v1.Admin.Cleanup:output_type -> thin.admin.v1.CleanupResponse
-	12, // [12:16] is the sub-list for method output_type
-	8,  // [8:12] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	3,  // 0: thin.admin.v1.StatusResponse.data:type_name -> thin.admin.v1.Space
+	3,  // 1: thin.admin.v1.StatusResponse.metadata:type_name -> thin.admin.v1.Space
+	14, // 2: thin.admin.v1.StatusResponse.snapshots:type_name -> thin.admin.v1.StatusResponse.SnapshotsEntry
+	4,  // 3: thin.admin.v1.StatusResponse.last_recovery:type_name -> thin.admin.v1.Recovery
+	5,  // 4: thin.admin.v1.StatusResponse.thresholds:type_name -> thin.admin.v1.Thresholds
+	2,  // 5: thin.admin.v1.StatusResponse.self_check:type_name -> thin.admin.v1.SelfCheck
+	15, // 6: thin.admin.v1.SelfCheck.interval:type_name -> google.protobuf.Duration
+	16, // 7: thin.admin.v1.SelfCheck.ended:type_name -> google.protobuf.Timestamp
+	15, // 8: thin.admin.v1.SelfCheck.duration:type_name -> google.protobuf.Duration
+	11, // 9: thin.admin.v1.SelfCheck.findings:type_name -> thin.admin.v1.Finding
+	15, // 10: thin.admin.v1.Recovery.duration:type_name -> google.protobuf.Duration
+	8,  // 11: thin.admin.v1.ListDevicesResponse.devices:type_name -> thin.admin.v1.Device
+	11, // 12: thin.admin.v1.CheckResponse.findings:type_name -> thin.admin.v1.Finding
+	0,  // 13: thin.admin.v1.Admin.Status:input_type -> thin.admin.v1.StatusRequest
+	6,  // 14: thin.admin.v1.Admin.ListDevices:input_type -> thin.admin.v1.ListDevicesRequest
+	9,  // 15: thin.admin.v1.Admin.Check:input_type -> thin.admin.v1.CheckRequest
+	12, // 16: thin.admin.v1.Admin.Cleanup:input_type -> thin.admin.v1.CleanupRequest
+	1,  // 17: thin.admin.v1.Admin.Status:output_type -> thin.admin.v1.StatusResponse
+	7,  // 18: thin.admin.v1.Admin.ListDevices:output_type -> thin.admin.v1.ListDevicesResponse
+	10, // 19: thin.admin.v1.Admin.Check:output_type -> thin.admin.v1.CheckResponse
+	13, // 20: thin.admin.v1.Admin.Cleanup:output_type -> thin.admin.v1.CleanupResponse
+	17, // [17:21] is the sub-list for method output_type
+	13, // [13:17] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_thin_admin_v1_admin_proto_init() }
@@ -1178,7 +1328,7 @@ func file_thin_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_thin_admin_v1_admin_proto_rawDesc), len(file_thin_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
