@@ -32,7 +32,8 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 		return nil
 	}
 	if pi.BaseDeviceID != 0 {
-		// Existing snapshots keep the old base as their ancestor; it stays.
+		// Thin snapshots do not need their origin: the old base goes
+		// once the new one is recorded.
 		log.G(ctx).WithField("old_id", pi.BaseDeviceID).Infof("base settings changed (%s %d bytes → %s %d bytes): making a new base device",
 			pi.BaseFSType, pi.BaseSize, s.cfg.FSType, s.cfg.BaseSize)
 	}
@@ -48,10 +49,18 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 		// to delete: the id is someone else's.
 		return errors.Join(err, s.undo(ctx, e, !dmsetup.IsExist(err)))
 	}
+	var old []storage.Entry
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
 		pi, err := tx.PoolInfo()
 		if err != nil {
 			return err
+		}
+		if pi.BaseDeviceID != 0 {
+			d := storage.Entry{Op: storage.OpDelete, DeviceID: pi.BaseDeviceID, Size: pi.BaseSize}
+			if d.Seq, err = tx.AddJournal(d); err != nil {
+				return err
+			}
+			old = append(old, d)
 		}
 		pi.BaseDeviceID, pi.BaseSize, pi.BaseFSType = e.DeviceID, s.cfg.BaseSize, s.cfg.FSType
 		if err := tx.SetPoolInfo(pi); err != nil {
@@ -59,10 +68,15 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 		}
 		return tx.FinishJournal(e.Seq)
 	})
-	if err == nil {
-		log.G(ctx).WithField("id", e.DeviceID).Infof("base device ready: %s, %d bytes", s.cfg.FSType, s.cfg.BaseSize)
+	if err != nil {
+		return err
 	}
-	return err
+	log.G(ctx).WithField("id", e.DeviceID).Infof("base device ready: %s, %d bytes", s.cfg.FSType, s.cfg.BaseSize)
+	if err := s.finishDeletes(ctx, old); err != nil {
+		// Journaled: the worker finishes it.
+		log.G(ctx).WithError(err).Warn("the old base device stays until the worker deletes it")
+	}
+	return nil
 }
 
 // createBaseThin journals and creates the base's thin device, and moves

@@ -805,3 +805,37 @@ func mustLayer(ctx context.Context, t *testing.T, s snapshots.Snapshotter, name,
 		t.Fatal(err)
 	}
 }
+
+// TestBaseSettingsChange: new base settings make a new base device, and
+// the old one goes (thin snapshots do not need their origin): snapshots
+// made from it stay, and check finds nothing left over.
+func TestBaseSettingsChange(t *testing.T) {
+	ctx := context.Background()
+	root := t.TempDir()
+	pool := newFakePool("tp")
+	s := mustNew(t, root, pool)
+	if _, err := s.Prepare(ctx, "a", ""); err != nil {
+		t.Fatal(err)
+	}
+	var old storage.PoolInfo
+	_ = s.db.View(ctx, func(tx *storage.Tx) (err error) { old, err = tx.PoolInfo(); return err })
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = mustNew(t, root, pool, func(c *Config) { c.BaseSize = 128 << 20 })
+	var pi storage.PoolInfo
+	_ = s.db.View(ctx, func(tx *storage.Tx) (err error) { pi, err = tx.PoolInfo(); return err })
+	if pi.BaseDeviceID == old.BaseDeviceID || pi.BaseSize != 128<<20 {
+		t.Fatalf("base %+v after the settings changed from %+v", pi, old)
+	}
+	if slices.Contains(pool.ids(), old.BaseDeviceID) {
+		t.Errorf("old base %d still in the pool %v", old.BaseDeviceID, pool.ids())
+	}
+	if _, err := s.Mounts(ctx, "a"); err != nil {
+		t.Errorf("a snapshot of the old base: %v", err)
+	}
+	checkConsistent(t, s, pool)
+	if r, err := s.CheckOnline(ctx); err != nil || !r.Clean {
+		t.Errorf("check after the base changed: %+v, %v", r, err)
+	}
+}
