@@ -121,12 +121,14 @@ func (c *comparison) records() {
 			continue
 		}
 		c.owned[sn.DeviceID] = sn.Key
-		if owner, ok := st.ids[sn.DeviceID]; !ok || owner != sn.Key {
-			msg := fmt.Sprintf("thin device %d of %q is not allocated in the id table (it could be handed out twice)", sn.DeviceID, sn.Key)
-			if ok {
-				msg = fmt.Sprintf("thin device %d of %q is allocated to %q in the id table", sn.DeviceID, sn.Key, owner)
-			}
-			c.add(Finding{Kind: FindingIDConflict, DeviceID: sn.DeviceID, Key: sn.Key, Message: msg})
+		c.ownedBy(sn, sn.DeviceID)
+		if sn.CommitID != 0 {
+			// Reserved for its commit: a device there is from a commit a
+			// crash cut short, and the next commit or the removal deletes
+			// it.
+			c.owned[sn.CommitID] = sn.Key
+			c.inFlight[sn.CommitID] = true
+			c.ownedBy(sn, sn.CommitID)
 		}
 		if c.journalKeys[sn.Key] || c.inFlight[sn.DeviceID] {
 			continue
@@ -162,6 +164,20 @@ func (c *comparison) sharedView(sn, p storage.Snapshot) {
 	if _, ok := c.want[name]; !ok {
 		c.want[name] = storage.Snapshot{Key: sn.Key, Kind: snapshots.KindView, DeviceID: p.DeviceID, Size: p.Size}
 	}
+}
+
+// ownedBy reports id, which record sn holds, unless the id table gives it
+// to sn.
+func (c *comparison) ownedBy(sn storage.Snapshot, id uint32) {
+	owner, ok := c.st.ids[id]
+	if ok && owner == sn.Key {
+		return
+	}
+	msg := fmt.Sprintf("thin device %d of %q is not allocated in the id table (it could be handed out twice)", id, sn.Key)
+	if ok {
+		msg = fmt.Sprintf("thin device %d of %q is allocated to %q in the id table", id, sn.Key, owner)
+	}
+	c.add(Finding{Kind: FindingIDConflict, DeviceID: id, Key: sn.Key, Message: msg})
 }
 
 // foreign reports the foreign ids.

@@ -129,11 +129,7 @@ func (r *repairs) devices(ctx context.Context) {
 // devices.
 func (r *repairs) notReady(ctx context.Context) {
 	for _, f := range r.of(FindingNotReady) {
-		err := r.s.journaledDelete(ctx, func(tx *storage.Tx) (storage.Entry, error) {
-			sn, err := tx.RemoveSnapshot(f.Key)
-			return storage.Entry{Op: storage.OpDelete, DeviceID: sn.DeviceID, Key: f.Key, Size: sn.Size}, err
-		})
-		done(f, fmt.Sprintf("removed record %q and thin device %d", f.Key, f.DeviceID), err)
+		done(f, fmt.Sprintf("removed record %q and thin device %d", f.Key, f.DeviceID), r.s.removeRecord(ctx, f.Key))
 	}
 }
 
@@ -215,17 +211,29 @@ func (r *repairs) ghosts(ctx context.Context) {
 			if f.Repaired {
 				continue
 			}
-			err := r.s.db.Update(ctx, func(tx *storage.Tx) error {
-				sn, err := tx.RemoveSnapshot(f.Key)
-				if err != nil {
-					return err
-				}
-				return tx.ReleaseID(sn.DeviceID)
-			})
+			// Its device is gone: the removal only frees the id.
+			err := r.s.removeRecord(ctx, f.Key)
 			done(f, fmt.Sprintf("removed the record of %q (its device was gone)", f.Key), err)
 			progress = progress || err == nil
 		}
 	}
+}
+
+// removeRecord removes the record of key and deletes its devices, as
+// Remove does.
+func (s *Snapshotter) removeRecord(ctx context.Context, key string) error {
+	var dels []storage.Entry
+	if err := s.db.Update(ctx, func(tx *storage.Tx) error {
+		sn, err := tx.RemoveSnapshot(key)
+		if err != nil {
+			return err
+		}
+		dels, err = removalEntries(tx, sn)
+		return err
+	}); err != nil {
+		return err
+	}
+	return s.finishDeletes(ctx, dels)
 }
 
 // journaledDelete journals the removal entry returns, in the same

@@ -90,7 +90,9 @@ type checkFixture struct {
 	pool *fakePool
 	db   *storage.DB
 	ids  map[string]uint32 // key → thin id
-	base uint32
+	// commitIDs are the ids reserved for the active snapshots' commits.
+	commitIDs map[string]uint32
+	base      uint32
 	// extra is an id a test case made, for its expectations.
 	extra uint32
 }
@@ -100,7 +102,7 @@ func (f *checkFixture) dev(key string) string { return fmt.Sprintf("tp-snap-%d",
 func newCheckFixture(t *testing.T) *checkFixture {
 	t.Helper()
 	ctx := context.Background()
-	f := &checkFixture{root: t.TempDir(), pool: newFakePool("tp"), ids: map[string]uint32{}}
+	f := &checkFixture{root: t.TempDir(), pool: newFakePool("tp"), ids: map[string]uint32{}, commitIDs: map[string]uint32{}}
 	s, err := newFake(t, f.root, f.pool)
 	if err != nil {
 		t.Fatal(err)
@@ -124,6 +126,9 @@ func newCheckFixture(t *testing.T) *checkFixture {
 		}
 		return tx.WalkSnapshots(func(sn storage.Snapshot) error {
 			f.ids[sn.Key] = sn.DeviceID
+			if sn.CommitID != 0 {
+				f.commitIDs[sn.Key] = sn.CommitID
+			}
 			return nil
 		})
 	}); err != nil {
@@ -350,10 +355,11 @@ func TestCheck(t *testing.T) {
 			name: "interrupted remove",
 			breakIt: func(t *testing.T, f *checkFixture) []string {
 				f.update(t, func(tx *storage.Tx) error {
-					if _, err := tx.RemoveSnapshot("b"); err != nil {
+					b, err := tx.RemoveSnapshot("b")
+					if err != nil {
 						return err
 					}
-					_, err := tx.AddJournal(storage.Entry{Op: storage.OpDelete, DeviceID: f.ids["b"], Key: "b"})
+					_, err = removalEntries(tx, b)
 					return err
 				})
 				return []string{fmt.Sprintf("pending_journal b %d", f.ids["b"])}

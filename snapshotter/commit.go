@@ -7,6 +7,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
 
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
@@ -17,6 +18,12 @@ import (
 // active's device holds exactly the committed content and is still
 // active, so it becomes a warm device of name, for name's next child
 // (warm.go).
+//
+// The new device's id was reserved in the active's record when the active
+// was made (storage.Snapshot.CommitID), which is the commit's intent: a
+// commit a crash cut short can only have made a device on that id, and
+// the next start deletes it (sweepCommitIDs). So a Commit writes the
+// database once, when it records the outcome.
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
 	if err := checkDefaultKey(name); err != nil {
 		return err
@@ -30,28 +37,28 @@ func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snap
 	unlock := s.keys.lock(key)
 	defer unlock()
 
-	snap, usage, err := s.committable(ctx, key)
+	snap, usage, err := s.committable(ctx, key, name)
 	if err != nil {
 		return err
 	}
-	entry, err := s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
-		return commitEntry(tx, snap, name)
-	})
-	if err != nil {
-		if entry.Seq == 0 {
-			return err // nothing journaled
+	if snap.CommitID == 0 {
+		// Made before commit ids were reserved.
+		if err := s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+			snap.CommitID, err = reserveCommitID(tx, key)
+			return err
+		}); err != nil {
+			return err
 		}
-		return errors.Join(fmt.Errorf("commit %q: %w", key, err), s.undo(ctx, entry, !dmsetup.IsExist(err)))
+	}
+	if err := s.snapCommit(ctx, &snap); err != nil {
+		return errors.Join(fmt.Errorf("commit %q: %w", key, err), s.dropCommitDevice(ctx, snap, err))
 	}
 	var dels []storage.Entry
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
-		if _, err := tx.CommitActive(key, name, entry.DeviceID, usage, opts...); err != nil {
+		if _, err := tx.CommitActive(key, name, snap.CommitID, usage, opts...); err != nil {
 			return err
 		}
-		if err := tx.FinishJournal(entry.Seq); err != nil {
-			return err
-		}
-		if err := tx.AddWarm(storage.Warm{DeviceID: snap.DeviceID, Parent: name, OriginID: entry.DeviceID, Size: snap.Size}); err != nil {
+		if err := tx.AddWarm(storage.Warm{DeviceID: snap.DeviceID, Parent: name, OriginID: snap.CommitID, Size: snap.Size}); err != nil {
 			return err
 		}
 		var err error
@@ -60,7 +67,7 @@ func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snap
 	})
 	if err != nil {
 		// Still active in the records (a name taken meanwhile, say).
-		return errors.Join(err, s.undo(ctx, entry, true))
+		return errors.Join(err, s.dropCommitDevice(ctx, snap, nil))
 	}
 	if len(dels) > 0 {
 		s.kick()
@@ -68,11 +75,33 @@ func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snap
 	return nil
 }
 
-// committable returns the record of active snapshot key and its usage, if
-// it can be committed: containerd has unmounted it.
-func (s *Snapshotter) committable(ctx context.Context, key string) (storage.Snapshot, snapshots.Usage, error) {
-	snap, err := s.ready(ctx, key)
+// reserveCommitID reserves a new id for the commit of active snapshot key
+// in tx (storage.Snapshot.CommitID).
+func reserveCommitID(tx *storage.Tx, key string) (uint32, error) {
+	id, err := tx.AllocateID()
 	if err != nil {
+		return 0, err
+	}
+	_, err = tx.SetCommitID(key, id)
+	return id, err
+}
+
+// committable returns the record of active snapshot key and its usage, if
+// it can be committed as name: containerd has unmounted it and name is
+// free.
+func (s *Snapshotter) committable(ctx context.Context, key, name string) (storage.Snapshot, snapshots.Usage, error) {
+	var snap storage.Snapshot
+	if err := s.db.View(ctx, func(tx *storage.Tx) (err error) {
+		if snap, err = readyIn(tx, key); err != nil {
+			return err
+		}
+		if _, err := tx.GetSnapshot(name); err == nil {
+			return fmt.Errorf("snapshot %q: %w", name, errdefs.ErrAlreadyExists)
+		} else if !errdefs.IsNotFound(err) {
+			return err
+		}
+		return nil
+	}); err != nil {
 		return snap, snapshots.Usage{}, err
 	}
 	if snap.Kind != snapshots.KindActive {
@@ -93,21 +122,64 @@ func (s *Snapshotter) committable(ctx context.Context, key string) (storage.Snap
 	return snap, ownUsage(st.MappedSectors, snap.Shared), nil
 }
 
-// commitEntry checks in tx that active snap is unchanged and name is free,
-// and returns the journal entry of its commit onto a new id.
-func commitEntry(tx *storage.Tx, snap storage.Snapshot, name string) (storage.Entry, error) {
-	cur, err := tx.GetSnapshot(snap.Key)
-	if err != nil {
-		return storage.Entry{}, err
+// snapCommit makes the committed snapshot's device: a snapshot of active
+// snap's device on its CommitID. A device already there is someone else's
+// (the start deletes what an interrupted commit left): the id becomes
+// foreign and snap gets another one.
+func (s *Snapshotter) snapCommit(ctx context.Context, snap *storage.Snapshot) error {
+	for attempt := 1; ; attempt++ {
+		s.poolMu.Lock()
+		err := s.snapLocked(snap.CommitID, snap.DeviceID)
+		s.poolMu.Unlock()
+		if !dmsetup.IsExist(err) {
+			return err
+		}
+		if attempt == maxIDTries {
+			return errForeignIDs(err)
+		}
+		taken := snap.CommitID
+		if uerr := s.db.Update(ctx, func(tx *storage.Tx) error {
+			if _, err := tx.ClearCommitID(snap.Key); err != nil {
+				return err
+			}
+			if err := tx.MarkForeign(taken); err != nil {
+				return err
+			}
+			var err error
+			snap.CommitID, err = reserveCommitID(tx, snap.Key)
+			return err
+		}); uerr != nil {
+			return errors.Join(err, uerr)
+		}
+		log.G(ctx).WithError(err).WithField("key", snap.Key).
+			Warnf("thin id %d is already in the pool and not ours: marked foreign (thin-snapshotter check lists it), trying the next id", taken)
 	}
-	if cur.DeviceID != snap.DeviceID || cur.State != storage.StateReady || cur.Kind != snapshots.KindActive {
-		return storage.Entry{}, fmt.Errorf("snapshot %q changed during commit: %w", snap.Key, errdefs.ErrAborted)
+}
+
+// dropCommitDevice deletes the device a failed commit of snap may have made
+// on its CommitID, which stays reserved; not when the pool said the id is
+// taken (err). When the pool refuses, the device goes to a journaled
+// removal (the worker retries it) and snap gets another commit id.
+func (s *Snapshotter) dropCommitDevice(ctx context.Context, snap storage.Snapshot, err error) error {
+	if rerr := s.resumeSuspended(s.deviceName(snap.DeviceID)); rerr != nil {
+		return rerr
 	}
-	if _, err := tx.GetSnapshot(name); err == nil {
-		return storage.Entry{}, fmt.Errorf("snapshot %q: %w", name, errdefs.ErrAlreadyExists)
-	} else if !errdefs.IsNotFound(err) {
-		return storage.Entry{}, err
+	if dmsetup.IsExist(err) || s.deleteThin(snap.CommitID) == nil {
+		return nil
 	}
-	id, err := tx.AllocateID()
-	return storage.Entry{Op: storage.OpCommitSnap, DeviceID: id, OriginID: snap.DeviceID, Key: snap.Key, Name: name, Size: snap.Size}, err
+	uerr := s.db.Update(ctx, func(tx *storage.Tx) error {
+		if _, err := tx.ClearCommitID(snap.Key); err != nil {
+			return err
+		}
+		e := storage.Entry{Op: storage.OpDelete, DeviceID: snap.CommitID, OriginID: snap.DeviceID, Key: snap.Key, Size: snap.Size}
+		if _, err := tx.AddJournal(e); err != nil {
+			return err
+		}
+		_, err := reserveCommitID(tx, snap.Key)
+		return err
+	})
+	if uerr == nil {
+		s.kick()
+	}
+	return uerr
 }

@@ -111,6 +111,13 @@ func (s *Snapshotter) createDevice(ctx context.Context, kind snapshots.Kind, key
 		if _, err := tx.SetShared(key, shared); err != nil {
 			return err
 		}
+		if kind == snapshots.KindActive {
+			id, err := reserveCommitID(tx, key)
+			if err != nil {
+				return err
+			}
+			snap.CommitID = id
+		}
 		return tx.FinishJournal(entry.Seq)
 	})
 	snap.State = storage.StateReady

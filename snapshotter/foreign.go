@@ -120,8 +120,9 @@ func (s *Snapshotter) scanIDs(ctx context.Context) error {
 }
 
 // heldIDs returns the thin ids the database proves are its own devices
-// (those of ready or removing records, the base, warm devices and pending
-// removals) and the pending creates and commits by id.
+// (those of ready or removing records and the ids reserved for their
+// commits, the base, warm devices and pending removals) and the pending
+// creates and commits by id.
 func heldIDs(tx *storage.Tx) (held map[uint32]bool, pending map[uint32]storage.Entry, err error) {
 	held, pending = map[uint32]bool{}, map[uint32]storage.Entry{}
 	pi, err := tx.PoolInfo()
@@ -133,6 +134,8 @@ func heldIDs(tx *storage.Tx) (held map[uint32]bool, pending map[uint32]storage.E
 		if sn.State != storage.StateCreating {
 			held[sn.DeviceID] = true
 		}
+		// A device there is from a commit a crash cut short.
+		held[sn.CommitID] = true
 		return nil
 	}); err != nil {
 		return nil, nil, err

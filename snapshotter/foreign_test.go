@@ -40,14 +40,15 @@ func TestForeignIDs(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
 	pool := newFakePool("tp")
-	// Base is 1; the next two ids are taken before the base is even made,
-	// and 5 after it.
+	// The first two ids are taken before the daemon starts (its first
+	// start lists them as foreign), and 6 after it: a gets 4, with 5
+	// reserved for its commit, and b's create finds 6 taken.
 	pool.behindOurBack(1, 2)
 	s, err := newFake(t, root, pool)
 	if err != nil {
 		t.Fatal(err)
 	}
-	pool.behindOurBack(5)
+	pool.behindOurBack(6)
 	for _, k := range []string{"a", "b", "c"} {
 		if _, err := s.Prepare(ctx, k, ""); err != nil {
 			t.Fatalf("prepare %s: %v", k, err)
@@ -61,14 +62,15 @@ func TestForeignIDs(t *testing.T) {
 		}
 		got = append(got, snap.DeviceID)
 	}
-	// The base took 3; a, b and c skip 5.
-	if want := []uint32{4, 6, 7}; !slices.Equal(got, want) {
+	// The base took 3; b skips 6 (each active reserves the next id for
+	// its commit: 5, 8, 10).
+	if want := []uint32{4, 7, 9}; !slices.Equal(got, want) {
 		t.Errorf("device ids %v, want %v", got, want)
 	}
-	if ids := foreignIDs(t, s.db); !slices.Equal(ids, []uint32{1, 2, 5}) {
-		t.Errorf("foreign ids %v, want [1 2 5]", ids)
+	if ids := foreignIDs(t, s.db); !slices.Equal(ids, []uint32{1, 2, 6}) {
+		t.Errorf("foreign ids %v, want [1 2 6]", ids)
 	}
-	if !slices.Equal(pool.ids(), []uint32{1, 2, 3, 4, 5, 6, 7}) {
+	if !slices.Equal(pool.ids(), []uint32{1, 2, 3, 4, 6, 7, 9}) {
 		t.Errorf("pool ids %v: a foreign device was deleted", pool.ids())
 	}
 	var entries []storage.Entry
@@ -85,8 +87,8 @@ func TestForeignIDs(t *testing.T) {
 	if _, err := s.Prepare(ctx, "d", ""); err != nil {
 		t.Fatal(err)
 	}
-	if snap, _ := s.ready(ctx, "d"); snap.DeviceID != 8 {
-		t.Errorf("d got id %d, want 8", snap.DeviceID)
+	if snap, _ := s.ready(ctx, "d"); snap.DeviceID != 11 {
+		t.Errorf("d got id %d, want 11", snap.DeviceID)
 	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
@@ -105,7 +107,7 @@ func TestForeignIDs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"foreign_id  1", "foreign_id  2", "foreign_id  5"}
+	want := []string{"foreign_id  1", "foreign_id  2", "foreign_id  6"}
 	for _, opts := range []CheckOptions{{}, {Repair: true}} {
 		r, err := ck.Check(ctx, opts)
 		if err != nil {
@@ -115,7 +117,7 @@ func TestForeignIDs(t *testing.T) {
 			t.Errorf("%+v: remaining %v, want %v", opts, got, want)
 		}
 	}
-	if !slices.Equal(pool.ids(), []uint32{1, 3, 4, 5, 6, 7, 8}) {
+	if !slices.Equal(pool.ids(), []uint32{1, 3, 4, 6, 7, 9, 11}) {
 		t.Errorf("pool ids %v after a repair without --release-foreign", pool.ids())
 	}
 	r, err := ck.Check(ctx, CheckOptions{Repair: true, ReleaseForeign: true})
@@ -130,7 +132,7 @@ func TestForeignIDs(t *testing.T) {
 			t.Errorf("%s %d not repaired: %s", f.Kind, f.DeviceID, f.Error)
 		}
 	}
-	if !slices.Equal(pool.ids(), []uint32{3, 4, 6, 7, 8}) {
+	if !slices.Equal(pool.ids(), []uint32{3, 4, 7, 9, 11}) {
 		t.Errorf("pool ids %v after --release-foreign, want the foreign devices deleted", pool.ids())
 	}
 	if ids := foreignIDs(t, db); len(ids) != 0 {
@@ -194,7 +196,7 @@ func TestForeignIDsCommitAndWarm(t *testing.T) {
 	// No worker: the refill runs here.
 	stopWorker(s)
 	t.Cleanup(func() { s.Close() })
-	if _, err := s.Prepare(ctx, "a", ""); err != nil { // base 1, a 2
+	if _, err := s.Prepare(ctx, "a", ""); err != nil { // base 1, a 2 (3 for its commit)
 		t.Fatal(err)
 	}
 	pool.behindOurBack(3)
@@ -207,24 +209,24 @@ func TestForeignIDsCommitAndWarm(t *testing.T) {
 	if w := warmOf(t, s)["l"]; !slices.Equal(w, []uint32{2}) {
 		t.Errorf("warm devices of l %v, want [2]", w)
 	}
-	if _, err := s.Prepare(ctx, "b", "l"); err != nil { // takes warm 2
+	if _, err := s.Prepare(ctx, "b", "l"); err != nil { // takes warm 2 (5 for its commit)
 		t.Fatal(err)
 	}
-	pool.behindOurBack(5)
+	pool.behindOurBack(6)
 	if err := s.makeWarm(ctx, "l"); err != nil {
 		t.Fatalf("warm device onto a foreign id: %v", err)
 	}
-	if w := warmOf(t, s)["l"]; !slices.Equal(w, []uint32{6}) {
-		t.Errorf("warm devices of l %v, want [6]", w)
+	if w := warmOf(t, s)["l"]; !slices.Equal(w, []uint32{7}) {
+		t.Errorf("warm devices of l %v, want [7]", w)
 	}
-	if ids := foreignIDs(t, s.db); !slices.Equal(ids, []uint32{3, 5}) {
-		t.Errorf("foreign ids %v, want [3 5]", ids)
+	if ids := foreignIDs(t, s.db); !slices.Equal(ids, []uint32{3, 6}) {
+		t.Errorf("foreign ids %v, want [3 6]", ids)
 	}
 	if err := s.Drain(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(pool.ids(), []uint32{1, 2, 3, 4, 5}) {
-		t.Errorf("pool ids %v, want [1 2 3 4 5]: a foreign device was deleted or the warm one kept", pool.ids())
+	if !slices.Equal(pool.ids(), []uint32{1, 2, 3, 4, 6}) {
+		t.Errorf("pool ids %v, want [1 2 3 4 6]: a foreign device was deleted or the warm one kept", pool.ids())
 	}
 	var entries []storage.Entry
 	_ = s.db.View(ctx, func(tx *storage.Tx) (err error) { entries, err = tx.Journal(); return err })

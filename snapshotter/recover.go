@@ -27,8 +27,16 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 	}
 	// Warm devices left by a crash, or by a stop that could not delete
 	// them, are never handed out: they become removals like any other.
-	var entries []storage.Entry
+	var (
+		entries []storage.Entry
+		clean   bool
+	)
 	if err := s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+		// Until Close says otherwise, this process may crash.
+		clean = tx.CleanStop()
+		if err := tx.SetCleanStop(false); err != nil {
+			return err
+		}
 		if _, err = dropWarm(tx, func(storage.Warm, int) bool { return true }); err != nil {
 			return err
 		}
@@ -42,8 +50,18 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 			return err
 		}
 	}
-	if err := s.db.Update(ctx, func(tx *storage.Tx) error { return tx.SetTransactionID(s.txid) }); err != nil {
+	if err := s.db.Update(ctx, func(tx *storage.Tx) error {
+		if err := tx.SetTransactionID(s.txid); err != nil {
+			return err
+		}
+		return reserveCommitIDs(tx)
+	}); err != nil {
 		return err
+	}
+	if !clean {
+		if err := s.sweepCommitIDs(ctx); err != nil {
+			return err
+		}
 	}
 	return s.reactivate(ctx)
 }
@@ -85,6 +103,57 @@ func (s *Snapshotter) settle(ctx context.Context, e storage.Entry) error {
 		}
 		s.recovered(func(r *Recovery) { r.DroppedOperations++ })
 		l.Info("recovery: dropped an interrupted operation; the snapshot keeps its previous state")
+	}
+	return nil
+}
+
+// reserveCommitIDs reserves a commit id for every ready active snapshot
+// that has none (made by an older version).
+func reserveCommitIDs(tx *storage.Tx) error {
+	var keys []string
+	if err := tx.WalkSnapshots(func(snap storage.Snapshot) error {
+		if snap.State == storage.StateReady && snap.Kind == snapshots.KindActive && snap.CommitID == 0 {
+			keys = append(keys, snap.Key)
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, k := range keys {
+		if _, err := reserveCommitID(tx, k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// sweepCommitIDs deletes, after a crash, the devices that commits it cut
+// short made on the ids reserved for them (storage.Snapshot.CommitID),
+// when the database proves those ids were free when reserved
+// (provenOurs); the pool answers ENODATA for the others, which is the
+// usual case. Without that proof a device there stays, and the next commit
+// records it foreign. After a clean stop no commit was cut short, and a
+// device on a reserved id is someone else's: the commit finds it.
+func (s *Snapshotter) sweepCommitIDs(ctx context.Context) error {
+	var ids []uint32
+	if err := s.db.View(ctx, func(tx *storage.Tx) error {
+		return tx.WalkSnapshots(func(snap storage.Snapshot) error {
+			if snap.CommitID == 0 {
+				return nil
+			}
+			ok, err := provenOurs(tx, storage.Entry{DeviceID: snap.CommitID})
+			if ok {
+				ids = append(ids, snap.CommitID)
+			}
+			return err
+		})
+	}); err != nil {
+		return err
+	}
+	for _, id := range ids {
+		if err := s.deleteThin(id); err != nil {
+			return fmt.Errorf("thin device %d of an interrupted commit: %w", id, err)
+		}
 	}
 	return nil
 }

@@ -48,12 +48,9 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		if dels, err = dropWarm(tx, func(w storage.Warm, _ int) bool { return w.Parent == key }); err != nil {
 			return err
 		}
-		del, err := removalEntry(tx, removed)
-		if err != nil {
-			return err
-		}
-		dels = append(dels, del)
-		return nil
+		more, err := removalEntries(tx, removed)
+		dels = append(dels, more...)
+		return err
 	})
 	if err != nil {
 		return err
@@ -85,25 +82,43 @@ func (s *Snapshotter) removeView(ctx context.Context, snap storage.Snapshot) err
 	return nil
 }
 
-// removalEntry journals in tx the deletion of the device of removed, a
-// record just removed.
-func removalEntry(tx *storage.Tx, removed storage.Snapshot) (storage.Entry, error) {
-	e := storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: removed.Key, Size: removed.Size}
-	if removed.Kind == snapshots.KindView && removed.Parent != "" {
-		// A view is read-only, so its parent's device holds every block
-		// it maps, unless its filesystem was grown to a larger size
-		// (which wrote blocks of its own).
-		p, err := tx.GetSnapshot(removed.Parent)
-		if err != nil && !errdefs.IsNotFound(err) {
-			return e, err
+// removalEntries journals in tx the deletion of the device of removed, a
+// record just removed, and releases the id reserved for its commit: no
+// device is ever left on it while the daemon serves (the start deletes
+// what a crash left, and a failed commit hands its device to a removal).
+func removalEntries(tx *storage.Tx, removed storage.Snapshot) ([]storage.Entry, error) {
+	var out []storage.Entry
+	add := func(e storage.Entry) error {
+		var err error
+		if e.Seq, err = tx.AddJournal(e); err == nil {
+			out = append(out, e)
 		}
-		if err == nil && p.Size == removed.Size {
-			e.OriginID = p.DeviceID
+		return err
+	}
+	if removed.DeviceID != 0 {
+		e := storage.Entry{Op: storage.OpDelete, DeviceID: removed.DeviceID, Key: removed.Key, Size: removed.Size}
+		if removed.Kind == snapshots.KindView && removed.Parent != "" {
+			// A view is read-only, so its parent's device holds every
+			// block it maps, unless its filesystem was grown to a
+			// larger size (which wrote blocks of its own).
+			p, err := tx.GetSnapshot(removed.Parent)
+			if err != nil && !errdefs.IsNotFound(err) {
+				return nil, err
+			}
+			if err == nil && p.Size == removed.Size {
+				e.OriginID = p.DeviceID
+			}
+		}
+		if err := add(e); err != nil {
+			return nil, err
 		}
 	}
-	var err error
-	e.Seq, err = tx.AddJournal(e)
-	return e, err
+	if removed.CommitID != 0 {
+		if err := tx.ReleaseID(removed.CommitID); err != nil && !errdefs.IsNotFound(err) {
+			return nil, err
+		}
+	}
+	return out, nil
 }
 
 // finishDelete deactivates and deletes the device of a journaled removal and

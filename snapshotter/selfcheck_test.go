@@ -35,7 +35,7 @@ func journalRemoval(t *testing.T, s *Snapshotter, key string) uint32 {
 		if err != nil {
 			return err
 		}
-		_, err = removalEntry(tx, removed)
+		_, err = removalEntries(tx, removed)
 		return err
 	}); err != nil {
 		t.Fatal(err)

@@ -301,6 +301,11 @@ func (s *Snapshotter) Close() error {
 			if err := s.Drain(context.Background()); err != nil {
 				log.L.WithError(err).Warn("closing: devices left for the next start")
 			}
+			// No commit is under way: the next start needs no sweep of
+			// the ids reserved for commits.
+			if err := s.db.Update(context.Background(), func(tx *storage.Tx) error { return tx.SetCleanStop(true) }); err != nil {
+				log.L.WithError(err).Warn("closing: the next start looks for devices of interrupted commits")
+			}
 		}
 		var errs []error
 		if s.closers == nil {

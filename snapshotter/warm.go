@@ -63,10 +63,14 @@ func (s *Snapshotter) takeWarm(ctx context.Context, key, parent string, labels m
 		} else if err != nil {
 			return err
 		}
+		commitID, err := tx.AllocateID()
+		if err != nil {
+			return err
+		}
 		snap, err = tx.CreateSnapshot(storage.Snapshot{
 			Key: key, Kind: snapshots.KindActive, Parent: parent, Labels: labels,
 			State: storage.StateReady, DeviceID: w.DeviceID, Size: p.Size, FSType: p.FSType,
-			Shared: uint64(st.MappedSectors),
+			Shared: uint64(st.MappedSectors), CommitID: commitID,
 		})
 		ok = err == nil
 		return err

@@ -36,6 +36,7 @@ var (
 	metaTxID   = []byte("txid")    // u64: pool transaction id
 	metaNextID = []byte("next-id") // u32: lowest id never handed out by AllocateID
 	metaPool   = []byte("pool")    // encoded PoolInfo
+	metaClean  = []byte("clean")   // present: the last process stopped cleanly
 )
 
 // DB is one open database file. It is safe for concurrent use.

@@ -126,3 +126,27 @@ func TestTransactions(t *testing.T) {
 		t.Error("view on closed db succeeded")
 	}
 }
+
+// TestCleanStop: the clean-stop mark is absent in a new database, set and
+// cleared on request.
+func TestCleanStop(t *testing.T) {
+	db, _ := openTestDB(t)
+	view(t, db, func(tx *Tx) error {
+		if tx.CleanStop() {
+			t.Error("a new database says it stopped cleanly")
+		}
+		if err := tx.SetCleanStop(true); errKind(err) != "precondition" {
+			t.Errorf("SetCleanStop in a read transaction: %v", err)
+		}
+		return nil
+	})
+	for _, clean := range []bool{true, false, true} {
+		update(t, db, func(tx *Tx) error { return tx.SetCleanStop(clean) })
+		view(t, db, func(tx *Tx) error {
+			if tx.CleanStop() != clean {
+				t.Errorf("CleanStop() = %v after SetCleanStop(%v)", tx.CleanStop(), clean)
+			}
+			return nil
+		})
+	}
+}

@@ -49,6 +49,12 @@
 // the pool transaction id the snapshotter last set and PoolInfo, which ties
 // the database to its pool and names the base device.
 //
+// A record of an active snapshot also holds an id reserved for its commit
+// (Snapshot.CommitID), so the commit needs no journal entry of its own:
+// the reservation is written with the record, and a device on that id can
+// only be the commit's. CleanStop tells a start whether the last process
+// stopped cleanly, with no commit under way.
+//
 // # Warm devices
 //
 // A warm device (Warm) is a thin device made ahead of time for the next

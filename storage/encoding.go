@@ -175,6 +175,7 @@ func encodeSnapshot(s *Snapshot) []byte {
 		e.string(v)
 	}
 	e.uvarint(s.Shared)
+	e.uvarint(uint64(s.CommitID))
 	return e.b
 }
 
@@ -212,14 +213,15 @@ func decodeSnapshot(key string, b []byte) (Snapshot, error) {
 		}
 	}
 	s.Shared = d.uvarint("shared")
+	s.CommitID = d.uint32("commit id")
 	if d.err == nil && !validKind(s.Kind) {
 		d.err = fmt.Errorf("%w: invalid kind %d", errCorrupt, s.Kind)
 	}
 	if d.err == nil && !s.State.valid() {
 		d.err = fmt.Errorf("%w: invalid state %d", errCorrupt, s.State)
 	}
-	if d.err == nil && s.DeviceID > MaxDeviceID {
-		d.err = fmt.Errorf("%w: device id %d out of range", errCorrupt, s.DeviceID)
+	if d.err == nil && (s.DeviceID > MaxDeviceID || s.CommitID > MaxDeviceID) {
+		d.err = fmt.Errorf("%w: device id %d or commit id %d out of range", errCorrupt, s.DeviceID, s.CommitID)
 	}
 	if err := d.finish("snapshot " + key); err != nil {
 		return Snapshot{}, err

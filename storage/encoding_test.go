@@ -10,7 +10,7 @@ import (
 )
 
 var sampleSnapshots = []Snapshot{
-	{Key: "k", Kind: active, State: StateCreating},
+	{Key: "k", Kind: active, State: StateCreating, DeviceID: 7, CommitID: MaxDeviceID},
 	{Key: "default/12/sha256:abc", Kind: committed, State: StateReady, Parent: "default/11/sha256:def",
 		Labels:  map[string]string{"containerd.io/snapshot.ref": "sha256:abc", "": "empty key", "e": ""},
 		Created: time.Date(2026, 11, 27, 1, 2, 3, 999999999, time.UTC), Updated: time.Date(2027, 1, 1, 0, 0, 0, 1, time.UTC),

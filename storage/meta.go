@@ -60,3 +60,19 @@ func (tx *Tx) SetPoolInfo(p PoolInfo) error {
 	}
 	return tx.meta.Put(metaPool, encodePoolInfo(&p))
 }
+
+// CleanStop reports whether the last process that served the database
+// said it stopped cleanly (SetCleanStop), rather than crashing.
+func (tx *Tx) CleanStop() bool { return tx.meta.Get(metaClean) != nil }
+
+// SetCleanStop records whether the serving process stopped cleanly: true
+// as its last write, false as its first.
+func (tx *Tx) SetCleanStop(clean bool) error {
+	if err := tx.checkWritable(); err != nil {
+		return err
+	}
+	if clean {
+		return tx.meta.Put(metaClean, []byte{idMarker})
+	}
+	return tx.meta.Delete(metaClean)
+}

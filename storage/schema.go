@@ -31,7 +31,7 @@ import (
 // the journal holds only operations in flight, drops the transaction id
 // field of journal entries, which nothing ever set, and adds
 // PoolInfo.IDsScanned (false: a version 4 database never listed the
-// pool's ids).
+// pool's ids) and Snapshot.CommitID (0: none reserved).
 const schemaVersion uint32 = 5
 
 // migration upgrades a database from one schema version to the next inside
@@ -147,8 +147,8 @@ func migrateSchema3(*bolt.Tx) error { return nil }
 const opWarmV4 Op = 9
 
 // migrateSchema4 creates the warm bucket, moves the journal's warm entries
-// into it, rewrites the other entries without their transaction id and
-// the pool info with IDsScanned false.
+// into it, rewrites the other entries without their transaction id, the
+// pool info with IDsScanned false and the records with CommitID 0.
 func migrateSchema4(tx *bolt.Tx) error {
 	if tx.Bucket(bucketWarm) != nil {
 		return fmt.Errorf("schema 4 database already has bucket %s: %w", bucketWarm, errdefs.ErrFailedPrecondition)
@@ -207,7 +207,8 @@ func migrateSchema4(tx *bolt.Tx) error {
 			return fmt.Errorf("write pool info: %w", err)
 		}
 	}
-	return nil
+	// Records get CommitID 0: none reserved yet.
+	return rewriteBucket(tx, bucketSnapshots, func(_, v []byte) ([]byte, error) { return append(bytes.Clone(v), 0), nil })
 }
 
 // poolInfoFromV4 adds IDsScanned, false, to a pool info of schemas 2 to 4.

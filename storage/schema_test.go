@@ -448,6 +448,10 @@ func TestMigrateSchema3(t *testing.T) {
 		if err := j.Put(u64Key(e.Seq), encodeEntryV4(&e)); err != nil {
 			return err
 		}
+		// Records had no CommitID, the last field today.
+		if err := rewriteBucket(tx, bucketSnapshots, func(_, v []byte) ([]byte, error) { return v[:len(v)-1], nil }); err != nil {
+			return err
+		}
 		return tx.DeleteBucket(bucketWarm)
 	})
 	if v := schemaOf(t, path); v != 3 {

@@ -67,6 +67,12 @@ type Snapshot struct {
 	// shared with its origin: the snapshotter subtracts it so a layer's
 	// usage excludes its parents'. Units are the snapshotter's.
 	Shared uint64
+	// CommitID, for an active snapshot, is an id reserved for the device
+	// of its commit, owned by the record like DeviceID: a commit then
+	// needs no journal entry of its own, as a device on it can only come
+	// from an earlier commit of this snapshot that did not finish. 0 when
+	// none is reserved.
+	CommitID uint32
 }
 
 // Info converts the record to containerd's snapshot info.
@@ -181,8 +187,14 @@ func (tx *Tx) CreateSnapshot(s Snapshot) (Snapshot, error) {
 	if tx.snapshots.Get([]byte(s.Key)) != nil {
 		return Snapshot{}, fmt.Errorf("snapshot %q: %w", s.Key, errdefs.ErrAlreadyExists)
 	}
-	if s.DeviceID != 0 {
-		if err := tx.claimID(s.DeviceID, s.Key); err != nil {
+	if s.CommitID != 0 && (s.Kind != snapshots.KindActive || s.CommitID > MaxDeviceID || s.CommitID == s.DeviceID) {
+		return Snapshot{}, fmt.Errorf("snapshot %q: commit id %d for a %v snapshot with device %d: %w", s.Key, s.CommitID, s.Kind, s.DeviceID, errdefs.ErrInvalidArgument)
+	}
+	for _, id := range []uint32{s.DeviceID, s.CommitID} {
+		if id == 0 {
+			continue
+		}
+		if err := tx.claimID(id, s.Key); err != nil {
 			return Snapshot{}, fmt.Errorf("snapshot %q: %w", s.Key, err)
 		}
 	}
@@ -349,9 +361,10 @@ func adaptInfo(info *snapshots.Info) filters.Adaptor {
 }
 
 // CommitActive turns the ready active snapshot key into the committed
-// snapshot name on device id (allocated, unowned), keeping its size and fs
-// type. The active's own id stays allocated without an owner, for the
-// caller to reuse or release. Labels come from opts only (not inherited);
+// snapshot name on device id (the active's CommitID, or an allocated,
+// unowned id), keeping its size and fs type. The active's own id (and a
+// CommitID it did not use) stay allocated without an owner, for the caller
+// to reuse or release. Labels come from opts only (not inherited);
 // a parentless active may be given a parent by snapshots.WithParent.
 // Created and Updated become now. The key no longer exists afterwards.
 // Errors follow containerd: AlreadyExists if name is taken, NotFound if key
@@ -389,16 +402,23 @@ func (tx *Tx) CommitActive(key, name string, id uint32, usage snapshots.Usage, o
 	s.Created = tx.now().UTC()
 	s.Updated = s.Created
 	s.Usage = usage
-	// Claimed first: the active's own id is owned and refused.
-	if err := tx.claimID(id, name); err != nil {
+	if id == s.CommitID {
+		// The active's reservation passes to the committed snapshot.
+		if err := tx.used.Put(idKey(id), ownerValue(name)); err != nil {
+			return Snapshot{}, fmt.Errorf("move device id %d to %q: %w", id, name, err)
+		}
+	} else if err := tx.claimID(id, name); err != nil {
+		// Claimed first: the active's own id is owned and refused.
 		return Snapshot{}, fmt.Errorf("committed snapshot %q: %w", name, err)
 	}
-	if s.DeviceID != 0 {
-		if err := tx.used.Put(idKey(s.DeviceID), ownerValue("")); err != nil {
-			return Snapshot{}, fmt.Errorf("disown device id %d: %w", s.DeviceID, err)
+	for _, old := range []uint32{s.DeviceID, s.CommitID} {
+		if old != 0 && old != id {
+			if err := tx.used.Put(idKey(old), ownerValue("")); err != nil {
+				return Snapshot{}, fmt.Errorf("disown device id %d: %w", old, err)
+			}
 		}
 	}
-	s.DeviceID = id
+	s.DeviceID, s.CommitID = id, 0
 	if err := tx.put(&s); err != nil {
 		return Snapshot{}, err
 	}
@@ -458,8 +478,9 @@ func (tx *Tx) unlink(key, parent string) error {
 }
 
 // RemoveSnapshot deletes the record for key in any state and returns it.
-// Its device id stays allocated (now without owner) until ReleaseID, which
-// the snapshotter calls once the pool confirmed the device is deleted.
+// Its device id (and its CommitID) stay allocated, now without owner, until
+// ReleaseID, which the snapshotter calls once the pool confirmed the device
+// is deleted.
 // NotFound if missing, FailedPrecondition if it has children.
 func (tx *Tx) RemoveSnapshot(key string) (Snapshot, error) {
 	if err := tx.checkWritable(); err != nil {
@@ -475,10 +496,13 @@ func (tx *Tx) RemoveSnapshot(key string) (Snapshot, error) {
 	if err := tx.unlink(key, s.Parent); err != nil {
 		return Snapshot{}, err
 	}
-	if s.DeviceID != 0 {
-		if owner, ok := tx.idOwner(s.DeviceID); ok && owner == key {
-			if err := tx.used.Put(idKey(s.DeviceID), ownerValue("")); err != nil {
-				return Snapshot{}, fmt.Errorf("disown device id %d: %w", s.DeviceID, err)
+	for _, id := range []uint32{s.DeviceID, s.CommitID} {
+		if id == 0 {
+			continue
+		}
+		if owner, ok := tx.idOwner(id); ok && owner == key {
+			if err := tx.used.Put(idKey(id), ownerValue("")); err != nil {
+				return Snapshot{}, fmt.Errorf("disown device id %d: %w", id, err)
 			}
 		}
 	}
@@ -510,6 +534,52 @@ func (tx *Tx) SetShared(key string, shared uint64) (Snapshot, error) {
 	}
 	s.Shared = shared
 	return s, tx.put(&s)
+}
+
+// SetCommitID reserves id (allocated, unowned) for the commit of active
+// snapshot key (see Snapshot.CommitID), which must have none yet.
+func (tx *Tx) SetCommitID(key string, id uint32) (Snapshot, error) {
+	if err := tx.checkWritable(); err != nil {
+		return Snapshot{}, err
+	}
+	if err := checkID(id); err != nil {
+		return Snapshot{}, err
+	}
+	s, err := tx.mustGet(key)
+	if err != nil {
+		return Snapshot{}, err
+	}
+	if s.Kind != snapshots.KindActive || s.CommitID != 0 {
+		return Snapshot{}, fmt.Errorf("snapshot %q is %v with commit id %d: %w", key, s.Kind, s.CommitID, errdefs.ErrFailedPrecondition)
+	}
+	if err := tx.claimID(id, key); err != nil {
+		return Snapshot{}, fmt.Errorf("snapshot %q: %w", key, err)
+	}
+	s.CommitID = id
+	return s, tx.put(&s)
+}
+
+// ClearCommitID takes the reserved commit id off active snapshot key and
+// returns it; it stays allocated without an owner.
+func (tx *Tx) ClearCommitID(key string) (uint32, error) {
+	if err := tx.checkWritable(); err != nil {
+		return 0, err
+	}
+	s, err := tx.mustGet(key)
+	if err != nil {
+		return 0, err
+	}
+	id := s.CommitID
+	if id == 0 {
+		return 0, nil
+	}
+	if owner, ok := tx.idOwner(id); ok && owner == key {
+		if err := tx.used.Put(idKey(id), ownerValue("")); err != nil {
+			return 0, fmt.Errorf("disown device id %d: %w", id, err)
+		}
+	}
+	s.CommitID = 0
+	return id, tx.put(&s)
 }
 
 // SetState changes the lifecycle state of the record for key and returns

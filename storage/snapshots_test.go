@@ -681,3 +681,76 @@ func TestSharedViews(t *testing.T) {
 		return nil
 	})
 }
+
+// TestCommitID: an active snapshot's reserved commit id is owned by its
+// record, passes to the committed snapshot on commit and loses its owner
+// when the active is removed instead.
+func TestCommitID(t *testing.T) {
+	db, _ := openTestDB(t)
+	populate(t, db)
+	var dev, reserved, other uint32
+	update(t, db, func(tx *Tx) error {
+		var err error
+		for _, p := range []*uint32{&dev, &reserved, &other} {
+			if *p, err = tx.AllocateID(); err != nil {
+				return err
+			}
+		}
+		for _, tc := range []struct {
+			s    Snapshot
+			want string
+		}{
+			{Snapshot{Key: "bad-kind", Kind: kview, State: StateReady, CommitID: reserved}, "invalid"},
+			{Snapshot{Key: "same", Kind: active, State: StateReady, DeviceID: dev, CommitID: dev}, "invalid"},
+			{Snapshot{Key: "unallocated", Kind: active, State: StateReady, CommitID: 999}, "precondition"},
+			{Snapshot{Key: "a", Kind: active, State: StateReady, DeviceID: dev, CommitID: reserved}, ""},
+		} {
+			if _, err := tx.CreateSnapshot(tc.s); errKind(err) != tc.want {
+				t.Errorf("CreateSnapshot(%s) = %v, want %q", tc.s.Key, err, tc.want)
+			}
+		}
+		if owner, _, _ := tx.IDOwner(reserved); owner != "a" {
+			t.Errorf("reserved id owned by %q", owner)
+		}
+		if _, err := tx.SetCommitID("a", other); errKind(err) != "precondition" {
+			t.Errorf("a second commit id: %v", err)
+		}
+		c, err := tx.CommitActive("a", "c", reserved, snapshots.Usage{})
+		if err != nil {
+			return err
+		}
+		if c.DeviceID != reserved || c.CommitID != 0 {
+			t.Errorf("committed %+v", c)
+		}
+		for id, want := range map[uint32]string{reserved: "c", dev: ""} {
+			if owner, used, _ := tx.IDOwner(id); owner != want || !used {
+				t.Errorf("id %d owned by %q (%v), want %q", id, owner, used, want)
+			}
+		}
+		// Cleared: the id stays allocated without an owner.
+		if _, err := tx.CreateSnapshot(Snapshot{Key: "x", Kind: active, State: StateReady, CommitID: dev}); err != nil {
+			return err
+		}
+		if id, err := tx.ClearCommitID("x"); err != nil || id != dev {
+			t.Errorf("ClearCommitID = %d, %v; want %d", id, err, dev)
+		}
+		if owner, used, _ := tx.IDOwner(dev); owner != "" || !used {
+			t.Errorf("cleared commit id owned by %q (%v)", owner, used)
+		}
+		// Reserved later, then removed: both ids lose their owner.
+		if _, err := tx.CreateSnapshot(Snapshot{Key: "b", Kind: active, State: StateReady}); err != nil {
+			return err
+		}
+		if _, err := tx.SetCommitID("b", other); err != nil {
+			return err
+		}
+		b, err := tx.RemoveSnapshot("b")
+		if err != nil || b.CommitID != other {
+			t.Errorf("removed %+v, %v", b, err)
+		}
+		if owner, used, _ := tx.IDOwner(other); owner != "" || !used {
+			t.Errorf("commit id of a removed snapshot owned by %q (%v)", owner, used)
+		}
+		return nil
+	})
+}

@@ -72,6 +72,7 @@ func offlineCheck(ctx context.Context, root, pool string, m *model) ([]string, e
 		bad("warm device %d of %q left after a graceful stop", w.DeviceID, w.Parent)
 	}
 	want := map[uint32]bool{pi.BaseDeviceID: true} // thin ids the pool must hold
+	reserved := map[uint32]string{}                // ids reserved for commits: allocated, no device after a graceful stop
 	active := map[uint32]storage.Snapshot{}        // ids that must have a dm device
 	byKey := map[string]storage.Snapshot{}
 	for _, s := range recs {
@@ -90,6 +91,9 @@ func offlineCheck(ctx context.Context, root, pool string, m *model) ([]string, e
 			}
 			continue
 		}
+		if s.CommitID != 0 {
+			reserved[s.CommitID] = s.Key
+		}
 		if want[s.DeviceID] {
 			bad("record %q shares thin id %d", s.Key, s.DeviceID)
 		}
@@ -102,6 +106,12 @@ func offlineCheck(ctx context.Context, root, pool string, m *model) ([]string, e
 		}
 	}
 	for id, owner := range ids {
+		if k, ok := reserved[id]; ok {
+			if owner != k {
+				bad("id %d reserved for the commit of %q is owned by %q", id, k, owner)
+			}
+			continue
+		}
 		if !want[id] {
 			bad("id %d (owner %q) is in use but belongs to no record nor the base", id, owner)
 		}
