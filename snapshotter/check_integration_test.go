@@ -26,15 +26,7 @@ func TestIntegrationCheck(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
 	cfg := testConfig(root)
-	t.Cleanup(func() {
-		if err := destroy(root); err != nil {
-			t.Error(err)
-		}
-	})
-	s, err := New(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := newEmbedded(t, cfg)
 	mnt := t.TempDir()
 	writeFile := func(s *Snapshotter, key, content string) {
 		t.Helper()

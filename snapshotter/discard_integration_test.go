@@ -42,16 +42,7 @@ func TestIntegrationDiscardOnDelete(t *testing.T) {
 			if tc.name == "on, 10GiB devices" {
 				cfg.DataSize, cfg.BaseSize = 20<<30, 10<<30
 			}
-			t.Cleanup(func() {
-				if err := destroy(root); err != nil {
-					t.Error(err)
-				}
-			})
-			s, err := New(ctx, cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer s.Close()
+			s := newEmbedded(t, cfg)
 			data := filepath.Join(root, poolDir, dmsetup.LoopDataFile)
 			allocated := func() int64 {
 				t.Helper()

@@ -22,15 +22,7 @@ func TestIntegrationForeignIDs(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
 	cfg := testConfig(root)
-	t.Cleanup(func() {
-		if err := destroy(root); err != nil {
-			t.Error(err)
-		}
-	})
-	s, err := New(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := newEmbedded(t, cfg)
 	if _, err := s.Prepare(ctx, "a", ""); err != nil {
 		t.Fatal(err)
 	}

@@ -36,6 +36,23 @@ func destroy(root string) error {
 	return dmtest.DestroyLoopPool(context.Background(), name, filepath.Join(root, poolDir))
 }
 
+// newEmbedded opens a snapshotter on an embedded pool with cfg, closed and
+// destroyed when the test ends.
+func newEmbedded(t testing.TB, cfg Config) *Snapshotter {
+	t.Helper()
+	t.Cleanup(func() {
+		if err := destroy(cfg.Root); err != nil {
+			t.Error(err)
+		}
+	})
+	s, err := New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
 func newReal(ctx context.Context, cfg Config) (snapshots.Snapshotter, func() error, error) {
 	s, err := New(ctx, cfg)
 	if err != nil {

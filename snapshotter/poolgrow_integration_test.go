@@ -33,16 +33,7 @@ func TestIntegrationGrow(t *testing.T) {
 	root := t.TempDir()
 	cfg := Config{Root: root, DataSize: 256 * mib, MaxDataSize: 512 * mib, GrowStep: 128 * mib,
 		BaseSize: 1 << 30, MinFreeData: 5, GrowHostReserve: 64 * mib}
-	t.Cleanup(func() {
-		if err := destroy(root); err != nil {
-			t.Error(err)
-		}
-	})
-	s, err := New(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := newEmbedded(t, cfg)
 	if s.autogrow == nil {
 		t.Fatal("no grower on the embedded pool with max_data_size set")
 	}
@@ -155,16 +146,7 @@ func TestIntegrationGrowFastWriter(t *testing.T) {
 	root := t.TempDir()
 	cfg := Config{Root: root, DataSize: 192 * mib, MaxDataSize: 768 * mib, GrowStep: 64 * mib, MetadataSize: 2 * mib,
 		BaseSize: 1 << 30, MinFreeMetadata: 85, GrowHostReserve: 64 * mib}
-	t.Cleanup(func() {
-		if err := destroy(root); err != nil {
-			t.Error(err)
-		}
-	})
-	s, err := New(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := newEmbedded(t, cfg)
 	whenFull := func() string {
 		st, err := s.Status(ctx)
 		if err != nil {

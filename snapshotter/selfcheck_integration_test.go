@@ -21,16 +21,7 @@ func TestIntegrationSelfCheck(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
 	cfg := testConfig(root)
-	t.Cleanup(func() {
-		if err := destroy(root); err != nil {
-			t.Error(err)
-		}
-	})
-	s, err := New(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := newEmbedded(t, cfg)
 	mustLayer(ctx, t, s, "c", "c-active", "")
 	for _, key := range []string{"a", "lone"} {
 		if _, err := s.Prepare(ctx, key, "c"); err != nil {
