@@ -14,7 +14,9 @@
 // transaction records the intent in the journal (and reserves ids and
 // keys), the kernel work runs with no transaction open, and a second
 // transaction records the outcome and clears the entry. Recovery at startup
-// finishes or rolls back what a crash interrupted (recover.go).
+// finishes or rolls back what a crash interrupted (recover.go). A Commit's
+// intent is written ahead, with the active snapshot's record: the id its
+// device will get (commit.go).
 //
 // # Files
 //
