@@ -16,7 +16,7 @@ import (
 func (s *Snapshotter) compare(st *checkState) []Finding {
 	c := &comparison{s: s, st: st, out: []Finding{},
 		inFlight: map[uint32]bool{}, journalKeys: map[string]bool{},
-		owned: map[uint32]string{}, want: map[string]storage.Snapshot{}, settled: map[string]bool{}}
+		owned: map[uint32]string{}, want: map[string]storage.Snapshot{}, settled: map[string]bool{}, layers: map[uint32]bool{}}
 	if in, err := s.inspector(); err == nil {
 		c.poolDev = in.PoolDevice()
 	}
@@ -49,6 +49,8 @@ type comparison struct {
 	owned   map[uint32]string
 	want    map[string]storage.Snapshot
 	settled map[string]bool
+	// layers are the devices of committed snapshots.
+	layers map[uint32]bool
 }
 
 func (c *comparison) add(f Finding) { c.out = append(c.out, f) }
@@ -122,6 +124,9 @@ func (c *comparison) records() {
 		}
 		c.owned[sn.DeviceID] = sn.Key
 		c.ownedBy(sn, sn.DeviceID)
+		if sn.Kind == snapshots.KindCommitted {
+			c.layers[sn.DeviceID] = true
+		}
 		if sn.CommitID != 0 {
 			// Reserved for its commit: a device there is from a commit a
 			// crash cut short, and the next commit or the removal deletes
@@ -246,6 +251,11 @@ func (c *comparison) devices() {
 			continue
 		}
 		sn, needed := c.want[name]
+		if !needed && !c.s.forCheck && numbered && c.layers[id] && d.info.ReadOnly && d.info.OpenCount == 0 {
+			// A serving daemon keeps a layer's device a while after
+			// its last view, for the next one (view.go).
+			continue
+		}
 		if !needed {
 			c.add(c.staleDevice(name, id, numbered, d.info))
 			continue

@@ -33,10 +33,10 @@ func TestDiscardOnDelete(t *testing.T) {
 			want: "deactivate delete"},
 		{name: "active, discard fails", subject: "active", mod: embedded, failing: true,
 			want: "discard deactivate activate discard deactivate delete"},
-		// A view shares its layer's device: its removal deletes nothing,
-		// and deactivates the layer's device with the layer's last view.
+		// A view shares its layer's device: its removal touches no
+		// device (the worker deactivates the layer's later).
 		{name: "view", subject: "view", mod: embedded,
-			want: "deactivate"},
+			want: ""},
 		// The warm device goes first, undiscarded: then the layer's
 		// blocks are its own when it is discarded.
 		{name: "committed with its warm device", subject: "committed", mod: embedded,
@@ -87,11 +87,11 @@ func TestDiscardOnDelete(t *testing.T) {
 			ops := slices.Clone(pool.ops)
 			pool.mu.Unlock()
 			// Remove looks the device up first.
-			i := slices.IndexFunc(ops, func(op string) bool { return op == "discard" || op == "deactivate" })
-			if i < 0 {
-				t.Fatalf("ops %v", ops)
+			got := ""
+			if i := slices.IndexFunc(ops, func(op string) bool { return op == "discard" || op == "deactivate" }); i >= 0 {
+				got = strings.Join(ops[i:], " ")
 			}
-			if got := strings.Join(ops[i:], " "); got != tc.want {
+			if got != tc.want {
 				t.Errorf("removal ops %q, want %q", got, tc.want)
 			}
 			if snap.DeviceID != 0 && slices.Contains(pool.ids(), snap.DeviceID) {

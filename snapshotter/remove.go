@@ -68,7 +68,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 }
 
 // removeView removes view snap, which shares its layer's device: only its
-// record goes, and the layer's device with the layer's last view. Whether
+// record goes (releaseLayer). Whether
 // the view is mounted cannot be told from the shared device's open count;
 // containerd unmounts a view before it removes it.
 func (s *Snapshotter) removeView(ctx context.Context, snap storage.Snapshot) error {
@@ -78,7 +78,7 @@ func (s *Snapshotter) removeView(ctx context.Context, snap storage.Snapshot) err
 	}); err != nil {
 		return err
 	}
-	s.releaseLayer(ctx, snap.Parent)
+	s.releaseLayer(snap.Parent)
 	return nil
 }
 

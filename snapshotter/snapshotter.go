@@ -56,8 +56,9 @@
 //     leaked id, so no create can take the id meanwhile.
 //
 // Leaf locks, under which nothing else is taken: keyLocks.mu, the removals
-// in flight (background.removing), the refill requests (refills.mu) and
-// the admin state (adminState.mu).
+// in flight (background.removing), the refill requests (refills.mu), the
+// layers left without views (idleLayers.mu) and the admin state
+// (adminState.mu).
 //
 // Outside poolMu on purpose: activating, removing, resizing and
 // discarding one dm device (the kernel serializes calls on a device, and

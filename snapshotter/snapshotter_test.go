@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -97,6 +98,18 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 		}
 		if dbTx, err = tx.TransactionID(); err != nil {
 			return err
+		}
+		// Layers that lost their last view keep their device, read-only,
+		// until the worker deactivates it.
+		s.bg.idleLayers.mu.Lock()
+		idle := maps.Clone(s.bg.idleLayers.released)
+		s.bg.idleLayers.mu.Unlock()
+		for k := range idle {
+			if p, err := tx.GetSnapshot(k); err == nil {
+				if _, ok := pool.active()[p.DeviceID]; ok {
+					active[p.DeviceID] = true
+				}
+			}
 		}
 		return tx.WalkSnapshots(func(sn storage.Snapshot) error {
 			if sn.State != storage.StateReady {

@@ -4,8 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
+	"sync"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
@@ -20,8 +25,10 @@ import (
 // get a device of their own, as every view made before did.
 //
 // Whether a layer's device is active is decided under the layer's lock in
-// s.layers, after the view's record is written or removed: the first view
-// activates it, and a removal deactivates it when it finds no view left.
+// s.layers, after the view's record is written: the first view activates
+// it. When its last view goes, the device waits for the next one like a
+// warm device, and the worker deactivates it after warmIdle (or beyond
+// maxWarm), checking under the same lock that no view came back.
 
 // sharesDevice says whether snap is a view that uses its parent's device.
 func sharesDevice(snap storage.Snapshot) bool {
@@ -46,7 +53,11 @@ func (s *Snapshotter) createView(ctx context.Context, key, parent string, labels
 	}
 	unlock := s.layers.lock(parent)
 	defer unlock()
-	err := s.activate(s.deviceName(p.DeviceID), p.DeviceID, p.Size, true)
+	name := s.deviceName(p.DeviceID)
+	if info, err := s.pool.Info(name); err == nil && info.LiveTable && info.ReadOnly {
+		return snap, p, nil // other views share it, or it waits for this one
+	}
+	err := s.activate(name, p.DeviceID, p.Size, true)
 	if err == nil {
 		return snap, p, nil
 	}
@@ -59,10 +70,31 @@ func (s *Snapshotter) createView(ctx context.Context, key, parent string, labels
 	}))
 }
 
-// releaseLayer deactivates the device of committed parent when no view
-// shares it any more. A device still open (a view mounted after its
-// removal) stays; check reports it stale and the next start removes it.
-func (s *Snapshotter) releaseLayer(ctx context.Context, parent string) {
+// releaseLayer notes that committed parent lost a view. Its device stays
+// active while views share it; once none does, it waits for the layer's
+// next view like a warm device, and the worker deactivates it when it has
+// waited warmIdle or more than maxWarm wait (reclaimLayers). So a Remove of
+// a view costs one database transaction, and the next View of the layer
+// none.
+func (s *Snapshotter) releaseLayer(parent string) {
+	s.bg.idleLayers.add(parent, time.Now())
+}
+
+// reclaimLayers deactivates the devices of layers that lost their last view
+// and were picked by pick (it sees when they were released and how many
+// were released after them), unless a view came back meanwhile. A device
+// still open (a view mounted after its removal) stays; check reports it.
+func (s *Snapshotter) reclaimLayers(ctx context.Context, pick func(released time.Time, newer int) bool) {
+	for _, parent := range s.bg.idleLayers.pick(pick) {
+		if err := s.deactivateLayer(ctx, parent); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", parent).Warn("the device of a layer without views stays active")
+		}
+	}
+}
+
+// deactivateLayer deactivates the device of committed parent if no view
+// shares it.
+func (s *Snapshotter) deactivateLayer(ctx context.Context, parent string) error {
 	unlock := s.layers.lock(parent)
 	defer unlock()
 	var (
@@ -76,12 +108,44 @@ func (s *Snapshotter) releaseLayer(ctx context.Context, parent string) {
 		views, err = tx.SharedViews(parent)
 		return err
 	})
-	if err == nil && views == 0 {
-		err = s.deactivate(ctx, p.DeviceID)
+	if errdefs.IsNotFound(err) || views > 0 {
+		return nil // removed (its device goes with it), or viewed again
 	}
 	if err != nil {
-		log.G(ctx).WithError(err).WithField("layer", parent).Warn("the device of a layer without views stays active")
+		return err
 	}
+	return s.deactivate(ctx, p.DeviceID)
+}
+
+// idleLayers are the layers whose read-only device lost its last view, by
+// when, for the worker to deactivate.
+type idleLayers struct {
+	mu       sync.Mutex
+	released map[string]time.Time
+}
+
+func (l *idleLayers) add(parent string, at time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.released == nil {
+		l.released = map[string]time.Time{}
+	}
+	l.released[parent] = at
+}
+
+// pick removes and returns the layers pick chooses, oldest first.
+func (l *idleLayers) pick(pick func(released time.Time, newer int) bool) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	keys := slices.SortedFunc(maps.Keys(l.released), func(a, b string) int { return l.released[a].Compare(l.released[b]) })
+	var out []string
+	for i, k := range keys {
+		if pick(l.released[k], len(keys)-1-i) {
+			out = append(out, k)
+			delete(l.released, k)
+		}
+	}
+	return out
 }
 
 // deviceOf is the thin id whose device snap mounts: its own, or its

@@ -43,6 +43,8 @@ type background struct {
 	// finished, so the worker and a call never finish one twice.
 	removing seqSet
 	refill   refills
+	// idleLayers are the layers whose views are all gone (view.go).
+	idleLayers idleLayers
 
 	// stop ends the worker, the growth watcher and the self-check, nil
 	// while they do not run; wg waits for them.
@@ -154,11 +156,15 @@ func (s *Snapshotter) refillWarm(ctx context.Context) {
 	}
 }
 
-// reclaimIdle deletes the warm devices unused for warmIdle, in a pause
+// reclaimIdle deletes the warm devices unused for warmIdle, and deactivates
+// the devices of layers whose last view went that long ago, in a pause
 // between calls.
 func (s *Snapshotter) reclaimIdle(ctx context.Context) {
 	s.bg.calls.pause(ctx, time.Now().Add(maxDefer))
 	cutoff := time.Now().Add(-warmIdle)
+	s.reclaimLayers(ctx, func(released time.Time, newer int) bool {
+		return released.Before(cutoff) || newer >= maxWarm
+	})
 	err := s.reclaimWarm(ctx, func(w storage.Warm, newer int) bool {
 		return w.Created.Before(cutoff) || newer >= maxWarm
 	})
@@ -196,10 +202,12 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	return err
 }
 
-// Drain deletes the warm devices and finishes every pending removal now:
-// the pool then holds only the snapshots' devices (an administrator's
-// cleanup, and Close).
+// Drain deletes the warm devices, deactivates the devices of layers left
+// without views, and finishes every pending removal now: the pool then
+// holds only the snapshots' devices (an administrator's cleanup, and
+// Close).
 func (s *Snapshotter) Drain(ctx context.Context) error {
+	s.reclaimLayers(ctx, func(time.Time, int) bool { return true })
 	err := s.reclaimWarm(ctx, func(storage.Warm, int) bool { return true })
 	_, ferr := s.finishRemovals(ctx, false)
 	return errors.Join(err, ferr)
