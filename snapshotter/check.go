@@ -71,7 +71,7 @@ func (s *Snapshotter) Check(ctx context.Context, opts CheckOptions) (*Report, er
 	}
 	st, err := s.gather(ctx)
 	if err != nil {
-		return nil, err
+		return nil, s.blameFault(err)
 	}
 	r := &Report{
 		Root:              s.cfg.Root,

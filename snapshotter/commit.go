@@ -25,7 +25,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 }
 
 // commit is Commit for any key space (size classes call it too).
-func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snapshots.Opt) (err error) {
 	defer s.bg.calls.begin()()
 	unlock := s.keys.lock(key)
 	defer unlock()
@@ -34,6 +34,11 @@ func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snap
 	if err != nil {
 		return err
 	}
+	if err := s.poolFaultNow(); err != nil {
+		return err
+	}
+	// The pool may fail while the call runs.
+	defer func() { err = s.blameFault(err) }()
 	entry, err := s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
 		return commitEntry(tx, snap, name)
 	})

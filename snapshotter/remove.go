@@ -26,6 +26,11 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err != nil {
 		return err
 	}
+	// Nothing is journaled for a pool that deletes nothing: the record
+	// stays, and containerd's garbage collection tries again later.
+	if err := s.poolFaultNow(); err != nil {
+		return err
+	}
 	if snap.Kind != snapshots.KindCommitted {
 		// A mounted snapshot is containerd's to unmount first; refusing
 		// now keeps the record instead of leaving a busy device behind.
