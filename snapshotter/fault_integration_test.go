@@ -11,6 +11,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -39,11 +41,12 @@ type faultCase struct {
 
 // TestIntegrationPoolFaults puts the pool's metadata and data devices on dm
 // devices whose tables it swaps for flakey or error targets in the middle
-// of a workload, with a snapshot mounted as a running container's. While
-// the fault lasts, every call returns within a bound; on a pool that takes
-// no changes, Prepare, View, Commit and Remove fail with FailedPrecondition
-// naming the pool and its mode, and Status shows the mode; the mounted
-// snapshot reads what the kernel gives it. Then the fault clears and the
+// of a workload (a loop of Prepare, Commit and Remove), with a snapshot
+// mounted as a running container's. While the fault lasts, every call
+// returns within a bound; on a pool that takes no changes, Prepare, View,
+// Commit and Remove fail with FailedPrecondition naming the pool and its
+// mode, and Status shows the mode; the mounted snapshot reads what the
+// kernel gives it. Then the fault clears and the
 // operator's steps of docs/operations.md run as written (the shell blocks
 // are run from the file): daemon stopped, the pool taken down, thin_check,
 // the pool set up again, check (and repair), daemon started. Afterwards
@@ -72,9 +75,9 @@ func TestIntegrationPoolFaults(t *testing.T) {
 // not.
 const callBound = 30 * time.Second
 
-// bounded runs fn and fails the test when it takes longer than callBound.
-func bounded[T any](t *testing.T, what string, fn func() (T, error)) (T, error) {
-	t.Helper()
+// within runs fn and waits for it at most callBound; hung says it did not
+// return in time (it goes on running).
+func within[T any](fn func() (T, error)) (v T, took time.Duration, hung bool, err error) {
 	type result struct {
 		v   T
 		err error
@@ -87,12 +90,21 @@ func bounded[T any](t *testing.T, what string, fn func() (T, error)) (T, error) 
 	}()
 	select {
 	case r := <-done:
-		t.Logf("%s: %v after %v", what, r.err, time.Since(start).Round(time.Millisecond))
-		return r.v, r.err
+		return r.v, time.Since(start), false, r.err
 	case <-time.After(callBound):
+		return v, callBound, true, nil
+	}
+}
+
+// bounded runs fn and fails the test when it takes longer than callBound.
+func bounded[T any](t *testing.T, what string, fn func() (T, error)) (T, error) {
+	t.Helper()
+	v, took, hung, err := within(fn)
+	if hung {
 		t.Fatalf("%s hangs: no answer after %v", what, callBound)
 	}
-	panic("unreachable")
+	t.Logf("%s: %v after %v", what, err, took.Round(time.Millisecond))
+	return v, err
 }
 
 func bounded0(t *testing.T, what string, fn func() error) error {
@@ -142,13 +154,28 @@ func testPoolFault(t *testing.T, tc faultCase) {
 	r.ack("v1", "l1")
 	ctr := r.container("ctr", "l1")
 	defer unix.Unmount(ctr, unix.MNT_DETACH)
-	settle(t, s)
 
+	// The fault strikes in the middle of a stream of calls.
+	var faulted atomic.Bool
+	stop, churned := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(churned)
+		r.churn(ctx, tc, &faulted, stop)
+	}()
+	stopChurn := sync.OnceFunc(func() {
+		close(stop)
+		<-churned
+	})
+	defer stopChurn()
+	time.Sleep(time.Second)
 	dev := r.fp.Data
 	if tc.meta {
 		dev = r.fp.Meta
 	}
+	faulted.Store(true)
 	r.must(r.fp.SetFault(dev, tc.fault))
+	time.Sleep(2 * time.Second)
+	stopChurn()
 	r.duringFault(ctx, tc, ctr)
 
 	r.must(bounded0(t, "unmount the container", func() error { return unix.Unmount(ctr, 0) }))
@@ -171,8 +198,6 @@ func (r *faultRig) duringFault(ctx context.Context, tc faultCase, ctr string) {
 		fn   func() error
 		ack  func()
 	}{
-		// First: the pool's first metadata commit after the fault is
-		// this call's, which the kernel reports as done.
 		{"Commit l2 of build", func() error { return s.Commit(ctx, "l2", "build") }, func() {
 			r.ack("l2", "build")
 			delete(r.want, "build")
@@ -194,9 +219,8 @@ func (r *faultRig) duringFault(ctx context.Context, tc faultCase, ctr string) {
 			}
 		case !refused:
 			t.Errorf("%s on a pool in mode rw: %v", c.what, err)
-		case !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "pool "+r.fp.Name) ||
-			!strings.Contains(err.Error(), "mode "+tc.mode):
-			t.Errorf("%s: %v; want FailedPrecondition naming pool %s and mode %s", c.what, err, r.fp.Name, tc.mode)
+		default:
+			r.checkRefusal(c.what, err, tc.mode)
 		}
 	}
 
@@ -215,6 +239,88 @@ func (r *faultRig) duringFault(ctx context.Context, tc faultCase, ctr string) {
 	st, err := bounded(t, "Status", func() (Status, error) { return s.Status(ctx) })
 	if err != nil || st.Mode != tc.mode || st.NeedsCheck != (tc.mode == ModeNeedsCheck) {
 		t.Errorf("Status: mode %q, needs_check %v (%v); want mode %q", st.Mode, st.NeedsCheck, err, tc.mode)
+	}
+}
+
+// checkRefusal fails the test unless err is FailedPrecondition naming the
+// pool and mode.
+func (r *faultRig) checkRefusal(what string, err error, mode string) {
+	if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "pool "+r.fp.Name) ||
+		!strings.Contains(err.Error(), "mode "+mode) {
+		r.t.Errorf("%s: %v; want FailedPrecondition naming pool %s and mode %s", what, err, r.fp.Name, mode)
+	}
+}
+
+// churn makes layers in a loop until stop: Prepare on l1, Commit, Remove
+// of the layer before. Every call must return within callBound; before
+// the fault, and on a pool that stays rw, every call must succeed, after
+// it one may only be refused. What a call acknowledged is recorded in
+// r.want and r.gone once the loop ends.
+func (r *faultRig) churn(ctx context.Context, tc faultCase, faulted *atomic.Bool, stop <-chan struct{}) {
+	t := r.t
+	acked, prev := map[string]bool{}, ""
+	var (
+		gone    []string
+		refused bool
+	)
+	defer func() {
+		for k := range acked {
+			r.ack(k, "")
+		}
+		r.gone = append(r.gone, gone...)
+		t.Logf("churn: %d snapshots acknowledged, %d removals", len(acked), len(gone))
+	}()
+	for i := 0; ; i++ {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		active, layer, old := fmt.Sprintf("churn-%d-active", i), fmt.Sprintf("churn-%d", i), prev
+		steps := []struct {
+			what string
+			fn   func() error
+			ok   func()
+		}{
+			{"Prepare " + active, func() error { _, err := r.s.Prepare(ctx, active, "l1"); return err }, func() { acked[active] = true }},
+			{"Commit " + layer, func() error { return r.s.Commit(ctx, layer, active) }, func() {
+				delete(acked, active)
+				acked[layer], prev = true, layer
+			}},
+			{"Remove " + old, func() error {
+				if old == "" {
+					return nil
+				}
+				return r.s.Remove(ctx, old)
+			}, func() {
+				if old != "" {
+					delete(acked, old)
+					gone = append(gone, old)
+				}
+			}},
+		}
+		for _, st := range steps {
+			_, _, hung, err := within(func() (struct{}, error) { return struct{}{}, st.fn() })
+			if hung {
+				t.Errorf("churn: %s hangs: no answer after %v", st.what, callBound)
+				return
+			}
+			if err == nil {
+				st.ok()
+				continue
+			}
+			if !faulted.Load() || tc.mode == ModeRW {
+				t.Errorf("churn: %s: %v", st.what, err)
+			} else {
+				r.checkRefusal("churn: "+st.what, err, tc.mode)
+				if !refused {
+					refused = true
+					t.Logf("churn: %s, the first call the fault met: %v", st.what, err)
+				}
+			}
+			time.Sleep(100 * time.Millisecond)
+			break
+		}
 	}
 }
 
@@ -298,14 +404,18 @@ func (r *faultRig) afterRepair(ctx context.Context) {
 	r.checkClean(true)
 }
 
-// readBack checks that snapshot key reads want from file f: an active
-// snapshot or view through its own mounts, a committed one through a view.
+// readBack checks that snapshot key is there and reads want from file f
+// (unless want is ""): an active snapshot or view through its own mounts, a
+// committed one through a view.
 func (r *faultRig) readBack(ctx context.Context, key, want string) {
 	t := r.t
 	info, err := r.s.Stat(ctx, key)
 	if err != nil {
 		t.Errorf("acknowledged snapshot %s is lost: %v", key, err)
 		return
+	}
+	if want == "" {
+		return // made without content
 	}
 	mountKey := key
 	if info.Kind == snapshots.KindCommitted {
