@@ -153,6 +153,8 @@ else \
 fi
 endef
 
+# The pool fault tests swap dm-flakey in under a pool's devices.
+test-integration test-vm: export THIN_VM_MODULES += dm-flakey
 test-integration: build
 	$(call on-kernel,$(DM_PKGS))
 

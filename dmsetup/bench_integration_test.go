@@ -87,3 +87,28 @@ func BenchmarkIntegrationSnapCycle(b *testing.B) {
 	removeIfExists(b, c, name)
 	_ = c.DeleteThin(pool.Name, snap)
 }
+
+// BenchmarkIntegrationPoolStatus measures the status read with which the
+// client confirms every pool message (poolMessage), next to a message pair
+// that includes it: compare the two in one run.
+func BenchmarkIntegrationPoolStatus(b *testing.B) {
+	c := requireDM(b)
+	pool := newLoopPool(b, c)
+	b.Run("status", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := c.PoolStatusNoCommit(pool.Name); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("create_thin+delete", func(b *testing.B) {
+		for b.Loop() {
+			if err := c.CreateThin(pool.Name, 1); err != nil {
+				b.Fatal(err)
+			}
+			if err := c.DeleteThin(pool.Name, 1); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}

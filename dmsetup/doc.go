@@ -52,7 +52,10 @@
 // Snapshotting an active origin requires suspending it around CreateSnap
 // (Suspend, CreateSnap, Resume) so that its in-flight writes are flushed.
 // Pool messages are not idempotent, so they are never retried; a reply too
-// large for its buffer is reported as ENOBUFS.
+// large for its buffer is reported as ENOBUFS. The kernel answers a message
+// whose metadata commit failed with success and rolls it back, so the
+// client reads the pool's status after each message and reports EIO when
+// the pool went read-only or failed (PoolStatus.ReadOnly).
 //
 // MetadataThinIDs lists the thin ids in a running pool's metadata: it
 // reserves a metadata snapshot, runs thin_ls (or thin_dump) on the metadata

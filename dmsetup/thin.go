@@ -271,6 +271,13 @@ type PoolStatus struct {
 	HasMetadataLowWatermark bool
 }
 
+// ReadOnly reports whether the pool takes no more changes: failed, or
+// read-only (needs_check, metadata full or a failed metadata write). The
+// kernel then refuses pool messages and new data blocks.
+func (s PoolStatus) ReadOnly() bool {
+	return s.Fail || s.Error || s.NeedsCheck || s.Mode == PoolModeRO
+}
+
 // parseRatio reads "used/total", the form in which the kernel prints block
 // counts.
 func parseRatio(s string) (uint64, uint64, bool) {
@@ -477,10 +484,24 @@ func (c *Client) ThinStatus(name string) (ThinStatus, error) {
 }
 
 // poolMessage sends msg to the thin-pool target of device pool, at sector
-// 0 where its one target starts.
+// 0 where its one target starts. The kernel commits the pool's metadata
+// after a message but ignores a failed commit: the message then reports
+// success while the pool has rolled the change back and gone read-only or
+// failed. So a success stands only if the pool can still commit
+// afterwards; otherwise the message fails with EIO.
 func (c *Client) poolMessage(pool, msg string) error {
-	_, err := c.message(pool, 0, msg)
-	return err
+	if _, err := c.message(pool, 0, msg); err != nil {
+		return err
+	}
+	st, err := c.PoolStatusNoCommit(pool)
+	if err != nil {
+		return fmt.Errorf("status after message %q: %w", msg, err)
+	}
+	if st.ReadOnly() {
+		return opError("message "+strconv.Quote(msg), pool,
+			fmt.Errorf("pool status %q after it: its metadata commit failed, the change may be rolled back: %w", st, unix.EIO))
+	}
+	return nil
 }
 
 // checkID refuses a thin device id the pool cannot hold: ids have 24 bits.

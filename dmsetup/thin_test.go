@@ -211,6 +211,25 @@ func TestParsePoolStatus(t *testing.T) {
 	}
 }
 
+func TestPoolStatusReadOnly(t *testing.T) {
+	for _, tc := range []struct {
+		st   PoolStatus
+		want bool
+	}{
+		{PoolStatus{Mode: PoolModeRW}, false},
+		{PoolStatus{Mode: PoolModeOutOfDataSpace}, false},
+		{PoolStatus{Mode: PoolModeRO}, true},
+		{PoolStatus{Mode: PoolModeRO, NeedsCheck: true}, true},
+		{PoolStatus{Mode: PoolModeRW, NeedsCheck: true}, true},
+		{PoolStatus{Fail: true}, true},
+		{PoolStatus{Error: true}, true},
+	} {
+		if got := tc.st.ReadOnly(); got != tc.want {
+			t.Errorf("%+v.ReadOnly() = %v, want %v", tc.st, got, tc.want)
+		}
+	}
+}
+
 func TestParsePoolStatusMalformed(t *testing.T) {
 	for _, in := range []string{
 		"",

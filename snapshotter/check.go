@@ -98,7 +98,7 @@ func (s *Snapshotter) Check(ctx context.Context, opts CheckOptions) (*Report, er
 func (s *Snapshotter) checkOnce(ctx context.Context) (*Report, *checkState, error) {
 	st, err := s.gather(ctx)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, s.blameFault(err)
 	}
 	r := &Report{
 		Root:              s.cfg.Root,

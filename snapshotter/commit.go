@@ -32,7 +32,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 }
 
 // commit is Commit for any key space (size classes call it too).
-func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snapshots.Opt) (err error) {
 	defer s.bg.calls.begin()()
 	unlock := s.keys.lock(key)
 	defer unlock()
@@ -41,6 +41,11 @@ func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snap
 	if err != nil {
 		return err
 	}
+	if err := s.poolFaultNow(); err != nil {
+		return err
+	}
+	// The pool may fail while the call runs.
+	defer func() { err = s.blameFault(err) }()
 	if snap.CommitID == 0 {
 		// Made before commit ids were reserved.
 		if err := s.db.Update(ctx, func(tx *storage.Tx) (err error) {

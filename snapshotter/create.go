@@ -31,7 +31,7 @@ func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snap
 // create makes snapshot key of kind, in the first way that applies: a
 // view on its layer's device (view.go), a shared layer (share.go), a warm
 // device of parent (warm.go), or a new device.
-func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) ([]mount.Mount, error) {
+func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (_ []mount.Mount, err error) {
 	var base snapshots.Info
 	for _, o := range opts {
 		if err := o(&base); err != nil {
@@ -41,6 +41,8 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	defer s.bg.calls.begin()()
 	unlock := s.keys.lock(key)
 	defer unlock()
+	// The pool may fail while the call runs.
+	defer func() { err = s.blameFault(err) }()
 	if err := s.checkPoolHealth(ctx); err != nil {
 		return nil, err
 	}

@@ -60,16 +60,12 @@ func (s *Snapshotter) poolHealthNow() error {
 const maxGrowSteps = 8
 
 func poolHealth(name string, st dmsetup.PoolStatus, minData, minMeta float64) error {
-	switch {
-	case st.Fail || st.Error:
-		return fmt.Errorf("pool %s has failed: %w", name, errdefs.ErrFailedPrecondition)
-	case st.NeedsCheck:
-		return fmt.Errorf("pool %s needs a metadata check (thin_check): %w", name, errdefs.ErrFailedPrecondition)
-	case st.Mode == dmsetup.PoolModeOutOfDataSpace:
+	if err := poolFault(name, st); err != nil {
+		return err
+	}
+	if st.Mode == dmsetup.PoolModeOutOfDataSpace {
 		return fmt.Errorf("pool %s is out of data space (%d of %d blocks used): %w",
 			name, st.UsedDataBlocks, st.TotalDataBlocks, errdefs.ErrResourceExhausted)
-	case st.Mode == dmsetup.PoolModeRO:
-		return fmt.Errorf("pool %s is read-only (metadata full or an error): %w", name, errdefs.ErrFailedPrecondition)
 	}
 	if free, ok := freePercent(st.UsedDataBlocks, st.TotalDataBlocks); ok && minData > 0 && free < minData {
 		return fmt.Errorf("pool %s: %.1f%% of data space free (%d of %d blocks used), below the %.1f%% threshold: %w",
@@ -80,6 +76,57 @@ func poolHealth(name string, st dmsetup.PoolStatus, minData, minMeta float64) er
 			name, free, st.UsedMetaBlocks, st.TotalMetaBlocks, minMeta, errdefs.ErrResourceExhausted)
 	}
 	return nil
+}
+
+// poolFault refuses every change to a pool that takes none: failed,
+// needing a metadata check, or read-only. The error names the pool and its
+// mode as Status shows it; only an operator brings such a pool back.
+func poolFault(name string, st dmsetup.PoolStatus) error {
+	if !st.ReadOnly() {
+		return nil
+	}
+	mode := poolMode(st)
+	var why string
+	switch mode {
+	case ModeFail:
+		why = "its metadata cannot be read or written"
+	case ModeNeedsCheck:
+		why = "a metadata write failed and the kernel wants thin_check"
+	default:
+		why = "its metadata is full or was loaded read-only"
+	}
+	return fmt.Errorf("pool %s is in mode %s (%s): it takes no changes until repaired: %w",
+		name, mode, why, errdefs.ErrFailedPrecondition)
+}
+
+// poolFaultNow reads the pool's status and refuses changes to a pool that
+// takes none (poolFault).
+func (s *Snapshotter) poolFaultNow() error {
+	st, err := s.pool.Status()
+	if err != nil {
+		return fmt.Errorf("status of pool %s: %w", s.pool.Name(), err)
+	}
+	return poolFault(s.pool.Name(), st)
+}
+
+// blameFault returns err, a call's failure in the kernel, as the pool's
+// fault when the pool takes no changes now: the kernel's own error (EIO,
+// EOPNOTSUPP, EINVAL) says neither why nor that a retry is useless. The
+// kernel error's text is kept, its kinds are not.
+func (s *Snapshotter) blameFault(err error) error {
+	var kerr *dmsetup.Error
+	if !errors.As(err, &kerr) || errdefs.IsFailedPrecondition(err) {
+		return err
+	}
+	st, serr := s.pool.Status()
+	if serr != nil {
+		return err
+	}
+	if ferr := poolFault(s.pool.Name(), st); ferr != nil {
+		//nolint:errorlint // Only the pool's kind: the kernel's (EINVAL is InvalidArgument) would outrank it over gRPC.
+		return fmt.Errorf("%w; the call failed with: %v", ferr, err)
+	}
+	return err
 }
 
 func freePercent(used, total uint64) (float64, bool) {

@@ -67,7 +67,10 @@ func newSnapshotter(cfg Config, db *storage.DB, pool thinPool, format func(conte
 
 // setUp checks the pool is the database's, recovers from an earlier crash
 // and makes sure the base device exists.
-func (s *Snapshotter) setUp(ctx context.Context) error {
+func (s *Snapshotter) setUp(ctx context.Context) (err error) {
+	// On a pool that takes no changes, recovery and the base device fail
+	// in the kernel.
+	defer func() { err = s.blameFault(err) }()
 	if err := s.checkOwnership(ctx); err != nil {
 		return err
 	}

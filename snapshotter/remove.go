@@ -27,7 +27,12 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		return err
 	}
 	if sharesDevice(snap) {
-		return s.removeView(ctx, snap)
+		return s.removeView(ctx, snap) // no change to the pool
+	}
+	// Nothing is journaled for a pool that deletes nothing: the record
+	// stays, and containerd's garbage collection tries again later.
+	if err := s.poolFaultNow(); err != nil {
+		return err
 	}
 	if snap.Kind != snapshots.KindCommitted {
 		// A mounted snapshot is containerd's to unmount first; refusing
