@@ -134,10 +134,11 @@ func TestIntegrationCheck(t *testing.T) {
 	var leaked uint32
 	must(db.Update(ctx, func(tx *storage.Tx) error {
 		// An interrupted remove of d, and an id allocated to nothing.
-		if _, err := tx.RemoveSnapshot("d"); err != nil {
+		d, err := tx.RemoveSnapshot("d")
+		if err != nil {
 			return err
 		}
-		if _, err := tx.AddJournal(storage.Entry{Op: storage.OpDelete, DeviceID: ids["d"], Key: "d"}); err != nil {
+		if _, err := removalEntries(tx, d); err != nil {
 			return err
 		}
 		leaked, err = tx.AllocateID()

@@ -36,8 +36,9 @@ func TestIntegrationForeignIDs(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	// Someone else takes the next two ids while the daemon runs.
-	foreign := []uint32{a.DeviceID + 1, a.DeviceID + 2}
+	// Someone else takes the next two ids while the daemon runs (a's
+	// commit has the one after a's own).
+	foreign := []uint32{a.CommitID + 1, a.CommitID + 2}
 	for _, id := range foreign {
 		if err := c.CreateThin(pool, id); err != nil {
 			t.Fatal(err)
@@ -51,7 +52,7 @@ func TestIntegrationForeignIDs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := a.DeviceID + 3; b.DeviceID != want {
+	if want := a.CommitID + 3; b.DeviceID != want {
 		t.Errorf("b has id %d, want %d", b.DeviceID, want)
 	}
 	mnt := t.TempDir()
