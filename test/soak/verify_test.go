@@ -190,6 +190,27 @@ func (m *model) verifyContent(ctx context.Context, sn snapshots.Snapshotter, mnt
 	return n, errors.Join(errs...)
 }
 
+// devicesToActivate is how many dm devices a reboot takes that recovery
+// must bring back: one per active snapshot, one per layer with views (they
+// share its device) and one per view of no layer (its own).
+func (m *model) devicesToActivate() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := 0
+	layers := map[string]bool{}
+	for _, r := range m.snaps {
+		switch {
+		case r.kind == snapshots.KindActive:
+			n++
+		case r.kind == snapshots.KindView && r.parent == "":
+			n++
+		case r.kind == snapshots.KindView:
+			layers[r.parent] = true
+		}
+	}
+	return n + len(layers)
+}
+
 func (m *model) counts() map[snapshots.Kind]int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
