@@ -20,18 +20,21 @@
 //
 // Calls: create.go (Prepare, View), commit.go, remove.go, update.go
 // (labels and the max-size grow), share.go (layers shared between size
-// classes), class.go (size classes). Background work: worker.go and
-// warm.go. Kernel side: pool.go (the dm client), poolstep.go, base.go,
-// poolgrow.go (the embedded pool grows), fsgrow.go (a filesystem grows to
-// its device). Start and stop: open.go, ownership.go, recover.go.
-// Operators: status.go, devices.go, steps.go and check*.go.
+// classes), class.go (size classes), container.go (a CRI container's
+// snapshot, found by its id and grown to its pod's disk size). Background
+// work: worker.go and warm.go. Kernel side: pool.go (the dm client),
+// poolstep.go, base.go, poolgrow.go (the embedded pool grows), fsgrow.go
+// (a filesystem grows to its device). Start and stop: open.go,
+// ownership.go, recover.go. Operators: status.go, devices.go, steps.go and
+// check*.go.
 //
 // # Concurrency
 //
 // Locks, outermost first. Code holding one may take only those after it:
 //
-//  1. keys: one lock per snapshot key. Prepare, View, Commit, Remove and
-//     Update of the same key run one at a time; other keys run in parallel.
+//  1. keys: one lock per snapshot key. Prepare, View, Commit, Remove,
+//     Update, GrowContainer and Mounts of the same key run one at a time
+//     (Mounts waits for a grow); other keys run in parallel.
 //  2. grower.mu: one growth of the embedded pool at a time (a Prepare short
 //     of space grows it, and so does the growth goroutine).
 //  3. poolMu: the pool's metadata messages (create_thin, create_snap,
@@ -215,8 +218,12 @@ func ownUsage(mapped dmsetup.Sectors, shared uint64) snapshots.Usage {
 	return snapshots.Usage{Size: int64((mapped - dmsetup.Sectors(shared)).Bytes())}
 }
 
-// Mounts returns the mount of an active snapshot or a view.
+// Mounts returns the mount of an active snapshot or a view. It waits for a
+// call on key in progress, so that nobody mounts a filesystem while it
+// grows (GrowContainer may go on after the NRI hook answered).
 func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
+	unlock := s.keys.lock(key)
+	defer unlock()
 	snap, err := s.ready(ctx, key)
 	if err != nil {
 		return nil, err
