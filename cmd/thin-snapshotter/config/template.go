@@ -8,6 +8,7 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/thin-snapshotter/thin-snapshotter/internal/podsize"
 	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
 )
 
@@ -135,6 +136,20 @@ discard = {{ value .Snapshot.Discard }}
 # an existing pool.
 discard_on_delete = {{ value .Snapshot.DiscardOnDelete }}
 
+[nri]
+# Per-pod disk sizes: pods ask for them with annotations
+# ({{ .NRIPodKey }}: 50Gi, or
+# {{ .NRIContainerKey }} for one container), which
+# the daemon applies as a plugin of containerd's NRI (Node Resource
+# Interface, on by default in containerd 2.x): before a container on thin
+# starts, its root filesystem grows to the size its pod asks for. true
+# registers with NRI whenever socket_path exists (the daemon waits for it
+# and reconnects when containerd restarts); false: annotations are ignored.
+enable = {{ value .NRI.Enable }}
+
+# containerd's NRI socket: [plugins."io.containerd.nri.v1.nri"] socket_path.
+socket_path = {{ value .NRI.SocketPath }}
+
 # Size classes: one extra socket each, on the same pool and database, whose
 # containers get the class's disk size unless they ask for one (label
 # containerd.io/snapshot/max-size). containerd gets one proxy plugin per
@@ -168,6 +183,7 @@ func Render(w io.Writer, cfg *Config) error {
 		MinBlockSize, MaxBlockSize                    ByteSize
 		MinBaseSizeExt4, MinBaseSizeXFS               ByteSize
 		BaseSizeAlign                                 int
+		NRIPodKey, NRIContainerKey                    string
 	}{
 		Config:                cfg,
 		LogLevels:             strings.Join(logLevels, ", "),
@@ -180,6 +196,8 @@ func Render(w io.Writer, cfg *Config) error {
 		MinBaseSizeExt4:       snapshotter.MinBaseSizeExt4,
 		MinBaseSizeXFS:        snapshotter.MinBaseSizeXFS,
 		BaseSizeAlign:         snapshotter.BaseSizeAlign,
+		NRIPodKey:             podsize.PodKey,
+		NRIContainerKey:       podsize.ContainerKey("<name>"),
 	}
 	return tmpl.Execute(w, data)
 }
