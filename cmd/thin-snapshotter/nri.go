@@ -280,11 +280,7 @@ func (p *nriPlugin) goTracked(fn func()) bool {
 	if p.stopping {
 		return false
 	}
-	p.grows.Add(1)
-	go func() {
-		defer p.grows.Done()
-		fn()
-	}()
+	p.grows.Go(fn)
 	return true
 }
 

@@ -2,6 +2,7 @@ package podsize
 
 import (
 	"errors"
+	"maps"
 	"strings"
 	"testing"
 
@@ -19,10 +20,7 @@ func TestFind(t *testing.T) {
 		"other.example.com/pod":                       "1Gi",
 	}
 	without := func(keys ...string) map[string]string {
-		m := map[string]string{}
-		for k, v := range all {
-			m[k] = v
-		}
+		m := maps.Clone(all)
 		for _, k := range keys {
 			delete(m, k)
 		}
