@@ -62,6 +62,12 @@
 // stops both and waits for them before it closes the database. Work the
 // worker has begun is finished even when it is stopped, so no half-made
 // device waits for the next start.
+//
+// The daemon's NRI plugin (cmd/thin-snapshotter/nri.go) calls
+// FindContainer and GrowContainer from a goroutine per grow, which may
+// outlive NRI's request, besides its registration loop; its mutex (the
+// plugin's stopping flag) is a leaf. The daemon stops the plugin and waits
+// for its grows before it closes the Snapshotter.
 package snapshotter
 
 import (
