@@ -152,10 +152,7 @@ func (p *nriPlugin) run(ctx context.Context) {
 func (p *nriPlugin) session(ctx context.Context, registered func()) error {
 	st, err := stub.New(p,
 		stub.WithPluginName(nriPluginName), stub.WithPluginIdx(nriPluginIndex),
-		stub.WithSocketPath(p.socket), stub.WithLogger(nriLogger{log.G(ctx)}),
-		// Without it the stub exits the process when the connection
-		// closes.
-		stub.WithOnClose(func() {}))
+		stub.WithSocketPath(p.socket), stub.WithLogger(nriLogger{log.G(ctx)}))
 	if err != nil {
 		return err
 	}
