@@ -183,10 +183,10 @@ func (p *nriPlugin) CreateContainer(ctx context.Context, pod *api.PodSandbox, ct
 	return nil, nil, p.size(ctx, pod, ctr)
 }
 
-// Synchronize sizes the containers created while the plugin was not
-// registered and not started yet, in the background: NRI sends the
-// containers it has when a plugin registers, and a container created just
-// before (containerd restarting) has not had its CreateContainer hook.
+// Synchronize sizes, in the background, the containers that were created
+// while the plugin was not registered and have not started: NRI sends the
+// containers it has when a plugin registers, and one created just before
+// (containerd restarting) missed its CreateContainer hook.
 func (p *nriPlugin) Synchronize(ctx context.Context, pods []*api.PodSandbox, ctrs []*api.Container) ([]*api.ContainerUpdate, error) {
 	byID := make(map[string]*api.PodSandbox, len(pods))
 	for _, pod := range pods {
@@ -296,7 +296,7 @@ func (p *nriPlugin) report(logger *log.Entry, start time.Time, snap snapshotter.
 		logger.WithField("size", got).Info("nri: grew the container's root filesystem to its pod's disk size")
 	default:
 		p.metrics.result(nriKept)
-		logger.WithField("size", got).Info("nri: kept the container's root filesystem: its size class or base_size is larger than its pod asks")
+		logger.WithField("size", got).Info("nri: kept the container's root filesystem at its size, at least what its pod asks (its size class, base_size or an earlier grow)")
 	}
 }
 
