@@ -27,7 +27,7 @@ func newNRIMetrics() *nriMetrics {
 		containers: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: metricsNamespace,
 			Name:      "nri_containers_total",
-			Help:      "Containers on thin whose pod asks for a disk size, by outcome: grown, kept (their class or base_size is larger), refused (bad annotation), failed.",
+			Help:      "Containers on thin whose pod asks for a disk size, by outcome: grown, kept (at least that size already: a size class, base_size), refused (bad annotation), failed.",
 		}, []string{"result"}),
 		growSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: metricsNamespace,
