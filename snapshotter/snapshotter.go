@@ -23,12 +23,13 @@
 // Calls: create.go (Prepare, View), view.go (views share their layer's
 // device), commit.go, remove.go, update.go
 // (labels and the max-size grow), share.go (layers shared between size
-// classes), class.go (size classes). Background work: worker.go and
-// warm.go. Kernel side: pool.go (the dm client), poolstep.go, base.go,
-// poolgrow.go (the embedded pool grows), fsgrow.go (a filesystem grows to
-// its device). Start and stop: open.go, ownership.go, recover.go.
-// Operators: status.go, devices.go, steps.go, check*.go and selfcheck.go
-// (the snapshotter checks itself).
+// classes), class.go (size classes), container.go (a CRI container's
+// snapshot, found by its id and grown to its pod's disk size). Background
+// work: worker.go and warm.go. Kernel side: pool.go (the dm client),
+// poolstep.go, base.go, poolgrow.go (the embedded pool grows), fsgrow.go
+// (a filesystem grows to its device). Start and stop: open.go,
+// ownership.go, recover.go. Operators: status.go, devices.go, steps.go,
+// check*.go and selfcheck.go (the snapshotter checks itself).
 //
 // # Concurrency
 //
@@ -37,11 +38,12 @@
 //  1. checkMu: one check at a time (Check, CheckOnline, and the self-check
 //     with its repairs): the pool has room for one metadata snapshot. It
 //     is held for seconds (thin_ls) but never by a snapshot call.
-//  2. keys: one lock per snapshot key. Prepare, View, Commit, Remove and
-//     Update of the same key run one at a time; other keys run in parallel.
-//     Then layers: one lock per committed layer, taken by a View or a
-//     view's Remove (holding the view's key lock) while it activates or
-//     deactivates the read-only device the layer's views share.
+//  2. keys: one lock per snapshot key. Prepare, View, Commit, Remove,
+//     Update, GrowContainer and Mounts of the same key run one at a time
+//     (Mounts waits for a grow); other keys run in parallel. Then layers:
+//     one lock per committed layer, taken by a View or a view's Remove
+//     (holding the view's key lock) while it activates or deactivates the
+//     read-only device the layer's views share.
 //  3. grower.mu: one growth of the embedded pool at a time (a Prepare short
 //     of space grows it, and so does the growth goroutine).
 //  4. poolMu: the pool's metadata messages (create_thin, create_snap,
@@ -73,6 +75,12 @@
 // waits for them before it closes the database. Work the worker or a
 // self-check repair has begun is finished even when it is stopped, so no
 // half-made device waits for the next start.
+//
+// The daemon's NRI plugin (cmd/thin-snapshotter/nri.go) calls
+// FindContainer and GrowContainer from a goroutine per grow, which may
+// outlive NRI's request, besides its registration loop; its mutex (the
+// plugin's stopping flag) is a leaf. The daemon stops the plugin and waits
+// for its grows before it closes the Snapshotter.
 package snapshotter
 
 import (
@@ -243,8 +251,12 @@ func ownUsage(mapped dmsetup.Sectors, shared uint64) snapshots.Usage {
 	return snapshots.Usage{Size: int64((mapped - dmsetup.Sectors(shared)).Bytes())}
 }
 
-// Mounts returns the mount of an active snapshot or a view.
+// Mounts returns the mount of an active snapshot or a view. It waits for a
+// call on key in progress, so that nobody mounts a filesystem while it
+// grows (GrowContainer may go on after the NRI hook answered).
 func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
+	unlock := s.keys.lock(key)
+	defer unlock()
 	var (
 		snap storage.Snapshot
 		dev  uint32

@@ -14,6 +14,19 @@ import (
 	"github.com/thin-snapshotter/thin-snapshotter/storage"
 )
 
+// ParseMaxSize reads a value of the max-size label: a whole number of
+// bytes, as containerd defines it.
+func ParseMaxSize(v string) (uint64, error) {
+	n, err := strconv.ParseUint(v, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a size in bytes: %w", v, errdefs.ErrInvalidArgument)
+	}
+	return n, nil
+}
+
+// blockAligned rounds a requested size down to whole filesystem blocks.
+func blockAligned(n uint64) uint64 { return n - n%BaseSizeAlign }
+
 // requestedSize is the size the max-size label of an active snapshot asks
 // for, rounded down to whole filesystem blocks, or 0 without the label. A
 // device never shrinks: less than current, the size it has (or inherits
@@ -23,11 +36,11 @@ func requestedSize(labels map[string]string, current uint64) (uint64, error) {
 	if !ok {
 		return 0, nil
 	}
-	n, err := strconv.ParseUint(v, 10, 64)
+	n, err := ParseMaxSize(v)
 	if err != nil {
-		return 0, fmt.Errorf("label %s=%q: not a size in bytes: %w", snapshots.LabelSnapshotMaxSize, v, errdefs.ErrInvalidArgument)
+		return 0, fmt.Errorf("label %s: %w", snapshots.LabelSnapshotMaxSize, err)
 	}
-	n -= n % BaseSizeAlign
+	n = blockAligned(n)
 	switch {
 	case n > maxDeviceSize:
 		return 0, fmt.Errorf("label %s=%q: more than %s: %w", snapshots.LabelSnapshotMaxSize, v, humanSize(maxDeviceSize), errdefs.ErrInvalidArgument)
@@ -41,10 +54,14 @@ func requestedSize(labels map[string]string, current uint64) (uint64, error) {
 // Update changes the labels of a snapshot. Raising the max-size label of
 // an active snapshot grows its device and filesystem, online when it is
 // mounted; lowering it is InvalidArgument.
-func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (out snapshots.Info, err error) {
+func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (snapshots.Info, error) {
 	unlock := s.keys.lock(info.Name)
 	defer unlock()
+	return s.update(ctx, info, fieldpaths...)
+}
 
+// update is Update with the key's lock held.
+func (s *Snapshotter) update(ctx context.Context, info snapshots.Info, fieldpaths ...string) (out snapshots.Info, err error) {
 	var (
 		old  storage.Snapshot
 		size uint64

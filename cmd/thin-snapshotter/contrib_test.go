@@ -69,7 +69,25 @@ type containerdConfig struct {
 				} `toml:"runtimes"`
 			} `toml:"containerd"`
 		} `toml:"io.containerd.cri.v1.runtime"`
+		NRI containerdNRI `toml:"io.containerd.nri.v1.nri"`
 	} `toml:"plugins"`
+}
+
+// loadContainerdConfig decodes contrib/containerd/<file> strictly.
+func loadContainerdConfig(t *testing.T, file string) containerdConfig {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(contribDir, "containerd", file))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var c containerdConfig
+	if err := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields().Decode(&c); err != nil {
+		if strict, ok := errors.AsType[*toml.StrictMissingError](err); ok {
+			t.Fatalf("unexpected keys: %s", strict.String())
+		}
+		t.Fatal(err)
+	}
+	return c
 }
 
 // contribClass is the size class that contrib/config.toml shows commented
@@ -112,17 +130,7 @@ func TestContribContainerdConfigs(t *testing.T) {
 		{"config-v4.toml", 4},
 	} {
 		t.Run(tt.file, func(t *testing.T) {
-			data, err := os.ReadFile(filepath.Join(contribDir, "containerd", tt.file))
-			if err != nil {
-				t.Fatal(err)
-			}
-			var c containerdConfig
-			if err := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields().Decode(&c); err != nil {
-				if strict, ok := errors.AsType[*toml.StrictMissingError](err); ok {
-					t.Fatalf("unexpected keys: %s", strict.String())
-				}
-				t.Fatal(err)
-			}
+			c := loadContainerdConfig(t, tt.file)
 			if c.Version != tt.version {
 				t.Errorf("version = %d, want %d", c.Version, tt.version)
 			}

@@ -111,6 +111,9 @@ func serve(ctx context.Context, cfg *config.Config, open snapshotterFactory, opt
 	if err != nil {
 		return err
 	}
+	// Pod disk sizes (nri.go); stopped before the snapshotter closes.
+	nri := startNRI(ctx, cfg.NRI, sn, m)
+	defer nri.stop(ctx, opts.shutdownTimeout)
 	logger.Info("serving containerd snapshots API")
 	if err := opts.notify(daemon.SdNotifyReady); err != nil {
 		logger.WithError(err).Warn("sd_notify READY failed")

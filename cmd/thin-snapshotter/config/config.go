@@ -51,6 +51,7 @@ type Config struct {
 	CheckInterval Duration       `toml:"check_interval"`
 	Pool          PoolConfig     `toml:"pool"`
 	Snapshot      SnapshotConfig `toml:"snapshot"`
+	NRI           NRIConfig      `toml:"nri"`
 	// Classes are extra sockets, one per size class ([[class]] tables).
 	Classes []ClassConfig `toml:"class"`
 }
@@ -157,6 +158,7 @@ func Default() *Config {
 			// inline, and about 50 ms faster per Remove.
 			AsyncRemove: true,
 		},
+		NRI: defaultNRI(),
 	}
 }
 
@@ -325,6 +327,8 @@ func (c *Config) Validate() error {
 	if !slices.Contains(discardOnDeleteValues, c.Snapshot.DiscardOnDelete) {
 		bad("snapshot.discard_on_delete", "%q is not one of %s", c.Snapshot.DiscardOnDelete, strings.Join(discardOnDeleteValues, ", "))
 	}
+
+	c.NRI.validate(bad)
 
 	if !isLogLevel(c.LogLevel) {
 		bad("log_level", "%q is not one of %s", c.LogLevel, strings.Join(logLevels, ", "))

@@ -85,6 +85,13 @@ discard = true`,
 			},
 		},
 		{
+			name: "nri section",
+			doc: `[nri]
+enable = false
+socket_path = "/run/containerd/nri.sock"`,
+			want: func(c *Config) { c.NRI = NRIConfig{Enable: false, SocketPath: "/run/containerd/nri.sock"} },
+		},
+		{
 			name: "dotted keys",
 			doc:  `pool.name = "p"` + "\n" + `snapshot.discard = true`,
 			want: func(c *Config) { c.Pool.Name, c.Snapshot.Discard = "p", true },
@@ -220,6 +227,9 @@ func TestValidate(t *testing.T) {
 		{name: "empty mkfs option", modify: func(c *Config) { c.Snapshot.MkfsOptions = []string{"-b", ""} }, keys: []string{"snapshot.mkfs_options[1]"}},
 		{name: "mount option with comma", modify: func(c *Config) { c.Snapshot.MountOptions = []string{"noatime,nodev"} }, keys: []string{"snapshot.mount_options[0]"}, msg: "one option per entry"},
 		{name: "mount option ro", modify: func(c *Config) { c.Snapshot.MountOptions = []string{"noatime", "ro"} }, keys: []string{"snapshot.mount_options[1]"}, msg: "chosen by the snapshotter"},
+		{name: "nri socket relative", modify: func(c *Config) { c.NRI.SocketPath = "nri.sock" }, keys: []string{"nri.socket_path"}, msg: "absolute"},
+		{name: "nri socket empty", modify: func(c *Config) { c.NRI.SocketPath = "" }, keys: []string{"nri.socket_path"}, msg: "empty"},
+		{name: "nri off needs no socket", modify: func(c *Config) { c.NRI = NRIConfig{} }},
 		{name: "mount option empty", modify: func(c *Config) { c.Snapshot.MountOptions = []string{""} }, keys: []string{"snapshot.mount_options[0]"}},
 		{
 			name: "all errors reported together",
@@ -328,6 +338,7 @@ func TestRenderRoundTripNonDefault(t *testing.T) {
 			Discard:         true,
 			DiscardOnDelete: "on",
 		},
+		NRI: NRIConfig{SocketPath: "/run/k3s/nri.sock"},
 		Classes: []ClassConfig{
 			{Name: "thin-50g", Size: 50 * gib},
 			{Name: "big", Size: 2 * tib, Address: "/run/other/big.sock"},

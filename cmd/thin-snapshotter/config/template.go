@@ -8,6 +8,7 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/thin-snapshotter/thin-snapshotter/internal/podsize"
 	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
 )
 
@@ -145,6 +146,20 @@ discard = {{ value .Snapshot.Discard }}
 # an existing pool.
 discard_on_delete = {{ value .Snapshot.DiscardOnDelete }}
 
+[nri]
+# Per-pod disk sizes: pods ask for them with annotations
+# ({{ .NRIPodKey }}: 50Gi, or
+# {{ .NRIContainerKey }} for one container), which
+# the daemon applies as a plugin of containerd's NRI (Node Resource
+# Interface, on by default in containerd 2.x): before a container on thin
+# starts, its root filesystem grows to the size its pod asks for. true
+# registers with NRI whenever socket_path exists (the daemon waits for it
+# and reconnects when containerd restarts); false: annotations are ignored.
+enable = {{ value .NRI.Enable }}
+
+# containerd's NRI socket: [plugins."io.containerd.nri.v1.nri"] socket_path.
+socket_path = {{ value .NRI.SocketPath }}
+
 # Size classes: one extra socket each, on the same pool and database, whose
 # containers get the class's disk size unless they ask for one (label
 # containerd.io/snapshot/max-size). containerd gets one proxy plugin per
@@ -179,6 +194,7 @@ func Render(w io.Writer, cfg *Config) error {
 		MinBaseSizeExt4, MinBaseSizeXFS               ByteSize
 		BaseSizeAlign                                 int
 		MinCheckInterval                              Duration
+		NRIPodKey, NRIContainerKey                    string
 	}{
 		Config:                cfg,
 		LogLevels:             strings.Join(logLevels, ", "),
@@ -192,6 +208,8 @@ func Render(w io.Writer, cfg *Config) error {
 		MinBaseSizeXFS:        snapshotter.MinBaseSizeXFS,
 		BaseSizeAlign:         snapshotter.BaseSizeAlign,
 		MinCheckInterval:      Duration(snapshotter.MinCheckInterval),
+		NRIPodKey:             podsize.PodKey,
+		NRIContainerKey:       podsize.ContainerKey("<name>"),
 	}
 	return tmpl.Execute(w, data)
 }
