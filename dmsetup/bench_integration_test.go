@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // BenchmarkIntegrationSnapCycle measures one "create_snap + activate +
@@ -109,6 +111,88 @@ func BenchmarkIntegrationPoolStatus(b *testing.B) {
 			if err := c.DeleteThin(pool.Name, 1); err != nil {
 				b.Fatal(err)
 			}
+		}
+	})
+}
+
+// BenchmarkIntegrationActivateParts splits an activation into its ioctls,
+// and compares it with pointing a device that exists already at another
+// thin id (load, suspend, resume), to show which part costs what.
+func BenchmarkIntegrationActivateParts(b *testing.B) {
+	c := requireDM(b)
+	pool := newLoopPool(b, c)
+	const origin, snap = 1, 2
+	if err := c.CreateThin(pool.Name, origin); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = c.DeleteThin(pool.Name, origin) })
+	if err := c.CreateSnap(pool.Name, snap, origin); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = c.DeleteThin(pool.Name, snap) })
+	table := func(id uint32) []Target {
+		tg, err := ThinTable(thinSectors, pool.DevicePath, id, "")
+		if err != nil {
+			b.Fatal(err)
+		}
+		return []Target{tg}
+	}
+	ctx := context.Background()
+
+	b.Run("create", func(b *testing.B) {
+		name := devName("benchparts")
+		defer removeIfExists(b, c, name)
+		var tCreate, tLoad, tResume, tRemove time.Duration
+		n := 0
+		for b.Loop() {
+			start := time.Now()
+			req, err := newRequest(name, 0, 0)
+			if err == nil {
+				_, err = c.ioctl(unix.DM_DEV_CREATE, req)
+			}
+			if err != nil {
+				b.Fatal(err)
+			}
+			t1 := time.Now()
+			if err := c.Load(name, table(snap), true); err != nil {
+				b.Fatal(err)
+			}
+			t2 := time.Now()
+			if err := c.Resume(name); err != nil {
+				b.Fatal(err)
+			}
+			t3 := time.Now()
+			if err := c.Remove(ctx, name, RemoveOptions{}); err != nil {
+				b.Fatal(err)
+			}
+			t4 := time.Now()
+			tCreate, tLoad, tResume, tRemove = tCreate+t1.Sub(start), tLoad+t2.Sub(t1), tResume+t3.Sub(t2), tRemove+t4.Sub(t3)
+			n++
+		}
+		for metric, d := range map[string]time.Duration{"dev_create-ns/op": tCreate, "load-ns/op": tLoad, "resume-ns/op": tResume, "remove-ns/op": tRemove} {
+			b.ReportMetric(float64(d.Nanoseconds())/float64(n), metric)
+		}
+	})
+
+	b.Run("repoint", func(b *testing.B) {
+		name := devName("benchrepoint")
+		if err := c.Create(name, table(origin), CreateOptions{ReadOnly: true}); err != nil {
+			b.Fatal(err)
+		}
+		defer removeIfExists(b, c, name)
+		ids := [2]uint32{snap, origin}
+		i := 0
+		for b.Loop() {
+			if err := c.Load(name, table(ids[i%2]), true); err != nil {
+				b.Fatal(err)
+			}
+			if err := c.Suspend(name, SuspendOptions{}); err != nil {
+				b.Fatal(err)
+			}
+			if err := c.Resume(name); err != nil {
+				b.Fatal(err)
+			}
+			i++
 		}
 	})
 }

@@ -25,6 +25,7 @@ const (
 	offDev         = 40
 	offName        = 48
 	offUUID        = offName + nameLen
+	offData        = offUUID + uuidLen  // 305, struct dm_ioctl's data[7]
 	headerSize     = unix.SizeofDmIoctl // 312, a multiple of 8
 
 	nameLen = unix.DM_NAME_LEN // including the terminating NUL
@@ -122,6 +123,11 @@ func (r reply) uuid() string        { return cString(r.buf[offUUID : offUUID+uui
 // the buffer actually passed in.
 func (r reply) payload() ([]byte, error) {
 	start, size := int(r.dataStart()), int(r.dataSize())
+	if size == offData && start >= headerSize && start <= len(r.buf) {
+		// The kernel resets data_size to where data begins and adds
+		// nothing: a table status of a device without a table, say.
+		return nil, nil
+	}
 	if start < headerSize || start > len(r.buf) || size < start || size > len(r.buf) {
 		return nil, fmt.Errorf("malformed reply: data_start %d data_size %d buffer %d: %w", start, size, len(r.buf), ErrMalformed)
 	}

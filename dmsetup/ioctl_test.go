@@ -404,4 +404,11 @@ func TestReplyPayloadBounds(t *testing.T) {
 			t.Errorf("start %d size %d: err %v", c[0], c[1], err)
 		}
 	}
+	// The kernel's answer with nothing after the header (a table status
+	// of a device without a table): data_size is where data begins.
+	ne.PutUint32(req.buf[offDataStart:], headerSize)
+	ne.PutUint32(req.buf[offDataSize:], offData)
+	if p, err := r.payload(); err != nil || len(p) != 0 {
+		t.Errorf("empty answer: %d bytes, %v", len(p), err)
+	}
 }

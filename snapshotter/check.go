@@ -226,7 +226,9 @@ func (s *Snapshotter) gatherLocked(ctx context.Context, in poolInspector, st *ch
 			}
 			return nil, fmt.Errorf("dm device %s: %w", d.Name, err)
 		}
-		ds.params, ds.sectors, ds.err = in.ThinTarget(d.Name)
+		if ds.info.LiveTable {
+			ds.params, ds.sectors, ds.err = in.ThinTarget(d.Name)
+		}
 		st.devices[d.Name] = ds
 	}
 	return m, nil

@@ -260,6 +260,13 @@ func (c *comparison) devices() {
 			c.add(c.staleDevice(name, id, numbered, d.info))
 			continue
 		}
+		if !d.info.LiveTable {
+			// An activation cut short between creating the device
+			// and loading its table; activating completes it.
+			c.add(Finding{Kind: FindingMissingDevice, DeviceID: sn.DeviceID, Device: name, Key: sn.Key, Repairable: true,
+				Message: fmt.Sprintf("%s snapshot %q has dm device %s without a table", sn.Kind, sn.Key, name)})
+			continue
+		}
 		if wrong := c.wrongTable(d, sn); len(wrong) > 0 {
 			c.add(Finding{Kind: FindingWrongDevice, DeviceID: sn.DeviceID, Device: name, Key: sn.Key, Repairable: d.info.OpenCount == 0,
 				Message: fmt.Sprintf("dm device %s of %q %s%s", name, sn.Key, strings.Join(wrong, ", "), openNote(d.info))})

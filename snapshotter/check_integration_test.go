@@ -54,6 +54,7 @@ func TestIntegrationCheck(t *testing.T) {
 		func() error { writeFile(s, "b", "b"); return nil },
 		func() error { _, err := s.View(ctx, "v", "c"); return err },
 		func() error { _, err := s.Prepare(ctx, "d", ""); return err },
+		func() error { _, err := s.Prepare(ctx, "e", ""); return err },
 	} {
 		if err := step(); err != nil {
 			t.Fatal(err)
@@ -126,6 +127,12 @@ func TestIntegrationCheck(t *testing.T) {
 	activate(dev(ids["b"]), ids["c"])
 	// Missing: the device of c, which v shares, is gone.
 	must(c.Remove(ctx, dev(ids["c"]), dmsetup.RemoveOptions{}))
+	// Cut short: e's device was made but got no table (a kill between
+	// the two ioctls).
+	must(c.Remove(ctx, dev(ids["e"]), dmsetup.RemoveOptions{}))
+	if out, err := exec.Command("dmsetup", "create", dev(ids["e"]), "--notable").CombinedOutput(); err != nil {
+		t.Fatalf("dmsetup create --notable: %v: %s", err, out)
+	}
 
 	db, err := storage.Open(ctx, filepath.Join(root, dbFile))
 	if err != nil {
@@ -158,6 +165,7 @@ func TestIntegrationCheck(t *testing.T) {
 		dev(ids["b"]):     fmt.Sprintf("wrong_device b %d", ids["b"]),
 		dev(base):         fmt.Sprintf("stale_device  %d", base),
 		dev(activeOrphan): fmt.Sprintf("stale_device  %d", activeOrphan),
+		dev(ids["e"]):     fmt.Sprintf("missing_device e %d", ids["e"]),
 	}
 	for _, name := range sortedKeys(devFindings) {
 		want = append(want, devFindings[name])
@@ -217,7 +225,7 @@ func TestIntegrationCheck(t *testing.T) {
 	if !r.Clean || len(r.Remaining) != 0 || !slices.Equal(summary(r.Findings), left) {
 		t.Fatalf("after removing the ghost and releasing the foreign ids: %+v", r)
 	}
-	if !slices.Equal(r.PoolDevices, sorted(base, ids["c"], ids["b"])) {
+	if !slices.Equal(r.PoolDevices, sorted(base, ids["c"], ids["b"], ids["e"])) {
 		t.Errorf("pool devices %v", r.PoolDevices)
 	}
 	must(ck.Close())
@@ -238,6 +246,11 @@ func TestIntegrationCheck(t *testing.T) {
 			t.Errorf("%s reads %q, %v; want %q", key, got, err, wantData)
 		}
 	}
+	// e's device got its table.
+	m, err := s.Mounts(ctx, "e")
+	must(err)
+	must(mount.All(m, mnt))
+	must(mount.UnmountAll(mnt, 0))
 	if _, err := s.Stat(ctx, "a"); !errdefs.IsNotFound(err) {
 		t.Errorf("ghost a still recorded: %v", err)
 	}

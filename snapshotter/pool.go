@@ -115,7 +115,15 @@ func (p *dmPool) Activate(name string, id uint32, length dmsetup.Sectors, readOn
 		return err
 	}
 	// Left from before a crash or restart: keep it if it maps the same
-	// thin id, otherwise it is not ours to reuse.
+	// thin id, otherwise it is not ours to reuse. One without a table is
+	// an activation a crash cut short (names come from thin ids): it
+	// gets its table now.
+	if info, ierr := p.c.Info(name); ierr == nil && !info.LiveTable {
+		if err := p.c.Load(name, []dmsetup.Target{t}, readOnly); err != nil {
+			return err
+		}
+		return p.c.Resume(name)
+	}
 	tp, _, terr := p.c.ThinTarget(name)
 	switch {
 	case terr == nil && tp.ID == id:
