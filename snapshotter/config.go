@@ -86,6 +86,12 @@ type Config struct {
 	// Classes are the size classes Class serves: key spaces of their own
 	// on the same pool, whose active snapshots get the class's size.
 	Classes []SizeClass
+
+	// ImageFSMirror mounts the image filesystem mirror at
+	// imagefs.Dir(Root) and keeps its size and free space on the pool's
+	// (imagefs.go): what the kubelet sees of the image filesystem. Off,
+	// a mirror left there is taken down and the directory stays plain.
+	ImageFSMirror bool
 }
 
 // SizeClass names a default disk size for the active snapshots of a class.

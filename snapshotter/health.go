@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -71,7 +72,8 @@ func poolHealth(name string, st dmsetup.PoolStatus, minData, minMeta float64) er
 	case st.Mode == dmsetup.PoolModeRO:
 		return fmt.Errorf("pool %s is read-only (metadata full or an error): %w", name, errdefs.ErrFailedPrecondition)
 	}
-	if free, ok := freePercent(st.UsedDataBlocks, st.TotalDataBlocks); ok && minData > 0 && free < minData {
+	if st.TotalDataBlocks-min(st.UsedDataBlocks, st.TotalDataBlocks) < keptFree(st.TotalDataBlocks, minData) {
+		free, _ := freePercent(st.UsedDataBlocks, st.TotalDataBlocks)
 		return fmt.Errorf("pool %s: %.1f%% of data space free (%d of %d blocks used), below the %.1f%% threshold: %w",
 			name, free, st.UsedDataBlocks, st.TotalDataBlocks, minData, errdefs.ErrResourceExhausted)
 	}
@@ -80,6 +82,16 @@ func poolHealth(name string, st dmsetup.PoolStatus, minData, minMeta float64) er
 			name, free, st.UsedMetaBlocks, st.TotalMetaBlocks, minMeta, errdefs.ErrResourceExhausted)
 	}
 	return nil
+}
+
+// keptFree is the free space (in the unit of total) that minFree percent
+// keeps for running containers: with less, new devices are refused. The
+// image filesystem mirror shows the kubelet only the free space beyond it.
+func keptFree(total uint64, minFree float64) uint64 {
+	if minFree <= 0 {
+		return 0
+	}
+	return uint64(math.Ceil(float64(total) * minFree / 100))
 }
 
 func freePercent(used, total uint64) (float64, bool) {

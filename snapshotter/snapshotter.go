@@ -23,7 +23,8 @@
 // classes), class.go (size classes). Background work: worker.go and
 // warm.go. Kernel side: pool.go (the dm client), poolstep.go, base.go,
 // poolgrow.go (the embedded pool grows), fsgrow.go (a filesystem grows to
-// its device). Start and stop: open.go, ownership.go, recover.go.
+// its device), imagefs.go (the image filesystem mirror the kubelet reads,
+// package imagefs). Start and stop: open.go, ownership.go, recover.go.
 // Operators: status.go, devices.go, steps.go and check*.go.
 //
 // # Concurrency
@@ -44,8 +45,8 @@
 //     call's pool message; no database write happens under poolMu.
 //
 // Leaf locks, under which nothing else is taken: keyLocks.mu, the removals
-// in flight (background.removing), the refill requests (refills.mu) and
-// the admin state (adminState.mu).
+// in flight (background.removing), the refill requests (refills.mu), the
+// admin state (adminState.mu) and the mirror's last error (imageFS.mu).
 //
 // Outside poolMu on purpose: activating, removing, resizing and
 // discarding one dm device (the kernel serializes calls on a device, and
@@ -54,11 +55,13 @@
 // do not depend on the pool's size, and holding poolMu through a growth
 // would stall every call for its length).
 //
-// Goroutines: the worker (worker.go) and, for an embedded pool with
-// max_data_size, the growth watcher (poolgrow.go). New starts both; Close
-// stops both and waits for them before it closes the database. Work the
-// worker has begun is finished even when it is stopped, so no half-made
-// device waits for the next start.
+// Goroutines: the worker (worker.go), for an embedded pool with
+// max_data_size the growth watcher (poolgrow.go), and with ImageFSMirror
+// the mirror's watcher (imagefs.go), the only caller of the mirror once
+// New has set it up. New starts them; Close stops them and waits for them
+// before it closes the database. Work the worker has begun is finished
+// even when it is stopped, so no half-made device waits for the next
+// start.
 package snapshotter
 
 import (
@@ -106,6 +109,8 @@ type Snapshotter struct {
 	autogrow *grower
 	// admin serves Status, the step observer and the counters.
 	admin adminState
+	// imagefs is the image filesystem mirror (imagefs.go).
+	imagefs imageFS
 
 	// growFS makes the filesystem on dev fill its device, and format
 	// makes the base filesystem; unit tests replace both.

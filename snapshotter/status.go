@@ -61,6 +61,9 @@ type Status struct {
 
 	LastRecovery Recovery
 
+	// ImageFS is what the kubelet sees of the image filesystem.
+	ImageFS ImageFSStatus
+
 	// Thresholds in force: the free percentages below which new devices
 	// are refused (0: off).
 	MinFreeData, MinFreeMetadata float64
@@ -91,6 +94,7 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 	s.admin.mu.Lock()
 	out.LastRecovery = s.admin.recovery
 	s.admin.mu.Unlock()
+	out.ImageFS = s.imageFSStatus()
 	if err := s.poolStatus(&out); err != nil {
 		return out, err
 	}

@@ -51,12 +51,15 @@ type background struct {
 }
 
 // startBackground starts the worker and, for a pool that grows itself, the
-// growth watcher.
+// growth watcher, and with an image filesystem mirror its watcher.
 func (s *Snapshotter) startBackground(ctx context.Context) {
 	ctx, s.bg.stop = context.WithCancel(context.WithoutCancel(ctx))
 	s.bg.wg.Go(func() { s.worker(ctx) })
 	if s.autogrow != nil {
 		s.bg.wg.Go(func() { s.watchGrowth(ctx) })
+	}
+	if s.imagefs.m != nil {
+		s.bg.wg.Go(func() { s.watchImageFS(ctx) })
 	}
 }
 

@@ -48,8 +48,16 @@ type Config struct {
 	MetricsAddress string         `toml:"metrics_address"`
 	Pool           PoolConfig     `toml:"pool"`
 	Snapshot       SnapshotConfig `toml:"snapshot"`
+	ImageFS        ImageFSConfig  `toml:"imagefs"`
 	// Classes are extra sockets, one per size class ([[class]] tables).
 	Classes []ClassConfig `toml:"class"`
+}
+
+// ImageFSConfig is what the kubelet sees of the image filesystem.
+type ImageFSConfig struct {
+	// Mirror mounts a filesystem at <root>/imagefs whose size and free
+	// space follow the pool's (snapshotter.Config.ImageFSMirror).
+	Mirror bool `toml:"mirror"`
 }
 
 // ClassConfig is a size class: a socket of its own on the same pool and
@@ -153,6 +161,10 @@ func Default() *Config {
 			// inline, and about 50 ms faster per Remove.
 			AsyncRemove: true,
 		},
+		// The kubelet's image garbage collection and eviction then act
+		// on the pool; a node without a kubelet pays a loop device and a
+		// few MiB under root.
+		ImageFS: ImageFSConfig{Mirror: true},
 	}
 }
 
@@ -184,6 +196,7 @@ func (c *Config) Snapshotter() snapshotter.Config {
 		Discard:         c.Snapshot.Discard,
 		DiscardOnDelete: c.Snapshot.discardOnDelete(),
 		Classes:         classes,
+		ImageFSMirror:   c.ImageFS.Mirror,
 	}
 }
 
@@ -210,6 +223,7 @@ var snapshotterKeys = map[string]string{
 	"Discard":         "snapshot.discard",
 	"DiscardOnDelete": "snapshot.discard_on_delete",
 	"Classes":         "class",
+	"ImageFSMirror":   "imagefs.mirror",
 }
 
 // classKeys maps the fields of snapshotter.SizeClass to the keys of a

@@ -15,6 +15,13 @@ import (
 	"github.com/containerd/errdefs"
 )
 
+// The kubelet sees the pool unless one turns the mirror off.
+func TestDefaultMirrorsTheImageFS(t *testing.T) {
+	if c := Default(); !c.ImageFS.Mirror || !c.Snapshotter().ImageFSMirror {
+		t.Errorf("default [imagefs] mirror = %v, snapshotter's %v; want on", c.ImageFS.Mirror, c.Snapshotter().ImageFSMirror)
+	}
+}
+
 func TestDefaultIsValid(t *testing.T) {
 	if err := Default().Validate(); err != nil {
 		t.Fatalf("default config is invalid: %v", err)
@@ -72,6 +79,11 @@ discard = true`,
 				c.Snapshot.MountOptions = []string{"noatime", "nodiscard"}
 				c.Snapshot.AsyncRemove, c.Snapshot.Discard = true, true
 			},
+		},
+		{
+			name: "image filesystem mirror off",
+			doc:  "[imagefs]\nmirror = false",
+			want: func(c *Config) { c.ImageFS.Mirror = false },
 		},
 		{
 			name: "dotted keys",
