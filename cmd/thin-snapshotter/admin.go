@@ -79,6 +79,13 @@ func statusToProto(st snapshotter.Status) *adminv1.StatusResponse {
 			MinFreeMetadataPercent: st.MinFreeMetadata,
 			AsyncRemove:            st.AsyncRemove,
 		},
+		ImageFs: &adminv1.ImageFS{
+			Dir: st.ImageFS.Dir, Mirrored: st.ImageFS.Mirrored, Device: st.ImageFS.Device,
+			Major: st.ImageFS.Major, Minor: st.ImageFS.Minor,
+			CapacityBytes: st.ImageFS.Capacity, AvailableBytes: st.ImageFS.Available,
+			Inodes: st.ImageFS.Inodes, InodesFree: st.ImageFS.InodesFree,
+			Error: st.ImageFS.Error,
+		},
 	}
 	// Every kind gets a key, even with no snapshots of it, so that a client
 	// sees a zero rather than a missing key.

@@ -91,7 +91,9 @@ type StatusResponse struct {
 	Thresholds   *Thresholds `protobuf:"bytes,16,opt,name=thresholds,proto3" json:"thresholds,omitempty"`
 	// Devices made ahead for a committed snapshot's next child (counted in
 	// active_devices too): handed out by Prepare, deleted when idle.
-	WarmDevices   uint32 `protobuf:"varint,17,opt,name=warm_devices,json=warmDevices,proto3" json:"warm_devices,omitempty"`
+	WarmDevices uint32 `protobuf:"varint,17,opt,name=warm_devices,json=warmDevices,proto3" json:"warm_devices,omitempty"`
+	// What the kubelet sees of the image filesystem.
+	ImageFs       *ImageFS `protobuf:"bytes,18,opt,name=image_fs,json=imageFs,proto3" json:"image_fs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -245,6 +247,137 @@ func (x *StatusResponse) GetWarmDevices() uint32 {
 	return 0
 }
 
+func (x *StatusResponse) GetImageFs() *ImageFS {
+	if x != nil {
+		return x.ImageFs
+	}
+	return nil
+}
+
+// ImageFS is what cAdvisor reads for the kubelet, with stat and statfs, of
+// the directory CRI reports as the image filesystem.
+type ImageFS struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The directory: containerd's exports root names it.
+	Dir string `protobuf:"bytes,1,opt,name=dir,proto3" json:"dir,omitempty"`
+	// The image filesystem mirror is mounted there and follows the pool.
+	Mirrored bool `protobuf:"varint,2,opt,name=mirrored,proto3" json:"mirrored,omitempty"`
+	// The mirror's loop device; empty when not mirrored.
+	Device string `protobuf:"bytes,3,opt,name=device,proto3" json:"device,omitempty"`
+	// The device number of the filesystem holding dir, by which cAdvisor
+	// finds it among the mounts it listed when the kubelet started.
+	Major          uint32 `protobuf:"varint,4,opt,name=major,proto3" json:"major,omitempty"`
+	Minor          uint32 `protobuf:"varint,5,opt,name=minor,proto3" json:"minor,omitempty"`
+	CapacityBytes  uint64 `protobuf:"varint,6,opt,name=capacity_bytes,json=capacityBytes,proto3" json:"capacity_bytes,omitempty"`
+	AvailableBytes uint64 `protobuf:"varint,7,opt,name=available_bytes,json=availableBytes,proto3" json:"available_bytes,omitempty"`
+	Inodes         uint64 `protobuf:"varint,8,opt,name=inodes,proto3" json:"inodes,omitempty"`
+	InodesFree     uint64 `protobuf:"varint,9,opt,name=inodes_free,json=inodesFree,proto3" json:"inodes_free,omitempty"`
+	// Why there is no mirror, or why its last update failed.
+	Error         string `protobuf:"bytes,10,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImageFS) Reset() {
+	*x = ImageFS{}
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImageFS) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImageFS) ProtoMessage() {}
+
+func (x *ImageFS) ProtoReflect() protoreflect.Message {
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImageFS.ProtoReflect.Descriptor instead.
+func (*ImageFS) Descriptor() ([]byte, []int) {
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ImageFS) GetDir() string {
+	if x != nil {
+		return x.Dir
+	}
+	return ""
+}
+
+func (x *ImageFS) GetMirrored() bool {
+	if x != nil {
+		return x.Mirrored
+	}
+	return false
+}
+
+func (x *ImageFS) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *ImageFS) GetMajor() uint32 {
+	if x != nil {
+		return x.Major
+	}
+	return 0
+}
+
+func (x *ImageFS) GetMinor() uint32 {
+	if x != nil {
+		return x.Minor
+	}
+	return 0
+}
+
+func (x *ImageFS) GetCapacityBytes() uint64 {
+	if x != nil {
+		return x.CapacityBytes
+	}
+	return 0
+}
+
+func (x *ImageFS) GetAvailableBytes() uint64 {
+	if x != nil {
+		return x.AvailableBytes
+	}
+	return 0
+}
+
+func (x *ImageFS) GetInodes() uint64 {
+	if x != nil {
+		return x.Inodes
+	}
+	return 0
+}
+
+func (x *ImageFS) GetInodesFree() uint64 {
+	if x != nil {
+		return x.InodesFree
+	}
+	return 0
+}
+
+func (x *ImageFS) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 // Space is one of the pool's two spaces, in bytes.
 type Space struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
@@ -261,7 +394,7 @@ type Space struct {
 
 func (x *Space) Reset() {
 	*x = Space{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[2]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -273,7 +406,7 @@ func (x *Space) String() string {
 func (*Space) ProtoMessage() {}
 
 func (x *Space) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[2]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -286,7 +419,7 @@ func (x *Space) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Space.ProtoReflect.Descriptor instead.
 func (*Space) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{2}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Space) GetUsedBytes() uint64 {
@@ -341,7 +474,7 @@ type Recovery struct {
 
 func (x *Recovery) Reset() {
 	*x = Recovery{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -353,7 +486,7 @@ func (x *Recovery) String() string {
 func (*Recovery) ProtoMessage() {}
 
 func (x *Recovery) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -366,7 +499,7 @@ func (x *Recovery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Recovery.ProtoReflect.Descriptor instead.
 func (*Recovery) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{3}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Recovery) GetRolledBackCreates() uint32 {
@@ -423,7 +556,7 @@ type Thresholds struct {
 
 func (x *Thresholds) Reset() {
 	*x = Thresholds{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[4]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -435,7 +568,7 @@ func (x *Thresholds) String() string {
 func (*Thresholds) ProtoMessage() {}
 
 func (x *Thresholds) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[4]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -448,7 +581,7 @@ func (x *Thresholds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Thresholds.ProtoReflect.Descriptor instead.
 func (*Thresholds) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Thresholds) GetMinFreeDataPercent() float64 {
@@ -480,7 +613,7 @@ type ListDevicesRequest struct {
 
 func (x *ListDevicesRequest) Reset() {
 	*x = ListDevicesRequest{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[5]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -492,7 +625,7 @@ func (x *ListDevicesRequest) String() string {
 func (*ListDevicesRequest) ProtoMessage() {}
 
 func (x *ListDevicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[5]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -505,7 +638,7 @@ func (x *ListDevicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDevicesRequest.ProtoReflect.Descriptor instead.
 func (*ListDevicesRequest) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 type ListDevicesResponse struct {
@@ -518,7 +651,7 @@ type ListDevicesResponse struct {
 
 func (x *ListDevicesResponse) Reset() {
 	*x = ListDevicesResponse{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[6]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -530,7 +663,7 @@ func (x *ListDevicesResponse) String() string {
 func (*ListDevicesResponse) ProtoMessage() {}
 
 func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[6]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -543,7 +676,7 @@ func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDevicesResponse.ProtoReflect.Descriptor instead.
 func (*ListDevicesResponse) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ListDevicesResponse) GetDevices() []*Device {
@@ -577,7 +710,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[7]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -589,7 +722,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[7]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -602,7 +735,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Device) GetId() uint32 {
@@ -683,7 +816,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -695,7 +828,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -708,7 +841,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 type CheckResponse struct {
@@ -729,7 +862,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -741,7 +874,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -754,7 +887,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CheckResponse) GetRoot() string {
@@ -836,7 +969,7 @@ type Finding struct {
 
 func (x *Finding) Reset() {
 	*x = Finding{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -848,7 +981,7 @@ func (x *Finding) String() string {
 func (*Finding) ProtoMessage() {}
 
 func (x *Finding) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -861,7 +994,7 @@ func (x *Finding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Finding.ProtoReflect.Descriptor instead.
 func (*Finding) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Finding) GetKind() string {
@@ -914,7 +1047,7 @@ type CleanupRequest struct {
 
 func (x *CleanupRequest) Reset() {
 	*x = CleanupRequest{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -926,7 +1059,7 @@ func (x *CleanupRequest) String() string {
 func (*CleanupRequest) ProtoMessage() {}
 
 func (x *CleanupRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -939,7 +1072,7 @@ func (x *CleanupRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanupRequest.ProtoReflect.Descriptor instead.
 func (*CleanupRequest) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 type CleanupResponse struct {
@@ -955,7 +1088,7 @@ type CleanupResponse struct {
 
 func (x *CleanupResponse) Reset() {
 	*x = CleanupResponse{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -967,7 +1100,7 @@ func (x *CleanupResponse) String() string {
 func (*CleanupResponse) ProtoMessage() {}
 
 func (x *CleanupResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -980,7 +1113,7 @@ func (x *CleanupResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanupResponse.ProtoReflect.Descriptor instead.
 func (*CleanupResponse) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CleanupResponse) GetPendingBefore() uint32 {
@@ -1009,7 +1142,7 @@ var File_thin_admin_v1_admin_proto protoreflect.FileDescriptor
 const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x19thin/admin/v1/admin.proto\x12\rthin.admin.v1\x1a\x1egoogle/protobuf/duration.proto\"\x0f\n" +
-	"\rStatusRequest\"\x81\x06\n" +
+	"\rStatusRequest\"\xb4\x06\n" +
 	"\x0eStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x16\n" +
 	"\x06commit\x18\x02 \x01(\tR\x06commit\x12\x12\n" +
@@ -1031,10 +1164,24 @@ const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"thresholds\x18\x10 \x01(\v2\x19.thin.admin.v1.ThresholdsR\n" +
 	"thresholds\x12!\n" +
-	"\fwarm_devices\x18\x11 \x01(\rR\vwarmDevices\x1a<\n" +
+	"\fwarm_devices\x18\x11 \x01(\rR\vwarmDevices\x121\n" +
+	"\bimage_fs\x18\x12 \x01(\v2\x16.thin.admin.v1.ImageFSR\aimageFs\x1a<\n" +
 	"\x0eSnapshotsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\xbf\x01\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\x9a\x02\n" +
+	"\aImageFS\x12\x10\n" +
+	"\x03dir\x18\x01 \x01(\tR\x03dir\x12\x1a\n" +
+	"\bmirrored\x18\x02 \x01(\bR\bmirrored\x12\x16\n" +
+	"\x06device\x18\x03 \x01(\tR\x06device\x12\x14\n" +
+	"\x05major\x18\x04 \x01(\rR\x05major\x12\x14\n" +
+	"\x05minor\x18\x05 \x01(\rR\x05minor\x12%\n" +
+	"\x0ecapacity_bytes\x18\x06 \x01(\x04R\rcapacityBytes\x12'\n" +
+	"\x0favailable_bytes\x18\a \x01(\x04R\x0eavailableBytes\x12\x16\n" +
+	"\x06inodes\x18\b \x01(\x04R\x06inodes\x12\x1f\n" +
+	"\vinodes_free\x18\t \x01(\x04R\n" +
+	"inodesFree\x12\x14\n" +
+	"\x05error\x18\n" +
+	" \x01(\tR\x05error\"\xbf\x01\n" +
 	"\x05Space\x12\x1d\n" +
 	"\n" +
 	"used_bytes\x18\x01 \x01(\x04R\tusedBytes\x12\x1f\n" +
@@ -1114,46 +1261,48 @@ func file_thin_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_thin_admin_v1_admin_proto_rawDescData
 }
 
-var file_thin_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_thin_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_thin_admin_v1_admin_proto_goTypes = []any{
 	(*StatusRequest)(nil),       // 0: thin.admin.v1.StatusRequest
 	(*StatusResponse)(nil),      // 1: thin.admin.v1.StatusResponse
-	(*Space)(nil),               // 2: thin.admin.v1.Space
-	(*Recovery)(nil),            // 3: thin.admin.v1.Recovery
-	(*Thresholds)(nil),          // 4: thin.admin.v1.Thresholds
-	(*ListDevicesRequest)(nil),  // 5: thin.admin.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil), // 6: thin.admin.v1.ListDevicesResponse
-	(*Device)(nil),              // 7: thin.admin.v1.Device
-	(*CheckRequest)(nil),        // 8: thin.admin.v1.CheckRequest
-	(*CheckResponse)(nil),       // 9: thin.admin.v1.CheckResponse
-	(*Finding)(nil),             // 10: thin.admin.v1.Finding
-	(*CleanupRequest)(nil),      // 11: thin.admin.v1.CleanupRequest
-	(*CleanupResponse)(nil),     // 12: thin.admin.v1.CleanupResponse
-	nil,                         // 13: thin.admin.v1.StatusResponse.SnapshotsEntry
-	(*durationpb.Duration)(nil), // 14: google.protobuf.Duration
+	(*ImageFS)(nil),             // 2: thin.admin.v1.ImageFS
+	(*Space)(nil),               // 3: thin.admin.v1.Space
+	(*Recovery)(nil),            // 4: thin.admin.v1.Recovery
+	(*Thresholds)(nil),          // 5: thin.admin.v1.Thresholds
+	(*ListDevicesRequest)(nil),  // 6: thin.admin.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil), // 7: thin.admin.v1.ListDevicesResponse
+	(*Device)(nil),              // 8: thin.admin.v1.Device
+	(*CheckRequest)(nil),        // 9: thin.admin.v1.CheckRequest
+	(*CheckResponse)(nil),       // 10: thin.admin.v1.CheckResponse
+	(*Finding)(nil),             // 11: thin.admin.v1.Finding
+	(*CleanupRequest)(nil),      // 12: thin.admin.v1.CleanupRequest
+	(*CleanupResponse)(nil),     // 13: thin.admin.v1.CleanupResponse
+	nil,                         // 14: thin.admin.v1.StatusResponse.SnapshotsEntry
+	(*durationpb.Duration)(nil), // 15: google.protobuf.Duration
 }
 var file_thin_admin_v1_admin_proto_depIdxs = []int32{
-	2,  // 0: thin.admin.v1.StatusResponse.data:type_name -> thin.admin.v1.Space
-	2,  // 1: thin.admin.v1.StatusResponse.metadata:type_name -> thin.admin.v1.Space
-	13, // 2: thin.admin.v1.StatusResponse.snapshots:type_name -> thin.admin.v1.StatusResponse.SnapshotsEntry
-	3,  // 3: thin.admin.v1.StatusResponse.last_recovery:type_name -> thin.admin.v1.Recovery
-	4,  // 4: thin.admin.v1.StatusResponse.thresholds:type_name -> thin.admin.v1.Thresholds
-	14, // 5: thin.admin.v1.Recovery.duration:type_name -> google.protobuf.Duration
-	7,  // 6: thin.admin.v1.ListDevicesResponse.devices:type_name -> thin.admin.v1.Device
-	10, // 7: thin.admin.v1.CheckResponse.findings:type_name -> thin.admin.v1.Finding
-	0,  // 8: thin.admin.v1.Admin.Status:input_type -> thin.admin.v1.StatusRequest
-	5,  // 9: thin.admin.v1.Admin.ListDevices:input_type -> thin.admin.v1.ListDevicesRequest
-	8,  // 10: thin.admin.v1.Admin.Check:input_type -> thin.admin.v1.CheckRequest
-	11, // 11: thin.admin.v1.Admin.Cleanup:input_type -> thin.admin.v1.CleanupRequest
-	1,  // 12: thin.admin.v1.Admin.Status:output_type -> thin.admin.v1.StatusResponse
-	6,  // 13: thin.admin.v1.Admin.ListDevices:output_type -> thin.admin.v1.ListDevicesResponse
-	9,  // 14: thin.admin.v1.Admin.Check:output_type -> thin.admin.v1.CheckResponse
-	12, // 15: thin.admin.v1.Admin.Cleanup:output_type -> thin.admin.v1.CleanupResponse
-	12, // [12:16] is the sub-list for method output_type
-	8,  // [8:12] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	3,  // 0: thin.admin.v1.StatusResponse.data:type_name -> thin.admin.v1.Space
+	3,  // 1: thin.admin.v1.StatusResponse.metadata:type_name -> thin.admin.v1.Space
+	14, // 2: thin.admin.v1.StatusResponse.snapshots:type_name -> thin.admin.v1.StatusResponse.SnapshotsEntry
+	4,  // 3: thin.admin.v1.StatusResponse.last_recovery:type_name -> thin.admin.v1.Recovery
+	5,  // 4: thin.admin.v1.StatusResponse.thresholds:type_name -> thin.admin.v1.Thresholds
+	2,  // 5: thin.admin.v1.StatusResponse.image_fs:type_name -> thin.admin.v1.ImageFS
+	15, // 6: thin.admin.v1.Recovery.duration:type_name -> google.protobuf.Duration
+	8,  // 7: thin.admin.v1.ListDevicesResponse.devices:type_name -> thin.admin.v1.Device
+	11, // 8: thin.admin.v1.CheckResponse.findings:type_name -> thin.admin.v1.Finding
+	0,  // 9: thin.admin.v1.Admin.Status:input_type -> thin.admin.v1.StatusRequest
+	6,  // 10: thin.admin.v1.Admin.ListDevices:input_type -> thin.admin.v1.ListDevicesRequest
+	9,  // 11: thin.admin.v1.Admin.Check:input_type -> thin.admin.v1.CheckRequest
+	12, // 12: thin.admin.v1.Admin.Cleanup:input_type -> thin.admin.v1.CleanupRequest
+	1,  // 13: thin.admin.v1.Admin.Status:output_type -> thin.admin.v1.StatusResponse
+	7,  // 14: thin.admin.v1.Admin.ListDevices:output_type -> thin.admin.v1.ListDevicesResponse
+	10, // 15: thin.admin.v1.Admin.Check:output_type -> thin.admin.v1.CheckResponse
+	13, // 16: thin.admin.v1.Admin.Cleanup:output_type -> thin.admin.v1.CleanupResponse
+	13, // [13:17] is the sub-list for method output_type
+	9,  // [9:13] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_thin_admin_v1_admin_proto_init() }
@@ -1167,7 +1316,7 @@ func file_thin_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_thin_admin_v1_admin_proto_rawDesc), len(file_thin_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
