@@ -11,8 +11,9 @@ GO         ?= go
 BIN        := bin
 BENCHDIR   := .bench
 PKGS       := ./...
-# Packages whose tests need root and dm-thin; their test binaries run in the VM.
-DM_PKGS    := dmsetup snapshotter cmd/thin-snapshotter test/contrib
+# Packages whose tests need root and dm-thin (internal/imagefs: root, loop
+# devices and mounts); their test binaries run in the VM.
+DM_PKGS    := dmsetup internal/imagefs snapshotter cmd/thin-snapshotter test/contrib
 VMFLAGS    ?=
 
 .PHONY: all build test lint lint-tree lint-links lint-tools lint-fmt lint-vet lint-go lint-shell lint-proto proto proto-tools \

@@ -95,6 +95,11 @@ type Config struct {
 	// did something. 0 turns both off; DefaultCheckInterval is the
 	// recommended value.
 	CheckInterval time.Duration
+	// ImageFSMirror mounts the image filesystem mirror at
+	// imagefs.Dir(Root) and keeps its size and free space on the pool's
+	// (imagefs.go): what the kubelet sees of the image filesystem. Off,
+	// a mirror left there is taken down and the directory stays plain.
+	ImageFSMirror bool
 }
 
 // SizeClass names a default disk size for the active snapshots of a class.

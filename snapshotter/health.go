@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -67,7 +68,8 @@ func poolHealth(name string, st dmsetup.PoolStatus, minData, minMeta float64) er
 		return fmt.Errorf("pool %s is out of data space (%d of %d blocks used): %w",
 			name, st.UsedDataBlocks, st.TotalDataBlocks, errdefs.ErrResourceExhausted)
 	}
-	if free, ok := freePercent(st.UsedDataBlocks, st.TotalDataBlocks); ok && minData > 0 && free < minData {
+	if st.TotalDataBlocks-min(st.UsedDataBlocks, st.TotalDataBlocks) < keptFree(st.TotalDataBlocks, minData) {
+		free, _ := freePercent(st.UsedDataBlocks, st.TotalDataBlocks)
 		return fmt.Errorf("pool %s: %.1f%% of data space free (%d of %d blocks used), below the %.1f%% threshold: %w",
 			name, free, st.UsedDataBlocks, st.TotalDataBlocks, minData, errdefs.ErrResourceExhausted)
 	}
@@ -127,6 +129,16 @@ func (s *Snapshotter) blameFault(err error) error {
 		return fmt.Errorf("%w; the call failed with: %v", ferr, err)
 	}
 	return err
+}
+
+// keptFree is the free space (in the unit of total) that minFree percent
+// keeps for running containers: with less, new devices are refused. The
+// image filesystem mirror shows the kubelet only the free space beyond it.
+func keptFree(total uint64, minFree float64) uint64 {
+	if minFree <= 0 {
+		return 0
+	}
+	return uint64(math.Ceil(float64(total) * minFree / 100))
 }
 
 func freePercent(used, total uint64) (float64, bool) {

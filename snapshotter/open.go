@@ -62,11 +62,13 @@ func newSnapshotter(cfg Config, db *storage.DB, pool thinPool, format func(conte
 		s.format = s.mkfs
 	}
 	s.growFS = s.fillDevice
+	s.imagefs.open, s.imagefs.poll = openMirror, imageFSPoll
 	return s
 }
 
-// setUp checks the pool is the database's, recovers from an earlier crash
-// and makes sure the base device exists.
+// setUp checks the pool is the database's, recovers from an earlier crash,
+// makes sure the base device exists and sets up the image filesystem
+// mirror.
 func (s *Snapshotter) setUp(ctx context.Context) (err error) {
 	// On a pool that takes no changes, recovery and the base device fail
 	// in the kernel.
@@ -80,6 +82,7 @@ func (s *Snapshotter) setUp(ctx context.Context) (err error) {
 	if err := s.ensureBase(ctx); err != nil {
 		return fmt.Errorf("base device: %w", err)
 	}
+	s.setUpImageFS(ctx)
 	return nil
 }
 

@@ -27,7 +27,8 @@
 // snapshot, found by its id and grown to its pod's disk size). Background
 // work: worker.go and warm.go. Kernel side: pool.go (the dm client),
 // poolstep.go, base.go, poolgrow.go (the embedded pool grows), fsgrow.go
-// (a filesystem grows to its device). Start and stop: open.go,
+// (a filesystem grows to its device), imagefs.go (the image filesystem
+// mirror the kubelet reads, package imagefs). Start and stop: open.go,
 // ownership.go, recover.go. Operators: status.go, devices.go, steps.go,
 // check*.go and selfcheck.go (the snapshotter checks itself).
 //
@@ -59,8 +60,8 @@
 //
 // Leaf locks, under which nothing else is taken: keyLocks.mu, the removals
 // in flight (background.removing), the refill requests (refills.mu), the
-// layers left without views (idleLayers.mu) and the admin state
-// (adminState.mu).
+// layers left without views (idleLayers.mu), the admin state
+// (adminState.mu) and the mirror's last error (imageFS.mu).
 //
 // Outside poolMu on purpose: activating, removing, resizing and
 // discarding one dm device (the kernel serializes calls on a device, and
@@ -70,11 +71,13 @@
 // would stall every call for its length).
 //
 // Goroutines: the worker (worker.go), for an embedded pool with
-// max_data_size the growth watcher (poolgrow.go), and with a CheckInterval
-// the self-check (selfcheck.go). New starts them; Close stops them and
-// waits for them before it closes the database. Work the worker or a
-// self-check repair has begun is finished even when it is stopped, so no
-// half-made device waits for the next start.
+// max_data_size the growth watcher (poolgrow.go), with a CheckInterval
+// the self-check (selfcheck.go), and with ImageFSMirror the mirror's
+// watcher (imagefs.go), the only caller of the mirror once New has set it
+// up. New starts them; Close stops them and waits for them before it
+// closes the database. Work the worker or a self-check repair has begun is
+// finished even when it is stopped, so no half-made device waits for the
+// next start.
 //
 // The daemon's NRI plugin (cmd/thin-snapshotter/nri.go) calls
 // FindContainer and GrowContainer from a goroutine per grow, which may
@@ -133,6 +136,8 @@ type Snapshotter struct {
 	autogrow *grower
 	// admin serves Status, the step observer and the counters.
 	admin adminState
+	// imagefs is the image filesystem mirror (imagefs.go).
+	imagefs imageFS
 
 	// growFS makes the filesystem on dev fill its device, and format
 	// makes the base filesystem; unit tests replace both.

@@ -75,6 +75,9 @@ type Status struct {
 	CheckInterval time.Duration
 	LastCheck     CheckRun
 
+	// ImageFS is what the kubelet sees of the image filesystem.
+	ImageFS ImageFSStatus
+
 	// Thresholds in force: the free percentages below which new devices
 	// are refused (0: off).
 	MinFreeData, MinFreeMetadata float64
@@ -107,6 +110,7 @@ func (s *Snapshotter) Status(ctx context.Context) (Status, error) {
 	s.admin.mu.Lock()
 	out.LastRecovery = s.admin.recovery
 	s.admin.mu.Unlock()
+	out.ImageFS = s.imageFSStatus()
 	if err := s.poolStatus(&out); err != nil {
 		return out, err
 	}

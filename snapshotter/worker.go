@@ -53,7 +53,8 @@ type background struct {
 }
 
 // startBackground starts the worker and, for a pool that grows itself, the
-// growth watcher, and with a CheckInterval the self-check.
+// growth watcher, with a CheckInterval the self-check, and with an image
+// filesystem mirror its watcher.
 func (s *Snapshotter) startBackground(ctx context.Context) {
 	ctx, s.bg.stop = context.WithCancel(context.WithoutCancel(ctx))
 	s.bg.wg.Go(func() { s.worker(ctx) })
@@ -63,6 +64,9 @@ func (s *Snapshotter) startBackground(ctx context.Context) {
 	if s.cfg.CheckInterval > 0 {
 		afterRecovery := s.recoveryActed()
 		s.bg.wg.Go(func() { s.watchConsistency(ctx, afterRecovery) })
+	}
+	if s.imagefs.m != nil {
+		s.bg.wg.Go(func() { s.watchImageFS(ctx) })
 	}
 }
 

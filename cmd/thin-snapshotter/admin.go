@@ -83,6 +83,13 @@ func statusToProto(st snapshotter.Status) *adminv1.StatusResponse {
 			AsyncRemove:            st.AsyncRemove,
 		},
 		SelfCheck: selfCheckToProto(st.CheckInterval, st.LastCheck),
+		ImageFs: &adminv1.ImageFS{
+			Dir: st.ImageFS.Dir, Mirrored: st.ImageFS.Mirrored, Device: st.ImageFS.Device,
+			Major: st.ImageFS.Major, Minor: st.ImageFS.Minor,
+			CapacityBytes: st.ImageFS.Capacity, AvailableBytes: st.ImageFS.Available,
+			Inodes: st.ImageFS.Inodes, InodesFree: st.ImageFS.InodesFree,
+			Error: st.ImageFS.Error,
+		},
 	}
 	// Every kind gets a key, even with no snapshots of it, so that a client
 	// sees a zero rather than a missing key.

@@ -239,7 +239,27 @@ func printStatus(w io.Writer, st *adminv1.StatusResponse) {
 	row("thresholds", "new devices refused below %s free data, %s free metadata; async_remove %v",
 		percentOrOff(th.GetMinFreeDataPercent()), percentOrOff(th.GetMinFreeMetadataPercent()), th.GetAsyncRemove())
 	printSelfCheck(row, st.GetSelfCheck())
+	row("imagefs", "%s", imageFS(st.GetImageFs()))
 	tw.Flush()
+}
+
+// imageFS describes in a line of status what the kubelet sees of the image
+// filesystem.
+func imageFS(f *adminv1.ImageFS) string {
+	out := fmt.Sprintf("the kubelet sees %s, %s available, at %s (device %d:%d", humanBytes(f.GetCapacityBytes()),
+		humanBytes(f.GetAvailableBytes()), f.GetDir(), f.GetMajor(), f.GetMinor())
+	switch {
+	case f.GetMirrored():
+		out += ", the pool's mirror on " + f.GetDevice() + ")"
+	case f.GetError() == "":
+		out += "): not the pool's, the mirror is off"
+	default:
+		out += "): not the pool's"
+	}
+	if f.GetError() != "" {
+		out += "; MIRROR FAILED: " + f.GetError()
+	}
+	return out
 }
 
 // whenFull says in a line of status what writes to a full pool do.

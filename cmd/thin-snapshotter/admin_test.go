@@ -15,7 +15,10 @@ import (
 	"time"
 
 	"github.com/containerd/errdefs"
+	"google.golang.org/protobuf/proto"
 
+	"github.com/thin-snapshotter/thin-snapshotter/internal/imagefs"
+	adminv1 "github.com/thin-snapshotter/thin-snapshotter/proto/thin/admin/v1"
 	"github.com/thin-snapshotter/thin-snapshotter/snapshotter"
 )
 
@@ -94,6 +97,8 @@ func testStatus() snapshotter.Status {
 					Action: "finished the removal of thin device 4", Error: "device busy"},
 			},
 		},
+		ImageFS: snapshotter.ImageFSStatus{Dir: "/var/lib/thin-snapshotter/imagefs", Mirrored: true, Device: "/dev/loop3",
+			Stat: imagefs.Stat{Major: 7, Minor: 3, Capacity: 100 << 30, Available: 92 << 30, Inodes: 1024, InodesFree: 1013}},
 	}
 }
 
@@ -147,6 +152,7 @@ func TestAdminCommands(t *testing.T) {
 			"                repaired leaked_id: released id 8\n" +
 			"                left ghost: active snapshot \"k\": thin device 3 is not in the pool\n" +
 			"                left pending_journal: interrupted delete of thin device 4 (finished the removal of thin device 4 failed: device busy)\n",
+		"imagefs         the kubelet sees 100.0 GiB, 92.0 GiB available, at /var/lib/thin-snapshotter/imagefs (device 7:3, the pool's mirror on /dev/loop3)\n",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)
@@ -162,7 +168,8 @@ func TestAdminCommands(t *testing.T) {
 		t.Fatalf("status --json: %v\n%s", err, out)
 	}
 	if js["pool"] != "thin-abc-pool" || js["pending_removals"] != float64(2) ||
-		js["data"].(map[string]any)["used_bytes"] != "3221225472" || js["snapshots"].(map[string]any)["view"] != float64(0) {
+		js["data"].(map[string]any)["used_bytes"] != "3221225472" || js["snapshots"].(map[string]any)["view"] != float64(0) ||
+		js["image_fs"].(map[string]any)["available_bytes"] != "98784247808" || js["image_fs"].(map[string]any)["mirrored"] != true {
 		t.Errorf("status --json:\n%s", out)
 	}
 	sc := js["self_check"].(map[string]any)
@@ -378,4 +385,31 @@ func grepLines(s, substr string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// The status line says what the kubelet sees, and whether it is the pool.
+func TestStatusImageFSLine(t *testing.T) {
+	base := adminv1.ImageFS{Dir: "/r/imagefs", Major: 7, Minor: 3, CapacityBytes: 2 << 30, AvailableBytes: 1 << 30}
+	for _, tc := range []struct {
+		name string
+		mod  func(f *adminv1.ImageFS)
+		want string
+	}{
+		{"mirrored", func(f *adminv1.ImageFS) { f.Mirrored, f.Device = true, "/dev/loop3" },
+			"the kubelet sees 2.0 GiB, 1.0 GiB available, at /r/imagefs (device 7:3, the pool's mirror on /dev/loop3)"},
+		{"last update failed", func(f *adminv1.ImageFS) { f.Mirrored, f.Device, f.Error = true, "/dev/loop3", "resize2fs: exit 1" },
+			"the kubelet sees 2.0 GiB, 1.0 GiB available, at /r/imagefs (device 7:3, the pool's mirror on /dev/loop3); MIRROR FAILED: resize2fs: exit 1"},
+		{"off", func(f *adminv1.ImageFS) { f.Major, f.Minor = 254, 1 },
+			"the kubelet sees 2.0 GiB, 1.0 GiB available, at /r/imagefs (device 254:1): not the pool's, the mirror is off"},
+		{"not set up", func(f *adminv1.ImageFS) { f.Major, f.Minor, f.Error = 254, 1, "no loop device" },
+			"the kubelet sees 2.0 GiB, 1.0 GiB available, at /r/imagefs (device 254:1): not the pool's; MIRROR FAILED: no loop device"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := proto.Clone(&base).(*adminv1.ImageFS)
+			tc.mod(f)
+			if got := imageFS(f); got != tc.want {
+				t.Errorf("imageFS =\n  %s\nwant\n  %s", got, tc.want)
+			}
+		})
+	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/thin-snapshotter/thin-snapshotter/cmd/thin-snapshotter/config"
+	"github.com/thin-snapshotter/thin-snapshotter/internal/imagefs"
 )
 
 const contribDir = "../../contrib"
@@ -138,8 +139,9 @@ func TestContribContainerdConfigs(t *testing.T) {
 			if !ok || pp.Type != "snapshot" || pp.Address != config.DefaultAddress {
 				t.Errorf("proxy_plugins.thin = %+v (present %v), want type snapshot at %s", pp, ok, config.DefaultAddress)
 			}
-			if root := pp.Exports["root"]; root != config.DefaultRoot {
-				t.Errorf("proxy_plugins.thin.exports.root = %q, want %s (CRI's image filesystem)", root, config.DefaultRoot)
+			imageFS := imagefs.Dir(config.DefaultRoot)
+			if root := pp.Exports["root"]; root != imageFS {
+				t.Errorf("proxy_plugins.thin.exports.root = %q, want %s (CRI's image filesystem, the mirror's mount point)", root, imageFS)
 			}
 			// Both snapshotters on both platforms.
 			have := map[string]bool{}
@@ -174,8 +176,8 @@ func TestContribContainerdConfigs(t *testing.T) {
 			// The size class of contrib/config.toml: its proxy plugin on
 			// its socket and the daemon's root, and a runc handler on it.
 			pp, ok = c.ProxyPlugins[class]
-			if !ok || pp.Type != "snapshot" || pp.Address != classAddress || pp.Exports["root"] != config.DefaultRoot {
-				t.Errorf("proxy_plugins.%s = %+v (present %v), want type snapshot at %s, root %s", class, pp, ok, classAddress, config.DefaultRoot)
+			if !ok || pp.Type != "snapshot" || pp.Address != classAddress || pp.Exports["root"] != imageFS {
+				t.Errorf("proxy_plugins.%s = %+v (present %v), want type snapshot at %s, root %s", class, pp, ok, classAddress, imageFS)
 			}
 			handler := "runc-" + class
 			if rt, ok := runtimes[handler]; !ok || rt.Type != "io.containerd.runc.v2" || rt.Snapshotter != class {

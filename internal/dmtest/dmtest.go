@@ -5,10 +5,12 @@ package dmtest
 import (
 	"context"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
+	"github.com/thin-snapshotter/thin-snapshotter/internal/imagefs"
 )
 
 // RequireEnv is set to 1 by the VM bench (test/vm/run) and by
@@ -61,8 +63,13 @@ func RemoveDevices(ctx context.Context, prefix string) error {
 }
 
 // DestroyLoopPool removes the thin devices of pool (dmsetup.DeviceName), the loopback
-// pool itself, its loop devices and files in dir.
+// pool itself, its loop devices and files in dir. The daemon whose root
+// holds dir leaves its image filesystem mirror mounted when it stops:
+// that goes too (imagefs.Remove), so the root can be deleted.
 func DestroyLoopPool(ctx context.Context, pool, dir string) error {
+	if err := imagefs.Remove(filepath.Dir(dir)); err != nil {
+		return err
+	}
 	if err := RemoveDevices(ctx, dmsetup.DeviceNamePrefix(pool)); err != nil {
 		return err
 	}

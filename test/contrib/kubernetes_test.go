@@ -18,6 +18,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/thin-snapshotter/thin-snapshotter/cmd/thin-snapshotter/config"
+	"github.com/thin-snapshotter/thin-snapshotter/internal/imagefs"
 )
 
 const manifest = "../../contrib/kubernetes/thin-snapshotter.yaml"
@@ -170,6 +171,17 @@ func TestKubernetesManifest(t *testing.T) {
 			t.Errorf("%s is not mounted", dir)
 		case v.HostPath == nil || v.HostPath.Path != dir:
 			t.Errorf("%s is mounted from %+v, want host path %s", dir, v.VolumeSource, dir)
+		}
+	}
+	// The image filesystem mirror the daemon mounts under its root must
+	// reach the host, where containerd reports it and the kubelet reads it.
+	if !cfg.ImageFS.Mirror {
+		t.Error("the ConfigMap turns the image filesystem mirror off")
+	}
+	for _, m := range c.VolumeMounts {
+		if m.MountPath == cfg.Root && (m.MountPropagation == nil || *m.MountPropagation != corev1.MountPropagationBidirectional) {
+			t.Errorf("%s is mounted with propagation %v, want Bidirectional: the image filesystem mirror under %s would stay in the pod",
+				cfg.Root, m.MountPropagation, imagefs.Dir(cfg.Root))
 		}
 	}
 

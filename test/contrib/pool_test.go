@@ -23,6 +23,7 @@ import (
 
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/internal/dmtest"
+	"github.com/thin-snapshotter/thin-snapshotter/internal/imagefs"
 )
 
 // The contrib/pool scripts make a pool the daemon serves, on the real
@@ -108,6 +109,13 @@ func newDaemon(t *testing.T, poolTOML string) *daemon {
 	if err := os.WriteFile(d.config, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// After the stop: the daemon leaves its image filesystem mirror
+	// mounted under its root.
+	t.Cleanup(func() {
+		if err := imagefs.Remove(d.root); err != nil {
+			t.Error(err)
+		}
+	})
 	t.Cleanup(d.stop)
 	return d
 }
@@ -355,6 +363,34 @@ func poolStatus(t *testing.T, name string) dmsetup.PoolStatus {
 	return st
 }
 
+// mirrorFollows waits, 10 s at most, until statfs of the daemon's image
+// filesystem mirror (what the kubelet reads) reports the pool's data size.
+func mirrorFollows(t *testing.T, d *daemon, pool string) {
+	t.Helper()
+	c, err := dmsetup.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	params, _, err := c.PoolTarget(pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := poolStatus(t, pool).TotalDataBlocks * dmsetup.Sectors(params.BlockSizeSectors).Bytes()
+	start := time.Now()
+	for {
+		st, err := imagefs.StatDir(imagefs.Dir(d.root))
+		if err == nil && st.Capacity == want {
+			t.Logf("the image filesystem mirror is %d bytes, the pool's size, after %s", want, time.Since(start).Round(time.Millisecond))
+			return
+		}
+		if time.Since(start) > 10*time.Second {
+			t.Fatalf("the image filesystem mirror: %+v, %v; want %d bytes, the pool's size", st, err, want)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func TestLVMPoolScript(t *testing.T) {
 	disk := requireLVM(t)
 	ctx := context.Background()
@@ -396,12 +432,15 @@ func TestLVMPoolScript(t *testing.T) {
 		t.Errorf("lvcreate of an LVM thin volume in the daemon's pool (transaction id %d): %v", tx, err)
 	}
 
-	// lvextend while the daemon serves: more data blocks, and it goes on.
+	// lvextend while the daemon serves: more data blocks, and it goes on;
+	// what the kubelet reads of the image filesystem grows with it.
+	mirrorFollows(t, d, dmName)
 	before := poolStatus(t, dmName).TotalDataBlocks
 	mustRun(t, env, "lvextend", "-L", "+200M", vg+"/"+lv)
 	if after := poolStatus(t, dmName).TotalDataBlocks; after <= before {
 		t.Errorf("data blocks %d after lvextend, %d before", after, before)
 	}
+	mirrorFollows(t, d, dmName)
 	writeAndCommit(ctx, t, d.sn, "two", dmName+"-snap-")
 	d.stop()
 	d.check()

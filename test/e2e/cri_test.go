@@ -24,6 +24,7 @@ import (
 	"github.com/thin-snapshotter/thin-snapshotter/cmd/thin-snapshotter/config"
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
 	"github.com/thin-snapshotter/thin-snapshotter/internal/dmtest"
+	"github.com/thin-snapshotter/thin-snapshotter/internal/imagefs"
 	"github.com/thin-snapshotter/thin-snapshotter/test/e2e/imagegen"
 )
 
@@ -187,6 +188,19 @@ type criVariant struct {
 	// and contribClass's proxy plugin names a socket nobody serves.
 	class     string
 	classSize int64
+	// name names the run when fsType does not tell it from the others.
+	name string
+	// thin, if set, is the daemon's settings instead of thinSettings'
+	// small pool.
+	thin string
+}
+
+// run names the run: its bridge, its transcript.
+func (v criVariant) run() string {
+	if v.name != "" {
+		return v.name
+	}
+	return v.fsType
 }
 
 func (v criVariant) mode() string {
@@ -197,6 +211,9 @@ func (v criVariant) mode() string {
 }
 
 func (v criVariant) thinSettings() string {
+	if v.thin != "" {
+		return v.thin
+	}
 	// A small pool and base size keep the disk-full pod quick.
 	return fmt.Sprintf(`[pool]
 data_size = '1GiB'
@@ -249,7 +266,7 @@ func contribContainerdConfig(t *testing.T, v criVariant, s *stack, sandbox, host
 	}{
 		{"address", config.DefaultAddress, s.thinSock, 1},
 		{"address", classAddress(config.DefaultAddress), classAddress(s.thinSock), 1},
-		{"root", config.DefaultRoot, s.thinRoot, 2},
+		{"root", imagefs.Dir(config.DefaultRoot), imagefs.Dir(s.thinRoot), 2},
 	} {
 		old := fmt.Sprintf("%s = %q", r.key, r.def)
 		if n := strings.Count(cfg, old); n != r.n {
@@ -472,6 +489,20 @@ func writeJSON(t *testing.T, path string, v any) string {
 	return path
 }
 
+// pushPause pushes the sandbox image, a busybox userland that sleeps, as
+// thin/pause:1 and returns its reference.
+func pushPause(t *testing.T, reg *registry, busybox string) string {
+	t.Helper()
+	bb, err := imagegen.Busybox(busybox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pause := imagegen.Image{Layers: []imagegen.Layer{{Entries: bb, Gzip: true, Comment: "busybox"}}}
+	pause.Config.Cmd = []string{"/bin/sh", "-c", "while :; do sleep 3600; done"}
+	ref, _ := reg.push(t, pause, "thin/pause:1")
+	return ref
+}
+
 func TestCRI(t *testing.T) {
 	dmtest.Require(t)
 	tl := findTools(t)
@@ -482,13 +513,7 @@ func TestCRI(t *testing.T) {
 	reg := startRegistry(t, ct.crane)
 	img, expect := e2eImage(t, tl.busybox)
 	imgRef, imgRes := reg.push(t, img, "thin/e2e:1")
-	bb, err := imagegen.Busybox(tl.busybox)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pause := imagegen.Image{Layers: []imagegen.Layer{{Entries: bb, Gzip: true, Comment: "busybox"}}}
-	pause.Config.Cmd = []string{"/bin/sh", "-c", "while :; do sleep 3600; done"}
-	pauseRef, _ := reg.push(t, pause, "thin/pause:1")
+	pauseRef := pushPause(t, reg, tl.busybox)
 
 	for _, v := range []criVariant{
 		// One pod on a size class of 1 GiB; the xfs run keeps the
@@ -506,60 +531,7 @@ func TestCRI(t *testing.T) {
 func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, imgRef string, imgRes imagegen.Result,
 	expect map[string]string, pauseRef string) {
 	tStart := time.Now()
-	dir := t.TempDir()
-	hostsDir := filepath.Join(dir, "certs.d")
-	cniConf := filepath.Join(dir, "net.d")
-	for _, d := range []string{filepath.Join(hostsDir, reg.addr), cniConf} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	// Plain HTTP to the test registry.
-	hosts := fmt.Sprintf("server = \"http://%s\"\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", reg.addr, reg.addr)
-	if err := os.WriteFile(filepath.Join(hostsDir, reg.addr, "hosts.toml"), []byte(hosts), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	// A bridge per run; CRI adds the loopback plugin itself.
-	bridge := "thin-" + v.fsType
-	subnet := map[string]string{"ext4": "10.88.41.0/24", "xfs": "10.88.42.0/24"}[v.fsType]
-	writeJSON(t, filepath.Join(cniConf, "10-thin-e2e.conflist"), map[string]any{
-		"cniVersion": "1.0.0",
-		"name":       "thin-e2e",
-		"plugins": []any{map[string]any{
-			"type": "bridge", "bridge": bridge, "isGateway": false, "ipMasq": false,
-			"ipam": map[string]any{
-				"type":    "host-local",
-				"ranges":  [][]map[string]string{{{"subnet": subnet}}},
-				"dataDir": filepath.Join(dir, "ipam"),
-			},
-		}},
-	})
-
-	var c *crictl
-	s := startStackWith(t, tl, stackOptions{
-		thinSettings: v.thinSettings(),
-		namespace:    criNamespace,
-		containerdConfig: func(s *stack) (string, []string) {
-			return contribContainerdConfig(t, v, s, pauseRef, hostsDir, ct.cniDir, cniConf),
-				[]string{"--root", filepath.Join(s.dir, "containerd", "root"), "--state", filepath.Join(s.dir, "containerd", "state"),
-					"--address", s.ctrdSock}
-		},
-		cleanup: func(s *stack) {
-			if c == nil {
-				return
-			}
-			_, _ = c.run(5*time.Minute, "rmp", "--all", "--force")
-			_, _ = c.run(5*time.Minute, "rmi", "--all")
-		},
-	})
-	crictlCfg := fmt.Sprintf("runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 300\n", s.ctrdSock, s.ctrdSock)
-	c = &crictl{t: t, bin: ct.crictl, cfg: filepath.Join(dir, "crictl.yaml")}
-	if err := os.WriteFile(c.cfg, []byte(crictlCfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		t.Logf("crictl transcript (%s, %s, %s):\n%s", v.fsType, v.contrib, v.mode(), c.transcriptText())
-	}()
+	s, c, dir := startCRI(t, tl, ct, reg, v, pauseRef)
 
 	dm, err := dmsetup.Open()
 	if err != nil {
@@ -572,34 +544,6 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 	}
 	baseID := ids[0]
 	usedAtStart := usedDataBlocks(t, dm, s.pool)
-
-	// CRI is up once its runtime and (CNI config loaded) network are ready.
-	for deadline := time.Now().Add(2 * time.Minute); ; {
-		out, err := c.run(time.Minute, "info")
-		var info struct {
-			Status struct {
-				Conditions []struct {
-					Type   string `json:"type"`
-					Status bool   `json:"status"`
-				} `json:"conditions"`
-			} `json:"status"`
-		}
-		ready := 0
-		if err == nil && json.Unmarshal([]byte(out), &info) == nil {
-			for _, cond := range info.Status.Conditions {
-				if cond.Status && (cond.Type == "RuntimeReady" || cond.Type == "NetworkReady") {
-					ready++
-				}
-			}
-		}
-		if ready == 2 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("CRI not ready after 2 min: %v\n%s", err, out)
-		}
-		time.Sleep(time.Second)
-	}
 
 	// Pull through CRI into thin: CRI's default snapshotter, or the
 	// handler's named in the pull.
@@ -628,10 +572,11 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 		t.Errorf("crictl pull for %s also unpacked into overlayfs:\n%s", criHandler, out)
 	}
 
-	// imagefsinfo names our root for thin, with at least the large file
-	// (CRI refreshes its snapshot usage every 10 s). containerd 2.4 keeps
-	// usage for CRI's default snapshotter only: with a handler it answers,
-	// with overlayfs first, and nothing for thin.
+	// imagefsinfo names the image filesystem mirror under our root for
+	// thin, with at least the large file (CRI refreshes its snapshot usage
+	// every 10 s). containerd 2.4 keeps usage for CRI's default snapshotter
+	// only: with a handler it answers, with overlayfs first, and nothing
+	// for thin.
 	if !v.allThin {
 		var info struct {
 			Status struct {
@@ -654,13 +599,13 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 		for i, fs := range info.Status.ImageFilesystems {
 			// CRI's default snapshotter comes first: the kubelet reads
 			// only that one.
-			if i == 0 && fs.FsID.Mountpoint == s.thinRoot && fs.UsedBytes.n() >= bigSize {
+			if i == 0 && fs.FsID.Mountpoint == imagefs.Dir(s.thinRoot) && fs.UsedBytes.n() >= bigSize {
 				thinFS = &info.Status.ImageFilesystems[i]
 			}
 		}
 		if thinFS == nil {
 			if time.Now().After(deadline) {
-				t.Fatalf("crictl imagefsinfo has no filesystem at %s using at least %d bytes: %+v", s.thinRoot, bigSize, info.Status.ImageFilesystems)
+				t.Fatalf("crictl imagefsinfo has no filesystem at %s using at least %d bytes: %+v", imagefs.Dir(s.thinRoot), bigSize, info.Status.ImageFilesystems)
 			}
 			time.Sleep(2 * time.Second)
 		}
@@ -896,6 +841,94 @@ func runCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, im
 	t.Logf("timings (%s, %s): pull %s, runp %s, create %s, start %s, stop+rm of %d containers %s, total %s", v.fsType, v.mode(),
 		tPull.Round(time.Millisecond), tRunp.Round(time.Millisecond), tCreate.Round(time.Millisecond),
 		tStartCtr.Round(time.Millisecond), len(running)+1, tRm.Round(time.Millisecond), time.Since(tStart).Round(time.Millisecond))
+}
+
+// startCRI starts the stack of v (containerd with CRI on contrib's
+// configuration), a CNI bridge of its own and crictl, and waits until CRI
+// is ready. dir is the run's directory.
+func startCRI(t *testing.T, tl tools, ct criTools, reg *registry, v criVariant, pauseRef string) (s *stack, c *crictl, dir string) {
+	dir = t.TempDir()
+	hostsDir := filepath.Join(dir, "certs.d")
+	cniConf := filepath.Join(dir, "net.d")
+	for _, d := range []string{filepath.Join(hostsDir, reg.addr), cniConf} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Plain HTTP to the test registry.
+	hosts := fmt.Sprintf("server = \"http://%s\"\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", reg.addr, reg.addr)
+	if err := os.WriteFile(filepath.Join(hostsDir, reg.addr, "hosts.toml"), []byte(hosts), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// A bridge per run; CRI adds the loopback plugin itself.
+	bridge := "thin-" + v.run()
+	subnet := map[string]string{"ext4": "10.88.41.0/24", "xfs": "10.88.42.0/24", "imagefs": "10.88.43.0/24"}[v.run()]
+	writeJSON(t, filepath.Join(cniConf, "10-thin-e2e.conflist"), map[string]any{
+		"cniVersion": "1.0.0",
+		"name":       "thin-e2e",
+		"plugins": []any{map[string]any{
+			"type": "bridge", "bridge": bridge, "isGateway": false, "ipMasq": false,
+			"ipam": map[string]any{
+				"type":    "host-local",
+				"ranges":  [][]map[string]string{{{"subnet": subnet}}},
+				"dataDir": filepath.Join(dir, "ipam"),
+			},
+		}},
+	})
+
+	s = startStackWith(t, tl, stackOptions{
+		thinSettings: v.thinSettings(),
+		namespace:    criNamespace,
+		containerdConfig: func(s *stack) (string, []string) {
+			return contribContainerdConfig(t, v, s, pauseRef, hostsDir, ct.cniDir, cniConf),
+				[]string{"--root", filepath.Join(s.dir, "containerd", "root"), "--state", filepath.Join(s.dir, "containerd", "state"),
+					"--address", s.ctrdSock}
+		},
+		cleanup: func(s *stack) {
+			if c == nil {
+				return
+			}
+			_, _ = c.run(5*time.Minute, "rmp", "--all", "--force")
+			_, _ = c.run(5*time.Minute, "rmi", "--all")
+		},
+	})
+	crictlCfg := fmt.Sprintf("runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 300\n", s.ctrdSock, s.ctrdSock)
+	c = &crictl{t: t, bin: ct.crictl, cfg: filepath.Join(dir, "crictl.yaml")}
+	if err := os.WriteFile(c.cfg, []byte(crictlCfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		t.Logf("crictl transcript (%s, %s, %s):\n%s", v.run(), v.contrib, v.mode(), c.transcriptText())
+	})
+
+	// CRI is up once its runtime and (CNI config loaded) network are ready.
+	for deadline := time.Now().Add(2 * time.Minute); ; {
+		out, err := c.run(time.Minute, "info")
+		var info struct {
+			Status struct {
+				Conditions []struct {
+					Type   string `json:"type"`
+					Status bool   `json:"status"`
+				} `json:"conditions"`
+			} `json:"status"`
+		}
+		ready := 0
+		if err == nil && json.Unmarshal([]byte(out), &info) == nil {
+			for _, cond := range info.Status.Conditions {
+				if cond.Status && (cond.Type == "RuntimeReady" || cond.Type == "NetworkReady") {
+					ready++
+				}
+			}
+		}
+		if ready == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("CRI not ready after 2 min: %v\n%s", err, out)
+		}
+		time.Sleep(time.Second)
+	}
+	return s, c, dir
 }
 
 // checkRoot checks a container's root mount line ("device fstype options"):

@@ -52,8 +52,16 @@ type Config struct {
 	Pool          PoolConfig     `toml:"pool"`
 	Snapshot      SnapshotConfig `toml:"snapshot"`
 	NRI           NRIConfig      `toml:"nri"`
+	ImageFS       ImageFSConfig  `toml:"imagefs"`
 	// Classes are extra sockets, one per size class ([[class]] tables).
 	Classes []ClassConfig `toml:"class"`
+}
+
+// ImageFSConfig is what the kubelet sees of the image filesystem.
+type ImageFSConfig struct {
+	// Mirror mounts a filesystem at <root>/imagefs whose size and free
+	// space follow the pool's (snapshotter.Config.ImageFSMirror).
+	Mirror bool `toml:"mirror"`
 }
 
 // ClassConfig is a size class: a socket of its own on the same pool and
@@ -159,6 +167,10 @@ func Default() *Config {
 			AsyncRemove: true,
 		},
 		NRI: defaultNRI(),
+		// The kubelet's image garbage collection and eviction then act
+		// on the pool; a node without a kubelet pays a loop device and a
+		// few MiB under root.
+		ImageFS: ImageFSConfig{Mirror: true},
 	}
 }
 
@@ -191,6 +203,7 @@ func (c *Config) Snapshotter() snapshotter.Config {
 		DiscardOnDelete: c.Snapshot.discardOnDelete(),
 		Classes:         classes,
 		CheckInterval:   time.Duration(c.CheckInterval),
+		ImageFSMirror:   c.ImageFS.Mirror,
 	}
 }
 
@@ -218,6 +231,7 @@ var snapshotterKeys = map[string]string{
 	"DiscardOnDelete": "snapshot.discard_on_delete",
 	"Classes":         "class",
 	"CheckInterval":   "check_interval",
+	"ImageFSMirror":   "imagefs.mirror",
 }
 
 // classKeys maps the fields of snapshotter.SizeClass to the keys of a

@@ -16,6 +16,13 @@ import (
 	"github.com/containerd/errdefs"
 )
 
+// The kubelet sees the pool unless one turns the mirror off.
+func TestDefaultMirrorsTheImageFS(t *testing.T) {
+	if c := Default(); !c.ImageFS.Mirror || !c.Snapshotter().ImageFSMirror {
+		t.Errorf("default [imagefs] mirror = %v, snapshotter's %v; want on", c.ImageFS.Mirror, c.Snapshotter().ImageFSMirror)
+	}
+}
+
 func TestDefaultIsValid(t *testing.T) {
 	if err := Default().Validate(); err != nil {
 		t.Fatalf("default config is invalid: %v", err)
@@ -90,6 +97,11 @@ discard = true`,
 enable = false
 socket_path = "/run/containerd/nri.sock"`,
 			want: func(c *Config) { c.NRI = NRIConfig{Enable: false, SocketPath: "/run/containerd/nri.sock"} },
+		},
+		{
+			name: "image filesystem mirror off",
+			doc:  "[imagefs]\nmirror = false",
+			want: func(c *Config) { c.ImageFS.Mirror = false },
 		},
 		{
 			name: "dotted keys",

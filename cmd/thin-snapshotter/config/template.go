@@ -160,6 +160,19 @@ enable = {{ value .NRI.Enable }}
 # containerd's NRI socket: [plugins."io.containerd.nri.v1.nri"] socket_path.
 socket_path = {{ value .NRI.SocketPath }}
 
+[imagefs]
+# What the kubelet sees of the image filesystem. CRI reports the directory
+# that containerd's exports root names, <root>/imagefs, and the kubelet
+# takes the image filesystem's capacity and free space from statfs there,
+# for its image garbage collection and disk-pressure eviction. true mounts
+# a small filesystem there whose size is the pool's data size and whose
+# available space is the pool's free data space less min_free_data,
+# updated every few seconds. It costs a loop device and a few MiB under
+# root, and stays mounted when the daemon stops: the kubelet knows it by
+# its device number. false takes it down; the kubelet then sees the
+# filesystem holding root.
+mirror = {{ value .ImageFS.Mirror }}
+
 # Size classes: one extra socket each, on the same pool and database, whose
 # containers get the class's disk size unless they ask for one (label
 # containerd.io/snapshot/max-size). containerd gets one proxy plugin per

@@ -97,7 +97,9 @@ type StatusResponse struct {
 	SelfCheck *SelfCheck `protobuf:"bytes,18,opt,name=self_check,json=selfCheck,proto3" json:"self_check,omitempty"`
 	// What writes to the pool do when it is full: "queue" (they wait, as the
 	// pool grows itself) or "error" (they fail at once).
-	WhenFull      string `protobuf:"bytes,19,opt,name=when_full,json=whenFull,proto3" json:"when_full,omitempty"`
+	WhenFull string `protobuf:"bytes,19,opt,name=when_full,json=whenFull,proto3" json:"when_full,omitempty"`
+	// What the kubelet sees of the image filesystem.
+	ImageFs       *ImageFS `protobuf:"bytes,20,opt,name=image_fs,json=imageFs,proto3" json:"image_fs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -265,6 +267,13 @@ func (x *StatusResponse) GetWhenFull() string {
 	return ""
 }
 
+func (x *StatusResponse) GetImageFs() *ImageFS {
+	if x != nil {
+		return x.ImageFs
+	}
+	return nil
+}
+
 // SelfCheck is the daemon's own consistency check: the online check every
 // interval, and once after a start whose recovery did something, with the
 // repairs that are safe while it serves.
@@ -360,6 +369,130 @@ func (x *SelfCheck) GetFindings() []*Finding {
 	return nil
 }
 
+// ImageFS is what cAdvisor reads for the kubelet, with stat and statfs, of
+// the directory CRI reports as the image filesystem.
+type ImageFS struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The directory: containerd's exports root names it.
+	Dir string `protobuf:"bytes,1,opt,name=dir,proto3" json:"dir,omitempty"`
+	// The image filesystem mirror is mounted there and follows the pool.
+	Mirrored bool `protobuf:"varint,2,opt,name=mirrored,proto3" json:"mirrored,omitempty"`
+	// The mirror's loop device; empty when not mirrored.
+	Device string `protobuf:"bytes,3,opt,name=device,proto3" json:"device,omitempty"`
+	// The device number of the filesystem holding dir, by which cAdvisor
+	// finds it among the mounts it listed when the kubelet started.
+	Major          uint32 `protobuf:"varint,4,opt,name=major,proto3" json:"major,omitempty"`
+	Minor          uint32 `protobuf:"varint,5,opt,name=minor,proto3" json:"minor,omitempty"`
+	CapacityBytes  uint64 `protobuf:"varint,6,opt,name=capacity_bytes,json=capacityBytes,proto3" json:"capacity_bytes,omitempty"`
+	AvailableBytes uint64 `protobuf:"varint,7,opt,name=available_bytes,json=availableBytes,proto3" json:"available_bytes,omitempty"`
+	Inodes         uint64 `protobuf:"varint,8,opt,name=inodes,proto3" json:"inodes,omitempty"`
+	InodesFree     uint64 `protobuf:"varint,9,opt,name=inodes_free,json=inodesFree,proto3" json:"inodes_free,omitempty"`
+	// Why there is no mirror, or why its last update failed.
+	Error         string `protobuf:"bytes,10,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImageFS) Reset() {
+	*x = ImageFS{}
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImageFS) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImageFS) ProtoMessage() {}
+
+func (x *ImageFS) ProtoReflect() protoreflect.Message {
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImageFS.ProtoReflect.Descriptor instead.
+func (*ImageFS) Descriptor() ([]byte, []int) {
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ImageFS) GetDir() string {
+	if x != nil {
+		return x.Dir
+	}
+	return ""
+}
+
+func (x *ImageFS) GetMirrored() bool {
+	if x != nil {
+		return x.Mirrored
+	}
+	return false
+}
+
+func (x *ImageFS) GetDevice() string {
+	if x != nil {
+		return x.Device
+	}
+	return ""
+}
+
+func (x *ImageFS) GetMajor() uint32 {
+	if x != nil {
+		return x.Major
+	}
+	return 0
+}
+
+func (x *ImageFS) GetMinor() uint32 {
+	if x != nil {
+		return x.Minor
+	}
+	return 0
+}
+
+func (x *ImageFS) GetCapacityBytes() uint64 {
+	if x != nil {
+		return x.CapacityBytes
+	}
+	return 0
+}
+
+func (x *ImageFS) GetAvailableBytes() uint64 {
+	if x != nil {
+		return x.AvailableBytes
+	}
+	return 0
+}
+
+func (x *ImageFS) GetInodes() uint64 {
+	if x != nil {
+		return x.Inodes
+	}
+	return 0
+}
+
+func (x *ImageFS) GetInodesFree() uint64 {
+	if x != nil {
+		return x.InodesFree
+	}
+	return 0
+}
+
+func (x *ImageFS) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 // Space is one of the pool's two spaces, in bytes.
 type Space struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
@@ -376,7 +509,7 @@ type Space struct {
 
 func (x *Space) Reset() {
 	*x = Space{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -388,7 +521,7 @@ func (x *Space) String() string {
 func (*Space) ProtoMessage() {}
 
 func (x *Space) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -401,7 +534,7 @@ func (x *Space) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Space.ProtoReflect.Descriptor instead.
 func (*Space) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{3}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Space) GetUsedBytes() uint64 {
@@ -456,7 +589,7 @@ type Recovery struct {
 
 func (x *Recovery) Reset() {
 	*x = Recovery{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[4]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -468,7 +601,7 @@ func (x *Recovery) String() string {
 func (*Recovery) ProtoMessage() {}
 
 func (x *Recovery) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[4]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -481,7 +614,7 @@ func (x *Recovery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Recovery.ProtoReflect.Descriptor instead.
 func (*Recovery) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Recovery) GetRolledBackCreates() uint32 {
@@ -538,7 +671,7 @@ type Thresholds struct {
 
 func (x *Thresholds) Reset() {
 	*x = Thresholds{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[5]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -550,7 +683,7 @@ func (x *Thresholds) String() string {
 func (*Thresholds) ProtoMessage() {}
 
 func (x *Thresholds) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[5]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -563,7 +696,7 @@ func (x *Thresholds) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Thresholds.ProtoReflect.Descriptor instead.
 func (*Thresholds) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Thresholds) GetMinFreeDataPercent() float64 {
@@ -595,7 +728,7 @@ type ListDevicesRequest struct {
 
 func (x *ListDevicesRequest) Reset() {
 	*x = ListDevicesRequest{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[6]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -607,7 +740,7 @@ func (x *ListDevicesRequest) String() string {
 func (*ListDevicesRequest) ProtoMessage() {}
 
 func (x *ListDevicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[6]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -620,7 +753,7 @@ func (x *ListDevicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDevicesRequest.ProtoReflect.Descriptor instead.
 func (*ListDevicesRequest) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 type ListDevicesResponse struct {
@@ -633,7 +766,7 @@ type ListDevicesResponse struct {
 
 func (x *ListDevicesResponse) Reset() {
 	*x = ListDevicesResponse{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[7]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -645,7 +778,7 @@ func (x *ListDevicesResponse) String() string {
 func (*ListDevicesResponse) ProtoMessage() {}
 
 func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[7]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -658,7 +791,7 @@ func (x *ListDevicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDevicesResponse.ProtoReflect.Descriptor instead.
 func (*ListDevicesResponse) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListDevicesResponse) GetDevices() []*Device {
@@ -692,7 +825,7 @@ type Device struct {
 
 func (x *Device) Reset() {
 	*x = Device{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -704,7 +837,7 @@ func (x *Device) String() string {
 func (*Device) ProtoMessage() {}
 
 func (x *Device) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -717,7 +850,7 @@ func (x *Device) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Device.ProtoReflect.Descriptor instead.
 func (*Device) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Device) GetId() uint32 {
@@ -798,7 +931,7 @@ type CheckRequest struct {
 
 func (x *CheckRequest) Reset() {
 	*x = CheckRequest{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -810,7 +943,7 @@ func (x *CheckRequest) String() string {
 func (*CheckRequest) ProtoMessage() {}
 
 func (x *CheckRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -823,7 +956,7 @@ func (x *CheckRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckRequest.ProtoReflect.Descriptor instead.
 func (*CheckRequest) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 type CheckResponse struct {
@@ -844,7 +977,7 @@ type CheckResponse struct {
 
 func (x *CheckResponse) Reset() {
 	*x = CheckResponse{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -856,7 +989,7 @@ func (x *CheckResponse) String() string {
 func (*CheckResponse) ProtoMessage() {}
 
 func (x *CheckResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -869,7 +1002,7 @@ func (x *CheckResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResponse.ProtoReflect.Descriptor instead.
 func (*CheckResponse) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CheckResponse) GetRoot() string {
@@ -956,7 +1089,7 @@ type Finding struct {
 
 func (x *Finding) Reset() {
 	*x = Finding{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -968,7 +1101,7 @@ func (x *Finding) String() string {
 func (*Finding) ProtoMessage() {}
 
 func (x *Finding) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -981,7 +1114,7 @@ func (x *Finding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Finding.ProtoReflect.Descriptor instead.
 func (*Finding) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Finding) GetKind() string {
@@ -1055,7 +1188,7 @@ type CleanupRequest struct {
 
 func (x *CleanupRequest) Reset() {
 	*x = CleanupRequest{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1067,7 +1200,7 @@ func (x *CleanupRequest) String() string {
 func (*CleanupRequest) ProtoMessage() {}
 
 func (x *CleanupRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1080,7 +1213,7 @@ func (x *CleanupRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanupRequest.ProtoReflect.Descriptor instead.
 func (*CleanupRequest) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 type CleanupResponse struct {
@@ -1096,7 +1229,7 @@ type CleanupResponse struct {
 
 func (x *CleanupResponse) Reset() {
 	*x = CleanupResponse{}
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[13]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1108,7 +1241,7 @@ func (x *CleanupResponse) String() string {
 func (*CleanupResponse) ProtoMessage() {}
 
 func (x *CleanupResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_thin_admin_v1_admin_proto_msgTypes[13]
+	mi := &file_thin_admin_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1121,7 +1254,7 @@ func (x *CleanupResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CleanupResponse.ProtoReflect.Descriptor instead.
 func (*CleanupResponse) Descriptor() ([]byte, []int) {
-	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{13}
+	return file_thin_admin_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CleanupResponse) GetPendingBefore() uint32 {
@@ -1150,7 +1283,7 @@ var File_thin_admin_v1_admin_proto protoreflect.FileDescriptor
 const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x19thin/admin/v1/admin.proto\x12\rthin.admin.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0f\n" +
-	"\rStatusRequest\"\xd7\x06\n" +
+	"\rStatusRequest\"\x8a\a\n" +
 	"\x0eStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x16\n" +
 	"\x06commit\x18\x02 \x01(\tR\x06commit\x12\x12\n" +
@@ -1175,7 +1308,8 @@ const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\fwarm_devices\x18\x11 \x01(\rR\vwarmDevices\x127\n" +
 	"\n" +
 	"self_check\x18\x12 \x01(\v2\x18.thin.admin.v1.SelfCheckR\tselfCheck\x12\x1b\n" +
-	"\twhen_full\x18\x13 \x01(\tR\bwhenFull\x1a<\n" +
+	"\twhen_full\x18\x13 \x01(\tR\bwhenFull\x121\n" +
+	"\bimage_fs\x18\x14 \x01(\v2\x16.thin.admin.v1.ImageFSR\aimageFs\x1a<\n" +
 	"\x0eSnapshotsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"\x8f\x02\n" +
@@ -1185,7 +1319,20 @@ const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"\x05ended\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x05ended\x125\n" +
 	"\bduration\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\bduration\x12\x14\n" +
 	"\x05error\x18\x05 \x01(\tR\x05error\x122\n" +
-	"\bfindings\x18\x06 \x03(\v2\x16.thin.admin.v1.FindingR\bfindings\"\xbf\x01\n" +
+	"\bfindings\x18\x06 \x03(\v2\x16.thin.admin.v1.FindingR\bfindings\"\x9a\x02\n" +
+	"\aImageFS\x12\x10\n" +
+	"\x03dir\x18\x01 \x01(\tR\x03dir\x12\x1a\n" +
+	"\bmirrored\x18\x02 \x01(\bR\bmirrored\x12\x16\n" +
+	"\x06device\x18\x03 \x01(\tR\x06device\x12\x14\n" +
+	"\x05major\x18\x04 \x01(\rR\x05major\x12\x14\n" +
+	"\x05minor\x18\x05 \x01(\rR\x05minor\x12%\n" +
+	"\x0ecapacity_bytes\x18\x06 \x01(\x04R\rcapacityBytes\x12'\n" +
+	"\x0favailable_bytes\x18\a \x01(\x04R\x0eavailableBytes\x12\x16\n" +
+	"\x06inodes\x18\b \x01(\x04R\x06inodes\x12\x1f\n" +
+	"\vinodes_free\x18\t \x01(\x04R\n" +
+	"inodesFree\x12\x14\n" +
+	"\x05error\x18\n" +
+	" \x01(\tR\x05error\"\xbf\x01\n" +
 	"\x05Space\x12\x1d\n" +
 	"\n" +
 	"used_bytes\x18\x01 \x01(\x04R\tusedBytes\x12\x1f\n" +
@@ -1268,53 +1415,55 @@ func file_thin_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_thin_admin_v1_admin_proto_rawDescData
 }
 
-var file_thin_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_thin_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_thin_admin_v1_admin_proto_goTypes = []any{
 	(*StatusRequest)(nil),         // 0: thin.admin.v1.StatusRequest
 	(*StatusResponse)(nil),        // 1: thin.admin.v1.StatusResponse
 	(*SelfCheck)(nil),             // 2: thin.admin.v1.SelfCheck
-	(*Space)(nil),                 // 3: thin.admin.v1.Space
-	(*Recovery)(nil),              // 4: thin.admin.v1.Recovery
-	(*Thresholds)(nil),            // 5: thin.admin.v1.Thresholds
-	(*ListDevicesRequest)(nil),    // 6: thin.admin.v1.ListDevicesRequest
-	(*ListDevicesResponse)(nil),   // 7: thin.admin.v1.ListDevicesResponse
-	(*Device)(nil),                // 8: thin.admin.v1.Device
-	(*CheckRequest)(nil),          // 9: thin.admin.v1.CheckRequest
-	(*CheckResponse)(nil),         // 10: thin.admin.v1.CheckResponse
-	(*Finding)(nil),               // 11: thin.admin.v1.Finding
-	(*CleanupRequest)(nil),        // 12: thin.admin.v1.CleanupRequest
-	(*CleanupResponse)(nil),       // 13: thin.admin.v1.CleanupResponse
-	nil,                           // 14: thin.admin.v1.StatusResponse.SnapshotsEntry
-	(*durationpb.Duration)(nil),   // 15: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 16: google.protobuf.Timestamp
+	(*ImageFS)(nil),               // 3: thin.admin.v1.ImageFS
+	(*Space)(nil),                 // 4: thin.admin.v1.Space
+	(*Recovery)(nil),              // 5: thin.admin.v1.Recovery
+	(*Thresholds)(nil),            // 6: thin.admin.v1.Thresholds
+	(*ListDevicesRequest)(nil),    // 7: thin.admin.v1.ListDevicesRequest
+	(*ListDevicesResponse)(nil),   // 8: thin.admin.v1.ListDevicesResponse
+	(*Device)(nil),                // 9: thin.admin.v1.Device
+	(*CheckRequest)(nil),          // 10: thin.admin.v1.CheckRequest
+	(*CheckResponse)(nil),         // 11: thin.admin.v1.CheckResponse
+	(*Finding)(nil),               // 12: thin.admin.v1.Finding
+	(*CleanupRequest)(nil),        // 13: thin.admin.v1.CleanupRequest
+	(*CleanupResponse)(nil),       // 14: thin.admin.v1.CleanupResponse
+	nil,                           // 15: thin.admin.v1.StatusResponse.SnapshotsEntry
+	(*durationpb.Duration)(nil),   // 16: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
 }
 var file_thin_admin_v1_admin_proto_depIdxs = []int32{
-	3,  // 0: thin.admin.v1.StatusResponse.data:type_name -> thin.admin.v1.Space
-	3,  // 1: thin.admin.v1.StatusResponse.metadata:type_name -> thin.admin.v1.Space
-	14, // 2: thin.admin.v1.StatusResponse.snapshots:type_name -> thin.admin.v1.StatusResponse.SnapshotsEntry
-	4,  // 3: thin.admin.v1.StatusResponse.last_recovery:type_name -> thin.admin.v1.Recovery
-	5,  // 4: thin.admin.v1.StatusResponse.thresholds:type_name -> thin.admin.v1.Thresholds
+	4,  // 0: thin.admin.v1.StatusResponse.data:type_name -> thin.admin.v1.Space
+	4,  // 1: thin.admin.v1.StatusResponse.metadata:type_name -> thin.admin.v1.Space
+	15, // 2: thin.admin.v1.StatusResponse.snapshots:type_name -> thin.admin.v1.StatusResponse.SnapshotsEntry
+	5,  // 3: thin.admin.v1.StatusResponse.last_recovery:type_name -> thin.admin.v1.Recovery
+	6,  // 4: thin.admin.v1.StatusResponse.thresholds:type_name -> thin.admin.v1.Thresholds
 	2,  // 5: thin.admin.v1.StatusResponse.self_check:type_name -> thin.admin.v1.SelfCheck
-	15, // 6: thin.admin.v1.SelfCheck.interval:type_name -> google.protobuf.Duration
-	16, // 7: thin.admin.v1.SelfCheck.ended:type_name -> google.protobuf.Timestamp
-	15, // 8: thin.admin.v1.SelfCheck.duration:type_name -> google.protobuf.Duration
-	11, // 9: thin.admin.v1.SelfCheck.findings:type_name -> thin.admin.v1.Finding
-	15, // 10: thin.admin.v1.Recovery.duration:type_name -> google.protobuf.Duration
-	8,  // 11: thin.admin.v1.ListDevicesResponse.devices:type_name -> thin.admin.v1.Device
-	11, // 12: thin.admin.v1.CheckResponse.findings:type_name -> thin.admin.v1.Finding
-	0,  // 13: thin.admin.v1.Admin.Status:input_type -> thin.admin.v1.StatusRequest
-	6,  // 14: thin.admin.v1.Admin.ListDevices:input_type -> thin.admin.v1.ListDevicesRequest
-	9,  // 15: thin.admin.v1.Admin.Check:input_type -> thin.admin.v1.CheckRequest
-	12, // 16: thin.admin.v1.Admin.Cleanup:input_type -> thin.admin.v1.CleanupRequest
-	1,  // 17: thin.admin.v1.Admin.Status:output_type -> thin.admin.v1.StatusResponse
-	7,  // 18: thin.admin.v1.Admin.ListDevices:output_type -> thin.admin.v1.ListDevicesResponse
-	10, // 19: thin.admin.v1.Admin.Check:output_type -> thin.admin.v1.CheckResponse
-	13, // 20: thin.admin.v1.Admin.Cleanup:output_type -> thin.admin.v1.CleanupResponse
-	17, // [17:21] is the sub-list for method output_type
-	13, // [13:17] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	3,  // 6: thin.admin.v1.StatusResponse.image_fs:type_name -> thin.admin.v1.ImageFS
+	16, // 7: thin.admin.v1.SelfCheck.interval:type_name -> google.protobuf.Duration
+	17, // 8: thin.admin.v1.SelfCheck.ended:type_name -> google.protobuf.Timestamp
+	16, // 9: thin.admin.v1.SelfCheck.duration:type_name -> google.protobuf.Duration
+	12, // 10: thin.admin.v1.SelfCheck.findings:type_name -> thin.admin.v1.Finding
+	16, // 11: thin.admin.v1.Recovery.duration:type_name -> google.protobuf.Duration
+	9,  // 12: thin.admin.v1.ListDevicesResponse.devices:type_name -> thin.admin.v1.Device
+	12, // 13: thin.admin.v1.CheckResponse.findings:type_name -> thin.admin.v1.Finding
+	0,  // 14: thin.admin.v1.Admin.Status:input_type -> thin.admin.v1.StatusRequest
+	7,  // 15: thin.admin.v1.Admin.ListDevices:input_type -> thin.admin.v1.ListDevicesRequest
+	10, // 16: thin.admin.v1.Admin.Check:input_type -> thin.admin.v1.CheckRequest
+	13, // 17: thin.admin.v1.Admin.Cleanup:input_type -> thin.admin.v1.CleanupRequest
+	1,  // 18: thin.admin.v1.Admin.Status:output_type -> thin.admin.v1.StatusResponse
+	8,  // 19: thin.admin.v1.Admin.ListDevices:output_type -> thin.admin.v1.ListDevicesResponse
+	11, // 20: thin.admin.v1.Admin.Check:output_type -> thin.admin.v1.CheckResponse
+	14, // 21: thin.admin.v1.Admin.Cleanup:output_type -> thin.admin.v1.CleanupResponse
+	18, // [18:22] is the sub-list for method output_type
+	14, // [14:18] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_thin_admin_v1_admin_proto_init() }
@@ -1328,7 +1477,7 @@ func file_thin_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_thin_admin_v1_admin_proto_rawDesc), len(file_thin_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
