@@ -27,16 +27,16 @@ import (
 
 const (
 	mib = 1 << 20
-	// The pool: small, so that images fill it quickly, growing in steps
-	// small enough (16 MiB, 6%) that it grows only past the kubelet's
-	// image GC threshold (85% of the capacity used, counting the 5% that
-	// min_free_data keeps).
-	imageFSPool     = 256 * mib
-	imageFSMaxPool  = 320 * mib
+	// The pool: small, so that a container and images fill it quickly.
+	// It grows ahead of the writers, in steps larger than the 12 MiB a
+	// container leaves free, up to max_data_size; once it cannot grow,
+	// the images take the kubelet's usage past its image GC threshold.
+	imageFSPool     = 128 * mib
+	imageFSMaxPool  = 160 * mib
 	imageFSMinFree  = 5
 	imageFSSettings = `[pool]
-data_size = '256MiB'
-max_data_size = '320MiB'
+data_size = '128MiB'
+max_data_size = '160MiB'
 grow_step = '16MiB'
 grow_host_reserve = '64MiB'
 metadata_size = '64MiB'
@@ -46,11 +46,13 @@ min_free_data = 5
 base_size = '256MiB'
 fs_type = 'ext4'
 `
-	// fillers is how many filler images take the pool's use to
-	// fillTarget: past the GC threshold (80% of it, 205 MiB) and short of
-	// the pool's growth (240 MiB).
-	fillers    = 4
-	fillTarget = 222 * mib
+	// maxFillers bounds the filler images gcRoundTrip pulls, each at most
+	// maxFiller bytes; fillAvailable is the share of the capacity they
+	// leave available: past the GC threshold (15%), short of the space
+	// min_free_data keeps.
+	maxFillers    = 8
+	maxFiller     = 48 * mib
+	fillAvailable = 0.12
 	// The kubelet's defaults: imageGCHighThresholdPercent and
 	// imageGCLowThresholdPercent.
 	gcHigh, gcLow = 85, 80
@@ -284,47 +286,51 @@ func TestCRIImageFS(t *testing.T) {
 		t.Errorf("capacity %d, want the pool's %d", start.Capacity, imageFSPool)
 	}
 
-	// A container fills the pool and goes.
-	podID, ctr := startPod(t, c, dir, "fill-a", pauseRef, v)
+	// A container fills the pool close to full: the pool grows ahead of
+	// it, and cAdvisor's capacity with it. Then the container goes.
+	podID, ctr := startPod(t, c, dir, "fill", pauseRef, v)
 	used := kl.settled("a container started").Used
-	kl.follow("a container wrote 100 MiB", func() { fill(c, ctr, 100) },
-		func(x cadvisortest.Sample) bool { return x.Used >= used+90*mib })
-	kl.settled("a container wrote 100 MiB")
+	n := (imageFSPool - 12*mib - used) / mib
+	kl.follow(fmt.Sprintf("a container wrote %d MiB, the pool grew", n), func() { fill(c, ctr, n) },
+		func(x cadvisortest.Sample) bool { return x.Total > imageFSPool && x.Used >= used+(n-8)*mib })
+	if g := kl.settled("grown"); g.Capacity <= imageFSPool || g.Capacity > imageFSMaxPool {
+		t.Errorf("capacity %d after growth, want above %d and at most %d", g.Capacity, imageFSPool, imageFSMaxPool)
+	}
 	kl.follow("the container removed", func() { removePod(c, podID, ctr) },
-		func(x cadvisortest.Sample) bool { return x.Used < used+50*mib })
+		func(x cadvisortest.Sample) bool { return x.Used < used+n*mib/2 })
 	kl.settled("the container removed")
 
 	gcRoundTrip(t, c, kl, reg)
-	growFromContainer(t, c, kl, dir, pauseRef, v)
 	restartThin(t, s, c, kl)
 }
 
-// gcRoundTrip pulls filler images until the kubelet's usage is over the
-// GC threshold, then frees space as the kubelet's image GC would: it
+// gcRoundTrip pulls filler images, one at a time, until the kubelet's
+// usage is over the GC threshold (the pool may grow meanwhile, up to
+// max_data_size), then frees space as the kubelet's image GC would: it
 // removes unused images, oldest first, until their sizes add up to what
 // the rule asks, and the pool's free space comes back.
 func gcRoundTrip(t *testing.T, c *crictl, kl *kubelet, reg *registry) {
-	before := kl.sample()
-	if before.Used >= fillTarget-fillers*mib {
-		t.Fatalf("the pool uses %d bytes before the fillers, want less than %d", before.Used, fillTarget)
-	}
-	size := (fillTarget - before.Used) / fillers
+	full := kl.sample()
+	usage, amount := imageGC(int64(full.Capacity), int64(full.Available))
 	var refs []string
-	for i := range fillers {
+	for i := 0; usage < gcHigh; i++ {
+		if i == maxFillers {
+			t.Fatalf("usage %d%% after %d filler images: under the %d%% threshold, no GC", usage, i, gcHigh)
+		}
+		want := uint64(fillAvailable * float64(full.Capacity))
+		if full.Available <= want+mib {
+			t.Fatalf("usage %d%% with %d bytes available: the fillers cannot take it past %d%%", usage, full.Available, gcHigh)
+		}
+		size := min(full.Available-want, maxFiller)
 		ref, _ := reg.push(t, fillerImage(uint64(0x66696c6c+i), int64(size)), fmt.Sprintf("thin/filler:%d", i))
 		refs = append(refs, ref)
+		before := full.Used
+		kl.follow(fmt.Sprintf("filler %d (%.1f MiB) pulled", i, float64(size)/mib), func() { c.must(15*time.Minute, "pull", ref) },
+			func(x cadvisortest.Sample) bool { return x.Used >= before+size*9/10 })
+		full = kl.settled(fmt.Sprintf("filler %d pulled", i))
+		usage, amount = imageGC(int64(full.Capacity), int64(full.Available))
 	}
-	kl.follow("images pulled", func() {
-		for _, ref := range refs {
-			c.must(15*time.Minute, "pull", ref)
-		}
-	}, func(x cadvisortest.Sample) bool { return x.Used >= before.Used+fillers*size })
-	full := kl.settled("images pulled")
-	usage, amount := imageGC(int64(full.Capacity), int64(full.Available))
 	t.Logf("image GC: usage %d%% of the image filesystem, %d bytes to free down to %d%%", usage, amount, gcLow)
-	if usage < gcHigh {
-		t.Fatalf("usage %d%% after pulling the fillers: under the %d%% threshold, no GC", usage, gcHigh)
-	}
 	// Unused and not pinned, in the order they came (the kubelet's
 	// least recently used first).
 	byRef := map[string]criImage{}
@@ -364,22 +370,6 @@ func gcRoundTrip(t *testing.T, c *crictl, kl *kubelet, reg *registry) {
 	if usageAfter > gcLow {
 		t.Errorf("after GC the usage is %d%%, want at most %d%%", usageAfter, gcLow)
 	}
-}
-
-// growFromContainer writes from a container until the pool grows past its
-// first size; cAdvisor's capacity grows with it.
-func growFromContainer(t *testing.T, c *crictl, kl *kubelet, dir, image string, v criVariant) {
-	podID, ctr := startPod(t, c, dir, "fill-b", image, v)
-	used := kl.settled("a container started").Used
-	// Past the growth's low-water mark (16 MiB free), short of full.
-	n := (imageFSPool - 12*mib - used) / mib
-	kl.follow(fmt.Sprintf("a container wrote %d MiB, the pool grew", n), func() { fill(c, ctr, n) },
-		func(x cadvisortest.Sample) bool { return x.Total > imageFSPool })
-	if g := kl.settled("grown"); g.Capacity <= imageFSPool || g.Capacity > imageFSMaxPool {
-		t.Errorf("capacity %d after growth, want above %d and at most %d", g.Capacity, imageFSPool, imageFSMaxPool)
-	}
-	kl.follow("the container removed", func() { removePod(c, podID, ctr) },
-		func(x cadvisortest.Sample) bool { return x.Used < used+n*mib/2 })
 }
 
 // restartThin restarts the daemon under a running containerd and kubelet:
