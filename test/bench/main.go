@@ -74,6 +74,7 @@ type config struct {
 	thinBase       string
 	dmData         int64
 	thinSyncRemove bool
+	rcuExpedited   bool
 	workloads      []string
 	debug          bool
 }
@@ -121,6 +122,7 @@ func parseFlags() *config {
 	flag.StringVar(&c.thinData, "thin-data-size", "8GiB", "thin-snapshotter's embedded pool size")
 	flag.StringVar(&c.thinBase, "base-size", "256MiB", "snapshot size, thin's base_size and devmapper's base_image_size")
 	flag.BoolVar(&c.thinSyncRemove, "thin-sync-remove", false, "thin-snapshotter with async_remove = false (else the daemon's default)")
+	flag.BoolVar(&c.rcuExpedited, "rcu-expedited", false, "set the kernel's rcu_expedited for the run (restored after): every dm table load and removal waits for an RCU grace period, which expedited ones shorten")
 	flag.Int64Var(&c.dmData, "dm-data-gib", 8, "devmapper's pool size in GiB")
 	wls := flag.String("workloads", "chain,parallel,image,scale", "workloads to run, comma-separated")
 	flag.BoolVar(&c.debug, "debug", false, "debug logs from containerd and thin-snapshotter (slows both)")
@@ -256,6 +258,11 @@ func runBench(c *config) (err error) {
 		defer os.RemoveAll(dir)
 	}
 	b := &bench{cfg: c, dir: dir, sn: map[string]snapshots.Snapshotter{}, be: map[string]backend{}}
+	restoreRCU, err := b.setRCUExpedited(c.rcuExpedited)
+	if err != nil {
+		return err
+	}
+	defer restoreRCU()
 
 	before, err := allDMDevices(setupCtx)
 	if err != nil {
@@ -515,4 +522,32 @@ func (b *bench) ctrdVersion() string {
 		return "containerd " + f[2]
 	}
 	return strings.TrimSpace(string(out))
+}
+
+// rcuExpeditedFile switches the kernel's RCU grace periods to expedited
+// ones. A dm thin table load and a thin device's removal each wait for a
+// grace period, the largest part of an activation.
+const rcuExpeditedFile = "/sys/kernel/rcu_expedited"
+
+// setRCUExpedited notes the kernel's rcu_expedited under the table and, with
+// on, sets it for the run; the returned func puts the old value back.
+func (b *bench) setRCUExpedited(on bool) (func(), error) {
+	old, err := os.ReadFile(rcuExpeditedFile)
+	if err != nil {
+		return nil, err
+	}
+	was := strings.TrimSpace(string(old))
+	if !on || was == "1" {
+		b.note("kernel: rcu_expedited=%s", was)
+		return func() {}, nil
+	}
+	if err := os.WriteFile(rcuExpeditedFile, []byte("1"), 0o644); err != nil {
+		return nil, err
+	}
+	b.note("kernel: rcu_expedited=1 for this run (-rcu-expedited; it was %s)", was)
+	return func() {
+		if err := os.WriteFile(rcuExpeditedFile, []byte(was), 0o644); err != nil {
+			logf("restoring %s: %v", rcuExpeditedFile, err)
+		}
+	}, nil
 }
