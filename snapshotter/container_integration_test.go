@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containerd/containerd/v2/core/mount"
-
 	"github.com/thin-snapshotter/thin-snapshotter/internal/dmtest"
 )
 
@@ -33,34 +31,11 @@ func TestIntegrationGrowContainer(t *testing.T) {
 				cfg.BaseSize = 320 << 20
 			}
 			cfg.Classes = []SizeClass{{Name: "big", Size: 1 << 30}}
-			s, err := New(ctx, cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				if err := s.Close(); err != nil {
-					t.Error(err)
-				}
-				if err := destroy(root); err != nil {
-					t.Error(err)
-				}
-			})
+			s := newEmbedded(t, cfg)
 			mnt := t.TempDir()
 			withMount := func(key string, fn func()) {
 				t.Helper()
-				m, err := s.Mounts(ctx, key)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if err := mount.All(m, mnt); err != nil {
-					t.Fatal(err)
-				}
-				defer func() {
-					if err := mount.UnmountAll(mnt, 0); err != nil {
-						t.Fatal(err)
-					}
-				}()
-				fn()
+				withMounted(ctx, t, s, key, mnt, fn)
 			}
 
 			// The image: one layer with a file.

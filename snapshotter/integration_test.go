@@ -53,6 +53,24 @@ func newEmbedded(t testing.TB, cfg Config) *Snapshotter {
 	return s
 }
 
+// withMounted mounts snapshot key of s on dir for fn and unmounts it after.
+func withMounted(ctx context.Context, t testing.TB, s *Snapshotter, key, dir string, fn func()) {
+	t.Helper()
+	m, err := s.Mounts(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mount.All(m, dir); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := mount.UnmountAll(dir, 0); err != nil {
+			t.Fatal(err)
+		}
+	}()
+	fn()
+}
+
 func newReal(ctx context.Context, cfg Config) (snapshots.Snapshotter, func() error, error) {
 	s, err := New(ctx, cfg)
 	if err != nil {

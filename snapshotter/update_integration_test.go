@@ -46,35 +46,12 @@ func TestIntegrationMaxSize(t *testing.T) {
 			if fs == FSTypeXFS {
 				cfg.BaseSize = 320 << 20
 			}
-			s, err := New(ctx, cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				if err := s.Close(); err != nil {
-					t.Error(err)
-				}
-				if err := destroy(root); err != nil {
-					t.Error(err)
-				}
-			})
+			s := newEmbedded(t, cfg)
 			const big = 2 << 30
 			mnt := t.TempDir()
 			withMount := func(key string, fn func()) {
 				t.Helper()
-				m, err := s.Mounts(ctx, key)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if err := mount.All(m, mnt); err != nil {
-					t.Fatal(err)
-				}
-				defer func() {
-					if err := mount.UnmountAll(mnt, 0); err != nil {
-						t.Fatal(err)
-					}
-				}()
-				fn()
+				withMounted(ctx, t, s, key, mnt, fn)
 			}
 
 			// Timings: plain Prepare against sized ones, alternating.
@@ -205,18 +182,7 @@ func TestIntegrationLayerSharing(t *testing.T) {
 	root := t.TempDir()
 	cfg := testConfig(root)
 	cfg.Classes = []SizeClass{{Name: "big", Size: 1 << 30}}
-	s, err := New(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := s.Close(); err != nil {
-			t.Error(err)
-		}
-		if err := destroy(root); err != nil {
-			t.Error(err)
-		}
-	})
+	s := newEmbedded(t, cfg)
 	big, err := s.Class("big")
 	if err != nil {
 		t.Fatal(err)

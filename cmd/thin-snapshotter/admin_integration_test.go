@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -25,12 +24,7 @@ import (
 func TestIntegrationAdmin(t *testing.T) {
 	dmtest.Require(t)
 	ctx := context.Background()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	metricsAddr := l.Addr().String()
-	l.Close()
+	metricsAddr := freeAddr(t)
 
 	cfg := testConfig(t)
 	cfg.MetricsAddress = metricsAddr

@@ -287,12 +287,7 @@ func TestVersionFlag(t *testing.T) {
 }
 
 func TestPoolMetrics(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := freeAddr(t)
 	cfg := testConfig(t)
 	cfg.MetricsAddress = addr
 	sn := newAdminSnapshotter(t)

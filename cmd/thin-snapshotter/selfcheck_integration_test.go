@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -23,12 +22,7 @@ import (
 func TestIntegrationSelfCheckAfterRecovery(t *testing.T) {
 	dmtest.Require(t)
 	ctx := context.Background()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	metricsAddr := l.Addr().String()
-	l.Close()
+	metricsAddr := freeAddr(t)
 	cfg := testConfig(t)
 	cfg.MetricsAddress = metricsAddr
 	sc := cfg.Snapshotter()

@@ -594,13 +594,19 @@ func TestListenUnix(t *testing.T) {
 	}
 }
 
-func TestMetricsEndpoint(t *testing.T) {
+// freeAddr is a loopback TCP address that was free a moment ago.
+func freeAddr(t *testing.T) string {
+	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := l.Addr().String()
-	l.Close()
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func TestMetricsEndpoint(t *testing.T) {
+	addr := freeAddr(t)
 
 	cfg := testConfig(t)
 	cfg.MetricsAddress = addr
