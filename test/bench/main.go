@@ -76,6 +76,7 @@ type config struct {
 	thinSyncRemove bool
 	rcuExpedited   bool
 	workloads      []string
+	rounds         int
 	debug          bool
 }
 
@@ -125,6 +126,7 @@ func parseFlags() *config {
 	flag.BoolVar(&c.rcuExpedited, "rcu-expedited", false, "set the kernel's rcu_expedited for the run (restored after): every dm table load and removal waits for an RCU grace period, which expedited ones shorten")
 	flag.Int64Var(&c.dmData, "dm-data-gib", 8, "devmapper's pool size in GiB")
 	wls := flag.String("workloads", "chain,parallel,image,scale", "workloads to run, comma-separated")
+	flag.IntVar(&c.rounds, "rounds", 1, "rounds of all workloads; each row pools every round's samples, and even rounds take the snapshotters in reverse order (devmapper runs in the first round only)")
 	flag.BoolVar(&c.debug, "debug", false, "debug logs from containerd and thin-snapshotter (slows both)")
 	flag.Parse()
 	c.snapshotters = strings.Split(*sns, ",")
@@ -384,10 +386,6 @@ func runBench(c *config) (err error) {
 	}
 	logf("image %s: %d layers, %d MiB tar", b.image.ref, len(b.image.chainIDs), b.image.tarSize>>20)
 
-	type workload struct {
-		name string
-		fn   func(sn string) error
-	}
 	workloads := []workload{
 		{"chain", b.chain},
 		{"parallel", b.parallel},
@@ -400,32 +398,15 @@ func runBench(c *config) (err error) {
 		}
 	}
 	// Each workload runs on every snapshotter before the next workload:
-	// the VM's speed drifts, and neighbours in time compare best.
-	for _, w := range workloads {
-		if !slices.Contains(c.workloads, w.name) {
-			continue
-		}
-		for _, sn := range c.snapshotters {
-			var before thinTimes
-			if sn == "thin" {
-				if before, err = scrapeThin(b.nsCtx, b.thinMetrics); err != nil {
-					return err
-				}
-			}
-			start := time.Now()
-			logf("%s on %s ...", w.name, sn)
-			if err := w.fn(sn); err != nil {
-				return fmt.Errorf("%s on %s: %w\n%s", w.name, sn, err, b.logTails(sn))
-			}
-			logf("%s on %s done in %s", w.name, sn, time.Since(start).Round(time.Millisecond))
-			b.note("%s on %s: %s wall", w.name, sn, time.Since(start).Round(100*time.Millisecond))
-			if before != nil {
-				after, err := scrapeThin(b.nsCtx, b.thinMetrics)
-				if err != nil {
-					return err
-				}
-				b.note("%s on thin, by the daemon: %s", w.name, after.since(before))
-			}
+	// the VM's speed drifts, and neighbours in time compare best. Rounds
+	// after the first alternate the order, so that no snapshotter always
+	// runs first.
+	if c.rounds < 1 {
+		return fmt.Errorf("-rounds %d: want 1 or more", c.rounds)
+	}
+	for round := 1; round <= c.rounds; round++ {
+		if err := b.round(round, workloads); err != nil {
+			return err
 		}
 	}
 
@@ -446,6 +427,60 @@ func runBench(c *config) (err error) {
 	return nil
 }
 
+// workload is one of the bench's workloads, run on one snapshotter.
+type workload struct {
+	name string
+	fn   func(sn string) error
+}
+
+// round runs the chosen workloads on every snapshotter, in reverse order
+// in even rounds; devmapper only in the first.
+func (b *bench) round(round int, workloads []workload) error {
+	c := b.cfg
+	sns := slices.Clone(c.snapshotters)
+	if round%2 == 0 {
+		slices.Reverse(sns)
+	}
+	if round > 1 {
+		sns = slices.DeleteFunc(sns, func(sn string) bool { return sn == "devmapper" })
+	}
+	label := ""
+	if c.rounds > 1 {
+		label = fmt.Sprintf(" (round %d)", round)
+	}
+	for _, w := range workloads {
+		if !slices.Contains(c.workloads, w.name) {
+			continue
+		}
+		for _, sn := range sns {
+			var (
+				before thinTimes
+				err    error
+			)
+			if sn == "thin" {
+				if before, err = scrapeThin(b.nsCtx, b.thinMetrics); err != nil {
+					return err
+				}
+			}
+			start := time.Now()
+			logf("%s on %s%s ...", w.name, sn, label)
+			if err := w.fn(sn); err != nil {
+				return fmt.Errorf("%s on %s: %w\n%s", w.name, sn, err, b.logTails(sn))
+			}
+			logf("%s on %s done in %s", w.name, sn, time.Since(start).Round(time.Millisecond))
+			b.note("%s on %s%s: %s wall", w.name, sn, label, time.Since(start).Round(100*time.Millisecond))
+			if before != nil {
+				after, err := scrapeThin(b.nsCtx, b.thinMetrics)
+				if err != nil {
+					return err
+				}
+				b.note("%s on thin%s, by the daemon: %s", w.name, label, after.since(before))
+			}
+		}
+	}
+	return nil
+}
+
 func (b *bench) logTails(sn string) string {
 	var s []string
 	if sn == "thin" && b.thin != nil {
@@ -462,7 +497,11 @@ func (b *bench) report(total time.Duration) string {
 	var r strings.Builder
 	fmt.Fprintf(&r, "containerd snapshot calls, ms (median, p95, samples); kernel %s; %s UTC\n",
 		kernelRelease(), time.Now().UTC().Format("2006-01-02 15:04"))
-	fmt.Fprintf(&r, "through containerd's snapshots service (%s); one containerd, one run\n\n", b.ctrdVersion())
+	runs := "one run"
+	if c.rounds > 1 {
+		runs = fmt.Sprintf("%d rounds in one run, each row's samples pooled", c.rounds)
+	}
+	fmt.Fprintf(&r, "through containerd's snapshots service (%s); one containerd, %s\n\n", b.ctrdVersion(), runs)
 	var ratios []Ratio
 	has := map[string]bool{}
 	for _, sn := range c.snapshotters {
