@@ -85,6 +85,28 @@ func BenchmarkSnapshotter(b *testing.B) {
 			}
 			t.report(b)
 		})
+		// As containerd's bench chain: each layer gets its next layer, a
+		// view and a second child, each call after the one before.
+		b.Run(impl.name+"/ChainViews", func(b *testing.B) {
+			ctx := context.Background()
+			s := impl.open(b, b.TempDir())
+			var t opTimes
+			parent := ""
+			i := 0
+			for b.Loop() {
+				key, name := fmt.Sprintf("active-%d", i), fmt.Sprintf("layer-%d", i)
+				t.time("prepare", func() error { _, err := s.Prepare(ctx, key, parent); return err })
+				t.time("commit", func() error { return s.Commit(ctx, name, key) })
+				if parent != "" {
+					view, child := fmt.Sprintf("view-%d", i), fmt.Sprintf("child-%d", i)
+					t.time("view", func() error { _, err := s.View(ctx, view, parent); return err })
+					t.time("second-child", func() error { _, err := s.Prepare(ctx, child, parent); return err })
+				}
+				parent = name
+				i++
+			}
+			t.report(b)
+		})
 		b.Run(impl.name+"/ViewRemove", func(b *testing.B) {
 			ctx := context.Background()
 			s := impl.open(b, b.TempDir())

@@ -21,9 +21,10 @@ import (
 //
 // The new device's id was reserved in the active's record when the active
 // was made (storage.Snapshot.CommitID), which is the commit's intent: a
-// commit a crash cut short can only have made a device on that id, and
-// the next start deletes it (sweepCommitIDs). So a Commit writes the
-// database once, when it records the outcome.
+// commit a crash cut short before its record can only have made a device
+// on that id, and the next start deletes it (sweepCommitIDs). The record
+// is written while the pool makes the device (commitAtOnce); one cut short
+// after its record is finished by the next start (finishCommits).
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
 	if err := checkDefaultKey(name); err != nil {
 		return err
@@ -55,19 +56,17 @@ func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snap
 			return err
 		}
 	}
+	if err := s.commitAtOnce(ctx, name, snap, usage, opts); !errors.Is(err, errCommitIDTaken) {
+		return err
+	}
+	// Someone else's device is on the reserved id: snapCommit records it
+	// foreign and tries the next, then the record follows.
 	if err := s.snapCommit(ctx, &snap); err != nil {
 		return errors.Join(fmt.Errorf("commit %q: %w", key, err), s.dropCommitDevice(ctx, snap, err))
 	}
 	var dels []storage.Entry
-	err = s.db.Update(ctx, func(tx *storage.Tx) error {
-		if _, err := tx.CommitActive(key, name, snap.CommitID, usage, opts...); err != nil {
-			return err
-		}
-		if err := tx.AddWarm(storage.Warm{DeviceID: snap.DeviceID, Parent: name, OriginID: snap.CommitID, Size: snap.Size}); err != nil {
-			return err
-		}
-		var err error
-		dels, err = dropWarm(tx, overBound)
+	err = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+		dels, err = recordCommit(tx, name, snap, usage, opts)
 		return err
 	})
 	if err != nil {
@@ -78,6 +77,97 @@ func (s *Snapshotter) commit(ctx context.Context, name, key string, opts ...snap
 		s.kick()
 	}
 	return nil
+}
+
+// errCommitIDTaken: the pool has a device on the id reserved for a commit,
+// which is not ours (the commit made none yet). The record was undone.
+var errCommitIDTaken = errors.New("the reserved commit id is taken")
+
+// commitAtOnce commits active snap as name: it makes the committed
+// snapshot's device while it writes the record. Each waits tens of
+// milliseconds (the pool's metadata commit, an fsync) and the call waits
+// for the longer. poolMu is held from before the record's transaction
+// until the device exists, so no pool message and no check sees the record
+// without its device; the calls that use name as a parent, and Remove of
+// name, wait for the commit (background.committing). Should the pool
+// refuse, the record is undone.
+func (s *Snapshotter) commitAtOnce(ctx context.Context, name string, snap storage.Snapshot, usage snapshots.Usage, opts []snapshots.Opt) error {
+	done, err := s.bg.committing.acquire(ctx, name)
+	if err != nil {
+		return err
+	}
+	defer done()
+	type result struct {
+		dels []storage.Entry
+		err  error
+	}
+	rec := make(chan result, 1)
+	s.poolMu.Lock()
+	go func() {
+		var r result
+		r.err = s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+			r.dels, err = recordCommit(tx, name, snap, usage, opts)
+			return err
+		})
+		rec <- r
+	}()
+	kerr := s.snapLocked(snap.CommitID, snap.DeviceID)
+	s.poolMu.Unlock()
+	r := <-rec
+	if len(r.dels) > 0 {
+		s.kick()
+	}
+	switch {
+	case r.err != nil:
+		// Still active in the records (a name taken meanwhile, say).
+		if kerr != nil {
+			r.err = errors.Join(r.err, fmt.Errorf("commit %q: %w", snap.Key, kerr))
+		}
+		return errors.Join(r.err, s.dropCommitDevice(ctx, snap, kerr))
+	case kerr != nil:
+		if err := s.uncommit(ctx, name, snap, kerr); err != nil {
+			return errors.Join(fmt.Errorf("commit %q: %w", snap.Key, kerr), err)
+		}
+		if dmsetup.IsExist(kerr) {
+			return errCommitIDTaken
+		}
+		return fmt.Errorf("commit %q: %w", snap.Key, kerr)
+	}
+	return nil
+}
+
+// recordCommit records in tx that active snap is committed as name on its
+// CommitID, and that its device is a warm device of name. It returns the
+// removals of the warm devices this puts over the bound.
+func recordCommit(tx *storage.Tx, name string, snap storage.Snapshot, usage snapshots.Usage, opts []snapshots.Opt) ([]storage.Entry, error) {
+	if _, err := tx.CommitActive(snap.Key, name, snap.CommitID, usage, opts...); err != nil {
+		return nil, err
+	}
+	if err := tx.AddWarm(storage.Warm{DeviceID: snap.DeviceID, Parent: name, OriginID: snap.CommitID, Size: snap.Size}); err != nil {
+		return nil, err
+	}
+	return dropWarm(tx, overBound)
+}
+
+// uncommit undoes the record of committed name when the pool did not make
+// its device (kerr): active snap is back as it was, and the device goes as
+// after any failed commit. Should this fail, the next start finishes the
+// commit instead.
+func (s *Snapshotter) uncommit(ctx context.Context, name string, snap storage.Snapshot, kerr error) error {
+	err := s.db.Update(ctx, func(tx *storage.Tx) error {
+		if _, err := tx.RemoveWarm(snap.DeviceID); err != nil {
+			return err
+		}
+		if _, err := tx.RemoveSnapshot(name); err != nil {
+			return err
+		}
+		_, err := tx.CreateSnapshot(snap)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("undo the record of committed %q (the next start finishes the commit): %w", name, err)
+	}
+	return s.dropCommitDevice(ctx, snap, kerr)
 }
 
 // reserveCommitID reserves a new id for the commit of active snapshot key

@@ -46,6 +46,12 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 	if err := s.checkPoolHealth(ctx); err != nil {
 		return nil, err
 	}
+	if parent != "" {
+		// A Commit may be making parent's device (commitAtOnce).
+		if err := s.bg.committing.wait(ctx, parent); err != nil {
+			return nil, err
+		}
+	}
 	if chain := base.Labels[snapshots.LabelSnapshotRef]; chain != "" && kind == snapshots.KindActive {
 		if err := s.shareLayer(ctx, key, parent, chain, base.Labels); !errors.Is(err, errNoLayer) {
 			return nil, err
@@ -59,6 +65,10 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		return s.mounts(snap, p.DeviceID), nil
 	}
 	if kind == snapshots.KindActive && parent != "" {
+		// A View may be making one for this Prepare (warmAhead).
+		if err := s.bg.ahead.wait(ctx, parent); err != nil {
+			return nil, err
+		}
 		snap, ok, err := s.takeWarm(ctx, key, parent, base.Labels)
 		if err != nil {
 			return nil, err

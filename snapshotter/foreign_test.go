@@ -44,10 +44,7 @@ func TestForeignIDs(t *testing.T) {
 	// start lists them as foreign), and 6 after it: a gets 4, with 5
 	// reserved for its commit, and b's create finds 6 taken.
 	pool.behindOurBack(1, 2)
-	s, err := newFake(t, root, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNewUnclosed(t, root, pool)
 	pool.behindOurBack(6)
 	for _, k := range []string{"a", "b", "c"} {
 		if _, err := s.Prepare(ctx, k, ""); err != nil {
@@ -213,7 +210,7 @@ func TestForeignIDsCommitAndWarm(t *testing.T) {
 		t.Fatal(err)
 	}
 	pool.behindOurBack(6)
-	if err := s.makeWarm(ctx, "l"); err != nil {
+	if err := s.makeWarm(ctx, "l", false); err != nil {
 		t.Fatalf("warm device onto a foreign id: %v", err)
 	}
 	if w := warmOf(t, s)["l"]; !slices.Equal(w, []uint32{7}) {

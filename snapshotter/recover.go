@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 
 	"github.com/thin-snapshotter/thin-snapshotter/dmsetup"
@@ -24,6 +25,9 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 		// kept, its id foreign.
 		log.G(ctx).WithError(err).Warn("cannot list the pool's thin ids (is thin-provisioning-tools installed?): " +
 			"devices of interrupted creates are kept and their ids recorded foreign")
+	}
+	if err := s.finishCommits(ctx); err != nil {
+		return err
 	}
 	// Warm devices left by a crash, or by a stop that could not delete
 	// them, are never handed out: they become removals like any other.
@@ -64,6 +68,54 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 		}
 	}
 	return s.reactivate(ctx)
+}
+
+// finishCommits makes the devices of the commits a crash cut short after
+// their record (commitAtOnce). Such a committed snapshot's device is made
+// from its warm device, which holds the committed content and was never
+// handed out: the snapshot's children waited for the commit. The pool
+// answers EEXIST for the commits that finished, the usual case, and for
+// warm devices made later from a layer's device.
+func (s *Snapshotter) finishCommits(ctx context.Context) error {
+	var ws []storage.Warm
+	if err := s.db.View(ctx, func(tx *storage.Tx) error {
+		if tx.CleanStop() {
+			return nil
+		}
+		all, err := tx.WarmDevices()
+		if err != nil {
+			return err
+		}
+		for _, w := range all {
+			p, err := tx.GetSnapshot(w.Parent)
+			if errdefs.IsNotFound(err) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			if p.Kind == snapshots.KindCommitted && p.DeviceID == w.OriginID {
+				ws = append(ws, w)
+			}
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, w := range ws {
+		s.poolMu.Lock()
+		err := s.snapLocked(w.OriginID, w.DeviceID)
+		s.poolMu.Unlock()
+		if dmsetup.IsExist(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("finish the commit of %q from thin device %d: %w", w.Parent, w.DeviceID, err)
+		}
+		s.recovered(func(r *Recovery) { r.FinishedCommits++ })
+		log.G(ctx).WithField("key", w.Parent).WithField("id", w.OriginID).Info("recovery: finished an interrupted commit")
+	}
+	return nil
 }
 
 // settle finishes or rolls back the interrupted operation e.

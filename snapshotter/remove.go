@@ -21,6 +21,10 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	defer s.bg.calls.begin()()
 	unlock := s.keys.lock(key)
 	defer unlock()
+	// A Commit may be making key's device (commitAtOnce).
+	if err := s.bg.committing.wait(ctx, key); err != nil {
+		return err
+	}
 
 	snap, err := s.ready(ctx, key)
 	if err != nil {

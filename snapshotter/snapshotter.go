@@ -16,7 +16,8 @@
 // transaction records the outcome and clears the entry. Recovery at startup
 // finishes or rolls back what a crash interrupted (recover.go). A Commit's
 // intent is written ahead, with the active snapshot's record: the id its
-// device will get (commit.go).
+// device will get. Its outcome is written while the pool makes the device,
+// and recovery finishes a commit cut short after that write (commit.go).
 //
 // # Files
 //
@@ -41,10 +42,15 @@
 //     is held for seconds (thin_ls) but never by a snapshot call.
 //  2. keys: one lock per snapshot key. Prepare, View, Commit, Remove,
 //     Update, GrowContainer and Mounts of the same key run one at a time
-//     (Mounts waits for a grow); other keys run in parallel. Then layers:
-//     one lock per committed layer, taken by a View or a view's Remove
+//     (Mounts waits for a grow); other keys run in parallel. A Prepare may
+//     wait under its key lock for a warm device of its parent being made
+//     ahead of it (warmAhead), and Prepare, View and Remove wait under it
+//     while a Commit makes the device of their layer
+//     (background.committing); neither of those takes a key lock. Then layers: one
+//     lock per committed layer, taken by a View or a view's Remove
 //     (holding the view's key lock) while it activates or deactivates the
-//     read-only device the layer's views share.
+//     read-only device the layer's views share; a View also writes its
+//     record under it.
 //  3. grower.mu: one growth of the embedded pool at a time (a Prepare short
 //     of space grows it, and so does the growth goroutine).
 //  4. poolMu: the pool's metadata messages (create_thin, create_snap,
@@ -54,13 +60,19 @@
 //     the database, so the two agree.
 //  5. bbolt's writer lock, inside storage.DB.Update. Journal entries are
 //     written before poolMu is taken, so one call's fsync overlaps another
-//     call's pool message; no database write happens under poolMu. The
-//     self-check reads the database again under it before it releases a
-//     leaked id, so no create can take the id meanwhile.
+//     call's pool message. No goroutine holding poolMu writes the database
+//     or waits for bbolt; a Commit's record is written by a goroutine of
+//     its own while the Commit holds poolMu for its create_snap, so other
+//     pool messages and checks see the record and the device together
+//     (commitAtOnce). The self-check reads the database again under poolMu
+//     before it releases a leaked id, so no create can take the id
+//     meanwhile.
 //
 // Leaf locks, under which nothing else is taken: keyLocks.mu, the removals
 // in flight (background.removing), the refill requests (refills.mu), the
-// layers left without views (idleLayers.mu), the admin state
+// layers left without views (idleLayers.mu), the warm devices being made
+// ahead (aheads.mu, and pending.mu inside), the layers being committed
+// (pending.mu), the admin state
 // (adminState.mu) and the mirror's last error (imageFS.mu).
 //
 // Outside poolMu on purpose: activating, removing, resizing and
@@ -72,10 +84,13 @@
 //
 // Goroutines: the worker (worker.go), for an embedded pool with
 // max_data_size the growth watcher (poolgrow.go), with a CheckInterval
-// the self-check (selfcheck.go), and with ImageFSMirror the mirror's
-// watcher (imagefs.go), the only caller of the mirror once New has set it
-// up. New starts them; Close stops them and waits for them before it
-// closes the database. Work the worker or a self-check repair has begun is
+// the self-check (selfcheck.go), with ImageFSMirror the mirror's watcher
+// (imagefs.go), the only caller of the mirror once New has set it up, and
+// one per warm device a View has made ahead of a Prepare (warmAhead). New
+// starts them; Close stops them and waits for them before it closes the
+// database. A View writes its record in a goroutine of its own while it
+// activates the layer's device, and a Commit while the pool makes the
+// device; each waits for its goroutine. Work the worker or a self-check repair has begun is
 // finished even when it is stopped, so no half-made device waits for the
 // next start.
 //

@@ -41,6 +41,17 @@ func newFake(t *testing.T, root string, pool *fakePool, mod ...func(*Config)) (*
 	return s, nil
 }
 
+// mustNewUnclosed is newFake for a test that crashes the snapshotter or
+// closes it itself.
+func mustNewUnclosed(t *testing.T, root string, pool *fakePool) *Snapshotter {
+	t.Helper()
+	s, err := newFake(t, root, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 func mustNew(t *testing.T, root string, pool *fakePool, mod ...func(*Config)) *Snapshotter {
 	t.Helper()
 	s, err := newFake(t, root, pool, mod...)
@@ -604,10 +615,7 @@ func TestReactivateAfterReboot(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
 	pool := newFakePool("tp")
-	s, err := newFake(t, root, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNewUnclosed(t, root, pool)
 	mustLayer(ctx, t, s, "c", "p", "")
 	if _, err := s.Prepare(ctx, "a", "c"); err != nil {
 		t.Fatal(err)

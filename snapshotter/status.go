@@ -89,7 +89,8 @@ type Recovery struct {
 	RolledBackCreates  int
 	FinishedRemovals   int
 	DeferredRemovals   int // device still open: left pending
-	DroppedOperations  int // interrupted commits
+	DroppedOperations  int // interrupted commits, undone
+	FinishedCommits    int // interrupted commits, finished
 	ReactivatedDevices int
 	Duration           time.Duration
 }

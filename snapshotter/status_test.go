@@ -158,10 +158,7 @@ func TestRecoveryCounts(t *testing.T) {
 	ctx := context.Background()
 	root := t.TempDir()
 	pool := newFakePool("tp")
-	s, err := newFake(t, root, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNewUnclosed(t, root, pool)
 	if _, err := s.Prepare(ctx, "a", ""); err != nil {
 		t.Fatal(err)
 	}

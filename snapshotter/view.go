@@ -36,11 +36,93 @@ func sharesDevice(snap storage.Snapshot) bool {
 }
 
 // createView records view key of committed parent and makes sure the
-// parent's device is active, read-only.
+// parent's device is active, read-only. The record is written while the
+// device activates: each waits tens of milliseconds (an fsync, an RCU grace
+// period), and the call waits for the longer. Both happen under the
+// layer's lock, so the worker cannot deactivate the device between them.
 func (s *Snapshotter) createView(ctx context.Context, key, parent string, labels map[string]string) (storage.Snapshot, storage.Snapshot, error) {
-	var snap, p storage.Snapshot
-	if err := s.db.Update(ctx, func(tx *storage.Tx) (err error) {
+	p, ok, warm, err := s.viewable(ctx, key, parent)
+	if err != nil || !ok {
+		// The record's transaction gives the error.
+		snap, err := s.recordView(ctx, key, parent, labels, err)
+		return snap, p, err
+	}
+	unlock := s.layers.lock(parent)
+	defer unlock()
+	type result struct {
+		snap storage.Snapshot
+		err  error
+	}
+	rec := make(chan result, 1)
+	go func() {
+		snap, err := s.recordView(ctx, key, parent, labels, nil)
+		if err == nil && !warm {
+			// After the record: its transaction would wait for the
+			// warm device's journal entry.
+			s.warmAhead(ctx, parent)
+		}
+		rec <- result{snap, err}
+	}()
+	name := s.deviceName(p.DeviceID)
+	var aerr error
+	made := false
+	if info, err := s.pool.Info(name); err != nil || !info.LiveTable || !info.ReadOnly {
+		// Not shared by other views, nor waiting for this one.
+		aerr = s.activate(name, p.DeviceID, p.Size, true)
+		made = aerr == nil
+	}
+	r := <-rec
+	if r.err != nil {
+		if made {
+			// No view shares a device this call activated.
+			r.err = errors.Join(r.err, s.deactivate(ctx, p.DeviceID))
+		}
+		return r.snap, p, r.err
+	}
+	if aerr == nil {
+		return r.snap, p, nil
+	}
+	aerr = fmt.Errorf("activate the device of %q for view %q: %w", parent, key, aerr)
+	// Nothing else was made: the record goes. Should that fail, recovery
+	// activates the device.
+	return r.snap, p, errors.Join(aerr, s.db.Update(ctx, func(tx *storage.Tx) error {
+		_, err := tx.RemoveSnapshot(key)
+		return err
+	}))
+}
+
+// viewable reads committed parent's record, for a view key: ok says parent
+// is a ready committed snapshot and key is free, so the view's record can
+// be written while the device activates; warm says parent has a warm
+// device.
+func (s *Snapshotter) viewable(ctx context.Context, key, parent string) (p storage.Snapshot, ok, warm bool, err error) {
+	err = s.db.View(ctx, func(tx *storage.Tx) (err error) {
 		if p, err = tx.GetSnapshot(parent); err != nil {
+			return nil
+		}
+		if _, err := tx.GetSnapshot(key); !errdefs.IsNotFound(err) {
+			return nil
+		}
+		ws, err := tx.WarmDevices()
+		if err != nil {
+			return err
+		}
+		ok = p.Kind == snapshots.KindCommitted && p.State == storage.StateReady
+		warm = hasWarm(ws, parent)
+		return nil
+	})
+	return p, ok, warm, err
+}
+
+// recordView records view key of parent, unless err (a failed read)
+// already tells why not.
+func (s *Snapshotter) recordView(ctx context.Context, key, parent string, labels map[string]string, err error) (snap storage.Snapshot, _ error) {
+	if err != nil {
+		return snap, err
+	}
+	return snap, s.db.Update(ctx, func(tx *storage.Tx) error {
+		p, err := tx.GetSnapshot(parent)
+		if err != nil {
 			return fmt.Errorf("parent %q: %w", parent, err)
 		}
 		snap, err = tx.CreateSnapshot(storage.Snapshot{
@@ -48,26 +130,7 @@ func (s *Snapshotter) createView(ctx context.Context, key, parent string, labels
 			State: storage.StateReady, Size: p.Size, FSType: p.FSType,
 		})
 		return err
-	}); err != nil {
-		return snap, p, err
-	}
-	unlock := s.layers.lock(parent)
-	defer unlock()
-	name := s.deviceName(p.DeviceID)
-	if info, err := s.pool.Info(name); err == nil && info.LiveTable && info.ReadOnly {
-		return snap, p, nil // other views share it, or it waits for this one
-	}
-	err := s.activate(name, p.DeviceID, p.Size, true)
-	if err == nil {
-		return snap, p, nil
-	}
-	err = fmt.Errorf("activate the device of %q for view %q: %w", parent, key, err)
-	// Nothing else was made: the record goes. Should that fail, recovery
-	// activates the device.
-	return snap, p, errors.Join(err, s.db.Update(ctx, func(tx *storage.Tx) error {
-		_, err := tx.RemoveSnapshot(key)
-		return err
-	}))
+	})
 }
 
 // releaseLayer notes that committed parent lost a view. Its device stays

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -24,7 +25,9 @@ import (
 //
 // Warm devices are invisible to clients and bounded in number (maxWarm).
 // The worker makes more when a layer's children keep coming (containers of
-// one image) and deletes those unused for warmIdle. Drain and Close delete
+// one image), a View of a layer without one makes one at once for the
+// Prepare that mostly follows (warmAhead), and the worker deletes those
+// unused for warmIdle. Drain and Close delete
 // them all, a layer's go with it, and recovery deletes those a crash left.
 // An unused one costs an active dm device and no pool space, so it may
 // wait minutes: containers of one image (every pod's pause image) are
@@ -137,10 +140,12 @@ func dropWarm(tx *storage.Tx, pick func(w storage.Warm, newer int) bool) ([]stor
 // overBound picks the warm devices beyond the newest maxWarm.
 func overBound(_ storage.Warm, newer int) bool { return newer >= maxWarm }
 
-// makeWarm makes one warm device of committed parent, unless it has one or
-// maxWarm wait. Until it is recorded warm it is journaled like a Prepare's
-// device without a record, which recovery deletes.
-func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
+// makeWarm makes one warm device of committed parent, unless it has one.
+// A refill also gives way when maxWarm wait; a device made ahead of a
+// Prepare (warmAhead) does not, and the oldest warm device goes instead.
+// Until it is recorded warm it is journaled like a Prepare's device
+// without a record, which recovery deletes.
+func (s *Snapshotter) makeWarm(ctx context.Context, parent string, ahead bool) error {
 	if err := s.checkPoolHealth(ctx); err != nil {
 		return err
 	}
@@ -150,7 +155,7 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string) error {
 	)
 	entry, err := s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
 		var err error
-		if p, skip, err = warmWanted(tx, parent); err != nil {
+		if p, skip, err = warmWanted(tx, parent, ahead); err != nil {
 			return storage.Entry{}, err
 		}
 		if skip {
@@ -190,19 +195,14 @@ var errNoWarmNeeded = errors.New("no warm device needed")
 
 // warmWanted returns parent's record if a warm device of it is wanted:
 // parent is a ready committed snapshot without one, and fewer than
-// maxWarm wait. skip says none is wanted.
-func warmWanted(tx *storage.Tx, parent string) (p storage.Snapshot, skip bool, err error) {
+// maxWarm wait unless ahead. skip says none is wanted.
+func warmWanted(tx *storage.Tx, parent string, ahead bool) (p storage.Snapshot, skip bool, err error) {
 	ws, err := tx.WarmDevices()
 	if err != nil {
 		return p, false, err
 	}
-	if len(ws) >= maxWarm {
+	if (len(ws) >= maxWarm && !ahead) || hasWarm(ws, parent) {
 		return p, true, nil
-	}
-	for _, w := range ws {
-		if w.Parent == parent {
-			return p, true, nil
-		}
 	}
 	if p, err = tx.GetSnapshot(parent); err != nil {
 		return p, false, err
@@ -233,4 +233,9 @@ func recordWarm(tx *storage.Tx, parent string, p storage.Snapshot, id uint32) ([
 		return nil, err
 	}
 	return dropWarm(tx, overBound)
+}
+
+// hasWarm says whether ws holds a warm device of parent.
+func hasWarm(ws []storage.Warm, parent string) bool {
+	return slices.ContainsFunc(ws, func(w storage.Warm) bool { return w.Parent == parent })
 }

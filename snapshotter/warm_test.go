@@ -110,6 +110,76 @@ func TestWarmHandOff(t *testing.T) {
 	checkConsistent(t, s, pool)
 }
 
+// TestWarmAhead: a View of a layer without a warm device makes one at once,
+// even with maxWarm devices of other layers waiting (the oldest goes), so
+// the Prepare after it (a container of the viewed image) takes it without
+// a pool step. Close waits for one still being made.
+func TestWarmAhead(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	root := t.TempDir()
+	s := mustNewUnclosed(t, root, pool)
+	mustLayer(ctx, t, s, "c", "p", "")
+	if _, err := s.Prepare(ctx, "first", "c"); err != nil { // takes c's warm device
+		t.Fatal(err)
+	}
+	for i := range maxWarm {
+		mustLayer(ctx, t, s, fmt.Sprintf("o%d", i), fmt.Sprintf("o%d-a", i), "")
+	}
+	if w := warmOf(t, s); len(w) != maxWarm || len(w["c"]) != 0 {
+		t.Fatalf("warm devices %v, want one of each o", w)
+	}
+	if _, err := s.View(ctx, "v", "c"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.bg.ahead.wait(ctx, "c"); err != nil {
+		t.Fatal(err)
+	}
+	w := warmOf(t, s)
+	if len(w["c"]) != 1 || len(w["o0"]) != 0 || len(w) != maxWarm {
+		t.Fatalf("warm devices after the view %v, want one of c instead of o0's", w)
+	}
+	checkConsistent(t, s, pool)
+	ops := opsDuring(pool, func() {
+		if _, err := s.Prepare(ctx, "b", "c"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if count(ops, "create_snap") != 0 || count(ops, "activate") != 0 {
+		t.Errorf("prepare after a view made pool steps %v", ops)
+	}
+	if d := snapOf(t, s, "b"); d.DeviceID != w["c"][0] {
+		t.Errorf("prepare after the view got device %d, not the one made ahead %d", d.DeviceID, w["c"][0])
+	}
+	// A view of a layer that has a warm device makes none.
+	ops = opsDuring(pool, func() {
+		if _, err := s.View(ctx, "v1", "o1"); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.bg.ahead.wait(ctx, "o1"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if count(ops, "create_snap") != 0 {
+		t.Errorf("view of a layer with a warm device: pool steps %v", ops)
+	}
+
+	// Closed while one is being made: Close waits for it, and the next
+	// start finds nothing half made.
+	mustLayer(ctx, t, s, "d", "d-a", "")
+	if _, err := s.Prepare(ctx, "d-child", "d"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.View(ctx, "v2", "d"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = mustNew(t, root, pool)
+	checkConsistent(t, s, pool)
+}
+
 // TestWarmLifetime: the warm devices of a removed layer go with it, no more
 // than maxWarm wait, containerd's Cleanup keeps them, Drain deletes them,
 // and so does Close.
@@ -117,10 +187,7 @@ func TestWarmLifetime(t *testing.T) {
 	ctx := context.Background()
 	pool := newFakePool("tp")
 	root := t.TempDir()
-	s, err := newFake(t, root, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNewUnclosed(t, root, pool)
 	commit := func(name string) {
 		t.Helper()
 		if _, err := s.Prepare(ctx, name+"-a", ""); err != nil {
@@ -178,10 +245,7 @@ func TestWarmAfterCrash(t *testing.T) {
 	ctx := context.Background()
 	pool := newFakePool("tp")
 	root := t.TempDir()
-	s, err := newFake(t, root, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := mustNewUnclosed(t, root, pool)
 	stopWorker(s)
 	m, err := s.Prepare(ctx, "a", "")
 	if err != nil {
@@ -293,7 +357,7 @@ func TestWarmRefill(t *testing.T) {
 					crashed = true
 				}
 			}()
-			if err := s.makeWarm(ctx, "c"); err != nil {
+			if err := s.makeWarm(ctx, "c", false); err != nil {
 				t.Fatal(err)
 			}
 			return false

@@ -43,6 +43,11 @@ type background struct {
 	// finished, so the worker and a call never finish one twice.
 	removing seqSet
 	refill   refills
+	// ahead are the warm devices being made ahead of a Prepare.
+	ahead aheads
+	// committing are the snapshots whose Commit is making their device
+	// (commitAtOnce).
+	committing pending
 	// idleLayers are the layers whose views are all gone (view.go).
 	idleLayers idleLayers
 
@@ -58,6 +63,7 @@ type background struct {
 func (s *Snapshotter) startBackground(ctx context.Context) {
 	ctx, s.bg.stop = context.WithCancel(context.WithoutCancel(ctx))
 	s.bg.wg.Go(func() { s.worker(ctx) })
+	s.bg.ahead.setOpen(true)
 	if s.autogrow != nil {
 		s.bg.wg.Go(func() { s.watchGrowth(ctx) })
 	}
@@ -73,6 +79,9 @@ func (s *Snapshotter) startBackground(ctx context.Context) {
 // stopBackground stops the goroutines startBackground started and waits for
 // them; work they began is finished first.
 func (s *Snapshotter) stopBackground() {
+	// No warm device is made ahead once the worker may have ended: each
+	// is counted in wg while the worker still is.
+	s.bg.ahead.setOpen(false)
 	if s.bg.stop != nil {
 		s.bg.stop()
 		s.bg.stop = nil
@@ -153,7 +162,7 @@ func (s *Snapshotter) refillWarm(ctx context.Context) {
 		}
 		// Once begun, finished even when Close stops the worker: a
 		// half-made device would stay journaled until the next start.
-		if err := s.makeWarm(context.WithoutCancel(ctx), parent); err != nil {
+		if err := s.makeWarm(context.WithoutCancel(ctx), parent, false); err != nil {
 			log.G(ctx).WithError(err).WithField("parent", parent).Debug("no warm device made")
 		}
 		s.bg.refill.done(parent, asks)
@@ -234,6 +243,119 @@ func (s *Snapshotter) warmMissed(parent string) {
 	s.bg.refill.countChild(parent)
 	s.bg.refill.ask(parent)
 	s.kick()
+}
+
+// warmAhead makes a warm device of committed parent at once, in a
+// goroutine of its own, unless one is being made. A View of a layer is
+// mostly followed by a Prepare on it (a container of an image read through
+// the view), which then takes the device instead of waiting for a
+// create_snap and an activation. It does not wait for a pause, so that its
+// kernel steps overlap the View's activation: both wait for an RCU grace
+// period, and waits at the same time share one. It is finished even when
+// Close stops the background work.
+func (s *Snapshotter) warmAhead(ctx context.Context, parent string) {
+	done, ok := s.bg.ahead.start(parent, &s.bg.wg)
+	if !ok {
+		return
+	}
+	go func() {
+		defer s.bg.wg.Done()
+		defer done()
+		ctx := context.WithoutCancel(ctx)
+		if err := s.makeWarm(ctx, parent, true); err != nil {
+			log.G(ctx).WithError(err).WithField("parent", parent).Debug("no warm device made ahead")
+		}
+	}()
+}
+
+// aheads are the warm devices being made ahead of a Prepare, by parent.
+type aheads struct {
+	mu sync.Mutex
+	// open is set while the background work runs.
+	open   bool
+	making pending
+}
+
+func (a *aheads) setOpen(open bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.open = open
+}
+
+// start notes that a warm device of parent is being made and counts its
+// goroutine in wg. ok is false when one already is or the background work
+// does not run; done ends it.
+func (a *aheads) start(parent string, wg *sync.WaitGroup) (done func(), ok bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !a.open {
+		return nil, false
+	}
+	if done, ok = a.making.start(parent); ok {
+		wg.Add(1)
+	}
+	return done, ok
+}
+
+// wait waits until no warm device of parent is being made, or ctx ends.
+func (a *aheads) wait(ctx context.Context, parent string) error {
+	return a.making.wait(ctx, parent)
+}
+
+// pending are the keys with work in flight that calls wait for.
+type pending struct {
+	mu sync.Mutex
+	m  map[string]chan struct{}
+}
+
+// start notes work on key; done ends it. ok is false, and done a no-op,
+// when work on key is in flight already.
+func (p *pending) start(key string) (done func(), ok bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.m[key] != nil {
+		return func() {}, false
+	}
+	if p.m == nil {
+		p.m = map[string]chan struct{}{}
+	}
+	ch := make(chan struct{})
+	p.m[key] = ch
+	return func() {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		delete(p.m, key)
+		close(ch)
+	}, true
+}
+
+// acquire waits for work on key in flight, then starts its own; done ends
+// it.
+func (p *pending) acquire(ctx context.Context, key string) (done func(), err error) {
+	for {
+		if done, ok := p.start(key); ok {
+			return done, nil
+		}
+		if err := p.wait(ctx, key); err != nil {
+			return nil, err
+		}
+	}
+}
+
+// wait waits until no work on key is in flight, or ctx ends.
+func (p *pending) wait(ctx context.Context, key string) error {
+	p.mu.Lock()
+	ch := p.m[key]
+	p.mu.Unlock()
+	if ch == nil {
+		return nil
+	}
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // maxChildCounts bounds the map of Prepares per parent: past it, the

@@ -75,6 +75,7 @@ func statusToProto(st snapshotter.Status) *adminv1.StatusResponse {
 			DeferredRemovals:   uint32(r.DeferredRemovals),
 			DroppedOperations:  uint32(r.DroppedOperations),
 			ReactivatedDevices: uint32(r.ReactivatedDevices),
+			FinishedCommits:    uint32(r.FinishedCommits),
 			Duration:           durationpb.New(r.Duration),
 		},
 		Thresholds: &adminv1.Thresholds{

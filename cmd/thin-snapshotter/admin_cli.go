@@ -232,9 +232,9 @@ func printStatus(w io.Writer, st *adminv1.StatusResponse) {
 	row("dm devices", "%d active, %d of them warm", st.GetActiveDevices(), st.GetWarmDevices())
 	row("journal", "%d pending entries, %d pending removals", st.GetPendingJournal(), st.GetPendingRemovals())
 	r := st.GetLastRecovery()
-	row("last start", "recovery took %s: %d creates rolled back, %d removals finished, %d deferred (busy), %d commits dropped, %d devices reactivated",
+	row("last start", "recovery took %s: %d creates rolled back, %d removals finished, %d deferred (busy), %d commits dropped, %d commits finished, %d devices reactivated",
 		r.GetDuration().AsDuration().Round(time.Microsecond), r.GetRolledBackCreates(), r.GetFinishedRemovals(),
-		r.GetDeferredRemovals(), r.GetDroppedOperations(), r.GetReactivatedDevices())
+		r.GetDeferredRemovals(), r.GetDroppedOperations(), r.GetFinishedCommits(), r.GetReactivatedDevices())
 	th := st.GetThresholds()
 	row("thresholds", "new devices refused below %s free data, %s free metadata; async_remove %v",
 		percentOrOff(th.GetMinFreeDataPercent()), percentOrOff(th.GetMinFreeMetadataPercent()), th.GetAsyncRemove())

@@ -146,7 +146,7 @@ func TestAdminCommands(t *testing.T) {
 		"snapshots       2 active, 0 view, 5 committed; 0 not ready",
 		"journal         3 pending entries, 2 pending removals",
 		"dm devices      2 active, 1 of them warm",
-		"recovery took 1.5ms: 1 creates rolled back, 0 removals finished, 0 deferred (busy), 0 commits dropped, 4 devices reactivated",
+		"recovery took 1.5ms: 1 creates rolled back, 0 removals finished, 0 deferred (busy), 0 commits dropped, 0 commits finished, 4 devices reactivated",
 		"new devices refused below 5% free data, 10% free metadata; async_remove false",
 		"self-check      every 1h; last after recovery, ended 2026-01-02T03:04:05Z, took 1.234s: 3 problems, 1 repaired online, 2 left\n" +
 			"                repaired leaked_id: released id 8\n" +

@@ -136,6 +136,7 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		"deferred_removal":   r.DeferredRemovals,
 		"dropped_operation":  r.DroppedOperations,
 		"reactivated_device": r.ReactivatedDevices,
+		"finished_commit":    r.FinishedCommits,
 	} {
 		gauge(c.recoveryActions, float64(n), action)
 	}

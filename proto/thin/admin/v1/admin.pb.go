@@ -583,8 +583,10 @@ type Recovery struct {
 	// Devices of active snapshots and views made again (after a reboot).
 	ReactivatedDevices uint32               `protobuf:"varint,5,opt,name=reactivated_devices,json=reactivatedDevices,proto3" json:"reactivated_devices,omitempty"`
 	Duration           *durationpb.Duration `protobuf:"bytes,6,opt,name=duration,proto3" json:"duration,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// Commits a crash cut short after their record, whose device was made.
+	FinishedCommits uint32 `protobuf:"varint,7,opt,name=finished_commits,json=finishedCommits,proto3" json:"finished_commits,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Recovery) Reset() {
@@ -657,6 +659,13 @@ func (x *Recovery) GetDuration() *durationpb.Duration {
 		return x.Duration
 	}
 	return nil
+}
+
+func (x *Recovery) GetFinishedCommits() uint32 {
+	if x != nil {
+		return x.FinishedCommits
+	}
+	return 0
 }
 
 type Thresholds struct {
@@ -1340,14 +1349,15 @@ const file_thin_admin_v1_admin_proto_rawDesc = "" +
 	"totalBytes\x12(\n" +
 	"\x10block_size_bytes\x18\x03 \x01(\x04R\x0eblockSizeBytes\x12/\n" +
 	"\x14low_water_mark_bytes\x18\x04 \x01(\x04R\x11lowWaterMarkBytes\x12\x1b\n" +
-	"\tlow_water\x18\x05 \x01(\bR\blowWater\"\xab\x02\n" +
+	"\tlow_water\x18\x05 \x01(\bR\blowWater\"\xd6\x02\n" +
 	"\bRecovery\x12.\n" +
 	"\x13rolled_back_creates\x18\x01 \x01(\rR\x11rolledBackCreates\x12+\n" +
 	"\x11finished_removals\x18\x02 \x01(\rR\x10finishedRemovals\x12+\n" +
 	"\x11deferred_removals\x18\x03 \x01(\rR\x10deferredRemovals\x12-\n" +
 	"\x12dropped_operations\x18\x04 \x01(\rR\x11droppedOperations\x12/\n" +
 	"\x13reactivated_devices\x18\x05 \x01(\rR\x12reactivatedDevices\x125\n" +
-	"\bduration\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\bduration\"\x9d\x01\n" +
+	"\bduration\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\bduration\x12)\n" +
+	"\x10finished_commits\x18\a \x01(\rR\x0ffinishedCommits\"\x9d\x01\n" +
 	"\n" +
 	"Thresholds\x121\n" +
 	"\x15min_free_data_percent\x18\x01 \x01(\x01R\x12minFreeDataPercent\x129\n" +
