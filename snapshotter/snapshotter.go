@@ -46,11 +46,11 @@
 //     wait under its key lock for a warm device of its parent being made
 //     ahead of it (warmAhead), and Prepare, View and Remove wait under it
 //     while a Commit makes the device of their layer
-//     (background.committing); neither of those takes a key lock. Then layers: one
-//     lock per committed layer, taken by a View or a view's Remove
-//     (holding the view's key lock) while it activates or deactivates the
-//     read-only device the layer's views share; a View also writes its
-//     record under it.
+//     (background.committing); neither of those takes a key lock. Then
+//     layers: one lock per committed layer, taken by a View or a view's
+//     Remove (holding the view's key lock) while it activates or
+//     deactivates the read-only device the layer's views share; a View
+//     also writes its record under it.
 //  3. grower.mu: one growth of the embedded pool at a time (a Prepare short
 //     of space grows it, and so does the growth goroutine).
 //  4. poolMu: the pool's metadata messages (create_thin, create_snap,
@@ -71,9 +71,9 @@
 // Leaf locks, under which nothing else is taken: keyLocks.mu, the removals
 // in flight (background.removing), the refill requests (refills.mu), the
 // layers left without views (idleLayers.mu), the warm devices being made
-// ahead (aheads.mu, and pending.mu inside), the layers being committed
-// (pending.mu), the admin state
-// (adminState.mu) and the mirror's last error (imageFS.mu).
+// ahead (aheads.mu, and pending.mu inside it), the layers being committed
+// (pending.mu), the admin state (adminState.mu) and the mirror's last
+// error (imageFS.mu).
 //
 // Outside poolMu on purpose: activating, removing, resizing and
 // discarding one dm device (the kernel serializes calls on a device, and
@@ -90,9 +90,9 @@
 // starts them; Close stops them and waits for them before it closes the
 // database. A View writes its record in a goroutine of its own while it
 // activates the layer's device, and a Commit while the pool makes the
-// device; each waits for its goroutine. Work the worker or a self-check repair has begun is
-// finished even when it is stopped, so no half-made device waits for the
-// next start.
+// device; each waits for its goroutine. Work the worker or a self-check
+// repair has begun is finished even when it is stopped, so no half-made
+// device waits for the next start.
 //
 // The daemon's NRI plugin (cmd/thin-snapshotter/nri.go) calls
 // FindContainer and GrowContainer from a goroutine per grow, which may

@@ -120,7 +120,7 @@ func (s *Snapshotter) recordView(ctx context.Context, key, parent string, labels
 	if err != nil {
 		return snap, err
 	}
-	return snap, s.db.Update(ctx, func(tx *storage.Tx) error {
+	err = s.db.Update(ctx, func(tx *storage.Tx) error {
 		p, err := tx.GetSnapshot(parent)
 		if err != nil {
 			return fmt.Errorf("parent %q: %w", parent, err)
@@ -131,6 +131,7 @@ func (s *Snapshotter) recordView(ctx context.Context, key, parent string, labels
 		})
 		return err
 	})
+	return snap, err
 }
 
 // releaseLayer notes that committed parent lost a view. Its device stays
