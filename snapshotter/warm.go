@@ -187,6 +187,12 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string, ahead bool) e
 	if err != nil {
 		return err
 	}
+	if ahead && len(dels) > 0 {
+		// The Prepare waiting for this device should not also wait for
+		// the removal of the one it pushed over the bound.
+		s.kick()
+		return nil
+	}
 	return s.finishDeletes(ctx, dels)
 }
 
