@@ -23,12 +23,13 @@ import (
 // database transaction. During an unpack every Commit is followed by the
 // Prepare of the next layer, which takes it at once.
 //
-// Warm devices are invisible to clients and bounded in number (maxWarm).
-// The worker makes more when a layer's children keep coming (containers of
-// one image), a View of a layer without one makes one at once for the
-// Prepare that mostly follows (warmAhead), and the worker deletes those
-// unused for warmIdle. Drain and Close delete
-// them all, a layer's go with it, and recovery deletes those a crash left.
+// Warm devices are invisible to clients and bounded in number (maxWarm):
+// each new one pushes the oldest out. The worker makes more when a
+// layer's children keep coming (containers of one image), a View of a
+// layer without one makes one at once for the Prepare that mostly follows
+// (warmAhead), and the worker deletes those unused for warmIdle. Drain and
+// Close delete them all, a layer's go with it, and recovery deletes those
+// a crash left.
 // An unused one costs an active dm device and no pool space, so it may
 // wait minutes: containers of one image (every pod's pause image) are
 // seldom started seconds apart.
@@ -141,10 +142,12 @@ func dropWarm(tx *storage.Tx, pick func(w storage.Warm, newer int) bool) ([]stor
 func overBound(_ storage.Warm, newer int) bool { return newer >= maxWarm }
 
 // makeWarm makes one warm device of committed parent, unless it has one.
-// A refill also gives way when maxWarm wait; a device made ahead of a
-// Prepare (warmAhead) does not, and the oldest warm device goes instead.
-// Until it is recorded warm it is journaled like a Prepare's device
-// without a record, which recovery deletes.
+// When maxWarm wait, the oldest goes: a device is only made for a layer
+// whose children are coming, so it is likelier to be taken than one left
+// by an unpack's last Commit. Until it is recorded warm it is journaled
+// like a Prepare's device without a record, which recovery deletes. A
+// device made ahead of a Prepare (warmAhead) hands that removal to the
+// worker.
 func (s *Snapshotter) makeWarm(ctx context.Context, parent string, ahead bool) error {
 	if err := s.checkPoolHealth(ctx); err != nil {
 		return err
@@ -155,7 +158,7 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string, ahead bool) e
 	)
 	entry, err := s.snapStep(ctx, func(tx *storage.Tx) (storage.Entry, error) {
 		var err error
-		if p, skip, err = warmWanted(tx, parent, ahead); err != nil {
+		if p, skip, err = warmWanted(tx, parent); err != nil {
 			return storage.Entry{}, err
 		}
 		if skip {
@@ -200,14 +203,14 @@ func (s *Snapshotter) makeWarm(ctx context.Context, parent string, ahead bool) e
 var errNoWarmNeeded = errors.New("no warm device needed")
 
 // warmWanted returns parent's record if a warm device of it is wanted:
-// parent is a ready committed snapshot without one, and fewer than
-// maxWarm wait unless ahead. skip says none is wanted.
-func warmWanted(tx *storage.Tx, parent string, ahead bool) (p storage.Snapshot, skip bool, err error) {
+// parent is a ready committed snapshot without one. skip says none is
+// wanted.
+func warmWanted(tx *storage.Tx, parent string) (p storage.Snapshot, skip bool, err error) {
 	ws, err := tx.WarmDevices()
 	if err != nil {
 		return p, false, err
 	}
-	if (len(ws) >= maxWarm && !ahead) || hasWarm(ws, parent) {
+	if hasWarm(ws, parent) {
 		return p, true, nil
 	}
 	if p, err = tx.GetSnapshot(parent); err != nil {

@@ -284,6 +284,42 @@ func idOfDev(t *testing.T, dev string) uint32 {
 	return id
 }
 
+// TestWarmRefillPastBound: a layer whose children keep coming gets its
+// refill even with maxWarm devices of other layers waiting, which unpacks
+// left; the oldest goes, and the next child takes the refill.
+func TestWarmRefillPastBound(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	mustLayer(ctx, t, s, "c", "p", "")
+	if _, err := s.Prepare(ctx, "a", "c"); err != nil { // takes c's warm device
+		t.Fatal(err)
+	}
+	for i := range maxWarm {
+		mustLayer(ctx, t, s, fmt.Sprintf("o%d", i), fmt.Sprintf("o%d-a", i), "")
+	}
+	if _, err := s.Prepare(ctx, "b", "c"); err != nil { // a miss
+		t.Fatal(err)
+	}
+	checkConsistent(t, s, pool)
+	w := warmOf(t, s)
+	if len(w["c"]) != 1 || len(w["o0"]) != 0 || len(w) != maxWarm {
+		t.Fatalf("warm devices %v, want one of c instead of o0's", w)
+	}
+	ops := opsDuring(pool, func() {
+		if _, err := s.Prepare(ctx, "d", "c"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if count(ops, "create_snap") != 0 || count(ops, "activate") != 0 {
+		t.Errorf("prepare after the refill made pool steps %v", ops)
+	}
+	if d := snapOf(t, s, "d"); d.DeviceID != w["c"][0] {
+		t.Errorf("prepare after the refill got device %d, not the warm %d", d.DeviceID, w["c"][0])
+	}
+	checkConsistent(t, s, pool)
+}
+
 // TestWarmRefill: a Prepare that found no warm device has the worker make
 // one for the next child; a crash at any step of making it is recovered.
 func TestWarmRefill(t *testing.T) {
