@@ -27,6 +27,8 @@ type fakePool struct {
 	// panic to simulate a crash at that point.
 	hook func(op string) error
 	ops  []string
+	// steps are the operations with their device: "activate tp-snap-3".
+	steps []string
 	// exists runs when a create finds its id taken, before the EEXIST
 	// reaches the caller; it may panic to crash right after the
 	// kernel's answer.
@@ -56,6 +58,7 @@ func newFakePool(name string) *fakePool {
 
 func (p *fakePool) step(op, dev string) error {
 	p.ops = append(p.ops, op)
+	p.steps = append(p.steps, op+" "+dev)
 	if p.hook == nil {
 		return nil
 	}

@@ -49,8 +49,9 @@
 //     (background.committing); neither of those takes a key lock. Then
 //     layers: one lock per committed layer, taken by a View or a view's
 //     Remove (holding the view's key lock) while it activates or
-//     deactivates the read-only device the layer's views share; a View
-//     also writes its record under it.
+//     deactivates the read-only device the layer's views share, and by
+//     the goroutine that activates a layer ahead of its view (no key
+//     lock); a View holds it until its record is written.
 //  3. grower.mu: one growth of the embedded pool at a time (a Prepare short
 //     of space grows it, and so does the growth goroutine).
 //  4. poolMu: the pool's metadata messages (create_thin, create_snap,
@@ -71,7 +72,8 @@
 // Leaf locks, under which nothing else is taken: keyLocks.mu, the removals
 // in flight (background.removing), the refill requests (refills.mu), the
 // layers left without views (idleLayers.mu), the warm devices being made
-// ahead (aheads.mu, and pending.mu inside it), the layers being committed
+// and the layers being activated ahead (aheads.mu, and pending.mu inside
+// it), the layers being committed
 // (pending.mu), the admin state (adminState.mu) and the mirror's last
 // error (imageFS.mu).
 //
@@ -85,8 +87,10 @@
 // Goroutines: the worker (worker.go), for an embedded pool with
 // max_data_size the growth watcher (poolgrow.go), with a CheckInterval
 // the self-check (selfcheck.go), with ImageFSMirror the mirror's watcher
-// (imagefs.go), the only caller of the mirror once New has set it up, and
-// one per warm device a View has made ahead of a Prepare (warmAhead). New
+// (imagefs.go), the only caller of the mirror once New has set it up, one
+// per warm device a View makes ahead of a Prepare (warmAhead), and one per
+// layer a View of its parent activates ahead of its own view
+// (activateAhead). New
 // starts them; Close stops them and waits for them before it closes the
 // database. A View writes its record in a goroutine of its own while it
 // activates the layer's device, and a Commit while the pool makes the

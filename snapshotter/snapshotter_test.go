@@ -175,7 +175,8 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 }
 
 // settle waits for the worker to finish the removals and warm devices a
-// call handed it: the journal is empty. It finishes nothing itself, so a
+// call handed it, and for the work begun ahead of calls: the journal is
+// empty. It finishes nothing itself, so a
 // call that leaves work no one was told about still fails the check.
 func settle(t *testing.T, s *Snapshotter) {
 	t.Helper()
@@ -194,6 +195,11 @@ func settle(t *testing.T, s *Snapshotter) {
 		s.bg.refill.mu.Lock()
 		busy = busy || len(s.bg.refill.want) > 0 && s.bg.stop != nil
 		s.bg.refill.mu.Unlock()
+		for _, a := range []*aheads{&s.bg.ahead, &s.bg.activating} {
+			a.making.mu.Lock()
+			busy = busy || len(a.making.m) > 0
+			a.making.mu.Unlock()
+		}
 		if !pending && !busy {
 			return
 		}

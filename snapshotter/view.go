@@ -25,10 +25,12 @@ import (
 // get a device of their own, as every view made before did.
 //
 // Whether a layer's device is active is decided under the layer's lock in
-// s.layers, after the view's record is written: the first view activates
-// it. When its last view goes, the device waits for the next one like a
-// warm device, and the worker deactivates it after warmIdle (or beyond
-// maxWarm), checking under the same lock that no view came back.
+// s.layers, held until the view's record is written: the first view
+// activates it. When its last view goes, the device waits for the next one
+// like a warm device, and the worker deactivates it after warmIdle (or
+// beyond maxWarm), checking under the same lock that no view came back. A
+// View also activates its layer's only committed child ahead of that
+// child's view (activateAhead).
 
 // sharesDevice says whether snap is a view that uses its parent's device.
 func sharesDevice(snap storage.Snapshot) bool {
@@ -38,8 +40,10 @@ func sharesDevice(snap storage.Snapshot) bool {
 // createView records view key of committed parent and makes sure the
 // parent's device is active, read-only. The record is written while the
 // device activates: each waits tens of milliseconds (an fsync, an RCU grace
-// period), and the call waits for the longer. Both happen under the
-// layer's lock, so the worker cannot deactivate the device between them.
+// period), and the call waits for the longer. The device is checked and
+// activated under the layer's lock, held until the record is written, so
+// the worker cannot deactivate the device between them; the record may
+// begin before the lock is free (a layer being activated ahead).
 func (s *Snapshotter) createView(ctx context.Context, key, parent string, labels map[string]string) (storage.Snapshot, storage.Snapshot, error) {
 	p, ok, warm, err := s.viewable(ctx, key, parent)
 	if err != nil || !ok {
@@ -47,8 +51,6 @@ func (s *Snapshotter) createView(ctx context.Context, key, parent string, labels
 		snap, err := s.recordView(ctx, key, parent, labels, err)
 		return snap, p, err
 	}
-	unlock := s.layers.lock(parent)
-	defer unlock()
 	type result struct {
 		snap storage.Snapshot
 		err  error
@@ -56,13 +58,18 @@ func (s *Snapshotter) createView(ctx context.Context, key, parent string, labels
 	rec := make(chan result, 1)
 	go func() {
 		snap, err := s.recordView(ctx, key, parent, labels, nil)
-		if err == nil && !warm {
+		if err == nil {
 			// After the record: its transaction would wait for the
 			// warm device's journal entry.
-			s.warmAhead(ctx, parent)
+			if !warm {
+				s.warmAhead(ctx, parent)
+			}
+			s.activateAhead(ctx, parent)
 		}
 		rec <- result{snap, err}
 	}()
+	unlock := s.layers.lock(parent)
+	defer unlock()
 	name := s.deviceName(p.DeviceID)
 	var aerr error
 	made := false
@@ -89,6 +96,74 @@ func (s *Snapshotter) createView(ctx context.Context, key, parent string, labels
 		_, err := tx.RemoveSnapshot(key)
 		return err
 	}))
+}
+
+// activateAhead activates, read-only and in a goroutine of its own, the
+// device of viewed parent's only committed child: the next layer of its
+// image. Views walk an image's layers in order (a differ, an exporter, a
+// scanner), so the child's View then costs one transaction instead of
+// waiting for an activation. The device then waits as one whose last view
+// went: the worker deactivates it after warmIdle, or beyond maxWarm at
+// once. It is finished even when Close stops the background work.
+func (s *Snapshotter) activateAhead(ctx context.Context, parent string) {
+	var child storage.Snapshot
+	err := s.db.View(ctx, func(tx *storage.Tx) error {
+		c, ok, err := tx.OnlyCommittedChild(parent)
+		if ok && c.State == storage.StateReady {
+			child = c
+		}
+		return err
+	})
+	if err != nil || child.Key == "" {
+		return
+	}
+	done, ok := s.bg.activating.start(child.Key, &s.bg.wg)
+	if !ok {
+		return
+	}
+	go func() {
+		defer s.bg.wg.Done()
+		defer done()
+		ctx := context.WithoutCancel(ctx)
+		if err := s.activateLayer(ctx, child.Key); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", child.Key).Debug("layer not activated ahead of its view")
+		}
+	}()
+}
+
+// activateLayer activates committed layer key's device read-only, unless it
+// is active, and leaves it to the worker as a layer without views.
+func (s *Snapshotter) activateLayer(ctx context.Context, key string) error {
+	unlock := s.layers.lock(key)
+	defer unlock()
+	layer := func() (p storage.Snapshot, err error) {
+		err = s.db.View(ctx, func(tx *storage.Tx) (err error) {
+			p, err = tx.GetSnapshot(key)
+			return err
+		})
+		return p, err
+	}
+	p, err := layer()
+	if err != nil || p.Kind != snapshots.KindCommitted || p.State != storage.StateReady {
+		return err
+	}
+	name := s.deviceName(p.DeviceID)
+	if info, err := s.pool.Info(name); err == nil && info.LiveTable && info.ReadOnly {
+		return nil
+	}
+	if err := s.activate(name, p.DeviceID, p.Size, true); err != nil {
+		return err
+	}
+	// Removed meanwhile: its removal may have found no device to
+	// deactivate.
+	if cur, err := layer(); err != nil || cur.DeviceID != p.DeviceID {
+		return errors.Join(err, s.deactivate(ctx, p.DeviceID))
+	}
+	s.releaseLayer(key)
+	if s.bg.idleLayers.count() > maxWarm {
+		s.kick()
+	}
+	return nil
 }
 
 // viewable reads committed parent's record, for a view key: ok says parent
@@ -186,6 +261,12 @@ func (s *Snapshotter) deactivateLayer(ctx context.Context, parent string) error 
 type idleLayers struct {
 	mu       sync.Mutex
 	released map[string]time.Time
+}
+
+func (l *idleLayers) count() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.released)
 }
 
 func (l *idleLayers) add(parent string, at time.Time) {

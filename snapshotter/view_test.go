@@ -2,6 +2,8 @@ package snapshotter
 
 import (
 	"context"
+	"fmt"
+	"slices"
 	"testing"
 	"time"
 )
@@ -88,4 +90,107 @@ func count(ops []string, op string) int {
 		}
 	}
 	return n
+}
+
+// TestActivateAhead: a View of a layer activates its only committed child's
+// device, read-only, so the child's View makes no pool step; a layer with
+// two committed children activates neither. The worker keeps at most
+// maxWarm such devices without views.
+func TestActivateAhead(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNew(t, t.TempDir(), pool)
+	const n = maxWarm + 3
+	parent := ""
+	for i := range n {
+		l := fmt.Sprintf("l%d", i)
+		mustLayer(ctx, t, s, l, l+"-a", parent)
+		parent = l
+	}
+	layerDev := func(key string) string {
+		t.Helper()
+		l, err := s.ready(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s.deviceName(l.DeviceID)
+	}
+	if _, err := s.View(ctx, "v0", "l0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.bg.activating.wait(ctx, "l1"); err != nil {
+		t.Fatal(err)
+	}
+	if info, err := pool.Info(layerDev("l1")); err != nil || !info.ReadOnly || !info.LiveTable {
+		t.Fatalf("child's device %+v, %v: want active, read-only", info, err)
+	}
+	pool.mu.Lock()
+	from := len(pool.steps)
+	pool.mu.Unlock()
+	if _, err := s.View(ctx, "v1", "l1"); err != nil {
+		t.Fatal(err)
+	}
+	pool.mu.Lock()
+	steps := slices.Clone(pool.steps[from:])
+	pool.mu.Unlock()
+	if slices.Contains(steps, "activate "+layerDev("l1")) {
+		t.Errorf("view of a layer activated ahead activated it again: pool steps %v", steps)
+	}
+	checkConsistent(t, s, pool)
+
+	// Views walk the rest of the chain and go; the devices left without
+	// views are deactivated beyond maxWarm.
+	for i := 2; i < n; i++ {
+		v := fmt.Sprintf("v%d", i)
+		if _, err := s.View(ctx, v, fmt.Sprintf("l%d", i)); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.bg.activating.wait(ctx, fmt.Sprintf("l%d", i+1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range n {
+		if err := s.Remove(ctx, fmt.Sprintf("v%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.kick()
+	activeLayers := func() int {
+		k := 0
+		for i := range n {
+			if info, err := pool.Info(layerDev(fmt.Sprintf("l%d", i))); err == nil && info.ReadOnly {
+				k++
+			}
+		}
+		return k
+	}
+	for deadline := time.Now().Add(10 * time.Second); activeLayers() > maxWarm && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if k := activeLayers(); k != maxWarm {
+		t.Errorf("%d layer devices without views active, want the newest %d", k, maxWarm)
+	}
+	checkConsistent(t, s, pool)
+
+	// Two committed children: neither is activated.
+	mustLayer(ctx, t, s, "sib", "sib-a", "l0")
+	s.reclaimLayers(ctx, func(time.Time, int) bool { return true })
+	settle(t, s)
+	ops := opsDuring(pool, func() {
+		if _, err := s.View(ctx, "w0", "l0"); err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range []string{"l1", "sib"} {
+			if err := s.bg.activating.wait(ctx, l); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := s.bg.ahead.wait(ctx, "l0"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if count(ops, "activate") != count(ops, "create_snap")+1 {
+		t.Errorf("view of a layer with two committed children: pool steps %v, want its own activation only", ops)
+	}
+	checkConsistent(t, s, pool)
 }

@@ -45,6 +45,9 @@ type background struct {
 	refill   refills
 	// ahead are the warm devices being made ahead of a Prepare.
 	ahead aheads
+	// activating are the layers whose devices are being activated ahead
+	// of their views (activateAhead).
+	activating aheads
 	// committing are the snapshots whose Commit is making their device
 	// (commitAtOnce).
 	committing pending
@@ -64,6 +67,7 @@ func (s *Snapshotter) startBackground(ctx context.Context) {
 	ctx, s.bg.stop = context.WithCancel(context.WithoutCancel(ctx))
 	s.bg.wg.Go(func() { s.worker(ctx) })
 	s.bg.ahead.setOpen(true)
+	s.bg.activating.setOpen(true)
 	if s.autogrow != nil {
 		s.bg.wg.Go(func() { s.watchGrowth(ctx) })
 	}
@@ -79,9 +83,10 @@ func (s *Snapshotter) startBackground(ctx context.Context) {
 // stopBackground stops the goroutines startBackground started and waits for
 // them; work they began is finished first.
 func (s *Snapshotter) stopBackground() {
-	// No warm device is made ahead once the worker may have ended: each
-	// is counted in wg while the worker still is.
+	// Nothing is started ahead once the worker may have ended: each is
+	// counted in wg while the worker still is.
 	s.bg.ahead.setOpen(false)
+	s.bg.activating.setOpen(false)
 	if s.bg.stop != nil {
 		s.bg.stop()
 		s.bg.stop = nil
@@ -98,7 +103,8 @@ func (s *Snapshotter) kick() {
 }
 
 // worker runs a round when kicked and every retryInterval: it finishes
-// pending removals, then makes the warm devices asked for. Every warmIdle/2
+// pending removals, makes the warm devices asked for, and deactivates the
+// devices of layers without views beyond maxWarm. Every warmIdle/2
 // it deletes the warm devices unused for warmIdle or over the bound.
 func (s *Snapshotter) worker(ctx context.Context) {
 	retry := time.NewTicker(retryInterval)
@@ -119,6 +125,10 @@ func (s *Snapshotter) worker(ctx context.Context) {
 			log.G(ctx).WithError(err).Warn("pending removals not finished; will retry")
 		}
 		s.refillWarm(ctx)
+		if s.bg.idleLayers.count() > maxWarm {
+			s.bg.calls.pause(ctx, time.Now().Add(maxDefer))
+			s.reclaimLayers(ctx, func(_ time.Time, newer int) bool { return newer >= maxWarm })
+		}
 	}
 }
 
@@ -268,7 +278,8 @@ func (s *Snapshotter) warmAhead(ctx context.Context, parent string) {
 	}()
 }
 
-// aheads are the warm devices being made ahead of a Prepare, by parent.
+// aheads are work begun ahead of the calls that use it, by key: warm
+// devices by parent, layers activated by layer.
 type aheads struct {
 	mu sync.Mutex
 	// open is set while the background work runs.
@@ -282,24 +293,24 @@ func (a *aheads) setOpen(open bool) {
 	a.open = open
 }
 
-// start notes that a warm device of parent is being made and counts its
-// goroutine in wg. ok is false when one already is or the background work
-// does not run; done ends it.
-func (a *aheads) start(parent string, wg *sync.WaitGroup) (done func(), ok bool) {
+// start notes work on key and counts its goroutine in wg. ok is false
+// when it is under way already or the background work does not run; done
+// ends it.
+func (a *aheads) start(key string, wg *sync.WaitGroup) (done func(), ok bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if !a.open {
 		return nil, false
 	}
-	if done, ok = a.making.start(parent); ok {
+	if done, ok = a.making.start(key); ok {
 		wg.Add(1)
 	}
 	return done, ok
 }
 
-// wait waits until no warm device of parent is being made, or ctx ends.
-func (a *aheads) wait(ctx context.Context, parent string) error {
-	return a.making.wait(ctx, parent)
+// wait waits until no work on key is under way, or ctx ends.
+func (a *aheads) wait(ctx context.Context, key string) error {
+	return a.making.wait(ctx, key)
 }
 
 // pending are the keys with work in flight that calls wait for.

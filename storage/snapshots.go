@@ -608,6 +608,27 @@ func (tx *Tx) hasChildren(key string) bool {
 	return k != nil && bytes.HasPrefix(k, prefix)
 }
 
+// OnlyCommittedChild returns parent's committed child, in any state, when
+// parent has exactly one; ok is false otherwise.
+func (tx *Tx) OnlyCommittedChild(parent string) (child Snapshot, ok bool, err error) {
+	prefix := childPrefix(parent)
+	c := tx.children.Cursor()
+	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+		s, err := tx.mustGet(string(k[len(prefix):]))
+		if err != nil {
+			return Snapshot{}, false, err
+		}
+		if s.Kind != snapshots.KindCommitted {
+			continue
+		}
+		if ok {
+			return Snapshot{}, false, nil
+		}
+		child, ok = s, true
+	}
+	return child, ok, nil
+}
+
 // SharedViews counts the views of parent, in any state, that have no
 // device of their own (DeviceID 0): they share parent's device.
 func (tx *Tx) SharedViews(parent string) (int, error) {

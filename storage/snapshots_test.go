@@ -682,6 +682,57 @@ func TestSharedViews(t *testing.T) {
 	})
 }
 
+// TestOnlyCommittedChild finds a parent's committed child only when it is
+// the one: actives and views do not count, two committed children are
+// none.
+func TestOnlyCommittedChild(t *testing.T) {
+	db, _ := openTestDB(t)
+	populate(t, db)
+	mk := func(tx *Tx, kind snapshots.Kind, key, parent string) error {
+		id, err := tx.AllocateID()
+		if err != nil {
+			return err
+		}
+		_, err = tx.CreateSnapshot(Snapshot{Key: key, Kind: kind, Parent: parent, State: StateReady, DeviceID: id})
+		return err
+	}
+	update(t, db, func(tx *Tx) error {
+		return errors.Join(mk(tx, kview, "v1", "committed-2"), mk(tx, active, "other-tmp", "committed-2"))
+	})
+	for _, c := range []struct {
+		name, parent, want string
+		commit             bool // commit other-tmp first: committed-2's second committed child
+	}{
+		{name: "a layer with one", parent: "committed-1", want: "committed-2"},
+		{name: "actives and views only", parent: "committed-2"},
+		{name: "missing", parent: "missing"},
+		{name: "two", parent: "committed-2", commit: true},
+		{name: "one beside an active", parent: "committed-1", want: "committed-2"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if c.commit {
+				update(t, db, func(tx *Tx) error {
+					if _, err := tx.commitFresh("other-tmp", "other", snapshots.Usage{}); err != nil {
+						return err
+					}
+					if err := mk(tx, active, "third-tmp", "committed-2"); err != nil {
+						return err
+					}
+					_, err := tx.commitFresh("third-tmp", "third", snapshots.Usage{})
+					return err
+				})
+			}
+			view(t, db, func(tx *Tx) error {
+				got, ok, err := tx.OnlyCommittedChild(c.parent)
+				if err != nil || ok != (c.want != "") || got.Key != c.want {
+					t.Errorf("OnlyCommittedChild(%s) = %q, %v, %v; want %q", c.parent, got.Key, ok, err, c.want)
+				}
+				return nil
+			})
+		})
+	}
+}
+
 // TestCommitID: an active snapshot's reserved commit id is owned by its
 // record, passes to the committed snapshot on commit and loses its owner
 // when the active is removed instead.
