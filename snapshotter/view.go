@@ -117,18 +117,9 @@ func (s *Snapshotter) activateAhead(ctx context.Context, parent string) {
 	if err != nil || child.Key == "" {
 		return
 	}
-	done, ok := s.bg.activating.start(child.Key, &s.bg.wg)
-	if !ok {
-		return
-	}
-	go func() {
-		defer s.bg.wg.Done()
-		defer done()
-		ctx := context.WithoutCancel(ctx)
-		if err := s.activateLayer(ctx, child.Key); err != nil {
-			log.G(ctx).WithError(err).WithField("layer", child.Key).Debug("layer not activated ahead of its view")
-		}
-	}()
+	s.bg.activating.goAhead(ctx, child.Key, &s.bg.wg, "layer not activated ahead of its view", func(ctx context.Context) error {
+		return s.activateLayer(ctx, child.Key)
+	})
 }
 
 // activateLayer activates committed layer key's device read-only, unless it

@@ -264,18 +264,9 @@ func (s *Snapshotter) warmMissed(parent string) {
 // period, and waits at the same time share one. It is finished even when
 // Close stops the background work.
 func (s *Snapshotter) warmAhead(ctx context.Context, parent string) {
-	done, ok := s.bg.ahead.start(parent, &s.bg.wg)
-	if !ok {
-		return
-	}
-	go func() {
-		defer s.bg.wg.Done()
-		defer done()
-		ctx := context.WithoutCancel(ctx)
-		if err := s.makeWarm(ctx, parent, true); err != nil {
-			log.G(ctx).WithError(err).WithField("parent", parent).Debug("no warm device made ahead")
-		}
-	}()
+	s.bg.ahead.goAhead(ctx, parent, &s.bg.wg, "no warm device made ahead", func(ctx context.Context) error {
+		return s.makeWarm(ctx, parent, true)
+	})
 }
 
 // aheads are work begun ahead of the calls that use it, by key: warm
@@ -306,6 +297,25 @@ func (a *aheads) start(key string, wg *sync.WaitGroup) (done func(), ok bool) {
 		wg.Add(1)
 	}
 	return done, ok
+}
+
+// goAhead runs fn for key in a goroutine of its own, counted in wg, unless
+// work on key is under way or the background work does not run. fn runs to
+// its end even when Close stops the background work; its error is logged
+// with what.
+func (a *aheads) goAhead(ctx context.Context, key string, wg *sync.WaitGroup, what string, fn func(context.Context) error) {
+	done, ok := a.start(key, wg)
+	if !ok {
+		return
+	}
+	go func() {
+		defer wg.Done()
+		defer done()
+		ctx := context.WithoutCancel(ctx)
+		if err := fn(ctx); err != nil {
+			log.G(ctx).WithError(err).WithField("key", key).Debug(what)
+		}
+	}()
 }
 
 // wait waits until no work on key is under way, or ctx ends.
