@@ -214,10 +214,12 @@ func (s *Snapshotter) releaseLayer(parent string) {
 // and were picked by pick (it sees when they were released and how many
 // were released after them), unless a view came back meanwhile. A device
 // still open (a view mounted after its removal) stays; check reports it.
+// A layer that fails stays listed, for the next round or Drain.
 func (s *Snapshotter) reclaimLayers(ctx context.Context, pick func(released time.Time, newer int) bool) {
-	for _, parent := range s.bg.idleLayers.pick(pick) {
-		if err := s.deactivateLayer(ctx, parent); err != nil {
-			log.G(ctx).WithError(err).WithField("layer", parent).Warn("the device of a layer without views stays active")
+	for _, l := range s.bg.idleLayers.pick(pick) {
+		if err := s.deactivateLayer(ctx, l.key); err != nil {
+			s.bg.idleLayers.restore(l.key, l.released)
+			log.G(ctx).WithError(err).WithField("layer", l.key).Warn("the device of a layer without views stays active; will retry")
 		}
 	}
 }
@@ -269,15 +271,31 @@ func (l *idleLayers) add(parent string, at time.Time) {
 	l.released[parent] = at
 }
 
+// restore lists parent again as released at, unless it was released
+// again meanwhile.
+func (l *idleLayers) restore(parent string, at time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := l.released[parent]; !ok {
+		l.released[parent] = at
+	}
+}
+
+// idleLayer is a layer without views and when it lost its last one.
+type idleLayer struct {
+	key      string
+	released time.Time
+}
+
 // pick removes and returns the layers pick chooses, oldest first.
-func (l *idleLayers) pick(pick func(released time.Time, newer int) bool) []string {
+func (l *idleLayers) pick(pick func(released time.Time, newer int) bool) []idleLayer {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	keys := slices.SortedFunc(maps.Keys(l.released), func(a, b string) int { return l.released[a].Compare(l.released[b]) })
-	var out []string
+	var out []idleLayer
 	for i, k := range keys {
 		if pick(l.released[k], len(keys)-1-i) {
-			out = append(out, k)
+			out = append(out, idleLayer{k, l.released[k]})
 			delete(l.released, k)
 		}
 	}

@@ -194,3 +194,34 @@ func TestActivateAhead(t *testing.T) {
 	}
 	checkConsistent(t, s, pool)
 }
+
+// TestReclaimLayerRetried: a layer whose deactivation fails (the worker
+// stopped midway) stays listed, so Close still deactivates its device.
+func TestReclaimLayerRetried(t *testing.T) {
+	ctx := context.Background()
+	pool := newFakePool("tp")
+	s := mustNewUnclosed(t, t.TempDir(), pool)
+	mustLayer(ctx, t, s, "c", "a", "")
+	if _, err := s.View(ctx, "v", "c"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove(ctx, "v"); err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.ready(ctx, "c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped, cancel := context.WithCancel(ctx)
+	cancel()
+	s.reclaimLayers(stopped, func(time.Time, int) bool { return true })
+	if n := s.bg.idleLayers.count(); n != 1 {
+		t.Fatalf("%d layers listed after a failed deactivation, want 1", n)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Info(s.deviceName(c.DeviceID)); err == nil {
+		t.Error("layer device left active after Close")
+	}
+}

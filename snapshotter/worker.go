@@ -127,7 +127,11 @@ func (s *Snapshotter) worker(ctx context.Context) {
 		s.refillWarm(ctx)
 		if s.bg.idleLayers.count() > maxWarm {
 			s.bg.calls.pause(ctx, time.Now().Add(maxDefer))
-			s.reclaimLayers(ctx, func(_ time.Time, newer int) bool { return newer >= maxWarm })
+			if ctx.Err() != nil {
+				return
+			}
+			// Once begun, finished even when Close stops the worker.
+			s.reclaimLayers(context.WithoutCancel(ctx), func(_ time.Time, newer int) bool { return newer >= maxWarm })
 		}
 	}
 }
@@ -184,6 +188,11 @@ func (s *Snapshotter) refillWarm(ctx context.Context) {
 // between calls.
 func (s *Snapshotter) reclaimIdle(ctx context.Context) {
 	s.bg.calls.pause(ctx, time.Now().Add(maxDefer))
+	if ctx.Err() != nil {
+		return
+	}
+	// Once begun, finished even when Close stops the worker.
+	ctx = context.WithoutCancel(ctx)
 	cutoff := time.Now().Add(-warmIdle)
 	s.reclaimLayers(ctx, func(released time.Time, newer int) bool {
 		return released.Before(cutoff) || newer >= maxWarm
