@@ -113,7 +113,7 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 		// Layers that lost their last view keep their device, read-only,
 		// until the worker deactivates it.
 		s.bg.idleLayers.mu.Lock()
-		idle := maps.Clone(s.bg.idleLayers.released)
+		idle := maps.Clone(s.bg.idleLayers.layers)
 		s.bg.idleLayers.mu.Unlock()
 		for k := range idle {
 			if p, err := tx.GetSnapshot(k); err == nil {
@@ -178,6 +178,20 @@ func checkConsistent(t *testing.T, s *Snapshotter, pool *fakePool) {
 // call handed it, and for the work begun ahead of calls: the journal is
 // empty. It finishes nothing itself, so a
 // call that leaves work no one was told about still fails the check.
+// workerRound waits until the worker has run a whole round begun after
+// the call: the wake channel holds one kick, so the third send goes
+// through only once the worker took the second, after the first's round.
+func workerRound(t *testing.T, s *Snapshotter) {
+	t.Helper()
+	for range 3 {
+		select {
+		case s.bg.wake <- struct{}{}:
+		case <-time.After(30 * time.Second):
+			t.Fatal("the worker takes no kick")
+		}
+	}
+}
+
 func settle(t *testing.T, s *Snapshotter) {
 	t.Helper()
 	for range 200 {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -30,7 +29,7 @@ import (
 // like a warm device, and the worker deactivates it after warmIdle (or
 // beyond maxWarm), checking under the same lock that no view came back. A
 // View also activates its layer's only committed child ahead of that
-// child's view (activateAhead).
+// child's view (activateAhead); the worker keeps at most maxWarm of those.
 
 // sharesDevice says whether snap is a view that uses its parent's device.
 func sharesDevice(snap storage.Snapshot) bool {
@@ -102,9 +101,10 @@ func (s *Snapshotter) createView(ctx context.Context, key, parent string, labels
 // device of viewed parent's only committed child: the next layer of its
 // image. Views walk an image's layers in order (a differ, an exporter, a
 // scanner), so the child's View then costs one transaction instead of
-// waiting for an activation. The device then waits as one whose last view
-// went: the worker deactivates it after warmIdle, or beyond maxWarm at
-// once. It is finished even when Close stops the background work.
+// waiting for an activation. The worker deactivates the device after
+// warmIdle, and at once when more than maxWarm devices activated ahead
+// wait: nobody asked for them. It is finished even when Close stops the
+// background work.
 func (s *Snapshotter) activateAhead(ctx context.Context, parent string) {
 	var child storage.Snapshot
 	err := s.db.View(ctx, func(tx *storage.Tx) error {
@@ -123,7 +123,7 @@ func (s *Snapshotter) activateAhead(ctx context.Context, parent string) {
 }
 
 // activateLayer activates committed layer key's device read-only, unless it
-// is active, and leaves it to the worker as a layer without views.
+// is active, and leaves it to the worker as a layer activated ahead.
 func (s *Snapshotter) activateLayer(ctx context.Context, key string) error {
 	unlock := s.layers.lock(key)
 	defer unlock()
@@ -150,8 +150,8 @@ func (s *Snapshotter) activateLayer(ctx context.Context, key string) error {
 	if cur, err := layer(); err != nil || cur.DeviceID != p.DeviceID {
 		return errors.Join(err, s.deactivate(ctx, p.DeviceID))
 	}
-	s.releaseLayer(key)
-	if s.bg.idleLayers.count() > maxWarm {
+	s.bg.idleLayers.add(idleLayer{key: key, released: time.Now(), ahead: true})
+	if s.bg.idleLayers.countAhead() > maxWarm {
 		s.kick()
 	}
 	return nil
@@ -203,22 +203,21 @@ func (s *Snapshotter) recordView(ctx context.Context, key, parent string, labels
 // releaseLayer notes that committed parent lost a view. Its device stays
 // active while views share it; once none does, it waits for the layer's
 // next view like a warm device, and the worker deactivates it when it has
-// waited warmIdle or more than maxWarm wait (reclaimLayers). So a Remove of
+// waited warmIdle or more than maxWarm wait (reclaimIdle). So a Remove of
 // a view costs one database transaction, and the next View of the layer
 // none.
 func (s *Snapshotter) releaseLayer(parent string) {
-	s.bg.idleLayers.add(parent, time.Now())
+	s.bg.idleLayers.add(idleLayer{key: parent, released: time.Now()})
 }
 
-// reclaimLayers deactivates the devices of layers that lost their last view
-// and were picked by pick (it sees when they were released and how many
-// were released after them), unless a view came back meanwhile. A device
-// still open (a view mounted after its removal) stays; check reports it.
-// A layer that fails stays listed, for the next round or Drain.
-func (s *Snapshotter) reclaimLayers(ctx context.Context, pick func(released time.Time, newer int) bool) {
-	for _, l := range s.bg.idleLayers.pick(pick) {
+// reclaimLayers deactivates the devices of layers, picked from idleLayers,
+// unless a view came back meanwhile. A device still open (a view mounted
+// after its removal) stays; check reports it. A layer that fails is listed
+// again, for the next round or Drain.
+func (s *Snapshotter) reclaimLayers(ctx context.Context, layers []idleLayer) {
+	for _, l := range layers {
 		if err := s.deactivateLayer(ctx, l.key); err != nil {
-			s.bg.idleLayers.restore(l.key, l.released)
+			s.bg.idleLayers.restore(l)
 			log.G(ctx).WithError(err).WithField("layer", l.key).Warn("the device of a layer without views stays active; will retry")
 		}
 	}
@@ -249,54 +248,88 @@ func (s *Snapshotter) deactivateLayer(ctx context.Context, parent string) error 
 	return s.deactivate(ctx, p.DeviceID)
 }
 
-// idleLayers are the layers whose read-only device lost its last view, by
-// when, for the worker to deactivate.
+// idleLayers are the layers whose read-only device is active without
+// views: their last view went, or a View activated it ahead. The worker
+// deactivates them.
 type idleLayers struct {
-	mu       sync.Mutex
-	released map[string]time.Time
+	mu     sync.Mutex
+	layers map[string]idleLayer
+}
+
+// idleLayer is a layer whose device is active without views.
+type idleLayer struct {
+	key string
+	// released is when it lost its last view or was activated ahead.
+	released time.Time
+	// ahead says a View activated it ahead and no view of it went since.
+	ahead bool
 }
 
 func (l *idleLayers) count() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return len(l.released)
+	return len(l.layers)
 }
 
-func (l *idleLayers) add(parent string, at time.Time) {
+// countAhead counts the layers activated ahead.
+func (l *idleLayers) countAhead() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.released == nil {
-		l.released = map[string]time.Time{}
+	n := 0
+	for _, x := range l.layers {
+		if x.ahead {
+			n++
+		}
 	}
-	l.released[parent] = at
+	return n
 }
 
-// restore lists parent again as released at, unless it was released
-// again meanwhile.
-func (l *idleLayers) restore(parent string, at time.Time) {
+func (l *idleLayers) add(x idleLayer) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if _, ok := l.released[parent]; !ok {
-		l.released[parent] = at
+	if l.layers == nil {
+		l.layers = map[string]idleLayer{}
+	}
+	l.layers[x.key] = x
+}
+
+// restore lists x again, unless its layer was listed again meanwhile.
+func (l *idleLayers) restore(x idleLayer) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := l.layers[x.key]; !ok {
+		l.layers[x.key] = x
 	}
 }
 
-// idleLayer is a layer without views and when it lost its last one.
-type idleLayer struct {
-	key      string
-	released time.Time
-}
-
-// pick removes and returns the layers pick chooses, oldest first.
+// pick removes and returns, oldest first, the layers pick chooses; it sees
+// when each was released and how many were released after it.
 func (l *idleLayers) pick(pick func(released time.Time, newer int) bool) []idleLayer {
+	return l.pickAmong(func(idleLayer) bool { return true }, pick)
+}
+
+// pickAhead removes and returns the layers activated ahead beyond the
+// newest maxWarm of them.
+func (l *idleLayers) pickAhead() []idleLayer {
+	return l.pickAmong(func(x idleLayer) bool { return x.ahead }, func(_ time.Time, newer int) bool { return newer >= maxWarm })
+}
+
+// pickAmong is pick over the layers among selects.
+func (l *idleLayers) pickAmong(among func(idleLayer) bool, pick func(released time.Time, newer int) bool) []idleLayer {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	keys := slices.SortedFunc(maps.Keys(l.released), func(a, b string) int { return l.released[a].Compare(l.released[b]) })
+	var xs []idleLayer
+	for _, x := range l.layers {
+		if among(x) {
+			xs = append(xs, x)
+		}
+	}
+	slices.SortFunc(xs, func(a, b idleLayer) int { return a.released.Compare(b.released) })
 	var out []idleLayer
-	for i, k := range keys {
-		if pick(l.released[k], len(keys)-1-i) {
-			out = append(out, idleLayer{k, l.released[k]})
-			delete(l.released, k)
+	for i, x := range xs {
+		if pick(x.released, len(xs)-1-i) {
+			out = append(out, x)
+			delete(l.layers, x.key)
 		}
 	}
 	return out

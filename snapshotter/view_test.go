@@ -71,11 +71,11 @@ func TestViewsShareTheLayer(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Not yet idle long enough: kept.
-	s.reclaimLayers(ctx, func(released time.Time, _ int) bool { return released.Before(time.Now().Add(-warmIdle)) })
+	s.reclaimLayers(ctx, s.bg.idleLayers.pick(func(released time.Time, _ int) bool { return released.Before(time.Now().Add(-warmIdle)) }))
 	if _, err := pool.Info(layerDev); err != nil {
 		t.Fatalf("layer device deactivated before warmIdle: %v", err)
 	}
-	s.reclaimLayers(ctx, func(time.Time, int) bool { return true })
+	s.reclaimLayers(ctx, s.bg.idleLayers.pick(func(time.Time, int) bool { return true }))
 	if _, err := pool.Info(layerDev); err == nil {
 		t.Error("layer device left active after the worker reclaimed it")
 	}
@@ -95,7 +95,8 @@ func count(ops []string, op string) int {
 // TestActivateAhead: a View of a layer activates its only committed child's
 // device, read-only, so the child's View makes no pool step; a layer with
 // two committed children activates neither. The worker keeps at most
-// maxWarm such devices without views.
+// maxWarm devices activated ahead and never viewed, and leaves the devices
+// whose views went to its idle tick.
 func TestActivateAhead(t *testing.T) {
 	ctx := context.Background()
 	pool := newFakePool("tp")
@@ -138,8 +139,8 @@ func TestActivateAhead(t *testing.T) {
 	}
 	checkConsistent(t, s, pool)
 
-	// Views walk the rest of the chain and go; the devices left without
-	// views are deactivated beyond maxWarm.
+	// Views walk the rest of the chain and go. Their layers' devices wait
+	// for the idle tick: removals of the layers often follow at once.
 	for i := 2; i < n; i++ {
 		v := fmt.Sprintf("v%d", i)
 		if _, err := s.View(ctx, v, fmt.Sprintf("l%d", i)); err != nil {
@@ -154,27 +155,54 @@ func TestActivateAhead(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	s.kick()
-	activeLayers := func() int {
-		k := 0
-		for i := range n {
-			if info, err := pool.Info(layerDev(fmt.Sprintf("l%d", i))); err == nil && info.ReadOnly {
-				k++
+	active := func(keys ...string) []string {
+		var out []string
+		for _, k := range keys {
+			if info, err := pool.Info(layerDev(k)); err == nil && info.ReadOnly {
+				out = append(out, k)
 			}
 		}
-		return k
+		return out
 	}
-	for deadline := time.Now().Add(10 * time.Second); activeLayers() > maxWarm && time.Now().Before(deadline); {
+	var chain []string
+	for i := range n {
+		chain = append(chain, fmt.Sprintf("l%d", i))
+	}
+	workerRound(t, s)
+	if got := active(chain...); len(got) != n {
+		t.Errorf("layer devices whose views went: %v active after a worker round, want all %d", got, n)
+	}
+	checkConsistent(t, s, pool)
+
+	// Layers activated ahead and never viewed: the worker keeps the newest
+	// maxWarm.
+	var tops []string
+	for i := range n {
+		b, top := fmt.Sprintf("b%d", i), fmt.Sprintf("t%d", i)
+		mustLayer(ctx, t, s, b, b+"-a", "")
+		mustLayer(ctx, t, s, top, top+"-a", b)
+		if _, err := s.View(ctx, "v"+b, b); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.bg.activating.wait(ctx, top); err != nil {
+			t.Fatal(err)
+		}
+		tops = append(tops, top)
+	}
+	for deadline := time.Now().Add(10 * time.Second); len(active(tops...)) > maxWarm && time.Now().Before(deadline); {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if k := activeLayers(); k != maxWarm {
-		t.Errorf("%d layer devices without views active, want the newest %d", k, maxWarm)
+	if got := active(tops...); !slices.Equal(got, tops[n-maxWarm:]) {
+		t.Errorf("layers activated ahead left active: %v, want the newest %d: %v", got, maxWarm, tops[n-maxWarm:])
+	}
+	if got := active(chain...); len(got) != n {
+		t.Errorf("the bound on layers activated ahead deactivated layers whose views went: %v active, want all %d", got, n)
 	}
 	checkConsistent(t, s, pool)
 
 	// Two committed children: neither is activated.
 	mustLayer(ctx, t, s, "sib", "sib-a", "l0")
-	s.reclaimLayers(ctx, func(time.Time, int) bool { return true })
+	s.reclaimLayers(ctx, s.bg.idleLayers.pick(func(time.Time, int) bool { return true }))
 	settle(t, s)
 	ops := opsDuring(pool, func() {
 		if _, err := s.View(ctx, "w0", "l0"); err != nil {
@@ -214,7 +242,7 @@ func TestReclaimLayerRetried(t *testing.T) {
 	}
 	stopped, cancel := context.WithCancel(ctx)
 	cancel()
-	s.reclaimLayers(stopped, func(time.Time, int) bool { return true })
+	s.reclaimLayers(stopped, s.bg.idleLayers.pick(func(time.Time, int) bool { return true }))
 	if n := s.bg.idleLayers.count(); n != 1 {
 		t.Fatalf("%d layers listed after a failed deactivation, want 1", n)
 	}

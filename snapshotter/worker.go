@@ -104,8 +104,12 @@ func (s *Snapshotter) kick() {
 
 // worker runs a round when kicked and every retryInterval: it finishes
 // pending removals, makes the warm devices asked for, and deactivates the
-// devices of layers without views beyond maxWarm. Every warmIdle/2
-// it deletes the warm devices unused for warmIdle or over the bound.
+// devices of layers activated ahead beyond maxWarm. Every warmIdle/2 it
+// deletes the warm devices, and deactivates the devices of layers without
+// views, unused for warmIdle or over the bound. Devices whose views just
+// went wait for that tick: their layers' removals often follow at once and
+// do the deactivation anyway, and doing it in the middle of those calls
+// only slows them.
 func (s *Snapshotter) worker(ctx context.Context) {
 	retry := time.NewTicker(retryInterval)
 	defer retry.Stop()
@@ -125,13 +129,13 @@ func (s *Snapshotter) worker(ctx context.Context) {
 			log.G(ctx).WithError(err).Warn("pending removals not finished; will retry")
 		}
 		s.refillWarm(ctx)
-		if s.bg.idleLayers.count() > maxWarm {
+		if s.bg.idleLayers.countAhead() > maxWarm {
 			s.bg.calls.pause(ctx, time.Now().Add(maxDefer))
 			if ctx.Err() != nil {
 				return
 			}
 			// Once begun, finished even when Close stops the worker.
-			s.reclaimLayers(context.WithoutCancel(ctx), func(_ time.Time, newer int) bool { return newer >= maxWarm })
+			s.reclaimLayers(context.WithoutCancel(ctx), s.bg.idleLayers.pickAhead())
 		}
 	}
 }
@@ -194,9 +198,9 @@ func (s *Snapshotter) reclaimIdle(ctx context.Context) {
 	// Once begun, finished even when Close stops the worker.
 	ctx = context.WithoutCancel(ctx)
 	cutoff := time.Now().Add(-warmIdle)
-	s.reclaimLayers(ctx, func(released time.Time, newer int) bool {
+	s.reclaimLayers(ctx, s.bg.idleLayers.pick(func(released time.Time, newer int) bool {
 		return released.Before(cutoff) || newer >= maxWarm
-	})
+	}))
 	err := s.reclaimWarm(ctx, func(w storage.Warm, newer int) bool {
 		return w.Created.Before(cutoff) || newer >= maxWarm
 	})
@@ -239,7 +243,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 // holds only the snapshots' devices (an administrator's cleanup, and
 // Close).
 func (s *Snapshotter) Drain(ctx context.Context) error {
-	s.reclaimLayers(ctx, func(time.Time, int) bool { return true })
+	s.reclaimLayers(ctx, s.bg.idleLayers.pick(func(time.Time, int) bool { return true }))
 	err := s.reclaimWarm(ctx, func(storage.Warm, int) bool { return true })
 	_, ferr := s.finishRemovals(ctx, false)
 	return errors.Join(err, ferr)
