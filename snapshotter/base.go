@@ -51,6 +51,7 @@ func (s *Snapshotter) ensureBase(ctx context.Context) error {
 	}
 	var old []storage.Entry
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		old = nil // the transaction may run again
 		pi, err := tx.PoolInfo()
 		if err != nil {
 			return err

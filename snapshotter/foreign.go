@@ -84,6 +84,7 @@ func (s *Snapshotter) scanIDs(ctx context.Context) error {
 	}
 	var marked []uint32
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		marked = nil // the transaction may run again
 		held, pending, err := heldIDs(tx)
 		if err != nil {
 			return err

@@ -223,6 +223,7 @@ func (r *repairs) leakedOnline(ctx context.Context, st *checkState) {
 	}
 	still := map[uint32]bool{}
 	err := r.s.db.Update(context.WithoutCancel(ctx), func(tx *storage.Tx) error {
+		clear(still) // the transaction may run again
 		fresh := newCheckState()
 		fresh.status, fresh.poolTx, fresh.inPool = st.status, st.poolTx, st.inPool
 		if err := fresh.readDB(tx); err != nil {

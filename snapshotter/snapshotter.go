@@ -59,9 +59,11 @@
 //     resume around a snapshot of an active device; it also guards txid.
 //     Check holds it while it takes the pool's metadata snapshot and reads
 //     the database, so the two agree.
-//  5. bbolt's writer lock, inside storage.DB.Update. Journal entries are
-//     written before poolMu is taken, so one call's fsync overlaps another
-//     call's pool message. No goroutine holding poolMu writes the database
+//  5. bbolt's writer lock, inside storage.DB.Update. The call that commits
+//     a group of waiting Updates takes it for all of them (storage's group
+//     commit), so callbacks take no lock and may run more than once.
+//     Journal entries are written before poolMu is taken, so one call's
+//     fsync overlaps another call's pool message. No goroutine holding poolMu writes the database
 //     or waits for bbolt; a Commit's record is written by a goroutine of
 //     its own while the Commit holds poolMu for its create_snap, so other
 //     pool messages and checks see the record and the device together

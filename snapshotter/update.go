@@ -67,6 +67,7 @@ func (s *Snapshotter) update(ctx context.Context, info snapshots.Info, fieldpath
 		size uint64
 	)
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		size = 0 // the transaction may run again
 		if old, err = tx.GetSnapshot(info.Name); err != nil {
 			return err
 		}

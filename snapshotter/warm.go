@@ -61,6 +61,7 @@ func (s *Snapshotter) takeWarm(ctx context.Context, key, parent string, labels m
 		return snap, false, nil
 	}
 	err = s.db.Update(ctx, func(tx *storage.Tx) error {
+		ok = false // the transaction may run again
 		// The worker may have taken it for deletion meanwhile.
 		if _, err := tx.RemoveWarm(w.DeviceID); errdefs.IsNotFound(err) {
 			return nil

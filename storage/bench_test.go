@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -167,6 +168,57 @@ func BenchmarkCreate(b *testing.B) {
 		}
 		reportRate(b, "records/s")
 	})
+}
+
+// BenchmarkCreateParallel is BenchmarkCreate from 16 goroutines at once,
+// as a burst of containers does, with and without group commit.
+func BenchmarkCreateParallel(b *testing.B) {
+	for _, grouped := range []bool{true, false} {
+		name := "grouped"
+		if !grouped {
+			name = "alone"
+		}
+		b.Run(name, func(b *testing.B) {
+			syncModes(b, func(b *testing.B, opts ...Opt) {
+				db := openBenchDB(b, opts...)
+				db.group.off = !grouped
+				ctx := context.Background()
+				var next atomic.Int64
+				b.SetParallelism(16)
+				b.ResetTimer()
+				b.RunParallel(func(pb *testing.PB) {
+					for pb.Next() {
+						key := benchKey(int(next.Add(1)))
+						var seq uint64
+						err := db.Update(ctx, func(tx *Tx) error {
+							id, err := tx.AllocateID()
+							if err != nil {
+								return err
+							}
+							if _, err := tx.CreateSnapshot(Snapshot{Key: key, Kind: active, State: StateCreating, DeviceID: id}); err != nil {
+								return err
+							}
+							seq, err = tx.AddJournal(Entry{Op: OpCreateThin, DeviceID: id, Key: key})
+							return err
+						})
+						if err == nil {
+							err = db.Update(ctx, func(tx *Tx) error {
+								if _, err := tx.SetState(key, StateReady); err != nil {
+									return err
+								}
+								return tx.FinishJournal(seq)
+							})
+						}
+						if err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+				reportRate(b, "records/s")
+			})
+		})
+	}
 }
 
 func prepareActives(b *testing.B, db *DB, n int) {

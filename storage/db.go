@@ -41,8 +41,9 @@ var (
 
 // DB is one open database file. It is safe for concurrent use.
 type DB struct {
-	db  *bolt.DB
-	now func() time.Time
+	db    *bolt.DB
+	now   func() time.Time
+	group group
 }
 
 // Opt configures Open.
@@ -130,12 +131,14 @@ func (d *DB) View(ctx context.Context, fn func(tx *Tx) error) error {
 
 // Update runs fn in a write transaction, committed if fn returns nil and
 // rolled back otherwise. Write transactions are serialized, so fn must stay
-// short: no kernel work inside it.
+// short: no kernel work and no locks inside it. Updates that wait for one
+// another share a commit (see group), so fn may run more than once: it must
+// change nothing outside tx but the results it assigns.
 func (d *DB) Update(ctx context.Context, fn func(tx *Tx) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return d.db.Update(func(btx *bolt.Tx) error { return fn(d.newTx(btx)) })
+	return d.group.update(d, fn)
 }
 
 func (d *DB) newTx(btx *bolt.Tx) *Tx {

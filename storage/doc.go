@@ -15,6 +15,22 @@
 // never do kernel work, which is why the snapshotter splits every pool
 // operation into "decide" and "record the outcome" transactions around it.
 //
+// Updates that wait while another commits are committed together, in one
+// transaction and one fsync, in the order they came (group commit). An
+// Update that finds nothing committing runs at once, so a lone call waits
+// for no one, unlike bbolt's Batch. Each Update still returns only once
+// its changes are on disk. When a callback of a group fails, it gets its
+// error and the others run again without it, so a callback may run more
+// than once: it must change nothing outside its transaction but the
+// results it assigns, and assign them on every path.
+//
+// # Concurrency
+//
+// DB.group.mu guards the queue of Updates waiting to commit; it is a leaf
+// lock, held only to take the queue or hand it on. The Update that commits
+// a group runs the other callers' callbacks on its own goroutine; they
+// wait for their outcome.
+//
 // # Snapshot records
 //
 // A record is containerd's snapshot (kind, parent, labels, times) plus what
