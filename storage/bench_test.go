@@ -133,40 +133,44 @@ func reportRate(b *testing.B, unit string) {
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), unit)
 }
 
-// BenchmarkCreate is the snapshotter's create: one transaction to allocate,
-// write the record and the journal intent, one to mark it ready.
+// BenchmarkCreate is the snapshotter's create (benchCreate).
 func BenchmarkCreate(b *testing.B) {
 	syncModes(b, func(b *testing.B, opts ...Opt) {
 		db := openBenchDB(b, opts...)
 		ctx := context.Background()
 		b.ResetTimer()
 		for i := range b.N {
-			key := benchKey(i)
-			var seq uint64
-			err := db.Update(ctx, func(tx *Tx) error {
-				id, err := tx.AllocateID()
-				if err != nil {
-					return err
-				}
-				if _, err := tx.CreateSnapshot(Snapshot{Key: key, Kind: active, State: StateCreating, DeviceID: id, Size: 10 << 30, FSType: "ext4"}); err != nil {
-					return err
-				}
-				seq, err = tx.AddJournal(Entry{Op: OpCreateThin, DeviceID: id, Key: key})
-				return err
-			})
-			if err == nil {
-				err = db.Update(ctx, func(tx *Tx) error {
-					if _, err := tx.SetState(key, StateReady); err != nil {
-						return err
-					}
-					return tx.FinishJournal(seq)
-				})
-			}
-			if err != nil {
+			if err := benchCreate(ctx, db, benchKey(i)); err != nil {
 				b.Fatal(err)
 			}
 		}
 		reportRate(b, "records/s")
+	})
+}
+
+// benchCreate is the snapshotter's create of key: one transaction to
+// allocate, write the record and the journal intent, one to mark it ready.
+func benchCreate(ctx context.Context, db *DB, key string) error {
+	var seq uint64
+	err := db.Update(ctx, func(tx *Tx) error {
+		id, err := tx.AllocateID()
+		if err != nil {
+			return err
+		}
+		if _, err := tx.CreateSnapshot(Snapshot{Key: key, Kind: active, State: StateCreating, DeviceID: id, Size: 10 << 30, FSType: "ext4"}); err != nil {
+			return err
+		}
+		seq, err = tx.AddJournal(Entry{Op: OpCreateThin, DeviceID: id, Key: key})
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return db.Update(ctx, func(tx *Tx) error {
+		if _, err := tx.SetState(key, StateReady); err != nil {
+			return err
+		}
+		return tx.FinishJournal(seq)
 	})
 }
 
@@ -188,28 +192,7 @@ func BenchmarkCreateParallel(b *testing.B) {
 				b.ResetTimer()
 				b.RunParallel(func(pb *testing.PB) {
 					for pb.Next() {
-						key := benchKey(int(next.Add(1)))
-						var seq uint64
-						err := db.Update(ctx, func(tx *Tx) error {
-							id, err := tx.AllocateID()
-							if err != nil {
-								return err
-							}
-							if _, err := tx.CreateSnapshot(Snapshot{Key: key, Kind: active, State: StateCreating, DeviceID: id}); err != nil {
-								return err
-							}
-							seq, err = tx.AddJournal(Entry{Op: OpCreateThin, DeviceID: id, Key: key})
-							return err
-						})
-						if err == nil {
-							err = db.Update(ctx, func(tx *Tx) error {
-								if _, err := tx.SetState(key, StateReady); err != nil {
-									return err
-								}
-								return tx.FinishJournal(seq)
-							})
-						}
-						if err != nil {
+						if err := benchCreate(ctx, db, benchKey(int(next.Add(1)))); err != nil {
 							b.Error(err)
 							return
 						}
