@@ -314,7 +314,7 @@ func (l *idleLayers) pickAhead() []idleLayer {
 	return l.pickAmong(func(x idleLayer) bool { return x.ahead }, func(_ time.Time, newer int) bool { return newer >= maxWarm })
 }
 
-// pickAmong is pick over the layers among selects.
+// pickAmong is pick, over only the layers for which among is true.
 func (l *idleLayers) pickAmong(among func(idleLayer) bool, pick func(released time.Time, newer int) bool) []idleLayer {
 	l.mu.Lock()
 	defer l.mu.Unlock()

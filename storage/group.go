@@ -8,9 +8,9 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// group commits write transactions that wait for one another together.
-// bbolt has one writer, and each commit costs an fsync (about 20 ms in the
-// VM bench). An Update that finds no commit under way runs at once and
+// group commits together the write transactions that would otherwise wait
+// for one another: bbolt has one writer, and each commit costs an fsync
+// (about 20 ms in the VM bench). An Update that finds no commit under way runs at once and
 // alone; those that arrive meanwhile queue, and the first of them then
 // runs all of the queue in one transaction: one fsync for all. No call
 // waits for others to arrive, unlike bbolt's Batch, so a lone Update costs
